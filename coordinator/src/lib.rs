@@ -1,0 +1,10 @@
+//! The control plane: jobs and their state machine, worker membership and failure
+//! detection, placement of pipeline stages and expert shards, the pipeline schedule
+//! compiler (DualPipe, DualPipeV, 1F1B, ZB1P), checkpoint commits, recovery, and the state
+//! store.
+//!
+//! API boundary: the coordinator never looks inside tensors; it deals in shapes, layouts,
+//! schedules and reports.
+//!
+//! This crate holds no code yet: the schedule compiler and the control plane arrive in
+//! their own issues.

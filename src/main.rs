@@ -1,0 +1,36 @@
+//! The `flotilla` command: parses arguments, dispatches to the library crates, prints.
+//! Nothing here computes; see ARCHITECTURE.md for where each thing lives.
+
+mod repro;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+/// flotilla: a distributed training orchestrator for DeepSeek-V3-style Mixture-of-Experts
+/// models (FP8 compute, expert parallelism, DualPipe, automatic recovery).
+#[derive(Parser)]
+#[command(name = "flotilla", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Reproduce a numerical finding of the DeepSeek-V3 report on flotilla's kernels.
+    Repro {
+        #[command(subcommand)]
+        experiment: repro::Experiment,
+    },
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")))
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Repro { experiment } => repro::run(experiment),
+    }
+}
