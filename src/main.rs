@@ -1,10 +1,12 @@
 //! The `flotilla` command: parses arguments, dispatches to the library crates, prints.
 //! Nothing here computes; see ARCHITECTURE.md for where each thing lives.
 
+mod bench;
 mod repro;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use std::process::ExitCode;
 use tracing_subscriber::EnvFilter;
 
 /// flotilla: a distributed training orchestrator for DeepSeek-V3-style Mixture-of-Experts
@@ -23,14 +25,32 @@ enum Command {
         #[command(subcommand)]
         experiment: repro::Experiment,
     },
+    /// Time a kernel on this machine (the thorough suite is `cargo bench`).
+    Bench {
+        #[command(subcommand)]
+        bench: bench::Bench,
+    },
 }
 
-fn main() -> Result<()> {
+fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")))
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().command {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // `{:#}` prints the whole chain of causes on one line, without a backtrace:
+            // these are errors in what the user asked for, not bugs.
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
         Command::Repro { experiment } => repro::run(experiment),
+        Command::Bench { bench } => bench::run(bench),
     }
 }
