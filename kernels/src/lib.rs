@@ -18,6 +18,24 @@ pub mod gemm;
 pub mod metrics;
 pub mod quant;
 
+/// Checks that a buffer named `tensor` holds exactly the `rows × cols` elements of its
+/// shape; a product that overflows `usize` is an invalid shape, not a wrap-around.
+pub(crate) fn check_matrix_len(
+    tensor: &'static str,
+    rows: usize,
+    cols: usize,
+    len: usize,
+) -> Result<(), KernelError> {
+    let expected = rows.checked_mul(cols).ok_or_else(|| KernelError::InvalidShape {
+        tensor,
+        detail: format!("{rows} × {cols} overflows usize"),
+    })?;
+    if len != expected {
+        return Err(KernelError::LengthMismatch { tensor, expected, actual: len });
+    }
+    Ok(())
+}
+
 /// What can go wrong when a kernel is handed its inputs.
 #[derive(Debug, thiserror::Error, Clone, PartialEq)]
 pub enum KernelError {

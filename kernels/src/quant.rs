@@ -29,8 +29,8 @@
 //! Quantizing a tile that holds NaN or ±inf has no meaningful scale, so every quantizer
 //! returns [`KernelError::NonFinite`] naming the first such element instead.
 
-use crate::KernelError;
 use crate::fp8::{E4M3, E4M3_TO_F32, Overflow};
+use crate::{KernelError, check_matrix_len};
 use half::bf16;
 use rayon::prelude::*;
 
@@ -257,17 +257,6 @@ impl Fp8Matrix {
         }
         Fp8Matrix { rows: cols, cols: rows, codes, scales, granularity: self.granularity.transposed() }
     }
-}
-
-fn check_matrix_len(tensor: &'static str, rows: usize, cols: usize, len: usize) -> Result<(), KernelError> {
-    let expected = rows.checked_mul(cols).ok_or_else(|| KernelError::InvalidShape {
-        tensor,
-        detail: format!("{rows} × {cols} overflows usize"),
-    })?;
-    if len != expected {
-        return Err(KernelError::LengthMismatch { tensor, expected, actual: len });
-    }
-    Ok(())
 }
 
 /// Largest `|x|` as f32 bits; ≥ 0x7F80_0000 exactly when a NaN or ±inf is present (as

@@ -192,7 +192,7 @@ pub fn gemm_fp8<O: GemmOutput>(
     check_operand(a, Operand::Lhs)?;
     check_operand(b, Operand::Rhs(None))?;
     check_k(a, b, None)?;
-    check_out(out.len(), a.rows, b.rows)?;
+    crate::check_matrix_len("out", a.rows, b.rows, out.len())?;
     compute(vec![(Lhs::of(a), out)], b, accumulation, threads)
 }
 
@@ -261,18 +261,6 @@ pub(super) fn check_k(a: &Fp8Matrix, b: &Fp8Matrix, expert: Option<usize>) -> Re
                 a.rows, a.cols, b.rows, b.cols
             ),
         });
-    }
-    Ok(())
-}
-
-/// Checks that `out` holds `m × n` elements.
-pub(super) fn check_out(len: usize, m: usize, n: usize) -> Result<(), KernelError> {
-    let expected = m.checked_mul(n).ok_or_else(|| KernelError::InvalidShape {
-        tensor: "out",
-        detail: format!("{m} × {n} overflows usize"),
-    })?;
-    if len != expected {
-        return Err(KernelError::LengthMismatch { tensor: "out", expected, actual: len });
     }
     Ok(())
 }

@@ -13,7 +13,7 @@
 //! same rows, so the grouped result equals per-expert calls on the runs bit for bit.
 
 use super::check_threads;
-use super::fp8::{Accumulation, GemmOutput, Lhs, Operand, check_k, check_operand, check_out, compute};
+use super::fp8::{Accumulation, GemmOutput, Lhs, Operand, check_k, check_operand, compute};
 use crate::KernelError;
 use crate::quant::Fp8Matrix;
 
@@ -76,7 +76,7 @@ pub fn grouped_gemm_fp8<O: GemmOutput>(
         });
     }
     let n = first.rows;
-    check_out(out.len(), a.rows, n)?;
+    crate::check_matrix_len("out", a.rows, n, out.len())?;
 
     // Cut `out` into the runs' row ranges, zero the padding runs, and file the others
     // under their expert.

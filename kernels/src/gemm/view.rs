@@ -107,13 +107,7 @@ fn check_no_alias(
 }
 
 fn check_row_major(tensor: &'static str, len: usize, rows: usize, cols: usize) -> Result<isize, KernelError> {
-    let expected = rows.checked_mul(cols).ok_or_else(|| KernelError::InvalidShape {
-        tensor,
-        detail: format!("{rows} × {cols} overflows usize"),
-    })?;
-    if len != expected {
-        return Err(KernelError::LengthMismatch { tensor, expected, actual: len });
-    }
+    crate::check_matrix_len(tensor, rows, cols, len)?;
     // A slice never exceeds isize::MAX bytes, so `cols ≤ len` fits (and cols is unused
     // as a stride when rows ≤ 1, where it may be anything).
     Ok(isize::try_from(cols).unwrap_or(isize::MAX))
