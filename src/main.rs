@@ -2,6 +2,7 @@
 //! Nothing here computes; see ARCHITECTURE.md for where each thing lives.
 
 mod bench;
+mod model_info;
 mod repro;
 
 use anyhow::Result;
@@ -25,6 +26,8 @@ enum Command {
         #[command(subcommand)]
         experiment: repro::Experiment,
     },
+    /// Print a model configuration's parameter breakdown (total, activated per token, MTP).
+    ModelInfo(model_info::ModelInfoArgs),
     /// Time a kernel on this machine (the thorough suite is `cargo bench`).
     Bench {
         #[command(subcommand)]
@@ -52,5 +55,6 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Repro { experiment } => repro::run(experiment),
         Command::Bench { bench } => bench::run(bench),
+        Command::ModelInfo(args) => model_info::run(args),
     }
 }

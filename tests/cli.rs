@@ -58,3 +58,41 @@ fn bad_arguments_fail_with_a_message_naming_the_field() {
         assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
     }
 }
+
+#[test]
+fn model_info_counts_the_released_model() {
+    let out = flotilla(&["model-info", "--preset", "deepseek-v3-671b", "--json"]);
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let main = &info["parameters"]["main"];
+    let total: u64 =
+        ["embedding", "attention", "dense_ffn", "shared_experts", "routed_experts", "gates", "norms", "head"]
+            .iter()
+            .map(|k| main[k].as_u64().unwrap())
+            .sum();
+    assert_eq!(total, 671_026_419_200);
+    let table = String::from_utf8(flotilla(&["model-info", "--preset", "deepseek-v3-671b"]).stdout).unwrap();
+    for needle in ["671.03B", "36.63B", "37.55B", "684.49B", "routed experts", "MTP projections"] {
+        assert!(table.contains(needle), "table lacks {needle}:\n{table}");
+    }
+}
+
+#[test]
+fn model_info_reads_config_files_and_names_bad_fields() {
+    let dir = std::env::temp_dir().join(format!("flotilla-cli-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = dir.join("model.toml");
+    std::fs::write(&good, "preset = \"tiny\"\nhidden_size = 192\n").unwrap();
+    let out = flotilla(&["model-info", "--config", good.to_str().unwrap(), "--json"]);
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(info["parameters"]["main"]["embedding"].as_u64(), Some(256 * 192));
+
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, "preset = \"tiny\"\ntopk_group = 7\n").unwrap();
+    let out = flotilla(&["model-info", "--config", bad.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("`topk_group`") && stderr.contains("bad.toml"), "{stderr}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
