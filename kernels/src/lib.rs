@@ -6,17 +6,34 @@
 //!   blocks, 128×1 tiles for Wgrad) with DeepGEMM's scale layouts.
 //! - [`gemm`]: dense f32 and BF16 GEMMs over strided views, the block-scaled FP8 GEMM
 //!   (exact or with the H800's limited accumulator emulated) and its grouped MoE form.
+//! - [`rope`]: rotary position embedding on MLA's decoupled rope dims (DeepSeek's
+//!   interleaved pairs, YaRN), forward and backward in place over strided head vectors.
+//! - [`attention`]: the causal MLA attention core (separate qk and v head dims), forward
+//!   saving only the log-sum-exp, and backward recomputing the probabilities.
+//! - [`norm`]: RMSNorm over rows: forward saving the per-row rstd, input-gradient (B) and
+//!   accumulating weight-gradient (W) backward, neither needing the output.
+//! - [`activation`]: SwiGLU (`silu(gate) · up`) forward and backward, numerically stable silu.
+//! - [`loss`]: softmax cross-entropy over `[rows, vocab]` logits with u32 targets, backward
+//!   out of place, in place over the logits, or fused with the forward.
+//! - [`optim`]: AdamW with FP32 master weights and BF16 moments, global-norm clipping and
+//!   the warm-up / constant / cosine learning-rate schedule.
 //! - [`metrics`]: the error measures numerics are judged by (DeepGEMM's `calc_diff`, …).
 //! - [`experiments`]: reproductions of numerical findings of the DeepSeek-V3 report.
 //!
 //! Invariant: no function here panics or reads out of bounds on a caller's bad shapes or
 //! buffer lengths; each returns a [`KernelError`] naming the tensor at fault.
 
+pub mod activation;
+pub mod attention;
 pub mod experiments;
 pub mod fp8;
 pub mod gemm;
+pub mod loss;
 pub mod metrics;
+pub mod norm;
+pub mod optim;
 pub mod quant;
+pub mod rope;
 
 /// Checks that a buffer named `tensor` holds exactly the `rows × cols` elements of its
 /// shape; a product that overflows `usize` is an invalid shape, not a wrap-around.

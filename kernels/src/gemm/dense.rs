@@ -11,21 +11,12 @@
 //! the call reduces to `C = beta·C`.
 
 use super::view::{MatMut, MatRef, offset};
-use super::{check_threads, run_tasks};
+use super::{GemmFloat, check_threads, run_tasks};
 use crate::KernelError;
 use half::bf16;
 
 /// `C = alpha·A·B + beta·C` in f32, for `A: m×k`, `B: k×n`, `C: m×n`, each with its own
-/// strides.
-///
-/// - `beta == 0`: `C` is written without being read, so NaN in it does not propagate.
-/// - `alpha == 0` or `k == 0`: `A` and `B` are not read; `C = beta·C` (zeros when
-///   `beta == 0`).
-/// - `threads`: at most this many rayon workers of the current pool compute the product
-///   (1 runs on the calling thread); 0 is an error.
-///
-/// Errors: [`KernelError::ShapeMismatch`] when the dimensions disagree,
-/// [`KernelError::InvalidParameter`] for `threads == 0`.
+/// strides: [`matmul`] for f32, the name the rest of the crate uses.
 pub fn gemm_f32(
     c: MatMut<'_, f32>,
     beta: f32,
@@ -34,8 +25,30 @@ pub fn gemm_f32(
     alpha: f32,
     threads: usize,
 ) -> Result<(), KernelError> {
+    matmul(c, beta, a, b, alpha, threads)
+}
+
+/// `C = alpha·A·B + beta·C` for `A: m×k`, `B: k×n`, `C: m×n`, each with its own strides,
+/// in f32 (training) or f64 (the references gradient checks compare against).
+///
+/// - `beta == 0`: `C` is written without being read, so NaN in it does not propagate.
+/// - `alpha == 0` or `k == 0`: `A` and `B` are not read; `C = beta·C` (zeros when
+///   `beta == 0`).
+/// - `threads`: at most this many rayon workers of the current pool compute the product
+///   (1 runs on the calling thread); 0 is an error. The result does not depend on it.
+///
+/// Errors: [`KernelError::ShapeMismatch`] when the dimensions disagree,
+/// [`KernelError::InvalidParameter`] for `threads == 0`.
+pub fn matmul<T: GemmFloat>(
+    c: MatMut<'_, T>,
+    beta: T,
+    a: MatRef<'_, T>,
+    b: MatRef<'_, T>,
+    alpha: T,
+    threads: usize,
+) -> Result<(), KernelError> {
     check_threads(threads)?;
-    gemm_f32_with(c, beta, a, b, alpha, parallelism(threads))
+    gemm_with(c, beta, a, b, alpha, parallelism(threads))
 }
 
 /// `C = alpha·A·B + beta·C` with BF16 `A` and `B` and an f32 `C`, accumulated in f32.
@@ -59,13 +72,13 @@ pub fn gemm_bf16(
         // Nothing of A or B is read, so skip the copies.
         let (a, b) =
             (MatRef::new(&[], a.rows(), 0, 0, 0, a.name())?, MatRef::new(&[], 0, b.cols(), 0, 0, b.name())?);
-        return gemm_f32_with(c, beta, a, b, 0.0, parallelism(threads));
+        return gemm_with(c, beta, a, b, 0.0, parallelism(threads));
     }
     let a_buf = widen(a, threads)?;
     let b_buf = widen(b, threads)?;
     let a32 = widened_view(a, &a_buf)?;
     let b32 = widened_view(b, &b_buf)?;
-    gemm_f32_with(c, beta, a32, b32, alpha, parallelism(threads))
+    gemm_with(c, beta, a32, b32, alpha, parallelism(threads))
 }
 
 fn parallelism(threads: usize) -> gemm::Parallelism {
@@ -99,13 +112,13 @@ fn kernel_strides(rows: usize, cols: usize, row_stride: isize, col_stride: isize
     (if rows <= 1 { 0 } else { row_stride }, if cols <= 1 { 0 } else { col_stride })
 }
 
-/// The one call into the `gemm` crate; every f32 product in this module goes through it.
-pub(crate) fn gemm_f32_with(
-    mut c: MatMut<'_, f32>,
-    beta: f32,
-    a: MatRef<'_, f32>,
-    b: MatRef<'_, f32>,
-    alpha: f32,
+/// The one call into the `gemm` crate; every dense product in this crate goes through it.
+pub(crate) fn gemm_with<T: GemmFloat>(
+    mut c: MatMut<'_, T>,
+    beta: T,
+    a: MatRef<'_, T>,
+    b: MatRef<'_, T>,
+    alpha: T,
     parallelism: gemm::Parallelism,
 ) -> Result<(), KernelError> {
     check_shapes(&c, &a, &b)?;
@@ -113,11 +126,11 @@ pub(crate) fn gemm_f32_with(
     if m == 0 || n == 0 {
         return Ok(());
     }
-    if k == 0 || alpha == 0.0 {
-        if beta == 0.0 {
-            c.for_each_mut(|x| *x = 0.0);
-        } else if beta != 1.0 {
-            c.for_each_mut(|x| *x *= beta);
+    if k == 0 || alpha == T::zero() {
+        if beta == T::zero() {
+            c.for_each_mut(|x| *x = T::zero());
+        } else if beta != T::one() {
+            c.for_each_mut(|x| *x = *x * beta);
         }
         return Ok(());
     }
@@ -139,7 +152,7 @@ pub(crate) fn gemm_f32_with(
             c_cs,
             c_rs,
             // The crate computes dst = alpha·dst + beta·lhs·rhs: its alpha is our beta.
-            beta != 0.0,
+            beta != T::zero(),
             a.data().as_ptr(),
             a_cs,
             a_rs,

@@ -11,7 +11,7 @@
 //! the result, and the grouped GEMM, which cuts each run of rows into bands the same way,
 //! reproduces [`gemm_fp8`] on that run exactly.
 
-use super::dense::gemm_f32_with;
+use super::dense::gemm_with;
 use super::view::{MatMut, MatRef};
 use super::{check_threads, run_tasks};
 use crate::KernelError;
@@ -514,7 +514,7 @@ fn task_f32<O: GemmOutput>(task: Task<'_, '_, O>, rhs: &Fp8Matrix) -> Result<(),
                 decode(&src[k0..k0 + kw], dst);
             }
             let partial = &mut partial[..rows * nt];
-            gemm_f32_with(
+            gemm_with(
                 MatMut::row_major(partial, rows, nt, "fp8 block partial")?,
                 0.0,
                 MatRef::row_major(a_block, rows, kw, "lhs")?,

@@ -30,7 +30,7 @@ mod fp8;
 mod grouped;
 mod view;
 
-pub use dense::{gemm_bf16, gemm_f32};
+pub use dense::{gemm_bf16, gemm_f32, matmul};
 pub use fp8::{
     Accumulation, AccumulatorRounding, GemmOutput, LimitedAccumulator, gemm_fp8, round_to_mantissa_bits,
 };
@@ -40,6 +40,18 @@ pub use view::{MatMut, MatRef};
 use crate::KernelError;
 use rayon::prelude::*;
 use std::sync::{Mutex, PoisonError};
+
+/// The element types the dense GEMM computes in: f32 for training, f64 for references.
+/// Sealed, because the `gemm` crate dispatches on the concrete type at run time.
+pub trait GemmFloat: num_traits::Float + Send + Sync + 'static + sealed::Sealed {}
+impl GemmFloat for f32 {}
+impl GemmFloat for f64 {}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for f64 {}
+}
 
 fn check_threads(threads: usize) -> Result<(), KernelError> {
     if threads == 0 {
