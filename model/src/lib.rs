@@ -4,13 +4,54 @@
 //!   ([`Preset`]), loading from HF `config.json` and flotilla TOML, validation.
 //! - [`params`]: parameter accounting by component, total and activated per token, with
 //!   and without MTP ([`ParameterCounts`]).
+//! - [`param`]: named parameters (HF names) with gradients, initialized per `(seed, name)`.
+//! - [`linear`], [`ffn`]: layers, each with forward and a backward split into B (input
+//!   gradient) and W (weight gradient), generic over [`Real`] (f32, f64).
 //!
 //! API boundary: this crate describes and (in later steps) computes the model on plain
 //! buffers through `flotilla-kernels`; it knows nothing of processes or networking, so the
 //! coordinator can use its config and accounting for placement, and workers its layers.
 
 pub mod config;
+pub mod ffn;
+pub mod linear;
+pub mod param;
 pub mod params;
 
 pub use config::{ConfigError, HfConfig, ModelConfig, Preset};
 pub use params::{Breakdown, ParameterCounts};
+
+use flotilla_kernels::KernelError;
+
+/// The element types layers compute in: f32 for training, f64 for gradient checks.
+pub use flotilla_kernels::gemm::GemmFloat as Real;
+
+/// What can go wrong building or running the model.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// A kernel refused its inputs.
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A named tensor or buffer has the wrong size or content.
+    #[error("`{tensor}`: {detail}")]
+    Tensor {
+        /// The parameter or activation, by its HF name where it has one.
+        tensor: String,
+        /// What is wrong.
+        detail: String,
+    },
+}
+
+/// Checks that the `what` buffer of the layer owning `tensor` holds `expected` elements.
+pub(crate) fn check_len(tensor: &str, what: &str, expected: usize, actual: usize) -> Result<(), ModelError> {
+    if expected != actual {
+        return Err(ModelError::Tensor {
+            tensor: tensor.to_string(),
+            detail: format!("{what} has {actual} elements, expected {expected}"),
+        });
+    }
+    Ok(())
+}

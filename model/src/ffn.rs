@@ -1,0 +1,120 @@
+//! The SwiGLU feed-forward network: DeepSeek-V3's dense FFN and each (shared or routed)
+//! expert. `y = down(silu(gate(x)) ⊙ up(x))`.
+//!
+//! Forward keeps the two pre-activations (`gate(x)`, `up(x)`) and not their product: the
+//! SwiGLU output is recomputed in backward, as the report's FP8 recipe does to save
+//! memory. Backward is split: [`SwiGluFfn::backward_input`] (B) returns `dx` and the
+//! gradients that [`SwiGluFfn::backward_weight`] (W) needs later.
+
+use crate::linear::Linear;
+use crate::{ModelError, Real};
+use flotilla_kernels::activation::{swiglu_backward, swiglu_forward};
+
+/// `down(silu(gate(x)) ⊙ up(x))`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SwiGluFfn<T> {
+    /// `[inter, hidden]`.
+    pub gate_proj: Linear<T>,
+    /// `[inter, hidden]`.
+    pub up_proj: Linear<T>,
+    /// `[hidden, inter]`.
+    pub down_proj: Linear<T>,
+}
+
+/// What forward keeps for backward.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FfnCache<T> {
+    /// Rows (tokens) of the call.
+    pub rows: usize,
+    /// `gate(x)`, `[rows, inter]`.
+    pub gate: Vec<T>,
+    /// `up(x)`, `[rows, inter]`.
+    pub up: Vec<T>,
+}
+
+/// What B hands to W.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FfnWeightGradInputs<T> {
+    /// Gradient at the output, `[rows, hidden]` (for `down_proj`).
+    pub dy: Vec<T>,
+    /// Gradient at `gate(x)`, `[rows, inter]`.
+    pub dgate: Vec<T>,
+    /// Gradient at `up(x)`, `[rows, inter]`.
+    pub dup: Vec<T>,
+}
+
+impl<T: Real> SwiGluFfn<T> {
+    /// An FFN with parameters `{prefix}.{gate,up,down}_proj.weight`.
+    pub fn new(prefix: &str, hidden: usize, inter: usize, std: f64, seed: u64) -> Self {
+        SwiGluFfn {
+            gate_proj: Linear::new(&format!("{prefix}.gate_proj"), hidden, inter, std, seed),
+            up_proj: Linear::new(&format!("{prefix}.up_proj"), hidden, inter, std, seed),
+            down_proj: Linear::new(&format!("{prefix}.down_proj"), inter, hidden, std, seed),
+        }
+    }
+
+    fn inter(&self) -> usize {
+        self.gate_proj.out_features
+    }
+
+    /// `y = down(silu(gate(x)) ⊙ up(x))` for `x, y: [rows, hidden]`.
+    pub fn forward(
+        &self,
+        x: &[T],
+        rows: usize,
+        y: &mut [T],
+        threads: usize,
+    ) -> Result<FfnCache<T>, ModelError> {
+        let n = rows * self.inter();
+        let mut cache = FfnCache { rows, gate: vec![T::zero(); n], up: vec![T::zero(); n] };
+        self.gate_proj.forward(x, rows, &mut cache.gate, threads)?;
+        self.up_proj.forward(x, rows, &mut cache.up, threads)?;
+        let mut h = vec![T::zero(); n];
+        swiglu_forward(&cache.gate, &cache.up, rows, self.inter(), &mut h)?;
+        self.down_proj.forward(&h, rows, y, threads)?;
+        Ok(cache)
+    }
+
+    /// B: `dx` (overwritten, or accumulated with `accumulate`) from `dy`.
+    pub fn backward_input(
+        &self,
+        cache: &FfnCache<T>,
+        dy: &[T],
+        dx: &mut [T],
+        accumulate: bool,
+        threads: usize,
+    ) -> Result<FfnWeightGradInputs<T>, ModelError> {
+        let (rows, n) = (cache.rows, cache.rows * self.inter());
+        let mut dh = vec![T::zero(); n];
+        self.down_proj.backward_input(dy, rows, &mut dh, false, threads)?;
+        let mut grads =
+            FfnWeightGradInputs { dy: dy.to_vec(), dgate: vec![T::zero(); n], dup: vec![T::zero(); n] };
+        swiglu_backward(&dh, &cache.gate, &cache.up, rows, self.inter(), &mut grads.dgate, &mut grads.dup)?;
+        self.gate_proj.backward_input(&grads.dgate, rows, dx, accumulate, threads)?;
+        self.up_proj.backward_input(&grads.dup, rows, dx, true, threads)?;
+        Ok(grads)
+    }
+
+    /// W: accumulates the three weight gradients; `x` is the forward input. The SwiGLU
+    /// output that `down_proj` needs is recomputed here from the cached pre-activations.
+    pub fn backward_weight(
+        &mut self,
+        cache: &FfnCache<T>,
+        grads: &FfnWeightGradInputs<T>,
+        x: &[T],
+        threads: usize,
+    ) -> Result<(), ModelError> {
+        let rows = cache.rows;
+        let mut h = vec![T::zero(); rows * self.inter()];
+        swiglu_forward(&cache.gate, &cache.up, rows, self.inter(), &mut h)?;
+        self.down_proj.backward_weight(&grads.dy, &h, rows, threads)?;
+        self.gate_proj.backward_weight(&grads.dgate, x, rows, threads)?;
+        self.up_proj.backward_weight(&grads.dup, x, rows, threads)?;
+        Ok(())
+    }
+
+    /// The three weights, for optimizers and checkpoints.
+    pub fn params_mut(&mut self) -> [&mut crate::param::Param<T>; 3] {
+        [&mut self.gate_proj.weight, &mut self.up_proj.weight, &mut self.down_proj.weight]
+    }
+}
