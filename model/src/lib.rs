@@ -5,16 +5,29 @@
 //! - [`params`]: parameter accounting by component, total and activated per token, with
 //!   and without MTP ([`ParameterCounts`]).
 //! - [`param`]: named parameters (HF names) with gradients, initialized per `(seed, name)`.
-//! - [`linear`], [`ffn`]: layers, each with forward and a backward split into B (input
+//! - [`data`]: byte tokenizer, the synthetic corpus, batches drawn from `(seed, step)`.
+//! - [`embedding`], [`linear`], [`ffn`]: layers, each with forward and a backward split into B (input
 //!   gradient) and W (weight gradient), generic over [`Real`] (f32, f64).
+//! - [`moe`]: the DeepSeekMoE layer: sigmoid gate with group-limited top-k on
+//!   bias-corrected scores, shared + routed SwiGLU experts on a grouped layout, the
+//!   sequence-wise balance loss, and auxiliary-loss-free bias updates.
+//! - [`norm`]: the RMSNorm layer (named weight, forward saving rstd, B and W backward).
+//! - [`mla`]: Multi-head Latent Attention (low-rank or plain queries, decoupled RoPE with
+//!   YaRN, causal attention core), with optional recomputation of the RMSNorms and
+//!   up-projections in backward.
 //!
 //! API boundary: this crate describes and (in later steps) computes the model on plain
 //! buffers through `flotilla-kernels`; it knows nothing of processes or networking, so the
 //! coordinator can use its config and accounting for placement, and workers its layers.
 
 pub mod config;
+pub mod data;
+pub mod embedding;
 pub mod ffn;
 pub mod linear;
+pub mod mla;
+pub mod moe;
+pub mod norm;
 pub mod param;
 pub mod params;
 

@@ -1,0 +1,743 @@
+//! Multi-head Latent Attention (DeepSeek-V3 report §2.1.1; DESIGN §1.1), forward and a
+//! backward split into B ([`Mla::backward_input`]) and W ([`Mla::backward_weight`]).
+//!
+//! ## Computation
+//! For `x: [batch·seq, hidden]` (sequences one after another, token `t` of a sequence at
+//! position `t`), with `H` heads, `nope`/`rope`/`v` head dims and `qk = nope + rope`:
+//!
+//! ```text
+//! queries   c_q = q_a_proj(x)                 [rows, q_lora_rank]     (low-rank path)
+//!           q   = q_b_proj(q_a_layernorm(c_q)) [rows, H, qk]   or   q = q_proj(x) (plain path)
+//!           q[h] = [q_nope | RoPE(q_rope)]
+//! keys/vals kv_a = kv_a_proj_with_mqa(x)      [rows, kv_lora_rank + rope]
+//!           c_kv = kv_a[.., :kv_lora_rank],   k_rope = RoPE(kv_a[.., kv_lora_rank:])  (shared)
+//!           kv_b = kv_b_proj(kv_a_layernorm(c_kv)) [rows, H, nope + v] = per head [k_nope | v]
+//!           k[h] = [k_nope[h] | k_rope]
+//! attention o = causal softmax(scale · q·kᵀ)·v per head, scale = qk^-½ · YaRN mscale²
+//! output    y = o_proj(o)                     [rows, hidden]
+//! ```
+//!
+//! RoPE is DeepSeek's interleaved-pair rotation ([`flotilla_kernels::rope`]), applied in
+//! place on the rope slices of every query head and once on the shared key. The softmax
+//! scale is multiplied by the rope table's [`RopeTable::softmax_scale_multiplier`] (YaRN's
+//! `mscale²` exactly when the table applied YaRN, as DeepSeek does).
+//!
+//! ## The rope table
+//! The table depends only on the config (`qk_rope_head_dim`, `rope_theta`, `rope_scaling`)
+//! and covers positions `0..max_position_embeddings`, which also decides whether YaRN
+//! applies (`max_position_embeddings > original_max_position_embeddings`). Build it once
+//! with [`Mla::rope_table`] and share it between layers through [`Mla::with_rope_table`]
+//! (for DeepSeek-V3 in f32 it is 42 MB); [`Mla::new`] builds a private one. A sequence
+//! longer than the table is an error naming the layer.
+//!
+//! ## Recomputation ([`Mla::recompute`])
+//! The report recomputes "all RMSNorm operations and MLA up-projections during
+//! back-propagation". With `recompute` set, forward's [`MlaCache`] keeps only the
+//! compressed latents, i.e. the RMSNorm inputs ([`MlaCache::q_input`], the
+//! [`MlaCache::kv_latent`]), the rotated shared rope key, the attention output and its
+//! log-sum-exp; B reruns the norms, `q_b_proj`/`kv_b_proj`, RoPE and the k/v assembly to
+//! rebuild `q`, `k`, `v`, and W reruns the two norms (no GEMM) for the up-projections'
+//! inputs. Without it, the cache also holds [`MlaCache::normed`] and [`MlaCache::heads`].
+//! Both paths run the same functions on the same values, so every result is bit-identical
+//! either way.
+//!
+//! ## Determinism
+//! Every kernel used (dense GEMM, RMSNorm, RoPE, attention core) gives results independent
+//! of the number of threads, and the shared key's gradient is summed over heads in head
+//! order, so the layer's outputs and gradients do not depend on `threads` or the rayon
+//! pool.
+
+use crate::config::ModelConfig;
+use crate::linear::Linear;
+use crate::norm::{RmsNorm, RmsNormCache};
+use crate::param::Param;
+use crate::{ModelError, Real, check_len};
+use flotilla_kernels::attention::{AttentionShape, attention_backward, attention_forward};
+use flotilla_kernels::rope::{RopeConfig, RopeLayout, RopeTable, YarnScaling, rope_backward, rope_forward};
+use std::sync::Arc;
+
+/// MLA's dimensions, from the config.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MlaDims {
+    /// Model width.
+    pub hidden: usize,
+    /// Attention heads.
+    pub heads: usize,
+    /// Query compression rank, or `None` for a plain query projection.
+    pub q_lora_rank: Option<usize>,
+    /// Key/value latent rank.
+    pub kv_lora_rank: usize,
+    /// Non-rotary query/key dims per head.
+    pub qk_nope_head_dim: usize,
+    /// Rotary dims per query head and of the shared key.
+    pub qk_rope_head_dim: usize,
+    /// Value dims per head.
+    pub v_head_dim: usize,
+}
+
+impl MlaDims {
+    /// The dimensions of `config`'s attention.
+    pub fn from_config(config: &ModelConfig) -> Self {
+        MlaDims {
+            hidden: config.hidden_size,
+            heads: config.num_attention_heads,
+            q_lora_rank: config.q_lora_rank,
+            kv_lora_rank: config.kv_lora_rank,
+            qk_nope_head_dim: config.qk_nope_head_dim,
+            qk_rope_head_dim: config.qk_rope_head_dim,
+            v_head_dim: config.v_head_dim,
+        }
+    }
+
+    /// Query/key dims per head, `nope + rope`.
+    pub fn qk_head_dim(&self) -> usize {
+        self.qk_nope_head_dim + self.qk_rope_head_dim
+    }
+
+    /// Width of all query heads, `heads · qk`.
+    fn q_width(&self) -> usize {
+        self.heads * self.qk_head_dim()
+    }
+
+    /// Width of `kv_b_proj`'s output, `heads · (nope + v)`.
+    fn kv_b_width(&self) -> usize {
+        self.heads * (self.qk_nope_head_dim + self.v_head_dim)
+    }
+
+    /// Width of `kv_a_proj_with_mqa`'s output, `kv_lora_rank + rope`.
+    fn kv_a_width(&self) -> usize {
+        self.kv_lora_rank + self.qk_rope_head_dim
+    }
+
+    /// Width of all value heads, `heads · v`.
+    fn o_width(&self) -> usize {
+        self.heads * self.v_head_dim
+    }
+
+    /// Where the rope dims of `rows` query rows lie.
+    fn q_rope_layout(&self, rows: usize) -> RopeLayout {
+        RopeLayout {
+            tokens: rows,
+            heads: self.heads,
+            head_stride: self.qk_head_dim(),
+            offset: self.qk_nope_head_dim,
+        }
+    }
+}
+
+/// The query projection: DeepSeek-V3's low-rank one, or a plain one (`q_lora_rank: null`).
+// One per layer, never in a collection: boxing the larger variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone, Debug, PartialEq)]
+pub enum QueryProjection<T> {
+    /// `q_b_proj(q_a_layernorm(q_a_proj(x)))`.
+    LowRank {
+        /// `[q_lora_rank, hidden]`.
+        q_a_proj: Linear<T>,
+        /// `[q_lora_rank]`.
+        q_a_layernorm: RmsNorm<T>,
+        /// `[heads·qk_head_dim, q_lora_rank]`.
+        q_b_proj: Linear<T>,
+    },
+    /// `q_proj(x)`.
+    Plain {
+        /// `[heads·qk_head_dim, hidden]`.
+        q_proj: Linear<T>,
+    },
+}
+
+/// One MLA layer: parameters `{prefix}.{q_a_proj,q_a_layernorm,q_b_proj | q_proj,
+/// kv_a_proj_with_mqa,kv_a_layernorm,kv_b_proj,o_proj}.weight`.
+#[derive(Clone, Debug)]
+pub struct Mla<T> {
+    /// The query projection.
+    pub query: QueryProjection<T>,
+    /// `[kv_lora_rank + qk_rope_head_dim, hidden]`: the latent and the shared rope key.
+    pub kv_a_proj_with_mqa: Linear<T>,
+    /// `[kv_lora_rank]`.
+    pub kv_a_layernorm: RmsNorm<T>,
+    /// `[heads·(qk_nope_head_dim + v_head_dim), kv_lora_rank]`.
+    pub kv_b_proj: Linear<T>,
+    /// `[hidden, heads·v_head_dim]`.
+    pub o_proj: Linear<T>,
+    /// Whether forward drops the RMSNorm outputs and up-projection outputs for backward to
+    /// recompute (see the module doc). May be changed between calls; a cache records
+    /// which way it was made.
+    pub recompute: bool,
+    prefix: String,
+    dims: MlaDims,
+    rope: Arc<RopeTable<T>>,
+    softmax_scale: T,
+}
+
+/// What forward keeps for backward.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MlaCache<T> {
+    /// Sequences of the call.
+    pub batch: usize,
+    /// Tokens per sequence.
+    pub seq: usize,
+    /// Low-rank queries: the `q_a_proj` output, before `q_a_layernorm`,
+    /// `[rows, q_lora_rank]`. Plain queries: `q` after RoPE, `[rows, heads·qk]`.
+    pub q_input: Vec<T>,
+    /// The KV latent, `kv_a_proj_with_mqa`'s first `kv_lora_rank` outputs, before
+    /// `kv_a_layernorm`, `[rows, kv_lora_rank]`.
+    pub kv_latent: Vec<T>,
+    /// The shared rope key after RoPE, `[rows, qk_rope_head_dim]`.
+    pub k_rope: Vec<T>,
+    /// The attention output (`o_proj`'s input), `[rows, heads·v]`.
+    pub o: Vec<T>,
+    /// The attention core's log-sum-exp, `[batch, heads, seq]`.
+    pub lse: Vec<T>,
+    /// The RMSNorm outputs and `rstd`; `None` when made with `recompute`.
+    pub normed: Option<NormedLatents<T>>,
+    /// The per-head `q`, `k`, `v`; `None` when made with `recompute`.
+    pub heads: Option<HeadActivations<T>>,
+}
+
+/// One RMSNorm's output with its saved `rstd`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NormedLatent<T> {
+    /// `rstd` per row.
+    pub norm: RmsNormCache<T>,
+    /// The normalized latent (the up-projection's input), `[rows, rank]`.
+    pub normed: Vec<T>,
+}
+
+/// The outputs of MLA's two RMSNorms.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NormedLatents<T> {
+    /// `q_a_layernorm`'s (`None` for plain queries).
+    pub q: Option<NormedLatent<T>>,
+    /// `kv_a_layernorm`'s.
+    pub kv: NormedLatent<T>,
+}
+
+/// The attention core's inputs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HeadActivations<T> {
+    /// Low-rank queries: `q` after RoPE, `[rows, heads, qk]`; empty for plain queries,
+    /// whose `q` is [`MlaCache::q_input`].
+    pub q: Vec<T>,
+    /// `[k_nope_h | k_rope]` per head, `[rows, heads, qk]`.
+    pub k: Vec<T>,
+    /// `[rows, heads, v]`.
+    pub v: Vec<T>,
+}
+
+/// What B hands to W: the gradients at the outputs of every weighted operation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MlaWeightGradInputs<T> {
+    /// At the layer output (`o_proj`), `[rows, hidden]`.
+    pub d_out: Vec<T>,
+    /// At `q_b_proj`'s (or `q_proj`'s) output, before RoPE, `[rows, heads·qk]`.
+    pub d_q: Vec<T>,
+    /// At `q_a_layernorm`'s output, `[rows, q_lora_rank]`; empty for plain queries.
+    pub d_q_normed: Vec<T>,
+    /// At `q_a_proj`'s output, `[rows, q_lora_rank]`; empty for plain queries.
+    pub d_q_latent: Vec<T>,
+    /// At `kv_b_proj`'s output, `[rows, heads·(nope + v)]`.
+    pub d_kv_b: Vec<T>,
+    /// At `kv_a_layernorm`'s output, `[rows, kv_lora_rank]`.
+    pub d_kv_normed: Vec<T>,
+    /// At `kv_a_proj_with_mqa`'s output (rope part before RoPE), `[rows, kv_lora_rank + rope]`.
+    pub d_kv_a: Vec<T>,
+}
+
+/// The kernels' RoPE configuration for `config`.
+pub fn rope_config(config: &ModelConfig) -> RopeConfig {
+    RopeConfig {
+        head_dim: config.qk_rope_head_dim,
+        theta: config.rope_theta,
+        scaling: config.rope_scaling.as_ref().map(|s| YarnScaling {
+            factor: s.factor,
+            original_max_position_embeddings: s.original_max_position_embeddings,
+            beta_fast: s.beta_fast,
+            beta_slow: s.beta_slow,
+            mscale: s.mscale,
+            mscale_all_dim: s.mscale_all_dim,
+        }),
+    }
+}
+
+/// Positions `0..seq` for each of `batch` sequences.
+fn positions(batch: usize, seq: usize) -> Vec<usize> {
+    (0..batch).flat_map(|_| 0..seq).collect()
+}
+
+fn zeros<T: Real>(n: usize) -> Vec<T> {
+    vec![T::zero(); n]
+}
+
+impl<T: Real> Mla<T> {
+    /// The rope table for `config`: positions `0..max_position_embeddings`, YaRN applied
+    /// when `rope_scaling` is set and `max_position_embeddings` exceeds its
+    /// `original_max_position_embeddings`. Share it between layers.
+    pub fn rope_table(config: &ModelConfig) -> Result<Arc<RopeTable<T>>, ModelError> {
+        Ok(Arc::new(RopeTable::new(&rope_config(config), config.max_position_embeddings)?))
+    }
+
+    /// A layer named `prefix` (e.g. `model.layers.3.self_attn`) with its own rope table;
+    /// weights drawn from Normal(0, `initializer_range`) by `(seed, name)`, norms at 1.
+    pub fn new(config: &ModelConfig, prefix: &str, seed: u64, recompute: bool) -> Result<Self, ModelError> {
+        Self::with_rope_table(config, prefix, seed, recompute, Self::rope_table(config)?)
+    }
+
+    /// As [`Mla::new`], sharing `rope`, which must be [`Mla::rope_table`]`(config)`'s
+    /// equal: `qk_rope_head_dim` dims and `max_position_embeddings` positions (checked).
+    pub fn with_rope_table(
+        config: &ModelConfig,
+        prefix: &str,
+        seed: u64,
+        recompute: bool,
+        rope: Arc<RopeTable<T>>,
+    ) -> Result<Self, ModelError> {
+        config.validate()?;
+        let dims = MlaDims::from_config(config);
+        if rope.head_dim() != dims.qk_rope_head_dim || rope.max_positions() != config.max_position_embeddings
+        {
+            return Err(ModelError::Tensor {
+                tensor: format!("{prefix} rope table"),
+                detail: format!(
+                    "covers {} dims × {} positions, the config needs qk_rope_head_dim = {} × \
+                     max_position_embeddings = {}",
+                    rope.head_dim(),
+                    rope.max_positions(),
+                    dims.qk_rope_head_dim,
+                    config.max_position_embeddings
+                ),
+            });
+        }
+        let scale = (dims.qk_head_dim() as f64).powf(-0.5) * rope.softmax_scale_multiplier();
+        let softmax_scale = T::from(scale).ok_or_else(|| ModelError::Tensor {
+            tensor: prefix.to_string(),
+            detail: format!("softmax scale {scale} does not convert to the element type"),
+        })?;
+        let std = config.initializer_range;
+        let eps = config.rms_norm_eps;
+        let name = |p: &str| format!("{prefix}.{p}");
+        let (hidden, heads) = (dims.hidden, dims.heads);
+        let query = match dims.q_lora_rank {
+            Some(rank) => QueryProjection::LowRank {
+                q_a_proj: Linear::new(&name("q_a_proj"), hidden, rank, std, seed),
+                q_a_layernorm: RmsNorm::new(&name("q_a_layernorm"), rank, eps),
+                q_b_proj: Linear::new(&name("q_b_proj"), rank, dims.q_width(), std, seed),
+            },
+            None => QueryProjection::Plain {
+                q_proj: Linear::new(&name("q_proj"), hidden, dims.q_width(), std, seed),
+            },
+        };
+        Ok(Mla {
+            query,
+            kv_a_proj_with_mqa: Linear::new(
+                &name("kv_a_proj_with_mqa"),
+                hidden,
+                dims.kv_a_width(),
+                std,
+                seed,
+            ),
+            kv_a_layernorm: RmsNorm::new(&name("kv_a_layernorm"), dims.kv_lora_rank, eps),
+            kv_b_proj: Linear::new(&name("kv_b_proj"), dims.kv_lora_rank, dims.kv_b_width(), std, seed),
+            o_proj: Linear::new(&name("o_proj"), heads * dims.v_head_dim, hidden, std, seed),
+            recompute,
+            prefix: prefix.to_string(),
+            dims,
+            rope,
+            softmax_scale,
+        })
+    }
+
+    /// The layer's name prefix.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The layer's dimensions.
+    pub fn dims(&self) -> MlaDims {
+        self.dims
+    }
+
+    /// The rope table in use.
+    pub fn rope(&self) -> &Arc<RopeTable<T>> {
+        &self.rope
+    }
+
+    /// The attention softmax scale, `qk_head_dim^-½ ·` the table's YaRN multiplier.
+    pub fn softmax_scale(&self) -> T {
+        self.softmax_scale
+    }
+
+    /// Every parameter, in HF order: query weights, `kv_a_proj_with_mqa`,
+    /// `kv_a_layernorm`, `kv_b_proj`, `o_proj`.
+    pub fn params(&self) -> Vec<&Param<T>> {
+        let mut out = match &self.query {
+            QueryProjection::LowRank { q_a_proj, q_a_layernorm, q_b_proj } => {
+                vec![&q_a_proj.weight, &q_a_layernorm.weight, &q_b_proj.weight]
+            }
+            QueryProjection::Plain { q_proj } => vec![&q_proj.weight],
+        };
+        out.extend([
+            &self.kv_a_proj_with_mqa.weight,
+            &self.kv_a_layernorm.weight,
+            &self.kv_b_proj.weight,
+            &self.o_proj.weight,
+        ]);
+        out
+    }
+
+    /// [`Mla::params`], mutable, for optimizers and checkpoints.
+    pub fn params_mut(&mut self) -> Vec<&mut Param<T>> {
+        let mut out = match &mut self.query {
+            QueryProjection::LowRank { q_a_proj, q_a_layernorm, q_b_proj } => {
+                vec![&mut q_a_proj.weight, &mut q_a_layernorm.weight, &mut q_b_proj.weight]
+            }
+            QueryProjection::Plain { q_proj } => vec![&mut q_proj.weight],
+        };
+        out.extend([
+            &mut self.kv_a_proj_with_mqa.weight,
+            &mut self.kv_a_layernorm.weight,
+            &mut self.kv_b_proj.weight,
+            &mut self.o_proj.weight,
+        ]);
+        out
+    }
+
+    fn tensor_error(&self, detail: String) -> ModelError {
+        ModelError::Tensor { tensor: self.prefix.clone(), detail }
+    }
+
+    /// `batch · seq`, checking the positions against the rope table.
+    fn rows(&self, batch: usize, seq: usize) -> Result<usize, ModelError> {
+        if seq > self.rope.max_positions() {
+            return Err(self.tensor_error(format!(
+                "sequences of {seq} tokens need positions up to {}, past max_position_embeddings = {}",
+                seq - 1,
+                self.rope.max_positions()
+            )));
+        }
+        batch
+            .checked_mul(seq)
+            .ok_or_else(|| self.tensor_error(format!("{batch} × {seq} rows overflow usize")))
+    }
+
+    fn attention_shape(&self, batch: usize, seq: usize) -> AttentionShape {
+        let d = &self.dims;
+        AttentionShape { batch, seq, heads: d.heads, qk_dim: d.qk_head_dim(), v_dim: d.v_head_dim }
+    }
+
+    /// `y = MLA(x)` for `x`, `y`: `[batch·seq, hidden]` (`y` overwritten), each sequence
+    /// at positions `0..seq`. `threads` bounds the projections' GEMMs.
+    pub fn forward(
+        &self,
+        x: &[T],
+        batch: usize,
+        seq: usize,
+        y: &mut [T],
+        threads: usize,
+    ) -> Result<MlaCache<T>, ModelError> {
+        let rows = self.rows(batch, seq)?;
+        let d = self.dims;
+        check_len(&self.prefix, "input", rows * d.hidden, x.len())?;
+        check_len(&self.prefix, "output", rows * d.hidden, y.len())?;
+        let pos = positions(batch, seq);
+
+        // Down projections: the query latent (or the plain queries), the KV latent and the
+        // shared rope key.
+        let q_input = match &self.query {
+            QueryProjection::LowRank { q_a_proj, .. } => {
+                let mut c_q = zeros(rows * q_a_proj.out_features);
+                q_a_proj.forward(x, rows, &mut c_q, threads)?;
+                c_q
+            }
+            QueryProjection::Plain { q_proj } => {
+                let mut q = zeros(rows * d.q_width());
+                q_proj.forward(x, rows, &mut q, threads)?;
+                rope_forward(&mut q, d.q_rope_layout(rows), &pos, &self.rope)?;
+                q
+            }
+        };
+        let mut kv_a = zeros(rows * d.kv_a_width());
+        self.kv_a_proj_with_mqa.forward(x, rows, &mut kv_a, threads)?;
+        let mut kv_latent = Vec::with_capacity(rows * d.kv_lora_rank);
+        let mut k_rope = Vec::with_capacity(rows * d.qk_rope_head_dim);
+        for row in kv_a.chunks_exact(d.kv_a_width()) {
+            let (latent, rope) = row.split_at(d.kv_lora_rank);
+            kv_latent.extend_from_slice(latent);
+            k_rope.extend_from_slice(rope);
+        }
+        drop(kv_a);
+        rope_forward(&mut k_rope, RopeLayout::contiguous(rows, 1, d.qk_rope_head_dim), &pos, &self.rope)?;
+
+        // Norms and up projections.
+        let normed = self.normed(&q_input, &kv_latent, rows)?;
+        let heads = self.up(&normed, &k_rope, &pos, rows, threads)?;
+
+        let mut o = zeros(rows * d.o_width());
+        let mut lse = zeros(batch * d.heads * seq);
+        let q = self.query_of(&q_input, &heads);
+        attention_forward(
+            &mut o,
+            &mut lse,
+            q,
+            &heads.k,
+            &heads.v,
+            self.attention_shape(batch, seq),
+            self.softmax_scale,
+        )?;
+        self.o_proj.forward(&o, rows, y, threads)?;
+
+        let (normed, heads) = if self.recompute { (None, None) } else { (Some(normed), Some(heads)) };
+        Ok(MlaCache { batch, seq, q_input, kv_latent, k_rope, o, lse, normed, heads })
+    }
+
+    /// The rotated queries: the plain path's are the cache's `q_input`.
+    fn query_of<'a>(&self, q_input: &'a [T], heads: &'a HeadActivations<T>) -> &'a [T] {
+        match self.query {
+            QueryProjection::LowRank { .. } => &heads.q,
+            QueryProjection::Plain { .. } => q_input,
+        }
+    }
+
+    /// The two RMSNorms over the stored latents.
+    fn normed(&self, q_input: &[T], kv_latent: &[T], rows: usize) -> Result<NormedLatents<T>, ModelError> {
+        let norm = |layer: &RmsNorm<T>, x: &[T]| -> Result<NormedLatent<T>, ModelError> {
+            let mut normed = zeros(x.len());
+            let norm = layer.forward(x, rows, &mut normed)?;
+            Ok(NormedLatent { norm, normed })
+        };
+        let q = match &self.query {
+            QueryProjection::LowRank { q_a_layernorm, .. } => Some(norm(q_a_layernorm, q_input)?),
+            QueryProjection::Plain { .. } => None,
+        };
+        Ok(NormedLatents { q, kv: norm(&self.kv_a_layernorm, kv_latent)? })
+    }
+
+    /// The up projections: rotated `q` (low-rank path) and per-head `k`, `v`.
+    fn up(
+        &self,
+        normed: &NormedLatents<T>,
+        k_rope: &[T],
+        pos: &[usize],
+        rows: usize,
+        threads: usize,
+    ) -> Result<HeadActivations<T>, ModelError> {
+        let d = self.dims;
+        let q = match (&self.query, &normed.q) {
+            (QueryProjection::LowRank { q_b_proj, .. }, Some(nq)) => {
+                let mut q = zeros(rows * d.q_width());
+                q_b_proj.forward(&nq.normed, rows, &mut q, threads)?;
+                rope_forward(&mut q, d.q_rope_layout(rows), pos, &self.rope)?;
+                q
+            }
+            _ => Vec::new(),
+        };
+        let mut kv_b = zeros(rows * d.kv_b_width());
+        self.kv_b_proj.forward(&normed.kv.normed, rows, &mut kv_b, threads)?;
+        check_len(&self.prefix, "shared rope key", rows * d.qk_rope_head_dim, k_rope.len())?;
+        let (nope, qk, vd) = (d.qk_nope_head_dim, d.qk_head_dim(), d.v_head_dim);
+        let mut k = zeros(rows * d.q_width());
+        let mut v = zeros(rows * d.o_width());
+        for (((kv_b, k), v), k_rope) in kv_b
+            .chunks_exact(d.kv_b_width())
+            .zip(k.chunks_exact_mut(d.q_width()))
+            .zip(v.chunks_exact_mut(d.o_width()))
+            .zip(k_rope.chunks_exact(d.qk_rope_head_dim))
+        {
+            for ((src, k), v) in
+                kv_b.chunks_exact(nope + vd).zip(k.chunks_exact_mut(qk)).zip(v.chunks_exact_mut(vd))
+            {
+                k[..nope].copy_from_slice(&src[..nope]);
+                k[nope..].copy_from_slice(k_rope);
+                v.copy_from_slice(&src[nope..]);
+            }
+        }
+        Ok(HeadActivations { q, k, v })
+    }
+
+    /// Checks a cache's buffers against the layer and its own `batch`, `seq`; returns rows.
+    fn check_cache(&self, cache: &MlaCache<T>) -> Result<usize, ModelError> {
+        let rows = self.rows(cache.batch, cache.seq)?;
+        let d = self.dims;
+        let q_width = match &self.query {
+            QueryProjection::LowRank { q_a_proj, .. } => q_a_proj.out_features,
+            QueryProjection::Plain { .. } => d.q_width(),
+        };
+        let p = &self.prefix;
+        check_len(p, "cached query input", rows * q_width, cache.q_input.len())?;
+        check_len(p, "cached kv latent", rows * d.kv_lora_rank, cache.kv_latent.len())?;
+        check_len(p, "cached shared rope key", rows * d.qk_rope_head_dim, cache.k_rope.len())?;
+        check_len(p, "cached attention output", rows * d.o_width(), cache.o.len())?;
+        check_len(p, "cached log-sum-exp", cache.batch * d.heads * cache.seq, cache.lse.len())?;
+        Ok(rows)
+    }
+
+    /// B: `dx` (`[batch·seq, hidden]`, overwritten, or added to with `accumulate`) from
+    /// `dy`; returns what [`Mla::backward_weight`] needs. Under recompute, reruns the norms
+    /// and up projections from the cached latents.
+    pub fn backward_input(
+        &self,
+        cache: &MlaCache<T>,
+        dy: &[T],
+        dx: &mut [T],
+        accumulate: bool,
+        threads: usize,
+    ) -> Result<MlaWeightGradInputs<T>, ModelError> {
+        let rows = self.check_cache(cache)?;
+        let d = self.dims;
+        check_len(&self.prefix, "output gradient", rows * d.hidden, dy.len())?;
+        check_len(&self.prefix, "input gradient", rows * d.hidden, dx.len())?;
+        let pos = positions(cache.batch, cache.seq);
+
+        let recomputed;
+        let (normed, heads) = match (&cache.normed, &cache.heads) {
+            (Some(normed), Some(heads)) => (normed, heads),
+            _ => {
+                let normed = self.normed(&cache.q_input, &cache.kv_latent, rows)?;
+                let heads = self.up(&normed, &cache.k_rope, &pos, rows, threads)?;
+                recomputed = (normed, heads);
+                (&recomputed.0, &recomputed.1)
+            }
+        };
+
+        // o_proj and the attention core.
+        let mut d_o = zeros(rows * d.o_width());
+        self.o_proj.backward_input(dy, rows, &mut d_o, false, threads)?;
+        let mut d_q = zeros(rows * d.q_width());
+        let mut d_k = zeros(rows * d.q_width());
+        let mut d_v = zeros(rows * d.o_width());
+        attention_backward(
+            &mut d_q,
+            &mut d_k,
+            &mut d_v,
+            &d_o,
+            self.query_of(&cache.q_input, heads),
+            &heads.k,
+            &heads.v,
+            &cache.o,
+            &cache.lse,
+            self.attention_shape(cache.batch, cache.seq),
+            self.softmax_scale,
+        )?;
+        drop(d_o);
+
+        // Disassemble k and v: kv_b's gradient per head, the shared key's summed over heads.
+        let (nope, qk, vd, rope) = (d.qk_nope_head_dim, d.qk_head_dim(), d.v_head_dim, d.qk_rope_head_dim);
+        let mut d_kv_b = zeros(rows * d.kv_b_width());
+        let mut d_k_rope = zeros(rows * rope);
+        for (((d_kv_b, d_k_rope), d_k), d_v) in d_kv_b
+            .chunks_exact_mut(d.kv_b_width())
+            .zip(d_k_rope.chunks_exact_mut(rope))
+            .zip(d_k.chunks_exact(d.q_width()))
+            .zip(d_v.chunks_exact(d.o_width()))
+        {
+            for ((dst, d_k), d_v) in
+                d_kv_b.chunks_exact_mut(nope + vd).zip(d_k.chunks_exact(qk)).zip(d_v.chunks_exact(vd))
+            {
+                dst[..nope].copy_from_slice(&d_k[..nope]);
+                dst[nope..].copy_from_slice(d_v);
+                d_k_rope.iter_mut().zip(&d_k[nope..]).for_each(|(s, &g)| *s = *s + g);
+            }
+        }
+        drop((d_k, d_v));
+        rope_backward(&mut d_k_rope, RopeLayout::contiguous(rows, 1, rope), &pos, &self.rope)?;
+
+        // kv_b, kv_a_layernorm, kv_a.
+        let mut d_kv_normed = zeros(rows * d.kv_lora_rank);
+        self.kv_b_proj.backward_input(&d_kv_b, rows, &mut d_kv_normed, false, threads)?;
+        let mut d_kv_latent = zeros(rows * d.kv_lora_rank);
+        self.kv_a_layernorm.backward_input(
+            &normed.kv.norm,
+            &cache.kv_latent,
+            &d_kv_normed,
+            &mut d_kv_latent,
+            false,
+        )?;
+        let mut d_kv_a = Vec::with_capacity(rows * d.kv_a_width());
+        for (latent, rope) in d_kv_latent.chunks_exact(d.kv_lora_rank).zip(d_k_rope.chunks_exact(rope)) {
+            d_kv_a.extend_from_slice(latent);
+            d_kv_a.extend_from_slice(rope);
+        }
+        drop((d_kv_latent, d_k_rope));
+        self.kv_a_proj_with_mqa.backward_input(&d_kv_a, rows, dx, accumulate, threads)?;
+
+        // The query path.
+        rope_backward(&mut d_q, d.q_rope_layout(rows), &pos, &self.rope)?;
+        let (d_q_normed, d_q_latent) = match (&self.query, &normed.q) {
+            (QueryProjection::LowRank { q_a_proj, q_a_layernorm, q_b_proj }, Some(nq)) => {
+                let mut d_q_normed = zeros(rows * q_b_proj.in_features);
+                q_b_proj.backward_input(&d_q, rows, &mut d_q_normed, false, threads)?;
+                let mut d_q_latent = zeros(rows * q_b_proj.in_features);
+                q_a_layernorm.backward_input(
+                    &nq.norm,
+                    &cache.q_input,
+                    &d_q_normed,
+                    &mut d_q_latent,
+                    false,
+                )?;
+                q_a_proj.backward_input(&d_q_latent, rows, dx, true, threads)?;
+                (d_q_normed, d_q_latent)
+            }
+            (QueryProjection::Plain { q_proj }, _) => {
+                q_proj.backward_input(&d_q, rows, dx, true, threads)?;
+                (Vec::new(), Vec::new())
+            }
+            (QueryProjection::LowRank { .. }, None) => {
+                return Err(self.tensor_error("low-rank queries without a q_a_layernorm output".into()));
+            }
+        };
+
+        Ok(MlaWeightGradInputs {
+            d_out: dy.to_vec(),
+            d_q,
+            d_q_normed,
+            d_q_latent,
+            d_kv_b,
+            d_kv_normed,
+            d_kv_a,
+        })
+    }
+
+    /// W: accumulates every weight's gradient into [`Param::grad`]; `x` is the forward
+    /// input. Under recompute the norm outputs (the up projections' inputs) are recomputed
+    /// from the cached latents.
+    pub fn backward_weight(
+        &mut self,
+        cache: &MlaCache<T>,
+        grads: &MlaWeightGradInputs<T>,
+        x: &[T],
+        threads: usize,
+    ) -> Result<(), ModelError> {
+        let rows = self.check_cache(cache)?;
+        check_len(&self.prefix, "input", rows * self.dims.hidden, x.len())?;
+        let recomputed;
+        let normed = match &cache.normed {
+            Some(normed) => normed,
+            None => {
+                recomputed = self.normed(&cache.q_input, &cache.kv_latent, rows)?;
+                &recomputed
+            }
+        };
+
+        self.o_proj.backward_weight(&grads.d_out, &cache.o, rows, threads)?;
+        self.kv_b_proj.backward_weight(&grads.d_kv_b, &normed.kv.normed, rows, threads)?;
+        self.kv_a_layernorm.backward_weight(&normed.kv.norm, &cache.kv_latent, &grads.d_kv_normed)?;
+        self.kv_a_proj_with_mqa.backward_weight(&grads.d_kv_a, x, rows, threads)?;
+        match (&mut self.query, &normed.q) {
+            (QueryProjection::LowRank { q_a_proj, q_a_layernorm, q_b_proj }, Some(nq)) => {
+                q_b_proj.backward_weight(&grads.d_q, &nq.normed, rows, threads)?;
+                q_a_layernorm.backward_weight(&nq.norm, &cache.q_input, &grads.d_q_normed)?;
+                q_a_proj.backward_weight(&grads.d_q_latent, x, rows, threads)?;
+            }
+            (QueryProjection::Plain { q_proj }, _) => {
+                q_proj.backward_weight(&grads.d_q, x, rows, threads)?;
+            }
+            (QueryProjection::LowRank { .. }, None) => {
+                return Err(ModelError::Tensor {
+                    tensor: self.prefix.clone(),
+                    detail: "low-rank queries without a q_a_layernorm output".into(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
