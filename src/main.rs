@@ -4,6 +4,7 @@
 mod bench;
 mod model_info;
 mod repro;
+mod train;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -26,6 +27,10 @@ enum Command {
         #[command(subcommand)]
         experiment: repro::Experiment,
     },
+    /// Train a model in this process (see examples/tiny.toml).
+    Train(train::TrainArgs),
+    /// Score tokens or text under a saved HF-layout DeepSeek-V3 checkpoint.
+    Score(train::ScoreArgs),
     /// Print a model configuration's parameter breakdown (total, activated per token, MTP).
     ModelInfo(model_info::ModelInfoArgs),
     /// Time a kernel on this machine (the thorough suite is `cargo bench`).
@@ -56,5 +61,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Repro { experiment } => repro::run(experiment),
         Command::Bench { bench } => bench::run(bench),
         Command::ModelInfo(args) => model_info::run(args),
+        Command::Train(args) => train::train(args),
+        Command::Score(args) => train::score(args),
     }
 }

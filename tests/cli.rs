@@ -96,3 +96,131 @@ fn model_info_reads_config_files_and_names_bad_fields() {
     assert!(stderr.contains("`topk_group`") && stderr.contains("bad.toml"), "{stderr}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+fn temp_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("flotilla-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+const SHORT_RUN: &str = r#"
+seed = 3
+steps = 40
+batch_size = 4
+seq_len = 32
+threads = 1
+
+[model]
+preset = "tiny"
+num_hidden_layers = 2
+
+[data]
+kind = "synthetic"
+tokens = 65536
+
+[optimizer]
+peak_lr = 3e-3
+warmup_steps = 5
+constant_steps = 35
+decay_steps = 0
+final_lr = 3e-3
+beta1 = 0.9
+beta2 = 0.95
+eps = 1e-8
+weight_decay = 0.1
+"#;
+
+#[test]
+fn train_learns_writes_metrics_and_weights_that_score_agrees_with() {
+    let dir = temp_dir("train");
+    let config = dir.join("run.toml");
+    std::fs::write(&config, SHORT_RUN).unwrap();
+    let out = dir.join("out");
+    let run = flotilla(&["train", config.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert!(run.status.success(), "stderr: {}", String::from_utf8_lossy(&run.stderr));
+
+    let records: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(records.len(), 40);
+    for key in
+        ["loss", "main_ce", "mtp_ce", "balance_loss", "lr", "grad_norm", "tokens_per_s", "max_expert_load"]
+    {
+        assert!(!records[0][key].is_null(), "metrics lack {key}");
+    }
+    let ce = |r: &serde_json::Value| r["main_ce"].as_f64().unwrap();
+    let first = records[..5].iter().map(ce).sum::<f64>() / 5.0;
+    let last = records[35..].iter().map(ce).sum::<f64>() / 5.0;
+    assert!(last < first - 0.5, "the loss must fall: {first} → {last}");
+
+    // The same run again gives bit-identical losses.
+    let again = dir.join("again");
+    assert!(
+        flotilla(&["train", config.to_str().unwrap(), "--out", again.to_str().unwrap()]).status.success()
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                v["loss"].as_f64().unwrap().to_bits()
+            })
+            .collect::<Vec<_>>(),
+        std::fs::read_to_string(again.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                v["loss"].as_f64().unwrap().to_bits()
+            })
+            .collect::<Vec<_>>()
+    );
+
+    // Scoring the saved weights on a window of the training data gives the training loss
+    // of that window, computed through the library on the same weights.
+    let tokens = flotilla_model::data::synthetic_corpus(3, 65536)[1000..1034].to_vec();
+    let list = tokens.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+    let scored = flotilla(&["score", "--model", out.to_str().unwrap(), "--tokens", &list, "--json"]);
+    assert!(scored.status.success(), "stderr: {}", String::from_utf8_lossy(&scored.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&scored.stdout).unwrap();
+    let checkpoint = flotilla_model::checkpoint::load_hf(&out).unwrap();
+    let mut model = flotilla_model::Model::<f32>::new(&checkpoint.config, 0, false).unwrap();
+    flotilla_model::checkpoint::fill_params(&mut model.params_mut(), &checkpoint).unwrap();
+    let window = tokens[..32 + 2].to_vec();
+    let stats = model.loss(&[window], 32, &flotilla_model::LossConfig::default(), 1).unwrap();
+    let scored_mean = report["total_nll"].as_f64().unwrap() / 33.0;
+    // score predicts 33 next tokens, the window's main loss 32 of them: compare sums.
+    let first_32: f64 =
+        -report["log_probs"].as_array().unwrap()[..32].iter().map(|v| v.as_f64().unwrap()).sum::<f64>();
+    assert!(
+        (first_32 / 32.0 - stats.main_ce).abs() < 1e-5,
+        "score {} vs training loss {}",
+        first_32 / 32.0,
+        stats.main_ce
+    );
+    assert!(scored_mean.is_finite());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn train_and_score_reject_bad_input_naming_the_field() {
+    let dir = temp_dir("bad-train");
+    let config = dir.join("bad.toml");
+    std::fs::write(&config, SHORT_RUN.replace("seq_len = 32", "seq_len = 0")).unwrap();
+    let out = flotilla(&["train", config.to_str().unwrap(), "--out", dir.join("o").to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("`seq_len`"));
+
+    std::fs::write(&config, SHORT_RUN.replace("num_hidden_layers = 2", "topk_group = 9")).unwrap();
+    let out = flotilla(&["train", config.to_str().unwrap(), "--out", dir.join("o").to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("`topk_group`"));
+
+    let out = flotilla(&["score", "--model", dir.to_str().unwrap(), "--tokens", "1,2,3"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("config.json"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -5,6 +5,10 @@
 //! - [`params`]: parameter accounting by component, total and activated per token, with
 //!   and without MTP ([`ParameterCounts`]).
 //! - [`param`]: named parameters (HF names) with gradients, initialized per `(seed, name)`.
+//! - [`checkpoint`]: weights in the HF DeepSeek-V3 layout (config.json + safetensors;
+//!   f32, BF16, and FP8 with 128×128 `weight_scale_inv` on load).
+//! - [`train`]: the run configuration (TOML), AdamW with BF16 moments, the step loop and
+//!   its metrics records, saving in the HF layout.
 //! - [`data`]: byte tokenizer, the synthetic corpus, batches drawn from `(seed, step)`.
 //! - [`embedding`], [`linear`], [`ffn`]: layers, each with forward and a backward split into B (input
 //!   gradient) and W (weight gradient), generic over [`Real`] (f32, f64).
@@ -15,23 +19,39 @@
 //! - [`mla`]: Multi-head Latent Attention (low-rank or plain queries, decoupled RoPE with
 //!   YaRN, causal attention core), with optional recomputation of the RMSNorms and
 //!   up-projections in backward.
+//! - [`block`]: the transformer block `model.layers.{i}` (pre-norm MLA and a dense or MoE
+//!   FFN, residual adds), the unit a pipeline stage holds, with a B/W-split backward.
+//! - [`mtp`]: Multi-Token Prediction modules (`enorm`/`hnorm`, `eh_proj`, a block,
+//!   `shared_head.norm`), sharing the main model's embedding and head.
+//! - [`model`]: the whole model ([`Model`]): embedding, blocks, final norm, head (or tied),
+//!   MTP modules; the loss (main CE + λ·mean MTP CE + balance losses, [`LossConfig`]) with
+//!   full forward/backward accumulating gradients, statistics per step ([`StepStats`]),
+//!   logits for scoring, and the bias update.
 //!
 //! API boundary: this crate describes and (in later steps) computes the model on plain
 //! buffers through `flotilla-kernels`; it knows nothing of processes or networking, so the
 //! coordinator can use its config and accounting for placement, and workers its layers.
 
+pub mod block;
+pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod embedding;
 pub mod ffn;
 pub mod linear;
 pub mod mla;
+pub mod model;
 pub mod moe;
+pub mod mtp;
 pub mod norm;
 pub mod param;
 pub mod params;
+pub mod train;
 
+pub use block::Block;
 pub use config::{ConfigError, HfConfig, ModelConfig, Preset};
+pub use model::{LossConfig, Model, StepStats};
+pub use mtp::MtpModule;
 pub use params::{Breakdown, ParameterCounts};
 
 use flotilla_kernels::KernelError;

@@ -1,0 +1,340 @@
+//! Single-process training: the run configuration (flotilla's TOML), the optimizer state,
+//! and the step loop — batch, forward and backward, gradient clipping, AdamW with BF16
+//! moments, the auxiliary-loss-free bias update — with one metrics record per step.
+//!
+//! Determinism: the model is initialized from `(seed, parameter name)`, batches are drawn
+//! from `(seed, step, index)`, and every reduction has a fixed order, so the same
+//! configuration gives bit-identical losses on every run.
+
+use crate::ModelError;
+use crate::checkpoint::{CheckpointError, NamedTensor, WeightDtype, save_hf};
+use crate::config::{ConfigError, ModelConfig};
+use crate::data::{BYTE_VOCAB, Sampler, encode_bytes, synthetic_corpus};
+use crate::model::{LossConfig, Model};
+use flotilla_kernels::optim::{AdamWConfig, LrSchedule, adamw_step, clip_scale, global_grad_norm};
+use half::bf16;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// What to train on.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum DataConfig {
+    /// The built-in seeded corpus (no download).
+    Synthetic {
+        /// Bytes to generate.
+        #[serde(default = "default_synthetic_tokens")]
+        tokens: usize,
+    },
+    /// Any UTF-8 text file, byte-tokenized.
+    Text {
+        /// The file; relative paths are relative to the config file.
+        path: PathBuf,
+    },
+}
+
+fn default_synthetic_tokens() -> usize {
+    1 << 20
+}
+
+/// The optimizer and its schedule.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptimizerConfig {
+    /// AdamW's β₁, β₂, ε and weight decay.
+    #[serde(flatten)]
+    pub adamw: AdamWConfig,
+    /// Learning-rate schedule (warm-up, constant, cosine decay).
+    #[serde(flatten)]
+    pub schedule: LrSchedule,
+    /// Gradient clipping by global norm (≤ 0 disables).
+    #[serde(default = "default_clip")]
+    pub clip: f64,
+}
+
+fn default_clip() -> f64 {
+    1.0
+}
+
+/// The balancing knobs of the report, beside the loss weights.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalanceConfig {
+    /// γ of the auxiliary-loss-free bias update (0 disables).
+    #[serde(default = "default_gamma")]
+    pub bias_gamma: f64,
+}
+
+fn default_gamma() -> f64 {
+    0.001
+}
+
+impl Default for BalanceConfig {
+    fn default() -> Self {
+        Self { bias_gamma: default_gamma() }
+    }
+}
+
+/// A training run, as written in flotilla's TOML.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Seeds the model's initialization and the batches.
+    #[serde(default)]
+    pub seed: u64,
+    /// Optimizer steps.
+    pub steps: u64,
+    /// Sequences per step.
+    pub batch_size: usize,
+    /// Tokens per sequence.
+    pub seq_len: usize,
+    /// Worker threads (default: all cores).
+    #[serde(default)]
+    pub threads: Option<usize>,
+    /// Recompute RMSNorm outputs and MLA up-projections in backward instead of storing them.
+    #[serde(default)]
+    pub recompute: bool,
+    /// The model, as flotilla's model TOML (`preset = "tiny"` plus overrides).
+    pub model: toml::Table,
+    /// The data.
+    pub data: DataConfig,
+    /// AdamW and the schedule.
+    pub optimizer: OptimizerConfig,
+    /// MTP and balance-loss weights.
+    #[serde(default)]
+    pub loss: LossConfig,
+    /// The bias update.
+    #[serde(default)]
+    pub balance: BalanceConfig,
+}
+
+/// Errors of a training run.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// The run configuration is invalid.
+    #[error("invalid training config: {0}")]
+    Config(String),
+    /// The model configuration is invalid.
+    #[error(transparent)]
+    Model(#[from] ConfigError),
+    /// The model refused its inputs.
+    #[error(transparent)]
+    Compute(#[from] ModelError),
+    /// Reading data or writing outputs failed.
+    #[error("{path}: {error}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        error: std::io::Error,
+    },
+    /// Writing the weights failed.
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    /// The loss became NaN or infinite.
+    #[error("the loss is not finite at step {step} ({loss})")]
+    Diverged {
+        /// The step.
+        step: u64,
+        /// The loss.
+        loss: f64,
+    },
+}
+
+impl TrainConfig {
+    /// Parses the TOML text of a run; `base` is the directory relative paths start from.
+    pub fn from_toml(text: &str, base: &Path) -> Result<(TrainConfig, ModelConfig), TrainError> {
+        let mut config: TrainConfig = toml::from_str(text).map_err(|e| TrainError::Config(e.to_string()))?;
+        if let DataConfig::Text { path } = &mut config.data
+            && path.is_relative()
+        {
+            *path = base.join(&*path);
+        }
+        let model = ModelConfig::from_toml(
+            &toml::to_string(&config.model).map_err(|e| TrainError::Config(e.to_string()))?,
+        )?;
+        config.validate(&model)?;
+        Ok((config, model))
+    }
+
+    fn validate(&self, model: &ModelConfig) -> Result<(), TrainError> {
+        let bad = |field: &str, detail: String| Err(TrainError::Config(format!("`{field}` {detail}")));
+        if self.steps == 0 {
+            return bad("steps", "must be at least 1".into());
+        }
+        if self.batch_size == 0 {
+            return bad("batch_size", "must be at least 1".into());
+        }
+        if self.seq_len == 0 || self.seq_len > model.max_position_embeddings {
+            return bad(
+                "seq_len",
+                format!(
+                    "must be between 1 and max_position_embeddings = {}, got {}",
+                    model.max_position_embeddings, self.seq_len
+                ),
+            );
+        }
+        if self.threads == Some(0) {
+            return bad("threads", "must be at least 1".into());
+        }
+        if model.vocab_size < BYTE_VOCAB {
+            return bad(
+                "model.vocab_size",
+                format!("must be at least {BYTE_VOCAB} for the byte tokenizer, got {}", model.vocab_size),
+            );
+        }
+        if !(self.balance.bias_gamma.is_finite() && self.balance.bias_gamma >= 0.0) {
+            return bad(
+                "balance.bias_gamma",
+                format!("must be finite and ≥ 0, got {}", self.balance.bias_gamma),
+            );
+        }
+        self.optimizer.adamw.validate().map_err(|e| TrainError::Config(e.to_string()))?;
+        self.optimizer.schedule.validate().map_err(|e| TrainError::Config(e.to_string()))?;
+        self.loss.validate().map_err(|e| TrainError::Config(e.to_string()))?;
+        Ok(())
+    }
+
+    /// The data's token stream.
+    pub fn load_tokens(&self) -> Result<Vec<u32>, TrainError> {
+        match &self.data {
+            DataConfig::Synthetic { tokens } => Ok(synthetic_corpus(self.seed, *tokens)),
+            DataConfig::Text { path } => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|error| TrainError::Io { path: path.clone(), error })?;
+                Ok(encode_bytes(&text))
+            }
+        }
+    }
+}
+
+/// One step's record, as written to `metrics.jsonl`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StepRecord {
+    /// 1-based step.
+    pub step: u64,
+    /// Total loss.
+    pub loss: f64,
+    /// Main next-token cross-entropy (nats).
+    pub main_ce: f64,
+    /// MTP cross-entropy per depth.
+    pub mtp_ce: Vec<f64>,
+    /// Sequence-wise balance loss (summed over MoE layers).
+    pub balance_loss: f64,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Tokens per second of this step.
+    pub tokens_per_s: f64,
+    /// Largest max/mean expert load ratio over MoE layers.
+    pub max_expert_load: f64,
+    /// Mean over MoE layers of the max/mean expert load ratio.
+    pub mean_expert_load: f64,
+}
+
+/// The optimizer's state: BF16 moments per trainable parameter.
+struct AdamState {
+    m: Vec<Vec<bf16>>,
+    v: Vec<Vec<bf16>>,
+}
+
+/// A model being trained, with its optimizer and data.
+pub struct Trainer {
+    /// The run.
+    pub config: TrainConfig,
+    /// The model (f32).
+    pub model: Model<f32>,
+    sampler: Sampler,
+    state: AdamState,
+    threads: usize,
+    step: u64,
+}
+
+impl Trainer {
+    /// Builds the model and the data sampler.
+    pub fn new(config: TrainConfig, model_config: &ModelConfig) -> Result<Trainer, TrainError> {
+        let mut model = Model::new(model_config, config.seed, config.recompute)?;
+        let tokens = config.load_tokens()?;
+        let mtp_depth = model_config.num_nextn_predict_layers;
+        let sampler = Sampler::new(tokens, config.seed, config.seq_len, mtp_depth)?;
+        let params = model.trainable_params_mut();
+        let state = AdamState {
+            m: params.iter().map(|p| vec![bf16::ZERO; p.len()]).collect(),
+            v: params.iter().map(|p| vec![bf16::ZERO; p.len()]).collect(),
+        };
+        let threads = config
+            .threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+        Ok(Trainer { config, model, sampler, state, threads, step: 0 })
+    }
+
+    /// Steps taken so far.
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    /// Runs one optimizer step.
+    pub fn train_step(&mut self) -> Result<StepRecord, TrainError> {
+        let start = Instant::now();
+        let step = self.step + 1;
+        let windows: Vec<Vec<u32>> =
+            (0..self.config.batch_size as u64).map(|i| self.sampler.window(step, i).tokens).collect();
+        self.model.zero_grad();
+        let stats =
+            self.model.forward_backward(&windows, self.config.seq_len, &self.config.loss, self.threads)?;
+        if !stats.loss.is_finite() {
+            return Err(TrainError::Diverged { step, loss: stats.loss });
+        }
+
+        let mut params = self.model.trainable_params_mut();
+        let grad_norm = global_grad_norm(&params.iter().map(|p| p.grad.as_slice()).collect::<Vec<_>>());
+        let scale = clip_scale(grad_norm, self.config.optimizer.clip);
+        let lr = self.config.optimizer.schedule.lr_at(step);
+        for ((p, m), v) in params.iter_mut().zip(&mut self.state.m).zip(&mut self.state.v) {
+            if scale != 1.0 {
+                p.grad.iter_mut().for_each(|g| *g *= scale);
+            }
+            // Weight decay applies to matrices, not to RMSNorm weights (vectors).
+            let decay = p.shape.len() >= 2;
+            adamw_step(&mut p.value, &p.grad, m, v, step, lr, &self.config.optimizer.adamw, decay)
+                .map_err(ModelError::from)?;
+        }
+        if self.config.balance.bias_gamma > 0.0 {
+            self.model.update_bias(&stats.expert_loads, self.config.balance.bias_gamma)?;
+        }
+        self.step = step;
+
+        let ratios: Vec<f64> = stats.expert_loads.iter().map(|l| crate::moe::max_over_mean_load(l)).collect();
+        let tokens = (self.config.batch_size * self.config.seq_len) as f64;
+        Ok(StepRecord {
+            step,
+            loss: stats.loss,
+            main_ce: stats.main_ce,
+            mtp_ce: stats.mtp_ce.clone(),
+            balance_loss: stats.balance_loss,
+            lr: lr as f64,
+            grad_norm,
+            tokens_per_s: tokens / start.elapsed().as_secs_f64(),
+            max_expert_load: ratios.iter().copied().fold(0.0, f64::max),
+            mean_expert_load: if ratios.is_empty() {
+                0.0
+            } else {
+                ratios.iter().sum::<f64>() / ratios.len() as f64
+            },
+        })
+    }
+
+    /// Writes the weights in the HF DeepSeek-V3 layout (MTP layers repeat the embedding
+    /// and head under their own names, as DeepSeek's checkpoints do).
+    pub fn save(&self, dir: &Path, dtype: WeightDtype) -> Result<(), TrainError> {
+        let params = self.model.params();
+        let mut tensors: Vec<NamedTensor<'_>> =
+            params.iter().map(|p| NamedTensor { name: &p.name, shape: &p.shape, data: &p.value }).collect();
+        let copies = self.model.mtp_shared_copies();
+        tensors.extend(copies.iter().map(|(name, p)| NamedTensor { name, shape: &p.shape, data: &p.value }));
+        save_hf(dir, self.model.config(), &tensors, dtype)?;
+        Ok(())
+    }
+}
