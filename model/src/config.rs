@@ -370,6 +370,7 @@ impl ModelConfig {
                 detail: format!("must be \"deepseek_v3\", got {model_type}"),
             });
         }
+        normalize_rope_keys(&mut map)?;
         let ignored_keys: Vec<String> =
             map.keys().filter(|k| !FIELD_NAMES.contains(&k.as_str())).cloned().collect();
         map.retain(|k, _| FIELD_NAMES.contains(&k.as_str()));
@@ -592,6 +593,47 @@ impl ModelConfig {
         }
         Ok(())
     }
+}
+
+/// Brings the RoPE keys of any transformers version to the `rope_theta` / `rope_scaling`
+/// form [`ModelConfig`] reads.
+///
+/// - transformers ≥ 5 writes `rope_parameters: {rope_type, rope_theta, factor, …}` instead
+///   of top-level `rope_theta` and `rope_scaling`; a `rope_type` other than "default" is
+///   the scaling.
+/// - `rope_interleave: false` declares weights whose rope rows were permuted to the
+///   half-split layout; flotilla computes DeepSeek's interleaved rotation on the weights as
+///   released (what `rope_interleave: true`, the default, means), so it refuses those.
+fn normalize_rope_keys(map: &mut serde_json::Map<String, serde_json::Value>) -> Result<(), ConfigError> {
+    use serde_json::Value;
+    if let Some(interleave) = map.remove("rope_interleave")
+        && interleave != Value::Bool(true)
+    {
+        return Err(ConfigError::InvalidField {
+            field: "rope_interleave",
+            detail: format!(
+                "only the interleaved RoPE layout of DeepSeek's released weights (true) is supported, got {interleave}"
+            ),
+        });
+    }
+    let Some(parameters) = map.remove("rope_parameters") else {
+        return Ok(());
+    };
+    let Value::Object(mut parameters) = parameters else {
+        return Err(ConfigError::InvalidField { field: "rope_parameters", detail: "must be an object".into() });
+    };
+    if let Some(theta) = parameters.remove("rope_theta") {
+        map.entry("rope_theta").or_insert(theta);
+    }
+    let rope_type = parameters.remove("rope_type").or_else(|| parameters.remove("type"));
+    match rope_type.as_ref().and_then(Value::as_str) {
+        None | Some("default") => {}
+        Some(kind) => {
+            parameters.insert("rope_type".into(), Value::String(kind.to_string()));
+            map.entry("rope_scaling").or_insert(Value::Object(parameters));
+        }
+    }
+    Ok(())
 }
 
 /// Every field of [`ModelConfig`] by its serialized name (kept in step with the struct by

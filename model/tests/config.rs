@@ -225,3 +225,20 @@ fn hf_json_errors_are_clear() {
     assert!(matches!(ModelConfig::from_hf_json("[1, 2]"), Err(ConfigError::Parse { .. })));
     assert!(matches!(ModelConfig::from_hf_json("{\"vocab_size\": 3"), Err(ConfigError::Parse { .. })));
 }
+
+#[test]
+fn transformers_5_rope_parameters_are_read() {
+    let legacy = ModelConfig::from_hf_json(DEEPSEEK_V3_CONFIG_JSON).unwrap().config;
+    let v5 = DEEPSEEK_V3_CONFIG_JSON.replace("\"rope_theta\": 10000,", "").replace(
+        "\"rope_scaling\": {\"beta_fast\": 32, \"beta_slow\": 1, \"factor\": 40, \"mscale\": 1.0, \"mscale_all_dim\": 1.0,\n                   \"original_max_position_embeddings\": 4096, \"type\": \"yarn\"},",
+        "\"rope_parameters\": {\"rope_type\": \"yarn\", \"rope_theta\": 10000, \"beta_fast\": 32, \"beta_slow\": 1, \"factor\": 40, \"mscale\": 1.0, \"mscale_all_dim\": 1.0, \"original_max_position_embeddings\": 4096},\n  \"rope_interleave\": true,",
+    );
+    assert!(v5.contains("rope_parameters") && !v5.contains("rope_scaling"), "the replacement applied");
+    assert_eq!(ModelConfig::from_hf_json(&v5).unwrap().config, legacy);
+    let plain = v5.replace("\"rope_type\": \"yarn\"", "\"rope_type\": \"default\"");
+    assert_eq!(ModelConfig::from_hf_json(&plain).unwrap().config.rope_scaling, None);
+    match ModelConfig::from_hf_json(&v5.replace("\"rope_interleave\": true", "\"rope_interleave\": false")) {
+        Err(ConfigError::InvalidField { field: "rope_interleave", .. }) => {}
+        other => panic!("{other:?}"),
+    }
+}
