@@ -31,6 +31,7 @@ use crate::mla::{Mla, MlaCache, MlaWeightGradInputs};
 use crate::moe::{MoeCache, MoeLayer, MoeWeightGradInputs};
 use crate::norm::{RmsNorm, RmsNormCache};
 use crate::param::Param;
+use crate::precision::Precision;
 use crate::{ModelError, Real, check_len};
 use flotilla_kernels::rope::RopeTable;
 use std::sync::Arc;
@@ -222,6 +223,16 @@ impl<T: Real> Block<T> {
     pub fn set_recompute(&mut self, recompute: bool) {
         self.recompute = recompute;
         self.self_attn.recompute = recompute;
+    }
+
+    /// Sets the precision of the attention's and the FFN's linear layers
+    /// ([`crate::precision`]); the norms and the MoE gate stay f32.
+    pub fn set_precision(&mut self, precision: Precision) {
+        self.self_attn.set_precision(precision);
+        match &mut self.mlp {
+            Mlp::Dense(ffn) => ffn.set_precision(precision),
+            Mlp::Moe(moe) => moe.set_precision(precision),
+        }
     }
 
     /// `y = block(x)` for `x`, `y`: `[batch·seq, hidden]` (`y` overwritten), with the MoE

@@ -620,7 +620,10 @@ fn normalize_rope_keys(map: &mut serde_json::Map<String, serde_json::Value>) -> 
         return Ok(());
     };
     let Value::Object(mut parameters) = parameters else {
-        return Err(ConfigError::InvalidField { field: "rope_parameters", detail: "must be an object".into() });
+        return Err(ConfigError::InvalidField {
+            field: "rope_parameters",
+            detail: "must be an object".into(),
+        });
     };
     if let Some(theta) = parameters.remove("rope_theta") {
         map.entry("rope_theta").or_insert(theta);

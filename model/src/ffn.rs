@@ -7,6 +7,7 @@
 //! gradients that [`SwiGluFfn::backward_weight`] (W) needs later.
 
 use crate::linear::Linear;
+use crate::precision::Precision;
 use crate::{ModelError, Real};
 use flotilla_kernels::activation::{swiglu_backward, swiglu_forward};
 
@@ -50,6 +51,13 @@ impl<T: Real> SwiGluFfn<T> {
             gate_proj: Linear::new(&format!("{prefix}.gate_proj"), hidden, inter, std, seed),
             up_proj: Linear::new(&format!("{prefix}.up_proj"), hidden, inter, std, seed),
             down_proj: Linear::new(&format!("{prefix}.down_proj"), inter, hidden, std, seed),
+        }
+    }
+
+    /// Sets the precision of the three projections ([`crate::precision`]).
+    pub fn set_precision(&mut self, precision: Precision) {
+        for linear in [&mut self.gate_proj, &mut self.up_proj, &mut self.down_proj] {
+            linear.precision = precision;
         }
     }
 

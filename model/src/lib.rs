@@ -23,6 +23,8 @@
 //!   FFN, residual adds), the unit a pipeline stage holds, with a B/W-split backward.
 //! - [`mtp`]: Multi-Token Prediction modules (`enorm`/`hnorm`, `eh_proj`, a block,
 //!   `shared_head.norm`), sharing the main model's embedding and head.
+//! - [`precision`]: the linear layers' GEMM precision ([`Precision`]: f32, BF16, or
+//!   DeepSeek-V3's block-scaled FP8 recipe for Fprop, Dgrad and Wgrad).
 //! - [`model`]: the whole model ([`Model`]): embedding, blocks, final norm, head (or tied),
 //!   MTP modules; the loss (main CE + λ·mean MTP CE + balance losses, [`LossConfig`]) with
 //!   full forward/backward accumulating gradients, statistics per step ([`StepStats`]),
@@ -46,6 +48,7 @@ pub mod mtp;
 pub mod norm;
 pub mod param;
 pub mod params;
+pub mod precision;
 pub mod train;
 
 pub use block::Block;
@@ -53,6 +56,7 @@ pub use config::{ConfigError, HfConfig, ModelConfig, Preset};
 pub use model::{LossConfig, Model, StepStats};
 pub use mtp::MtpModule;
 pub use params::{Breakdown, ParameterCounts};
+pub use precision::Precision;
 
 use flotilla_kernels::KernelError;
 

@@ -47,10 +47,14 @@
 //! order, so the layer's outputs and gradients do not depend on `threads` or the rayon
 //! pool.
 
+/// The eps of `q_a_layernorm` and `kv_a_layernorm`: fixed, as in DeepSeek's reference and HF.
+pub const LATENT_NORM_EPS: f64 = 1e-6;
+
 use crate::config::ModelConfig;
 use crate::linear::Linear;
 use crate::norm::{RmsNorm, RmsNormCache};
 use crate::param::Param;
+use crate::precision::Precision;
 use crate::{ModelError, Real, check_len};
 use flotilla_kernels::attention::{AttentionShape, attention_backward, attention_forward};
 use flotilla_kernels::rope::{RopeConfig, RopeLayout, RopeTable, YarnScaling, rope_backward, rope_forward};
@@ -314,7 +318,10 @@ impl<T: Real> Mla<T> {
             detail: format!("softmax scale {scale} does not convert to the element type"),
         })?;
         let std = config.initializer_range;
-        let eps = config.rms_norm_eps;
+        // The latent norms use a fixed eps of 1e-6, not `rms_norm_eps`: DeepSeek's
+        // reference (`RMSNorm(q_lora_rank)`) and HF's `DeepseekV3Attention` both build them
+        // with the default, whatever the config says.
+        let eps = LATENT_NORM_EPS;
         let name = |p: &str| format!("{prefix}.{p}");
         let (hidden, heads) = (dims.hidden, dims.heads);
         let query = match dims.q_lora_rank {
@@ -345,6 +352,21 @@ impl<T: Real> Mla<T> {
             rope,
             softmax_scale,
         })
+    }
+
+    /// Sets the precision of every projection ([`crate::precision`]); the norms, RoPE and
+    /// the attention core stay f32.
+    pub fn set_precision(&mut self, precision: Precision) {
+        match &mut self.query {
+            QueryProjection::LowRank { q_a_proj, q_b_proj, .. } => {
+                q_a_proj.precision = precision;
+                q_b_proj.precision = precision;
+            }
+            QueryProjection::Plain { q_proj } => q_proj.precision = precision,
+        }
+        for linear in [&mut self.kv_a_proj_with_mqa, &mut self.kv_b_proj, &mut self.o_proj] {
+            linear.precision = precision;
+        }
     }
 
     /// The layer's name prefix.

@@ -43,12 +43,13 @@
 use crate::block::{Block, BlockCache};
 use crate::config::ModelConfig;
 use crate::embedding::Embedding;
-use crate::linear::Linear;
+use crate::linear::{Linear, check_precision};
 use crate::mla::Mla;
 use crate::moe::MoeLayer;
 use crate::mtp::{MtpCache, MtpModule};
 use crate::norm::{RmsNorm, RmsNormCache};
 use crate::param::Param;
+use crate::precision::Precision;
 use crate::{ModelError, Real, check_len};
 use flotilla_kernels::gemm::{MatMut, MatRef, matmul};
 use flotilla_kernels::loss::{
@@ -159,6 +160,7 @@ pub struct Model<T> {
     /// The MTP modules, depth 1 first (`model.layers.{L..L+D}`).
     pub mtp: Vec<MtpModule<T>>,
     config: ModelConfig,
+    precision: Precision,
 }
 
 /// One head's forward: the norm's cache and output, and (training) the logits gradient.
@@ -296,7 +298,38 @@ impl<T: Real> Model<T> {
             lm_head: (!config.tie_word_embeddings).then(|| Linear::new("lm_head", hidden, vocab, std, seed)),
             mtp,
             config: config.clone(),
+            precision: Precision::Fp32,
         })
+    }
+
+    /// [`Model::new`] with the linear layers' GEMMs in `precision` ([`crate::precision`]):
+    /// every MLA projection, FFN and expert projection, and the MTP modules' `eh_proj`;
+    /// the embedding, the output head, the MoE gates and the norms stay f32. Anything but
+    /// [`Precision::Fp32`] needs `T = f32` (an f64 model is an error).
+    pub fn new_with(
+        config: &ModelConfig,
+        seed: u64,
+        recompute: bool,
+        precision: Precision,
+    ) -> Result<Self, ModelError> {
+        let mut model = Self::new(config, seed, recompute)?;
+        model.set_precision(precision)?;
+        Ok(model)
+    }
+
+    /// The precision of the linear layers.
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// Sets the precision of the linear layers that obey it (see [`Model::new_with`]);
+    /// an error, changing nothing, for anything but [`Precision::Fp32`] on f64.
+    pub fn set_precision(&mut self, precision: Precision) -> Result<(), ModelError> {
+        check_precision::<T>(precision, "model")?;
+        self.layers.iter_mut().for_each(|b| b.set_precision(precision));
+        self.mtp.iter_mut().for_each(|m| m.set_precision(precision));
+        self.precision = precision;
+        Ok(())
     }
 
     /// The configuration.

@@ -26,9 +26,9 @@
 //! the GEMMs are deterministic across thread counts, so results are bit-identical for
 //! every `threads`.
 //!
-//! Unlike HF's `masked_fill(…, 0.0)`, experts outside the kept groups can never be chosen
-//! (DeepSeek's inference code masks with `-inf`, as here); the two differ only when the
-//! biased scores of kept experts are negative.
+//! Experts outside the kept groups can never be chosen: they are masked with `-inf`, as in
+//! DeepSeek's inference code and transformers ≥ 5 (older transformers masked with 0.0,
+//! which differs only when the biased scores of kept experts are negative).
 //!
 //! ## Backward (B/W split)
 //! [`MoeLayer::backward_input`] (B) returns `dx` and a [`MoeWeightGradInputs`]: the
@@ -55,6 +55,7 @@
 use crate::config::ModelConfig;
 use crate::ffn::{FfnCache, FfnWeightGradInputs, SwiGluFfn};
 use crate::param::{Init, Param};
+use crate::precision::Precision;
 use crate::{ConfigError, ModelError, Real, check_len};
 use flotilla_kernels::activation::sigmoid;
 use flotilla_kernels::gemm::{MatMut, MatRef, matmul};
@@ -389,6 +390,12 @@ impl<T: Real> MoeLayer<T> {
             shared_experts,
             experts,
         })
+    }
+
+    /// Sets the precision of the shared and routed experts ([`crate::precision`]); the
+    /// gate always computes in the layer's float type.
+    pub fn set_precision(&mut self, precision: Precision) {
+        self.shared_experts.iter_mut().chain(&mut self.experts).for_each(|f| f.set_precision(precision));
     }
 
     /// Routed experts.

@@ -59,6 +59,7 @@ use crate::config::ModelConfig;
 use crate::linear::Linear;
 use crate::norm::{RmsNorm, RmsNormCache};
 use crate::param::Param;
+use crate::precision::Precision;
 use crate::{ModelError, Real, check_len};
 use flotilla_kernels::rope::RopeTable;
 use std::sync::Arc;
@@ -180,6 +181,13 @@ impl<T: Real> MtpModule<T> {
     pub fn set_recompute(&mut self, recompute: bool) {
         self.recompute = recompute;
         self.block.set_recompute(recompute);
+    }
+
+    /// Sets the precision of `eh_proj` and of the block's linear layers
+    /// ([`crate::precision`]).
+    pub fn set_precision(&mut self, precision: Precision) {
+        self.eh_proj.precision = precision;
+        self.block.set_precision(precision);
     }
 
     fn rows(&self, batch: usize, seq: usize) -> Result<usize, ModelError> {

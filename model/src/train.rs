@@ -11,6 +11,7 @@ use crate::checkpoint::{CheckpointError, NamedTensor, WeightDtype, save_hf};
 use crate::config::{ConfigError, ModelConfig};
 use crate::data::{BYTE_VOCAB, Sampler, encode_bytes, synthetic_corpus};
 use crate::model::{LossConfig, Model};
+use crate::precision::Precision;
 use flotilla_kernels::optim::{AdamWConfig, LrSchedule, adamw_step, clip_scale, global_grad_norm};
 use half::bf16;
 use serde::{Deserialize, Serialize};
@@ -95,6 +96,10 @@ pub struct TrainConfig {
     /// Recompute RMSNorm outputs and MLA up-projections in backward instead of storing them.
     #[serde(default)]
     pub recompute: bool,
+    /// The linear layers' GEMM precision: `"fp32"` (default), `"bf16"` or `"fp8"`
+    /// ([`crate::precision`]).
+    #[serde(default)]
+    pub precision: Precision,
     /// The model, as flotilla's model TOML (`preset = "tiny"` plus overrides).
     pub model: toml::Table,
     /// The data.
@@ -255,7 +260,7 @@ pub struct Trainer {
 impl Trainer {
     /// Builds the model and the data sampler.
     pub fn new(config: TrainConfig, model_config: &ModelConfig) -> Result<Trainer, TrainError> {
-        let mut model = Model::new(model_config, config.seed, config.recompute)?;
+        let mut model = Model::new_with(model_config, config.seed, config.recompute, config.precision)?;
         let tokens = config.load_tokens()?;
         let mtp_depth = model_config.num_nextn_predict_layers;
         let sampler = Sampler::new(tokens, config.seed, config.seq_len, mtp_depth)?;

@@ -40,7 +40,7 @@ pub enum AccumulatorRounding {
 ///
 /// With [`promote_every`] `= Some(nc)` (DeepGEMM's scheme), the accumulator sums raw code
 /// products and, every `nc` elements of K, is promoted: `C += acc·(sa[i, kb]·sb[j/128, kb])`
-/// in f32 and `acc = 0`. With `None`, nothing is promoted: since per-block scales cannot
+/// in f32 and `acc = 0` (`sb[j, kb]` for a Tile1x128 RHS). With `None`, nothing is promoted: since per-block scales cannot
 /// be applied inside a tensor core, each product enters already scaled (`a·b·sa·sb`,
 /// computed in f64, whose rounding is ~2⁻⁵³, far below the accumulator's) and the
 /// accumulator runs across the whole of K; `C` is its final value. That isolates the
@@ -116,7 +116,8 @@ impl LimitedAccumulator {
 ///
 /// - [`Accumulation::F32`], what DeepGEMM computes: for each 128-wide K block `kb`, the
 ///   raw code products (exact in f32: each code has 4 significant bits) are summed in f32
-///   into `P`, then promoted: `C += P·(sa[i, kb]·sb[j/128, kb])` in f32.
+///   into `P`, then promoted: `C += P·(sa[i, kb]·sb[j/128, kb])` in f32
+///   (`sb[j, kb]` for a Tile1x128 RHS).
 /// - [`Accumulation::Limited`]: the H800 tensor core's accumulator, which keeps about 14
 ///   significant bits instead of f32's 24 (DeepSeek-V3 report §3.3.2; SageAttention2
 ///   measured it as "FP22": 1 sign, 8 exponent, 13 mantissa bits), with or without
@@ -171,14 +172,22 @@ impl GemmOutput for bf16 {
 /// `C = A·Bᵀ`, i.e. `C[i, j] = Σ_k A[i, k]·B[j, k]`, for E4M3 `a: [m, k]` quantized in
 /// 1×128 tiles (scales `[m, ⌈k/128⌉]`) and `b: [n, k]` quantized in 128×128 blocks
 /// (scales `[⌈n/128⌉, ⌈k/128⌉]`): DeepGEMM's NT layout, which [`crate::quant`] produces.
+///
+/// `b` may instead be in 1×128 tiles (scales `[n, ⌈k/128⌉]`, one per row and K block):
+/// the form of Wgrad `dW = dYᵀ·X`, whose K is tokens, so both operands carry scales
+/// along tokens (`dY` and `X` quantized in 128×1 tiles, then [`Fp8Matrix::transposed`]).
+/// The promotion then scales by `sa[i, kb]·sb[j, kb]` instead of `sa[i, kb]·sb[j/128, kb]`,
+/// in both accumulation modes; when every row of a 128-row group of `b` has the same
+/// scale, the result equals the block path's bit for bit.
 /// `out` is row-major `[m, n]`, f32 or BF16 ([`GemmOutput`]; BF16 is the finished f32
 /// value rounded to nearest even, once). Any of `m`, `n`, `k` may be ragged (not a
 /// multiple of 128): the last K block is then shorter, which is what zero padding would
 /// give. `k = 0` is valid and yields zeros. See [`Accumulation`] for how sums are formed;
 /// the result does not depend on `threads`.
 ///
-/// Errors name the operand: a wrong granularity or a codes/scales length that does not
-/// match the shape ("lhs"/"rhs"), differing K ([`KernelError::ShapeMismatch`]), a wrong
+/// Errors name the operand: a wrong granularity (the LHS must be Tile1x128, the RHS
+/// Block128x128 or Tile1x128) or a codes/scales length that does not match the shape
+/// ("lhs"/"rhs"), differing K ([`KernelError::ShapeMismatch`]), a wrong
 /// `out` length, invalid [`LimitedAccumulator`] parameters, `threads == 0`.
 pub fn gemm_fp8<O: GemmOutput>(
     a: &Fp8Matrix,
@@ -206,23 +215,28 @@ pub(super) enum Operand {
 
 /// Checks one FP8 operand's granularity and its buffers against its shape.
 pub(super) fn check_operand(x: &Fp8Matrix, operand: Operand) -> Result<(), KernelError> {
-    let (tensor, want, codes_name, scales_name) = match operand {
-        Operand::Lhs => ("lhs", Granularity::Tile1x128, "lhs codes", "lhs scales"),
-        Operand::Rhs(_) => ("rhs", Granularity::Block128x128, "rhs codes", "rhs scales"),
+    let (tensor, codes_name, scales_name) = match operand {
+        Operand::Lhs => ("lhs", "lhs codes", "lhs scales"),
+        Operand::Rhs(_) => ("rhs", "rhs codes", "rhs scales"),
     };
     let who = match operand {
         Operand::Rhs(Some(e)) => format!("expert {e}'s "),
         _ => String::new(),
     };
-    if x.granularity != want {
+    let (allowed, wanted) = match operand {
+        Operand::Lhs => (x.granularity == Granularity::Tile1x128, "Tile1x128 (DeepGEMM's NT layout)"),
+        Operand::Rhs(_) => (
+            matches!(x.granularity, Granularity::Block128x128 | Granularity::Tile1x128),
+            "Block128x128 (DeepGEMM's NT layout) or Tile1x128 (a transposed 128×1-tiled activation, for Wgrad)",
+        ),
+    };
+    if !allowed {
         return Err(KernelError::InvalidShape {
             tensor,
-            detail: format!(
-                "{who}granularity must be {want:?} (DeepGEMM's NT layout), got {:?}",
-                x.granularity
-            ),
+            detail: format!("{who}granularity must be {wanted}, got {:?}", x.granularity),
         });
     }
+    let want = x.granularity;
     // A plain length mismatch names the buffer; an expert's (whose index a static name
     // cannot carry) or an unrepresentable length is described in words.
     let len_error = |name: &'static str, expected: Option<usize>, actual: usize| match (operand, expected) {
@@ -497,6 +511,10 @@ fn task_f32<O: GemmOutput>(task: Task<'_, '_, O>, rhs: &Fp8Matrix) -> Result<(),
     let mut b_block = vec![0f32; TILE.min(k) * nt];
     let mut a_block = vec![0f32; max_rows * TILE.min(k)];
     let mut partial = vec![0f32; max_rows * nt];
+    // A Tile1x128 RHS has one scale per row j and K block: `sb_cols[jj]` is column
+    // `j0 + jj`'s for the current block.
+    let per_row_rhs = rhs.granularity == Granularity::Tile1x128;
+    let mut sb_cols = vec![0f32; if per_row_rhs { nt } else { 0 }];
     // The bands' accumulators, one after another.
     let mut acc = vec![0f32; rows_total * nt];
     for kb in 0..kblocks {
@@ -504,6 +522,11 @@ fn task_f32<O: GemmOutput>(task: Task<'_, '_, O>, rhs: &Fp8Matrix) -> Result<(),
         let kw = TILE.min(k - k0);
         let b_block = &mut b_block[..kw * nt];
         decode_transposed(&rhs.codes, k, (j0, nt), (k0, kw), b_block);
+        if per_row_rhs {
+            for (jj, s) in sb_cols.iter_mut().enumerate() {
+                *s = rhs.scales[(j0 + jj) * kblocks + kb];
+            }
+        }
         let mut acc_rest = &mut acc[..];
         for band in &bands {
             let (lhs, rows) = (band.lhs, band.lhs.rows);
@@ -526,10 +549,15 @@ fn task_f32<O: GemmOutput>(task: Task<'_, '_, O>, rhs: &Fp8Matrix) -> Result<(),
                 acc_band.chunks_exact_mut(nt).zip(partial.chunks_exact(nt)).enumerate()
             {
                 let sa = lhs.scales[i * kblocks + kb];
-                // j0 is a multiple of 128, so each 128-chunk of the tile is one RHS block.
-                for (jb, (acc_blk, p_blk)) in acc_row.chunks_mut(TILE).zip(p_row.chunks(TILE)).enumerate() {
-                    let sb = rhs.scales[(j0 / TILE + jb) * kblocks + kb];
-                    scaled_add(acc_blk, p_blk, sa * sb);
+                if per_row_rhs {
+                    scaled_add_per_column(acc_row, p_row, sa, &sb_cols[..nt]);
+                } else {
+                    // j0 is a multiple of 128, so each 128-chunk of the tile is one RHS block.
+                    for (jb, (acc_blk, p_blk)) in acc_row.chunks_mut(TILE).zip(p_row.chunks(TILE)).enumerate()
+                    {
+                        let sb = rhs.scales[(j0 / TILE + jb) * kblocks + kb];
+                        scaled_add(acc_blk, p_blk, sa * sb);
+                    }
                 }
             }
         }
@@ -550,6 +578,15 @@ fn scaled_add(acc: &mut [f32], p: &[f32], s: f32) {
     }
 }
 
+/// `acc[j] += p[j]·(sa·sb[j])`, rounded as [`scaled_add`] rounds (the scale product
+/// first), so a per-row RHS whose rows share a block's scale gives the block path's bits.
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx512vl", "x86_64+avx2+fma"))]
+fn scaled_add_per_column(acc: &mut [f32], p: &[f32], sa: f32, sb: &[f32]) {
+    for ((a, &x), &s) in acc.iter_mut().zip(p).zip(sb) {
+        *a += x * (sa * s);
+    }
+}
+
 /// One task in the limited mode. Per group of [`LIMITED_LANES`] columns, the group's RHS
 /// is decoded K-major into f64 (`bt[kk][jj]`) once for all the task's rows, so the inner
 /// loop runs across columns and vectorizes without reassociating any sum.
@@ -563,9 +600,13 @@ fn task_limited<O: GemmOutput>(task: Task<'_, '_, O>, rhs: &Fp8Matrix, cfg: &Lim
     let scaled = cfg.promote_every.is_none();
     let mut bt = vec![0f64; k * W];
     let mut a_row = vec![0f64; k];
+    // The RHS scale of column j (a row of the RHS) in K block kb.
+    let rhs_scale = |j: usize, kb: usize| match rhs.granularity {
+        Granularity::Tile1x128 => rhs.scales[j * kblocks + kb],
+        _ => rhs.scales[(j / TILE) * kblocks + kb],
+    };
     for j0 in (tile_j0..(tile_j0 + LIMITED_TILE_COLS).min(n)).step_by(W) {
         let nt = W.min(n - j0);
-        let jb = j0 / TILE;
         if nt < W {
             // Lanes past n are computed and dropped; keep them finite and deterministic.
             bt.fill(0.0);
@@ -574,7 +615,7 @@ fn task_limited<O: GemmOutput>(task: Task<'_, '_, O>, rhs: &Fp8Matrix, cfg: &Lim
             let codes = &rhs.codes[(j0 + jj) * k..(j0 + jj + 1) * k];
             for (kk, &c) in codes.iter().enumerate() {
                 let v = e4m3_value(c) as f64;
-                bt[kk * W + jj] = if scaled { v * rhs.scales[jb * kblocks + kk / TILE] as f64 } else { v };
+                bt[kk * W + jj] = if scaled { v * rhs_scale(j0 + jj, kk / TILE) as f64 } else { v };
             }
         }
         for band in &mut bands {
@@ -590,11 +631,15 @@ fn task_limited<O: GemmOutput>(task: Task<'_, '_, O>, rhs: &Fp8Matrix, cfg: &Lim
                     Some(nc) => {
                         for kb in 0..kblocks {
                             let (k0, k1) = (kb * TILE, (kb * TILE + TILE).min(k));
-                            let s = lhs.scales[i * kblocks + kb] * rhs.scales[jb * kblocks + kb];
+                            let sa = lhs.scales[i * kblocks + kb];
+                            let mut s = [0f32; W];
+                            for (jj, s) in s.iter_mut().enumerate().take(nt) {
+                                *s = sa * rhs_scale(j0 + jj, kb);
+                            }
                             for p0 in (k0..k1).step_by(nc) {
                                 let mut acc = [0f64; W];
                                 accumulate(&mut acc, &a_row, &bt, p0, (p0 + nc).min(k1), cfg);
-                                for (c, &a) in c.iter_mut().zip(&acc) {
+                                for ((c, &a), &s) in c.iter_mut().zip(&acc).zip(&s) {
                                     *c += a as f32 * s;
                                 }
                             }

@@ -18,7 +18,8 @@ use crate::KernelError;
 use crate::quant::Fp8Matrix;
 
 /// `out[r] = a[r]·b[m_indices[r]]ᵀ` for every row `r` of `a` (`[M_total, k]`, 1×128
-/// tiles), with `b` one `[n, k]` 128×128-block matrix per expert, all of one shape;
+/// tiles), with `b` one `[n, k]` 128×128-block (or, as [`gemm_fp8`](super::gemm_fp8)
+/// allows, 1×128-tiled) matrix per expert, all of one shape;
 /// rows whose index is `-1` are skipped and their output rows set to zero. `out` is
 /// row-major `[M_total, n]`, f32 or BF16.
 ///

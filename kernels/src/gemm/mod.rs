@@ -5,7 +5,8 @@
 //!   [`MatMut`] views, so the backward GEMMs `dX = dY·Wᵀ` and `dW = Xᵀ·dY` take
 //!   [`MatRef::t`] views instead of transpose copies.
 //! - [`gemm_fp8`]: DeepGEMM's block-scaled FP8 GEMM in its NT layout, `C = A·Bᵀ` with `A`
-//!   quantized in 1×128 tiles and `B` in 128×128 blocks ([`crate::quant`]), either with
+//!   quantized in 1×128 tiles and `B` in 128×128 blocks ([`crate::quant`]) or, for
+//!   Wgrad, in 1×128 tiles as well (a transposed 128×1-tiled activation), either with
 //!   exact f32 accumulation promoted per 128-wide K block ([`Accumulation::F32`]) or with
 //!   the H800 tensor core's limited-precision accumulator emulated
 //!   ([`Accumulation::Limited`]); f32 or BF16 output ([`GemmOutput`]).
@@ -43,9 +44,29 @@ use std::sync::{Mutex, PoisonError};
 
 /// The element types the dense GEMM computes in: f32 for training, f64 for references.
 /// Sealed, because the `gemm` crate dispatches on the concrete type at run time.
-pub trait GemmFloat: num_traits::Float + Send + Sync + 'static + sealed::Sealed {}
-impl GemmFloat for f32 {}
-impl GemmFloat for f64 {}
+pub trait GemmFloat: num_traits::Float + Send + Sync + 'static + sealed::Sealed {
+    /// The slice itself when the type is f32 (so generic code can reach the f32-only
+    /// BF16 and FP8 kernels without a copy), `None` for f64.
+    fn as_f32_slice(x: &[Self]) -> Option<&[f32]>;
+    /// [`GemmFloat::as_f32_slice`], mutable.
+    fn as_f32_slice_mut(x: &mut [Self]) -> Option<&mut [f32]>;
+}
+impl GemmFloat for f32 {
+    fn as_f32_slice(x: &[f32]) -> Option<&[f32]> {
+        Some(x)
+    }
+    fn as_f32_slice_mut(x: &mut [f32]) -> Option<&mut [f32]> {
+        Some(x)
+    }
+}
+impl GemmFloat for f64 {
+    fn as_f32_slice(_: &[f64]) -> Option<&[f32]> {
+        None
+    }
+    fn as_f32_slice_mut(_: &mut [f64]) -> Option<&mut [f32]> {
+        None
+    }
+}
 
 mod sealed {
     pub trait Sealed {}
