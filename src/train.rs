@@ -18,7 +18,7 @@ pub struct TrainArgs {
     /// Override the number of steps.
     #[arg(long)]
     steps: Option<u64>,
-    /// Output directory for metrics.jsonl and the weights (default: runs/<config name>).
+    /// Output directory for metrics.jsonl and the weights (default: `runs/<config name>`).
     #[arg(long)]
     out: Option<PathBuf>,
     /// Storage type of the saved weights.
