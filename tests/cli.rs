@@ -151,6 +151,14 @@ fn train_learns_writes_metrics_and_weights_that_score_agrees_with() {
     {
         assert!(!records[0][key].is_null(), "metrics lack {key}");
     }
+    // Loads per MoE layer: the tiny preset's layer 1 (layer 0 is dense) and the MTP layer 2,
+    // each counting every token's num_experts_per_tok = 4 choices.
+    let loads = records[0]["expert_loads"].as_array().unwrap();
+    assert_eq!(loads.iter().map(|l| l["layer"].as_u64().unwrap()).collect::<Vec<_>>(), [1, 2]);
+    for l in loads {
+        let total: u64 = l["tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap()).sum();
+        assert_eq!(total, 4 * 32 * 4);
+    }
     let ce = |r: &serde_json::Value| r["main_ce"].as_f64().unwrap();
     let first = records[..5].iter().map(ce).sum::<f64>() / 5.0;
     let last = records[35..].iter().map(ce).sum::<f64>() / 5.0;

@@ -237,6 +237,18 @@ pub struct StepRecord {
     pub max_expert_load: f64,
     /// Mean over MoE layers of the max/mean expert load ratio.
     pub mean_expert_load: f64,
+    /// Per MoE layer (by HF layer index, MTP modules included): tokens routed to each
+    /// expert in this step.
+    pub expert_loads: Vec<LayerLoad>,
+}
+
+/// One MoE layer's expert loads in a step.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LayerLoad {
+    /// HF layer index.
+    pub layer: usize,
+    /// Tokens per routed expert.
+    pub tokens: Vec<u64>,
 }
 
 /// The optimizer's state: BF16 moments per trainable parameter.
@@ -328,6 +340,12 @@ impl Trainer {
             } else {
                 ratios.iter().sum::<f64>() / ratios.len() as f64
             },
+            expert_loads: stats
+                .moe_layers
+                .iter()
+                .zip(&stats.expert_loads)
+                .map(|(&layer, tokens)| LayerLoad { layer, tokens: tokens.clone() })
+                .collect(),
         })
     }
 
