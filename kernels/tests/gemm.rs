@@ -6,11 +6,14 @@
 //! `k` products are ordered (and whether they are fused), `|fl(Σ) − Σ| ≤ γ·Σ|aᵢbᵢ|` with
 //! `γ ≈ k·u` and `u = 2⁻²⁴` for f32; each further scaling or addition adds one `u`.
 
+mod common;
+
+use common::limited_model;
 use flotilla_kernels::KernelError;
 use flotilla_kernels::fp8::E4M3_TO_F32;
 use flotilla_kernels::gemm::{
     Accumulation, AccumulatorRounding, LimitedAccumulator, MatMut, MatRef, gemm_bf16, gemm_f32, gemm_fp8,
-    grouped_gemm_fp8, round_to_mantissa_bits,
+    grouped_gemm_fp8,
 };
 use flotilla_kernels::metrics::calc_diff;
 use flotilla_kernels::quant::{Fp8Matrix, Granularity, QuantConfig, TILE, quantize};
@@ -410,53 +413,6 @@ fn fp8_f32_mode_matches_references() {
         gemm_fp8(&qa, &qb, Accumulation::F32, &mut out_bf16, 2).unwrap();
         assert!(out_bf16.iter().zip(&out).all(|(&h, &f)| h.to_bits() == bf16::from_f32(f).to_bits()));
     }
-}
-
-/// An independent, element-at-a-time statement of the limited accumulator model.
-fn limited_model(qa: &Fp8Matrix, qb: &Fp8Matrix, cfg: &LimitedAccumulator) -> Vec<f32> {
-    let (m, n, k) = (qa.rows, qb.rows, qa.cols);
-    let code = |x: &Fp8Matrix, r: usize, c: usize| E4M3_TO_F32[x.codes[r * k + c] as usize] as f64;
-    let round = |x: f64| round_to_mantissa_bits(x, cfg.mantissa_bits, cfg.rounding);
-    let mut out = vec![0f32; m * n];
-    for i in 0..m {
-        for j in 0..n {
-            out[i * n + j] = match cfg.promote_every {
-                Some(nc) => {
-                    let mut c = 0f32;
-                    for k0 in (0..k).step_by(TILE) {
-                        let s = qa.scale_at(i, k0) * qb.scale_at(j, k0);
-                        let k1 = (k0 + TILE).min(k);
-                        for p0 in (k0..k1).step_by(nc) {
-                            let mut acc = 0f64;
-                            let p1 = (p0 + nc).min(k1);
-                            for c0 in (p0..p1).step_by(cfg.products_per_add) {
-                                let sum: f64 = (c0..(c0 + cfg.products_per_add).min(p1))
-                                    .map(|kk| code(qa, i, kk) * code(qb, j, kk))
-                                    .sum();
-                                acc = round(acc + sum);
-                            }
-                            c += acc as f32 * s;
-                        }
-                    }
-                    c
-                }
-                None => {
-                    let mut acc = 0f64;
-                    for c0 in (0..k).step_by(cfg.products_per_add) {
-                        let mut s = acc;
-                        for kk in c0..(c0 + cfg.products_per_add).min(k) {
-                            s += code(qa, i, kk)
-                                * qa.scale_at(i, kk) as f64
-                                * (code(qb, j, kk) * qb.scale_at(j, kk) as f64);
-                        }
-                        acc = round(s);
-                    }
-                    acc as f32
-                }
-            };
-        }
-    }
-    out
 }
 
 #[test]
