@@ -81,6 +81,15 @@ impl AttentionShape {
             })?;
         crate::check_matrix_len(tensor, rows, last, len)
     }
+
+    /// Checks the buffers both directions read: `q`, `k`, `v`, `o` and `lse`.
+    fn check_operands(&self, q: usize, k: usize, v: usize, o: usize, lse: usize) -> Result<(), KernelError> {
+        self.check("q", self.qk_dim, q)?;
+        self.check("k", self.qk_dim, k)?;
+        self.check("v", self.v_dim, v)?;
+        self.check("o", self.v_dim, o)?;
+        self.check("lse", 1, lse)
+    }
 }
 
 fn check_scale<T: Float>(softmax_scale: T) -> Result<(), KernelError> {
@@ -105,12 +114,8 @@ pub fn attention_forward<T: AttentionFloat>(
     shape: AttentionShape,
     softmax_scale: T,
 ) -> Result<(), KernelError> {
-    let AttentionShape { batch, seq, heads, qk_dim, v_dim } = shape;
-    shape.check("q", qk_dim, q.len())?;
-    shape.check("k", qk_dim, k.len())?;
-    shape.check("v", v_dim, v.len())?;
-    shape.check("o", v_dim, o.len())?;
-    shape.check("lse", 1, lse.len())?;
+    let AttentionShape { batch, seq, heads, v_dim, .. } = shape;
+    shape.check_operands(q.len(), k.len(), v.len(), o.len(), lse.len())?;
     check_scale(softmax_scale)?;
     if batch == 0 || seq == 0 || heads == 0 {
         return Ok(());
@@ -162,11 +167,7 @@ pub fn attention_backward<T: AttentionFloat>(
     softmax_scale: T,
 ) -> Result<(), KernelError> {
     let AttentionShape { batch, seq, heads, qk_dim, v_dim } = shape;
-    shape.check("q", qk_dim, q.len())?;
-    shape.check("k", qk_dim, k.len())?;
-    shape.check("v", v_dim, v.len())?;
-    shape.check("o", v_dim, o.len())?;
-    shape.check("lse", 1, lse.len())?;
+    shape.check_operands(q.len(), k.len(), v.len(), o.len(), lse.len())?;
     shape.check("d_o", v_dim, d_o.len())?;
     shape.check("dq", qk_dim, dq.len())?;
     shape.check("dk", qk_dim, dk.len())?;
