@@ -6,5 +6,7 @@
 //! API boundary: the coordinator never looks inside tensors; it deals in shapes, layouts,
 //! schedules and reports.
 //!
-//! This crate holds no code yet: the schedule compiler and the control plane arrive in
-//! their own issues.
+//! What exists today: [`schedule`], the schedule compiler, validator and simulator. The
+//! control plane arrives with its own issue.
+
+pub mod schedule;
