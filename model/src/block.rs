@@ -24,6 +24,13 @@
 //! [`Mla::recompute`], which [`Block::new`] sets the same way, this is the report's
 //! "recompute all RMSNorm operations and MLA up-projections". Recomputation reruns the
 //! same functions on the same values, so results are bit-identical either way.
+//!
+//! ## Cached norm outputs under fp8
+//! The two RMSNorm outputs are kept as their readers keep them ([`Mla::cache_input`],
+//! [`SwiGluFfn::cache_input`], [`MoeLayer::cache_input`]): FP8 under fp8, quantized once
+//! for Fprop and W. The MoE gate computes in f32, so under fp8 its Wgrad reads
+//! `post_attention_layernorm(h)` recomputed (as under recompute) rather than a second,
+//! f32 copy.
 
 use crate::config::ModelConfig;
 use crate::ffn::{FfnCache, FfnWeightGradInputs, SwiGluFfn};
@@ -31,9 +38,10 @@ use crate::mla::{Mla, MlaCache, MlaWeightGradInputs};
 use crate::moe::{MoeCache, MoeLayer, MoeWeightGradInputs};
 use crate::norm::{RmsNorm, RmsNormCache};
 use crate::param::Param;
-use crate::precision::Precision;
+use crate::precision::{CacheBytes, CachedActivation, Precision};
 use crate::{ModelError, Real, check_len};
 use flotilla_kernels::rope::RopeTable;
+use std::borrow::Cow;
 use std::sync::Arc;
 
 /// A block's feed-forward sub-layer, `{prefix}.mlp`.
@@ -93,16 +101,18 @@ pub struct BlockCache<T> {
     pub seq: usize,
     /// `input_layernorm`'s `rstd`.
     pub attn_norm: RmsNormCache<T>,
-    /// `input_layernorm(x)`, `self_attn`'s input; `None` when made with `recompute`.
-    pub attn_input: Option<Vec<T>>,
+    /// `input_layernorm(x)`, `self_attn`'s input as it keeps it; `None` when made with
+    /// `recompute`.
+    pub attn_input: Option<CachedActivation<T>>,
     /// `self_attn`'s cache.
     pub attn: MlaCache<T>,
     /// The mid-block residual `h = x + self_attn(…)`, `[rows, hidden]`.
     pub h: Vec<T>,
     /// `post_attention_layernorm`'s `rstd`.
     pub mlp_norm: RmsNormCache<T>,
-    /// `post_attention_layernorm(h)`, `mlp`'s input; `None` when made with `recompute`.
-    pub mlp_input: Option<Vec<T>>,
+    /// `post_attention_layernorm(h)`, `mlp`'s input as its experts or FFN keep it; `None`
+    /// when made with `recompute`.
+    pub mlp_input: Option<CachedActivation<T>>,
     /// `mlp`'s cache.
     pub mlp: MlpCache<T>,
 }
@@ -129,6 +139,20 @@ impl<T: Real> BlockCache<T> {
     /// The call's sequence-wise balance loss (0 for dense blocks or α = 0).
     pub fn balance_loss(&self) -> T {
         self.moe().map_or(T::zero(), |c| c.balance_loss)
+    }
+
+    /// The bytes held.
+    pub fn bytes(&self) -> CacheBytes {
+        let inputs: CacheBytes =
+            self.attn_input.iter().chain(&self.mlp_input).map(CachedActivation::bytes).sum();
+        let mlp = match &self.mlp {
+            MlpCache::Dense(c) => c.bytes(),
+            MlpCache::Moe(c) => c.bytes(),
+        };
+        CacheBytes::of::<T>(self.attn_norm.rstd.len() + self.h.len() + self.mlp_norm.rstd.len())
+            + inputs
+            + self.attn.bytes()
+            + mlp
     }
 }
 
@@ -235,6 +259,18 @@ impl<T: Real> Block<T> {
         }
     }
 
+    /// `mlp`'s input `[rows, hidden]` as the FFN or the experts keep it.
+    fn cache_mlp_input<'a>(
+        &self,
+        x: impl Into<Cow<'a, [T]>>,
+        rows: usize,
+    ) -> Result<CachedActivation<T>, ModelError> {
+        match &self.mlp {
+            Mlp::Dense(ffn) => ffn.cache_input(x, rows),
+            Mlp::Moe(moe) => moe.cache_input(x, rows),
+        }
+    }
+
     /// `y = block(x)` for `x`, `y`: `[batch·seq, hidden]` (`y` overwritten), with the MoE
     /// balance loss of weight `balance_alpha` (ignored by dense blocks; 0 disables).
     pub fn forward(
@@ -256,15 +292,26 @@ impl<T: Real> Block<T> {
 
         let mut attn_input = zeros(n);
         let attn_norm = self.input_layernorm.forward(x, rows, &mut attn_input)?;
+        let attn_input = self.self_attn.cache_input(attn_input, rows)?;
         let mut h = zeros(n);
         let attn = self.self_attn.forward(&attn_input, batch, seq, &mut h, threads)?;
         h.iter_mut().zip(x).for_each(|(h, &x)| *h = x + *h);
 
-        let mut mlp_input = zeros(n);
-        let mlp_norm = self.post_attention_layernorm.forward(&h, rows, &mut mlp_input)?;
-        let mlp = match &self.mlp {
-            Mlp::Dense(ffn) => MlpCache::Dense(ffn.forward(&mlp_input, rows, y, threads)?),
-            Mlp::Moe(moe) => MlpCache::Moe(moe.forward(&mlp_input, batch, seq, balance_alpha, y, threads)?),
+        let mut mlp_normed = zeros(n);
+        let mlp_norm = self.post_attention_layernorm.forward(&h, rows, &mut mlp_normed)?;
+        let (mlp, mlp_input) = match &self.mlp {
+            Mlp::Dense(ffn) => {
+                let input = ffn.cache_input(mlp_normed, rows)?;
+                (MlpCache::Dense(ffn.forward(&input, rows, y, threads)?), input)
+            }
+            Mlp::Moe(moe) => {
+                // The gate reads the f32 values and the experts the kept form, so both
+                // live through the forward: the kept form is built from a borrow (a copy
+                // under fp32 and bf16).
+                let input = moe.cache_input(&mlp_normed, rows)?;
+                let cache = moe.forward(&mlp_normed, &input, batch, seq, balance_alpha, y, threads)?;
+                (MlpCache::Moe(cache), input)
+            }
         };
         y.iter_mut().zip(&h).for_each(|(y, &h)| *y = h + *y);
 
@@ -356,11 +403,13 @@ impl<T: Real> Block<T> {
             norm.forward(input, rows, &mut out)?;
             Ok(out)
         };
+        let mlp_normed = || recompute(&self.post_attention_layernorm, &cache.h);
+        // Recomputed inputs are kept exactly as forward kept them (quantized the same way).
         let recomputed_mlp;
         let mlp_input = match &cache.mlp_input {
             Some(v) => v,
             None => {
-                recomputed_mlp = recompute(&self.post_attention_layernorm, &cache.h)?;
+                recomputed_mlp = self.cache_mlp_input(mlp_normed()?, rows)?;
                 &recomputed_mlp
             }
         };
@@ -368,7 +417,7 @@ impl<T: Real> Block<T> {
         let attn_input = match &cache.attn_input {
             Some(v) => v,
             None => {
-                recomputed_attn = recompute(&self.input_layernorm, x)?;
+                recomputed_attn = self.self_attn.cache_input(recompute(&self.input_layernorm, x)?, rows)?;
                 &recomputed_attn
             }
         };
@@ -379,7 +428,12 @@ impl<T: Real> Block<T> {
                 ffn.backward_weight(c, g, mlp_input, threads)?
             }
             (Mlp::Moe(moe), MlpCache::Moe(c), MlpWeightGradInputs::Moe(g)) => {
-                moe.backward_weight(c, g, mlp_input, threads)?
+                // The gate's Wgrad reads its input in f32: as kept, or recomputed.
+                let gate_input = match mlp_input {
+                    CachedActivation::Full(v) => Cow::Borrowed(v.as_slice()),
+                    CachedActivation::Fp8 { .. } => Cow::Owned(mlp_normed()?),
+                };
+                moe.backward_weight(c, g, &gate_input, mlp_input, threads)?
             }
             _ => return Err(self.mismatch()),
         }

@@ -1,15 +1,21 @@
 //! The SwiGLU feed-forward network: DeepSeek-V3's dense FFN and each (shared or routed)
 //! expert. `y = down(silu(gate(x)) ⊙ up(x))`.
 //!
-//! Forward keeps the two pre-activations (`gate(x)`, `up(x)`) and not their product: the
-//! SwiGLU output is recomputed in backward, as the report's FP8 recipe does to save
-//! memory. Backward is split: [`SwiGluFfn::backward_input`] (B) returns `dx` and the
-//! gradients that [`SwiGluFfn::backward_weight`] (W) needs later.
+//! Forward keeps the two pre-activations (`gate(x)`, `up(x)`, the SwiGLU inputs) and not
+//! their product: the SwiGLU output is recomputed in backward, as the report's FP8 recipe
+//! does to save memory. With [`SwiGluFfn::fp8_swiglu_inputs`] (the MoE experts under fp8,
+//! report §3.3.3) the pre-activations are kept in FP8, 1×128 tiles, and backward reads
+//! them dequantized. The input `x` is the caller's, as a [`CachedActivation`]
+//! ([`SwiGluFfn::cache_input`]) that `gate_proj` and `up_proj` share. Backward is split:
+//! [`SwiGluFfn::backward_input`] (B) returns `dx` and the gradients that
+//! [`SwiGluFfn::backward_weight`] (W) needs later.
 
 use crate::linear::Linear;
-use crate::precision::Precision;
+use crate::precision::{CacheBytes, CachedActivation, Precision};
 use crate::{ModelError, Real};
 use flotilla_kernels::activation::{swiglu_backward, swiglu_forward};
+use flotilla_kernels::quant::ScaleRounding;
+use std::borrow::Cow;
 
 /// `down(silu(gate(x)) ⊙ up(x))`.
 #[derive(Clone, Debug, PartialEq)]
@@ -20,6 +26,9 @@ pub struct SwiGluFfn<T> {
     pub up_proj: Linear<T>,
     /// `[hidden, inter]`.
     pub down_proj: Linear<T>,
+    /// Whether forward keeps the SwiGLU inputs in FP8 (needs `T = f32`); set for the MoE
+    /// experts under fp8 by [`crate::moe::MoeLayer::set_precision`]. Default false.
+    pub fp8_swiglu_inputs: bool,
 }
 
 /// What forward keeps for backward.
@@ -28,9 +37,16 @@ pub struct FfnCache<T> {
     /// Rows (tokens) of the call.
     pub rows: usize,
     /// `gate(x)`, `[rows, inter]`.
-    pub gate: Vec<T>,
+    pub gate: CachedActivation<T>,
     /// `up(x)`, `[rows, inter]`.
-    pub up: Vec<T>,
+    pub up: CachedActivation<T>,
+}
+
+impl<T: Real> FfnCache<T> {
+    /// The bytes held.
+    pub fn bytes(&self) -> CacheBytes {
+        self.gate.bytes() + self.up.bytes()
+    }
 }
 
 /// What B hands to W.
@@ -51,6 +67,7 @@ impl<T: Real> SwiGluFfn<T> {
             gate_proj: Linear::new(&format!("{prefix}.gate_proj"), hidden, inter, std, seed),
             up_proj: Linear::new(&format!("{prefix}.up_proj"), hidden, inter, std, seed),
             down_proj: Linear::new(&format!("{prefix}.down_proj"), inter, hidden, std, seed),
+            fp8_swiglu_inputs: false,
         }
     }
 
@@ -65,22 +82,50 @@ impl<T: Real> SwiGluFfn<T> {
         self.gate_proj.out_features
     }
 
-    /// `y = down(silu(gate(x)) ⊙ up(x))` for `x, y: [rows, hidden]`.
+    /// `x: [rows, hidden]` as `gate_proj` and `up_proj` keep their shared input
+    /// ([`Linear::cache_input`]).
+    pub fn cache_input<'a>(
+        &self,
+        x: impl Into<Cow<'a, [T]>>,
+        rows: usize,
+    ) -> Result<CachedActivation<T>, ModelError> {
+        self.gate_proj.cache_input(x, rows)
+    }
+
+    /// `layer`'s output `[rows, inter]` (a SwiGLU input) as the cache keeps it.
+    fn keep_swiglu_input(
+        &self,
+        v: Vec<T>,
+        rows: usize,
+        layer: &Linear<T>,
+    ) -> Result<CachedActivation<T>, ModelError> {
+        let precision = if self.fp8_swiglu_inputs { Precision::Fp8 } else { Precision::Fp32 };
+        let name = &layer.weight.name;
+        let what = format!("{} output", name.strip_suffix(".weight").unwrap_or(name));
+        CachedActivation::new(precision, v, rows, self.inter(), ScaleRounding::Exact, &what)
+    }
+
+    /// `y = down(silu(gate(x)) ⊙ up(x))` for `x` ([`SwiGluFfn::cache_input`]),
+    /// `y: [rows, hidden]`.
     pub fn forward(
         &self,
-        x: &[T],
+        x: &CachedActivation<T>,
         rows: usize,
         y: &mut [T],
         threads: usize,
     ) -> Result<FfnCache<T>, ModelError> {
         let n = rows * self.inter();
-        let mut cache = FfnCache { rows, gate: vec![T::zero(); n], up: vec![T::zero(); n] };
-        self.gate_proj.forward(x, rows, &mut cache.gate, threads)?;
-        self.up_proj.forward(x, rows, &mut cache.up, threads)?;
+        let (mut gate, mut up) = (vec![T::zero(); n], vec![T::zero(); n]);
+        self.gate_proj.forward_from(x, rows, &mut gate, threads)?;
+        self.up_proj.forward_from(x, rows, &mut up, threads)?;
         let mut h = vec![T::zero(); n];
-        swiglu_forward(&cache.gate, &cache.up, rows, self.inter(), &mut h)?;
+        swiglu_forward(&gate, &up, rows, self.inter(), &mut h)?;
         self.down_proj.forward(&h, rows, y, threads)?;
-        Ok(cache)
+        Ok(FfnCache {
+            rows,
+            gate: self.keep_swiglu_input(gate, rows, &self.gate_proj)?,
+            up: self.keep_swiglu_input(up, rows, &self.up_proj)?,
+        })
     }
 
     /// B: `dx` (overwritten, or accumulated with `accumulate`) from `dy`.
@@ -97,7 +142,8 @@ impl<T: Real> SwiGluFfn<T> {
         self.down_proj.backward_input(dy, rows, &mut dh, false, threads)?;
         let mut grads =
             FfnWeightGradInputs { dy: dy.to_vec(), dgate: vec![T::zero(); n], dup: vec![T::zero(); n] };
-        swiglu_backward(&dh, &cache.gate, &cache.up, rows, self.inter(), &mut grads.dgate, &mut grads.dup)?;
+        let (gate, up) = (cache.gate.values()?, cache.up.values()?);
+        swiglu_backward(&dh, &gate, &up, rows, self.inter(), &mut grads.dgate, &mut grads.dup)?;
         self.gate_proj.backward_input(&grads.dgate, rows, dx, accumulate, threads)?;
         self.up_proj.backward_input(&grads.dup, rows, dx, true, threads)?;
         Ok(grads)
@@ -109,15 +155,16 @@ impl<T: Real> SwiGluFfn<T> {
         &mut self,
         cache: &FfnCache<T>,
         grads: &FfnWeightGradInputs<T>,
-        x: &[T],
+        x: &CachedActivation<T>,
         threads: usize,
     ) -> Result<(), ModelError> {
         let rows = cache.rows;
         let mut h = vec![T::zero(); rows * self.inter()];
-        swiglu_forward(&cache.gate, &cache.up, rows, self.inter(), &mut h)?;
+        swiglu_forward(&cache.gate.values()?, &cache.up.values()?, rows, self.inter(), &mut h)?;
         self.down_proj.backward_weight(&grads.dy, &h, rows, threads)?;
-        self.gate_proj.backward_weight(&grads.dgate, x, rows, threads)?;
-        self.up_proj.backward_weight(&grads.dup, x, rows, threads)?;
+        let x = x.wgrad_input()?;
+        self.gate_proj.backward_weight_from(&grads.dgate, &x, rows, threads)?;
+        self.up_proj.backward_weight_from(&grads.dup, &x, rows, threads)?;
         Ok(())
     }
 

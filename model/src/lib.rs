@@ -24,7 +24,8 @@
 //! - [`mtp`]: Multi-Token Prediction modules (`enorm`/`hnorm`, `eh_proj`, a block,
 //!   `shared_head.norm`), sharing the main model's embedding and head.
 //! - [`precision`]: the linear layers' GEMM precision ([`Precision`]: f32, BF16, or
-//!   DeepSeek-V3's block-scaled FP8 recipe for Fprop, Dgrad and Wgrad).
+//!   DeepSeek-V3's block-scaled FP8 recipe for Fprop, Dgrad and Wgrad), and the
+//!   activations kept for their backward ([`precision::CachedActivation`], FP8 under fp8).
 //! - [`model`]: the whole model ([`Model`]): embedding, blocks, final norm, head (or tied),
 //!   MTP modules; the loss (main CE + λ·mean MTP CE + balance losses, [`LossConfig`]) with
 //!   full forward/backward accumulating gradients, statistics per step ([`StepStats`]),

@@ -5,11 +5,18 @@
 //! `dW += dyᵀ·x`) may run later. In [`Precision::Fp32`] all three are one dense GEMM each
 //! over the caller's buffers, with no transpose copies; in [`Precision::Bf16`] and
 //! [`Precision::Fp8`] they run as [`crate::precision`] describes (f32 layers only).
+//!
+//! The input `x` stays with the caller, who passes it to forward and again to W. Layers
+//! inside the model keep it as a [`CachedActivation`] ([`Linear::cache_input`]; FP8 under
+//! fp8): [`Linear::forward_from`] reads an FP8 one as Fprop's operand as it is, and
+//! [`Linear::backward_weight_from`] takes its [`CachedActivation::wgrad_input`].
 
 use crate::param::{Init, Param};
-use crate::precision::{self, Precision};
+use crate::precision::{self, CachedActivation, Precision, WgradInput};
 use crate::{ModelError, Real, check_len};
 use flotilla_kernels::gemm::{MatMut, MatRef, matmul};
+use flotilla_kernels::quant::{Fp8Matrix, Granularity, ScaleRounding};
+use std::borrow::Cow;
 
 /// `y = x·Wᵀ` with `W: [out_features, in_features]`.
 #[derive(Clone, Debug, PartialEq)]
@@ -76,6 +83,65 @@ impl<T: Real> Linear<T> {
         Ok(())
     }
 
+    /// `x: [rows, in]` as this layer keeps its input for W under its precision: quantized
+    /// in 1×128 tiles with exact scales under fp8, as it is otherwise (see
+    /// [`CachedActivation::new`]). Layers that read the same input share one.
+    pub fn cache_input<'a>(
+        &self,
+        x: impl Into<Cow<'a, [T]>>,
+        rows: usize,
+    ) -> Result<CachedActivation<T>, ModelError> {
+        self.cache_input_with(x, rows, ScaleRounding::Exact)
+    }
+
+    /// [`Linear::cache_input`] with the FP8 scales rounded as `rounding`.
+    pub fn cache_input_with<'a>(
+        &self,
+        x: impl Into<Cow<'a, [T]>>,
+        rows: usize,
+        rounding: ScaleRounding,
+    ) -> Result<CachedActivation<T>, ModelError> {
+        let x = x.into();
+        check_len(&self.weight.name, "input", rows * self.in_features, x.len())?;
+        let what = format!("{} input", self.weight.name);
+        CachedActivation::new(self.precision, x, rows, self.in_features, rounding, &what)
+    }
+
+    /// [`Linear::forward`] on a kept input: an FP8 one is Fprop's LHS as it is, so an
+    /// input shared by several layers is quantized once.
+    pub fn forward_from(
+        &self,
+        x: &CachedActivation<T>,
+        rows: usize,
+        y: &mut [T],
+        threads: usize,
+    ) -> Result<(), ModelError> {
+        let qx = match x {
+            CachedActivation::Full(x) => return self.forward(x, rows, y, threads),
+            CachedActivation::Fp8 { matrix, .. } => matrix,
+        };
+        self.check_fp8_operand(qx, (rows, self.in_features), "input")?;
+        check_len(&self.weight.name, "output", rows * self.out_features, y.len())?;
+        let w = self.f32_of(&self.weight.value)?;
+        let y = self.f32_of_mut(y)?;
+        precision::forward_fp8(w, self.out_features, self.in_features, qx, y, threads)
+    }
+
+    /// An FP8 operand must be `[rows, cols]` in 1×128 tiles, for an fp8 layer.
+    fn check_fp8_operand(&self, q: &Fp8Matrix, shape: (usize, usize), what: &str) -> Result<(), ModelError> {
+        let detail = if self.precision != Precision::Fp8 {
+            format!("an FP8 {what} needs precision fp8, the layer's is {}", self.precision)
+        } else if (q.rows, q.cols) != shape || q.granularity != Granularity::Tile1x128 {
+            format!(
+                "FP8 {what} is {}×{} in {:?}, expected {}×{} in 1×128 tiles",
+                q.rows, q.cols, q.granularity, shape.0, shape.1
+            )
+        } else {
+            return Ok(());
+        };
+        Err(ModelError::Tensor { tensor: self.weight.name.clone(), detail })
+    }
+
     /// B: `dx = dy·W` (or `dx += dy·W` with `accumulate`), `dy: [rows, out]`, `dx: [rows, in]`.
     pub fn backward_input(
         &self,
@@ -114,8 +180,33 @@ impl<T: Real> Linear<T> {
         Ok(())
     }
 
+    /// W from a kept input's [`CachedActivation::wgrad_input`]: [`Linear::backward_weight`]
+    /// on a full one; under fp8 the re-tiled cache `xᵀ [in, rows]` is Wgrad's operand as
+    /// it is.
+    pub fn backward_weight_from(
+        &mut self,
+        dy: &[T],
+        x: &WgradInput<'_, T>,
+        rows: usize,
+        threads: usize,
+    ) -> Result<(), ModelError> {
+        let q_xt = match x {
+            WgradInput::Full(x) => return self.backward_weight(dy, x, rows, threads),
+            WgradInput::Fp8(q_xt) => q_xt,
+        };
+        self.check_fp8_operand(q_xt, (self.in_features, rows), "transposed input")?;
+        check_len(&self.weight.name, "output gradient", rows * self.out_features, dy.len())?;
+        let dy = self.f32_of(dy)?;
+        let (out_f, in_f) = (self.out_features, self.in_features);
+        let grad = T::as_f32_slice_mut(&mut self.weight.grad).ok_or_else(|| {
+            check_precision::<T>(Precision::Fp8, &self.weight.name).expect_err("only f64 fails")
+        })?;
+        precision::backward_weight_fp8(grad, out_f, in_f, dy, q_xt, threads)
+    }
+
     /// W: `grad += dyᵀ·x`; gradients accumulate over micro-batches until the optimizer
-    /// step clears them.
+    /// step clears them. Under fp8 `x` is quantized in 128×1 tiles directly (see
+    /// [`precision::backward_weight`]).
     pub fn backward_weight(
         &mut self,
         dy: &[T],

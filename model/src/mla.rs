@@ -41,6 +41,15 @@
 //! Both paths run the same functions on the same values, so every result is bit-identical
 //! either way.
 //!
+//! ## Precision ([`Mla::set_precision`])
+//! The projections' inputs are kept as [`CachedActivation`]s, FP8 under fp8
+//! ([`crate::precision`]): the layer input `x` is the caller's ([`Mla::cache_input`]),
+//! read by `q_a_proj` (or `q_proj`) and `kv_a_proj_with_mqa` and re-tiled once for both
+//! Wgrads; the normed latents (the up-projections' inputs) are the cache's (or rebuilt
+//! under recompute, quantized the same way); the attention output, `o_proj`'s input, is
+//! kept with power-of-two scales, and the attention backward reads it dequantized. The
+//! latents, the rope key, `q`, `k`, `v` and the log-sum-exp stay f32.
+//!
 //! ## Determinism
 //! Every kernel used (dense GEMM, RMSNorm, RoPE, attention core) gives results independent
 //! of the number of threads, and the shared key's gradient is summed over heads in head
@@ -54,10 +63,12 @@ use crate::config::ModelConfig;
 use crate::linear::Linear;
 use crate::norm::{RmsNorm, RmsNormCache};
 use crate::param::Param;
-use crate::precision::Precision;
+use crate::precision::{CacheBytes, CachedActivation, Precision};
 use crate::{ModelError, Real, check_len};
 use flotilla_kernels::attention::{AttentionShape, attention_backward, attention_forward};
+use flotilla_kernels::quant::ScaleRounding;
 use flotilla_kernels::rope::{RopeConfig, RopeLayout, RopeTable, YarnScaling, rope_backward, rope_forward};
+use std::borrow::Cow;
 use std::sync::Arc;
 
 /// MLA's dimensions, from the config.
@@ -189,8 +200,9 @@ pub struct MlaCache<T> {
     pub kv_latent: Vec<T>,
     /// The shared rope key after RoPE, `[rows, qk_rope_head_dim]`.
     pub k_rope: Vec<T>,
-    /// The attention output (`o_proj`'s input), `[rows, heads·v]`.
-    pub o: Vec<T>,
+    /// The attention output (`o_proj`'s input), `[rows, heads·v]`; under fp8 in FP8 with
+    /// power-of-two scales.
+    pub o: CachedActivation<T>,
     /// The attention core's log-sum-exp, `[batch, heads, seq]`.
     pub lse: Vec<T>,
     /// The RMSNorm outputs and `rstd`; `None` when made with `recompute`.
@@ -204,8 +216,21 @@ pub struct MlaCache<T> {
 pub struct NormedLatent<T> {
     /// `rstd` per row.
     pub norm: RmsNormCache<T>,
-    /// The normalized latent (the up-projection's input), `[rows, rank]`.
-    pub normed: Vec<T>,
+    /// The normalized latent (the up-projection's input), `[rows, rank]`, as the
+    /// up-projection keeps it.
+    pub normed: CachedActivation<T>,
+}
+
+impl<T: Real> MlaCache<T> {
+    /// The bytes held.
+    pub fn bytes(&self) -> CacheBytes {
+        let floats = self.q_input.len() + self.kv_latent.len() + self.k_rope.len() + self.lse.len();
+        let normed = self.normed.iter().flat_map(|n| n.q.iter().chain([&n.kv]));
+        let normed: CacheBytes =
+            normed.map(|n| CacheBytes::of::<T>(n.norm.rstd.len()) + n.normed.bytes()).sum();
+        let heads = self.heads.as_ref().map_or(0, |h| h.q.len() + h.k.len() + h.v.len());
+        CacheBytes::of::<T>(floats + heads) + self.o.bytes() + normed
+    }
 }
 
 /// The outputs of MLA's two RMSNorms.
@@ -369,6 +394,17 @@ impl<T: Real> Mla<T> {
         }
     }
 
+    /// The layer input `x: [rows, hidden]` as the projections that read it (`q_a_proj` or
+    /// `q_proj`, and `kv_a_proj_with_mqa`, all of one precision) keep it
+    /// ([`Linear::cache_input`]).
+    pub fn cache_input<'a>(
+        &self,
+        x: impl Into<Cow<'a, [T]>>,
+        rows: usize,
+    ) -> Result<CachedActivation<T>, ModelError> {
+        self.kv_a_proj_with_mqa.cache_input(x, rows)
+    }
+
     /// The layer's name prefix.
     pub fn prefix(&self) -> &str {
         &self.prefix
@@ -447,11 +483,12 @@ impl<T: Real> Mla<T> {
         AttentionShape { batch, seq, heads: d.heads, qk_dim: d.qk_head_dim(), v_dim: d.v_head_dim }
     }
 
-    /// `y = MLA(x)` for `x`, `y`: `[batch·seq, hidden]` (`y` overwritten), each sequence
-    /// at positions `0..seq`. `threads` bounds the projections' GEMMs.
+    /// `y = MLA(x)` for `x` ([`Mla::cache_input`]), `y`: `[batch·seq, hidden]` (`y`
+    /// overwritten), each sequence at positions `0..seq`. `threads` bounds the
+    /// projections' GEMMs.
     pub fn forward(
         &self,
-        x: &[T],
+        x: &CachedActivation<T>,
         batch: usize,
         seq: usize,
         y: &mut [T],
@@ -468,18 +505,18 @@ impl<T: Real> Mla<T> {
         let q_input = match &self.query {
             QueryProjection::LowRank { q_a_proj, .. } => {
                 let mut c_q = zeros(rows * q_a_proj.out_features);
-                q_a_proj.forward(x, rows, &mut c_q, threads)?;
+                q_a_proj.forward_from(x, rows, &mut c_q, threads)?;
                 c_q
             }
             QueryProjection::Plain { q_proj } => {
                 let mut q = zeros(rows * d.q_width());
-                q_proj.forward(x, rows, &mut q, threads)?;
+                q_proj.forward_from(x, rows, &mut q, threads)?;
                 rope_forward(&mut q, d.q_rope_layout(rows), &pos, &self.rope)?;
                 q
             }
         };
         let mut kv_a = zeros(rows * d.kv_a_width());
-        self.kv_a_proj_with_mqa.forward(x, rows, &mut kv_a, threads)?;
+        self.kv_a_proj_with_mqa.forward_from(x, rows, &mut kv_a, threads)?;
         let mut kv_latent = Vec::with_capacity(rows * d.kv_lora_rank);
         let mut k_rope = Vec::with_capacity(rows * d.qk_rope_head_dim);
         for row in kv_a.chunks_exact(d.kv_a_width()) {
@@ -506,7 +543,9 @@ impl<T: Real> Mla<T> {
             self.attention_shape(batch, seq),
             self.softmax_scale,
         )?;
-        self.o_proj.forward(&o, rows, y, threads)?;
+        // Power-of-two scales, so that Wgrad's re-tiling adds no error (report §3.3.3).
+        let o = self.o_proj.cache_input_with(o, rows, ScaleRounding::PowerOfTwo)?;
+        self.o_proj.forward_from(&o, rows, y, threads)?;
 
         let (normed, heads) = if self.recompute { (None, None) } else { (Some(normed), Some(heads)) };
         Ok(MlaCache { batch, seq, q_input, kv_latent, k_rope, o, lse, normed, heads })
@@ -520,18 +559,21 @@ impl<T: Real> Mla<T> {
         }
     }
 
-    /// The two RMSNorms over the stored latents.
+    /// The two RMSNorms over the stored latents, kept as the up-projections keep their
+    /// inputs.
     fn normed(&self, q_input: &[T], kv_latent: &[T], rows: usize) -> Result<NormedLatents<T>, ModelError> {
-        let norm = |layer: &RmsNorm<T>, x: &[T]| -> Result<NormedLatent<T>, ModelError> {
+        let norm = |layer: &RmsNorm<T>, up: &Linear<T>, x: &[T]| -> Result<NormedLatent<T>, ModelError> {
             let mut normed = zeros(x.len());
             let norm = layer.forward(x, rows, &mut normed)?;
-            Ok(NormedLatent { norm, normed })
+            Ok(NormedLatent { norm, normed: up.cache_input(normed, rows)? })
         };
         let q = match &self.query {
-            QueryProjection::LowRank { q_a_layernorm, .. } => Some(norm(q_a_layernorm, q_input)?),
+            QueryProjection::LowRank { q_a_layernorm, q_b_proj, .. } => {
+                Some(norm(q_a_layernorm, q_b_proj, q_input)?)
+            }
             QueryProjection::Plain { .. } => None,
         };
-        Ok(NormedLatents { q, kv: norm(&self.kv_a_layernorm, kv_latent)? })
+        Ok(NormedLatents { q, kv: norm(&self.kv_a_layernorm, &self.kv_b_proj, kv_latent)? })
     }
 
     /// The up projections: rotated `q` (low-rank path) and per-head `k`, `v`.
@@ -547,14 +589,14 @@ impl<T: Real> Mla<T> {
         let q = match (&self.query, &normed.q) {
             (QueryProjection::LowRank { q_b_proj, .. }, Some(nq)) => {
                 let mut q = zeros(rows * d.q_width());
-                q_b_proj.forward(&nq.normed, rows, &mut q, threads)?;
+                q_b_proj.forward_from(&nq.normed, rows, &mut q, threads)?;
                 rope_forward(&mut q, d.q_rope_layout(rows), pos, &self.rope)?;
                 q
             }
             _ => Vec::new(),
         };
         let mut kv_b = zeros(rows * d.kv_b_width());
-        self.kv_b_proj.forward(&normed.kv.normed, rows, &mut kv_b, threads)?;
+        self.kv_b_proj.forward_from(&normed.kv.normed, rows, &mut kv_b, threads)?;
         check_len(&self.prefix, "shared rope key", rows * d.qk_rope_head_dim, k_rope.len())?;
         let (nope, qk, vd) = (d.qk_nope_head_dim, d.qk_head_dim(), d.v_head_dim);
         let mut k = zeros(rows * d.q_width());
@@ -635,7 +677,9 @@ impl<T: Real> Mla<T> {
             self.query_of(&cache.q_input, heads),
             &heads.k,
             &heads.v,
-            &cache.o,
+            // Dequantized under fp8: the report's attention backward reads the
+            // low-precision copy too, and no f32 one is kept.
+            &cache.o.values()?,
             &cache.lse,
             self.attention_shape(cache.batch, cache.seq),
             self.softmax_scale,
@@ -726,7 +770,7 @@ impl<T: Real> Mla<T> {
         &mut self,
         cache: &MlaCache<T>,
         grads: &MlaWeightGradInputs<T>,
-        x: &[T],
+        x: &CachedActivation<T>,
         threads: usize,
     ) -> Result<(), ModelError> {
         let rows = self.check_cache(cache)?;
@@ -740,18 +784,21 @@ impl<T: Real> Mla<T> {
             }
         };
 
-        self.o_proj.backward_weight(&grads.d_out, &cache.o, rows, threads)?;
-        self.kv_b_proj.backward_weight(&grads.d_kv_b, &normed.kv.normed, rows, threads)?;
+        self.o_proj.backward_weight_from(&grads.d_out, &cache.o.wgrad_input()?, rows, threads)?;
+        let kv_normed = normed.kv.normed.wgrad_input()?;
+        self.kv_b_proj.backward_weight_from(&grads.d_kv_b, &kv_normed, rows, threads)?;
         self.kv_a_layernorm.backward_weight(&normed.kv.norm, &cache.kv_latent, &grads.d_kv_normed)?;
-        self.kv_a_proj_with_mqa.backward_weight(&grads.d_kv_a, x, rows, threads)?;
+        // One re-tiling of the input serves both down projections.
+        let x = x.wgrad_input()?;
+        self.kv_a_proj_with_mqa.backward_weight_from(&grads.d_kv_a, &x, rows, threads)?;
         match (&mut self.query, &normed.q) {
             (QueryProjection::LowRank { q_a_proj, q_a_layernorm, q_b_proj }, Some(nq)) => {
-                q_b_proj.backward_weight(&grads.d_q, &nq.normed, rows, threads)?;
+                q_b_proj.backward_weight_from(&grads.d_q, &nq.normed.wgrad_input()?, rows, threads)?;
                 q_a_layernorm.backward_weight(&nq.norm, &cache.q_input, &grads.d_q_normed)?;
-                q_a_proj.backward_weight(&grads.d_q_latent, x, rows, threads)?;
+                q_a_proj.backward_weight_from(&grads.d_q_latent, &x, rows, threads)?;
             }
             (QueryProjection::Plain { q_proj }, _) => {
-                q_proj.backward_weight(&grads.d_q, x, rows, threads)?;
+                q_proj.backward_weight_from(&grads.d_q, &x, rows, threads)?;
             }
             (QueryProjection::LowRank { .. }, None) => {
                 return Err(ModelError::Tensor {

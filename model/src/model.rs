@@ -49,7 +49,7 @@ use crate::moe::MoeLayer;
 use crate::mtp::{MtpCache, MtpModule};
 use crate::norm::{RmsNorm, RmsNormCache};
 use crate::param::Param;
-use crate::precision::Precision;
+use crate::precision::{CacheBytes, Precision};
 use crate::{ModelError, Real, check_len};
 use flotilla_kernels::gemm::{MatMut, MatRef, matmul};
 use flotilla_kernels::loss::{
@@ -193,6 +193,26 @@ struct Activations<T> {
     /// The main head first, then MTP depth 1..=D.
     heads: Vec<HeadPass<T>>,
     mtp: Vec<MtpPass<T>>,
+}
+
+impl<T: Real> Activations<T> {
+    /// The bytes held: everything the backward reads, the logits gradients included.
+    fn bytes(&self) -> CacheBytes {
+        let heads = self
+            .heads
+            .iter()
+            .map(|p| CacheBytes::of::<T>(p.norm.rstd.len() + p.normed.len() + p.dlogits.len()));
+        let mtp = self.mtp.iter().map(|p| {
+            CacheBytes::of::<u32>(p.tokens.len())
+                + CacheBytes::of::<T>(p.emb.len() + p.h.len())
+                + p.cache.bytes()
+        });
+        CacheBytes::of::<u32>(self.inputs.len())
+            + CacheBytes::of::<T>(self.xs.iter().map(Vec::len).sum())
+            + self.blocks.iter().map(BlockCache::bytes).sum()
+            + heads.sum()
+            + mtp.sum()
+    }
 }
 
 fn zeros<T: Real>(n: usize) -> Vec<T> {
@@ -666,6 +686,20 @@ impl<T: Real> Model<T> {
         let act = activations.expect("a training forward keeps its activations");
         self.backward(act, threads)?;
         Ok(stats)
+    }
+
+    /// The bytes a training step over `windows` keeps from its forward for its backward
+    /// (every layer's cache and input, the heads' normed inputs and logits gradients): the
+    /// peak of cached activations, reached when the forward ends. Runs the forward only.
+    pub fn activation_bytes(
+        &self,
+        windows: &[Vec<u32>],
+        seq_len: usize,
+        loss_cfg: &LossConfig,
+        threads: usize,
+    ) -> Result<CacheBytes, ModelError> {
+        let (_, activations) = self.forward(windows, seq_len, loss_cfg, true, threads)?;
+        Ok(activations.map_or(CacheBytes::default(), |a| a.bytes()))
     }
 
     /// B then W of every layer, last first.

@@ -18,6 +18,11 @@
 //!    block (tokens in index order), the expert's FFN runs on the block, and the weighted
 //!    rows are scatter-added into `y`, experts in index order.
 //!
+//! The gate reads `x` in the layer's float type; the experts read it as the caller keeps
+//! it for W ([`MoeLayer::cache_input`]): under fp8 one 1×128-tiled FP8 copy of all tokens,
+//! whose rows each expert gathers (the dispatch payload), and W gathers them again. Under
+//! fp8 the experts also keep their SwiGLU inputs in FP8 ([`SwiGluFfn::fp8_swiglu_inputs`]).
+//!
 //! ## Ties and determinism
 //! Groups and experts are ranked by score, descending; **equal scores rank the lower
 //! index first**. Ranking uses IEEE total order on the score plus zero (so `-0.0` ties
@@ -55,10 +60,12 @@
 use crate::config::ModelConfig;
 use crate::ffn::{FfnCache, FfnWeightGradInputs, SwiGluFfn};
 use crate::param::{Init, Param};
-use crate::precision::Precision;
+use crate::precision::{CacheBytes, CachedActivation, Precision};
 use crate::{ConfigError, ModelError, Real, check_len};
 use flotilla_kernels::activation::sigmoid;
 use flotilla_kernels::gemm::{MatMut, MatRef, matmul};
+use flotilla_kernels::quant::ScaleRounding;
+use std::borrow::Cow;
 use std::cmp::Ordering;
 
 /// Added to the sum of the chosen scores before normalizing, as HF does.
@@ -330,10 +337,26 @@ pub struct MoeCache<T> {
     pub expert_load: Vec<u64>,
 }
 
-impl<T> MoeCache<T> {
+impl<T: Real> MoeCache<T> {
     /// Tokens of the call.
     pub fn tokens(&self) -> usize {
         self.batch * self.seq_len
+    }
+
+    /// The bytes held.
+    pub fn bytes(&self) -> CacheBytes {
+        let indices = self.routing.experts.len()
+            + self.expert_offsets.len()
+            + self.expert_tokens.len()
+            + self.expert_slots.len();
+        let floats =
+            self.scores.len() + self.routing.weights.len() + self.expert_outputs.len() + self.seq_load.len();
+        let ffns: CacheBytes =
+            self.expert_caches.iter().chain([&self.shared]).flatten().map(FfnCache::bytes).sum();
+        CacheBytes::of::<T>(floats)
+            + CacheBytes::of::<usize>(indices)
+            + CacheBytes::of::<u64>(self.expert_load.len())
+            + ffns
     }
 }
 
@@ -392,10 +415,28 @@ impl<T: Real> MoeLayer<T> {
         })
     }
 
-    /// Sets the precision of the shared and routed experts ([`crate::precision`]); the
-    /// gate always computes in the layer's float type.
+    /// Sets the precision of the shared and routed experts ([`crate::precision`]), and under
+    /// fp8 their keeping the SwiGLU inputs in FP8; the gate always computes in the layer's
+    /// float type.
     pub fn set_precision(&mut self, precision: Precision) {
-        self.shared_experts.iter_mut().chain(&mut self.experts).for_each(|f| f.set_precision(precision));
+        for ffn in self.shared_experts.iter_mut().chain(&mut self.experts) {
+            ffn.set_precision(precision);
+            ffn.fp8_swiglu_inputs = precision == Precision::Fp8;
+        }
+    }
+
+    /// `x: [tokens, hidden]` as the shared and routed experts keep their input
+    /// ([`crate::linear::Linear::cache_input`]); a borrowed `x` is copied only when kept
+    /// as it is.
+    pub fn cache_input<'a>(
+        &self,
+        x: impl Into<Cow<'a, [T]>>,
+        tokens: usize,
+    ) -> Result<CachedActivation<T>, ModelError> {
+        let experts = self.shared_experts.iter().chain(&self.experts);
+        let precision = experts.map(|e| e.gate_proj.precision).next().unwrap_or_default();
+        let what = format!("{}.experts input", self.prefix);
+        CachedActivation::new(precision, x, tokens, self.hidden, ScaleRounding::Exact, &what)
     }
 
     /// Routed experts.
@@ -425,10 +466,13 @@ impl<T: Real> MoeLayer<T> {
 
     /// `y = shared(x) + Σ_chosen w_e·expert_e(x)` for `x, y: [batch·seq_len, hidden]` (`y`
     /// overwritten), with the sequence-wise balance loss of weight `balance_alpha`
-    /// (0: not computed). The cache carries the balance loss and the per-expert load.
+    /// (0: not computed); `experts_input` is `x` as [`MoeLayer::cache_input`] keeps it.
+    /// The cache carries the balance loss and the per-expert load.
+    #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
         x: &[T],
+        experts_input: &CachedActivation<T>,
         batch: usize,
         seq_len: usize,
         balance_alpha: f64,
@@ -437,6 +481,7 @@ impl<T: Real> MoeLayer<T> {
     ) -> Result<MoeCache<T>, ModelError> {
         let (tokens, h, n) = (batch * seq_len, self.hidden, self.n_routed());
         check_len(&self.gate.name, "input", tokens * h, x.len())?;
+        check_len(&self.gate.name, "experts' input", tokens * h, experts_input.len())?;
         check_len(&self.gate.name, "output", tokens * h, y.len())?;
         if !(balance_alpha.is_finite() && balance_alpha >= 0.0) {
             return Err(ModelError::Tensor {
@@ -467,7 +512,7 @@ impl<T: Real> MoeLayer<T> {
         let expert_load = (0..n).map(|e| (expert_offsets[e + 1] - expert_offsets[e]) as u64).collect();
 
         let shared = match &self.shared_experts {
-            Some(ffn) => Some(ffn.forward(x, tokens, y, threads)?),
+            Some(ffn) => Some(ffn.forward(experts_input, tokens, y, threads)?),
             None => {
                 y.fill(T::zero());
                 None
@@ -481,7 +526,7 @@ impl<T: Real> MoeLayer<T> {
                 expert_caches.push(None);
                 continue;
             }
-            let xe = gather(x, &expert_tokens[start..end], h);
+            let xe = experts_input.gather_rows(&expert_tokens[start..end], h)?;
             let out = &mut expert_outputs[start * h..end * h];
             expert_caches.push(Some(ffn.forward(&xe, end - start, out, threads)?));
             for (r, o) in (start..end).zip(out.chunks_exact(h)) {
@@ -674,25 +719,27 @@ impl<T: Real> MoeLayer<T> {
     }
 
     /// W: accumulates the gradients of the gate weight (`duᵀ·x`) and of every expert that
-    /// got tokens; `x` is the forward input (each expert's rows are gathered from it
-    /// again). The bias gets none.
+    /// got tokens; `x` and `experts_input` are the forward's (each expert's rows are
+    /// gathered from `experts_input` again). The bias gets none.
     pub fn backward_weight(
         &mut self,
         cache: &MoeCache<T>,
         grads: &MoeWeightGradInputs<T>,
         x: &[T],
+        experts_input: &CachedActivation<T>,
         threads: usize,
     ) -> Result<(), ModelError> {
         let (tokens, h, n) = (cache.tokens(), self.hidden, self.n_routed());
         check_len(&self.gate.name, "input", tokens * h, x.len())?;
+        check_len(&self.gate.name, "experts' input", tokens * h, experts_input.len())?;
         check_len(&self.gate.name, "logit gradient", tokens * n, grads.du.len())?;
         if let (Some(ffn), Some(c), Some(g)) = (&mut self.shared_experts, &cache.shared, &grads.shared) {
-            ffn.backward_weight(c, g, x, threads)?;
+            ffn.backward_weight(c, g, experts_input, threads)?;
         }
         for (e, ffn) in self.experts.iter_mut().enumerate() {
             if let (Some(c), Some(Some(g))) = (&cache.expert_caches[e], grads.experts.get(e)) {
                 let rows = &cache.expert_tokens[cache.expert_offsets[e]..cache.expert_offsets[e + 1]];
-                ffn.backward_weight(c, g, &gather(x, rows, h), threads)?;
+                ffn.backward_weight(c, g, &experts_input.gather_rows(rows, h)?, threads)?;
             }
         }
         matmul(
@@ -752,13 +799,4 @@ impl<T: Real> MoeLayer<T> {
         }
         out
     }
-}
-
-/// The rows `tokens` of `x: [_, h]`, in order.
-fn gather<T: Real>(x: &[T], tokens: &[usize], h: usize) -> Vec<T> {
-    let mut out = Vec::with_capacity(tokens.len() * h);
-    for &t in tokens {
-        out.extend_from_slice(&x[t * h..(t + 1) * h]);
-    }
-    out
 }

@@ -50,16 +50,17 @@
 //! ## Backward
 //! [`MtpModule::backward_input`] (B) returns the gradients at both inputs (`h^{k−1}` and
 //! the embedding rows) and a [`MtpWeightGradInputs`]; [`MtpModule::backward_weight`] (W)
-//! accumulates the weight gradients. With `recompute` the cache drops the concatenated
-//! norm outputs (`eh_proj`'s input), which W recomputes; the block recomputes as
-//! [`Block`] does.
+//! accumulates the weight gradients. The concatenated norm outputs (`eh_proj`'s input)
+//! are kept as `eh_proj` keeps its input (FP8 under fp8, [`crate::precision`]); with
+//! `recompute` the cache drops them, and W recomputes them (kept the same way). The block
+//! recomputes as [`Block`] does.
 
 use crate::block::{Block, BlockCache, BlockWeightGradInputs};
 use crate::config::ModelConfig;
 use crate::linear::Linear;
 use crate::norm::{RmsNorm, RmsNormCache};
 use crate::param::Param;
-use crate::precision::Precision;
+use crate::precision::{CacheBytes, CachedActivation, Precision};
 use crate::{ModelError, Real, check_len};
 use flotilla_kernels::rope::RopeTable;
 use std::sync::Arc;
@@ -97,18 +98,27 @@ pub struct MtpCache<T> {
     pub enorm: RmsNormCache<T>,
     /// `hnorm`'s `rstd`.
     pub hnorm: RmsNormCache<T>,
-    /// `[enorm(emb) | hnorm(h)]` per row, `[rows, 2·hidden]`; `None` under recompute.
-    pub concat: Option<Vec<T>>,
+    /// `[enorm(emb) | hnorm(h)]` per row, `[rows, 2·hidden]`, as `eh_proj` keeps its
+    /// input; `None` under recompute.
+    pub concat: Option<CachedActivation<T>>,
     /// `eh_proj`'s output, the block's input, `[rows, hidden]`.
     pub block_input: Vec<T>,
     /// The block's cache.
     pub block: BlockCache<T>,
 }
 
-impl<T> MtpCache<T> {
+impl<T: Real> MtpCache<T> {
     /// Tokens of the call.
     pub fn rows(&self) -> usize {
         self.batch * self.seq
+    }
+
+    /// The bytes held.
+    pub fn bytes(&self) -> CacheBytes {
+        let floats = self.enorm.rstd.len() + self.hnorm.rstd.len() + self.block_input.len();
+        CacheBytes::of::<T>(floats)
+            + self.concat.as_ref().map_or(CacheBytes::default(), |c| c.bytes())
+            + self.block.bytes()
     }
 }
 
@@ -197,15 +207,15 @@ impl<T: Real> MtpModule<T> {
         })
     }
 
-    /// `[enorm(emb) | hnorm(h_prev)]` per row, with both norms' caches (`enorm`'s, then
-    /// `hnorm`'s).
+    /// `[enorm(emb) | hnorm(h_prev)]` per row as `eh_proj` keeps its input, with both
+    /// norms' caches (`enorm`'s, then `hnorm`'s).
     #[allow(clippy::type_complexity)]
     fn concat(
         &self,
         h_prev: &[T],
         emb: &[T],
         rows: usize,
-    ) -> Result<(Vec<T>, RmsNormCache<T>, RmsNormCache<T>), ModelError> {
+    ) -> Result<(CachedActivation<T>, RmsNormCache<T>, RmsNormCache<T>), ModelError> {
         let h = self.hidden;
         let mut e_normed = zeros(rows * h);
         let enorm = self.enorm.forward(emb, rows, &mut e_normed)?;
@@ -216,7 +226,7 @@ impl<T: Real> MtpModule<T> {
             concat.extend_from_slice(e);
             concat.extend_from_slice(hh);
         }
-        Ok((concat, enorm, hnorm))
+        Ok((self.eh_proj.cache_input(concat, rows)?, enorm, hnorm))
     }
 
     /// `h^k` into `out` (`[batch·seq, hidden]`, overwritten) from the previous depth's
@@ -240,7 +250,7 @@ impl<T: Real> MtpModule<T> {
         check_len(&self.eh_proj.weight.name, "module output", n, out.len())?;
         let (concat, enorm, hnorm) = self.concat(h_prev, emb, rows)?;
         let mut block_input = zeros(n);
-        self.eh_proj.forward(&concat, rows, &mut block_input, threads)?;
+        self.eh_proj.forward_from(&concat, rows, &mut block_input, threads)?;
         let block = self.block.forward(&block_input, batch, seq, balance_alpha, out, threads)?;
         let concat = (!self.recompute).then_some(concat);
         Ok(MtpCache { batch, seq, enorm, hnorm, concat, block_input, block })
@@ -317,7 +327,7 @@ impl<T: Real> MtpModule<T> {
                 &recomputed
             }
         };
-        self.eh_proj.backward_weight(&grads.d_block_input, concat, rows, threads)?;
+        self.eh_proj.backward_weight_from(&grads.d_block_input, &concat.wgrad_input()?, rows, threads)?;
         self.enorm.backward_weight(&cache.enorm, emb, &grads.d_emb_normed)?;
         self.hnorm.backward_weight(&cache.hnorm, h_prev, &grads.d_hidden_normed)?;
         Ok(())

@@ -33,34 +33,71 @@
 //!   requantized), as DeepSeek does. The layer keeps no state between calls, so Dgrad
 //!   quantizes `W` again; `W` does not change between forward and backward, so the codes
 //!   and scales are bit-identical to the forward's.
-//! - **Activations for Wgrad**: Wgrad quantizes `x` in 128×1 tiles (scales along tokens)
-//!   directly from the f32 activation the caller kept, one rounding. The paper instead
-//!   caches `x` in FP8 as Fprop read it (1×128 tiles) and re-tiles that cache for Wgrad
-//!   (dequantize, requantize 128×1: two roundings); [`fp8_retile_for_wgrad`] forms that
-//!   operand. On Gaussian data the second rounding raises Wgrad's calc_diff against f64
-//!   from ≈6.5e-4 to ≈9.6e-4–1.0e-3, at DeepGEMM's 1e-3 acceptance threshold, so the
-//!   single rounding is used.
-//!   **Memory is not saved**: the layers' callers keep their f32 activations for backward
-//!   as in the fp32 mode (4 bytes per element), and each FP8 GEMM additionally allocates
-//!   its operands' transient codes (1 byte per element) and scales (4 bytes per 128
-//!   elements) for the duration of the call. An FP8 activation cache would hold 1 byte +
-//!   4/128 bytes per element (≈26% of f32; twice that to keep both tilings instead of
-//!   re-tiling) but needs the layers' caches to change type.
-//! - **MoE dispatch in FP8**: the experts' inputs are quantized per token (1×128 tiles)
-//!   after the gather, which is the same as quantizing before the dispatch and sending
-//!   codes and scales, since a token's tiles do not depend on the other tokens.
-//! - Not emulated: power-of-two scales for `o_proj`'s input (attention output), FP8
-//!   combine/dispatch communication, the limited-precision tensor-core accumulator
+//! - **MoE dispatch in FP8**: the MoE layer's input is quantized once per token (1×128
+//!   tiles), and each expert gathers its rows' codes and scales: the payload a
+//!   distributed dispatch sends, bit-identical to quantizing each expert's gathered rows.
+//! - Not emulated: power-of-two scales for the dispatch payload and for the activation
+//!   gradient before the down-projections (the report uses them there too), FP8
+//!   communication, the limited-precision tensor-core accumulator
 //!   ([`Accumulation::Limited`] exists in the kernels but training uses exact f32).
+//!
+//! ## Cached activations (report §3.3.3, "Low-Precision Storage")
+//! What forward keeps for a linear layer's Wgrad is a [`CachedActivation`]: under fp32
+//! and bf16 the f32 activation as computed (as before FP8 caching existed), under fp8
+//! [`CachedActivation::Fp8`]: the E4M3 codes and 1×128-tile scales that Fprop consumed,
+//! about 1.03 bytes per element instead of 4. Layers take their input as a
+//! `CachedActivation` that the caller built ([`crate::linear::Linear::cache_input`]) and
+//! keeps for W, so a tensor read by several layers is quantized and kept once:
+//! `q_a_proj` and `kv_a_proj_with_mqa` share the normed hidden state, `gate_proj` and
+//! `up_proj` their input, the shared and routed experts the MoE input.
+//!
+//! - **Wgrad re-tiles the cache**: [`CachedActivation::wgrad_input`] gives Wgrad's
+//!   activation operand, for FP8 [`fp8_retile_for_wgrad`] of the cache (dequantize,
+//!   requantize in 128×1 tiles, transpose), formed once per cache and shared by the
+//!   layers that read it. That is two roundings of `x` where quantizing the f32 `x` in
+//!   128×1 tiles would be one: on the layer test's data (Gaussian, tokens of 1–7× spread)
+//!   Wgrad's calc_diff against f32 rises from 6.5e-4 to 9.8e-4, just inside DeepGEMM's
+//!   1e-3 acceptance threshold. Activations that only exist in f32 at W time are
+//!   quantized in 128×1 tiles directly (one rounding): the SwiGLU output `down_proj`
+//!   reads, recomputed in backward, and any activation a caller passes as
+//!   [`CachedActivation::Full`] to an fp8 layer. Activations recomputed under `recompute`
+//!   (RMSNorm outputs) are requantized in 1×128 tiles exactly as forward did, so results
+//!   stay bit-identical with and without recomputation.
+//! - **The attention output** (`o_proj`'s input): the report stores it in a custom E5M6
+//!   format with power-of-two scales, because the attention backward reads it too (for
+//!   `D = rowsum(dO∘O)`), which makes it sensitive to precision, and so that the 1×128 →
+//!   128×1 re-tiling adds no error. Here it is quantized once, for Fprop and the cache,
+//!   with power-of-two (UE8M0) scales ([`FP8_QUANT_POW2`]) and re-tiled with
+//!   power-of-two scales too, which moves each code by a power of two: exact for every
+//!   value that stays in E4M3's normal range under its 128×1 tile's scale; values below
+//!   2⁻⁶ of that scale lose low bits to E4M3's subnormals. **Deviation: E4M3 codes, not
+//!   E5M6**, since the kernels have no E5M6 codec: 3 mantissa bits instead of 6 (relative
+//!   rounding up to 2⁻⁴ instead of 2⁻⁷) and 4 exponent bits instead of 5 (hence the
+//!   subnormal caveat). The attention backward reads the dequantized cache, as the
+//!   report's does, so no f32 copy of the attention output is kept; on `tiny` that leaves
+//!   the whole model's gradient calc_diff against fp32 where an f32 copy puts it
+//!   (3.4e-3–3.5e-3 either way, one step at 8 × 64 tokens).
+//! - **The SwiGLU inputs of the MoE experts** (shared and routed: the `gate_proj` and
+//!   `up_proj` outputs) are kept in FP8, 1×128 tiles, exact scales; backward dequantizes
+//!   them for SwiGLU's backward and recomputes the SwiGLU output from them. Forward's
+//!   SwiGLU reads the f32 outputs. The dense FFN keeps its SwiGLU inputs in f32 (the
+//!   report names MoE's).
+//! - **Everything else stays f32**: the residual stream and RMSNorm inputs, the MLA
+//!   latents, the shared rope key, the attention core's `q`, `k`, `v` and log-sum-exp,
+//!   the MoE scores and expert outputs, the heads. The MoE gate, which computes in f32,
+//!   reads its input in f32 in forward and W; under fp8 the block keeps only the FP8
+//!   copy of that input and recomputes the RMSNorm (bit-identical) for the gate's Wgrad.
 //!
 //! The FP8 and BF16 paths exist for f32 only; a model in f64 (gradient checks) must use
 //! [`Precision::Fp32`], and the layers return an error otherwise.
 
-use crate::ModelError;
+use crate::linear::check_precision;
+use crate::{ModelError, Real, check_len};
 use flotilla_kernels::gemm::{Accumulation, MatMut, MatRef, gemm_bf16, gemm_fp8, matmul};
-use flotilla_kernels::quant::{Fp8Matrix, Granularity, QuantConfig, ScaleRounding, quantize};
+use flotilla_kernels::quant::{Fp8Matrix, Granularity, QuantConfig, ScaleRounding, TILE, quantize};
 use half::bf16;
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 
 /// The precision of the linear layers' GEMMs (see the module docs).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -109,6 +146,18 @@ impl std::str::FromStr for Precision {
 /// `max(amax, 1e-12)/448` (see the module docs for the floor).
 pub const FP8_QUANT: QuantConfig = QuantConfig { eps: 1e-12, rounding: ScaleRounding::Exact };
 
+/// [`FP8_QUANT`] with scales rounded up to powers of two (UE8M0): the attention output's
+/// (see the module docs).
+pub const FP8_QUANT_POW2: QuantConfig = QuantConfig { eps: 1e-12, rounding: ScaleRounding::PowerOfTwo };
+
+/// The FP8 scale settings of an activation whose scales are rounded by `rounding`.
+pub fn fp8_quant(rounding: ScaleRounding) -> QuantConfig {
+    match rounding {
+        ScaleRounding::Exact => FP8_QUANT,
+        ScaleRounding::PowerOfTwo => FP8_QUANT_POW2,
+    }
+}
+
 /// The accumulation of the training FP8 GEMMs: exact f32, promoted per 128-wide K block.
 pub const FP8_ACCUMULATION: Accumulation = Accumulation::F32;
 
@@ -134,15 +183,217 @@ pub fn fp8_rows(x: &[f32], rows: usize, cols: usize) -> Result<Fp8Matrix, ModelE
 /// `xᵀ [cols, rows]` with scales along `rows` (Wgrad's operands): `x` quantized in 128×1
 /// tiles and transposed into 1×128 tiles.
 pub fn fp8_columns(x: &[f32], rows: usize, cols: usize) -> Result<Fp8Matrix, ModelError> {
-    Ok(quantize(x, rows, cols, Granularity::Tile128x1, &FP8_QUANT)?.transposed())
+    fp8_columns_with(x, rows, cols, &FP8_QUANT)
 }
 
-/// Wgrad's activation operand as the paper forms it: the forward's 1×128-tiled FP8 `x`
-/// (`cached`, `[rows, cols]`) re-tiled into 128×1 tiles (dequantized, requantized) and
-/// transposed, `[cols, rows]` in 1×128 tiles. Training uses [`fp8_columns`] on the f32
-/// `x` instead (one rounding; see the module docs); this is for comparisons.
-pub fn fp8_retile_for_wgrad(cached: &Fp8Matrix) -> Result<Fp8Matrix, ModelError> {
-    fp8_columns(&cached.dequantize(), cached.rows, cached.cols)
+fn fp8_columns_with(x: &[f32], rows: usize, cols: usize, cfg: &QuantConfig) -> Result<Fp8Matrix, ModelError> {
+    Ok(quantize(x, rows, cols, Granularity::Tile128x1, cfg)?.transposed())
+}
+
+/// Wgrad's activation operand as the paper forms it from the FP8 cache: the forward's
+/// 1×128-tiled `x` (`cached`, `[rows, cols]`) dequantized, requantized in 128×1 tiles with
+/// scales rounded as `rounding` (the cache's own: power-of-two scales on both tilings
+/// make the re-tiling exact, see the module docs), and transposed: `xᵀ [cols, rows]` in
+/// 1×128 tiles.
+pub fn fp8_retile_for_wgrad(cached: &Fp8Matrix, rounding: ScaleRounding) -> Result<Fp8Matrix, ModelError> {
+    if cached.granularity != Granularity::Tile1x128 {
+        return Err(ModelError::Tensor {
+            tensor: "cached activation".into(),
+            detail: format!("re-tiling for Wgrad needs 1×128 tiles, got {:?}", cached.granularity),
+        });
+    }
+    fp8_columns_with(&cached.dequantize(), cached.rows, cached.cols, &fp8_quant(rounding))
+}
+
+/// An activation kept from forward for the Wgrad of the linear layers that read it (see
+/// the module docs): as computed, or under fp8 as the E4M3 codes and 1×128-tile scales
+/// that their Fprop read.
+#[derive(Clone, Debug, PartialEq)]
+pub enum CachedActivation<T> {
+    /// The activation as computed, row-major `[rows, cols]` (fp32, bf16, f64 models).
+    Full(Vec<T>),
+    /// Under fp8: Fprop's LHS, `[rows, cols]` in 1×128 tiles.
+    Fp8 {
+        /// Codes and scales.
+        matrix: Fp8Matrix,
+        /// How the scales were rounded; the Wgrad re-tiling rounds the same way.
+        rounding: ScaleRounding,
+    },
+}
+
+/// Wgrad's activation operand, from [`CachedActivation::wgrad_input`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum WgradInput<'a, T> {
+    /// The activation as computed, `[rows, cols]`.
+    Full(&'a [T]),
+    /// Under fp8: `xᵀ [cols, rows]` in 1×128 tiles (scales along tokens), the cache
+    /// re-tiled by [`fp8_retile_for_wgrad`].
+    Fp8(Fp8Matrix),
+}
+
+/// Bytes held by caches, split by storage: f32 (or f64) elements, and FP8 codes with their
+/// f32 scales.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheBytes {
+    /// Elements kept as the layer's float type.
+    pub full: usize,
+    /// FP8 codes (1 byte each) and their scales (4 bytes each).
+    pub fp8: usize,
+}
+
+impl CacheBytes {
+    /// `len` elements of `T`.
+    pub fn of<T>(len: usize) -> Self {
+        CacheBytes { full: len * std::mem::size_of::<T>(), fp8: 0 }
+    }
+
+    /// Both kinds together.
+    pub fn total(&self) -> usize {
+        self.full + self.fp8
+    }
+}
+
+impl std::ops::Add for CacheBytes {
+    type Output = CacheBytes;
+
+    fn add(self, other: CacheBytes) -> CacheBytes {
+        CacheBytes { full: self.full + other.full, fp8: self.fp8 + other.fp8 }
+    }
+}
+
+impl std::iter::Sum for CacheBytes {
+    fn sum<I: Iterator<Item = CacheBytes>>(iter: I) -> CacheBytes {
+        iter.fold(CacheBytes::default(), |a, b| a + b)
+    }
+}
+
+impl<T: Real> CachedActivation<T> {
+    /// `x` (`[rows, cols]`) as `precision` keeps it: quantized in 1×128 tiles with scales
+    /// rounded as `rounding` under fp8 (which needs `T = f32`), `x` itself otherwise. A
+    /// borrowed `x` is copied only when kept as it is. `what` names the activation in
+    /// errors (a length mismatch; under fp8 a non-finite element).
+    pub fn new<'a>(
+        precision: Precision,
+        x: impl Into<Cow<'a, [T]>>,
+        rows: usize,
+        cols: usize,
+        rounding: ScaleRounding,
+        what: &str,
+    ) -> Result<Self, ModelError> {
+        let x = x.into();
+        let n = rows.checked_mul(cols).ok_or_else(|| ModelError::Tensor {
+            tensor: what.to_string(),
+            detail: format!("{rows} × {cols} overflows usize"),
+        })?;
+        check_len(what, "activation", n, x.len())?;
+        if precision != Precision::Fp8 {
+            return Ok(CachedActivation::Full(x.into_owned()));
+        }
+        let xf = T::as_f32_slice(&x).ok_or_else(|| f32_only::<T>(precision, what))?;
+        let matrix = quantize(xf, rows, cols, Granularity::Tile1x128, &fp8_quant(rounding))?;
+        Ok(CachedActivation::Fp8 { matrix, rounding })
+    }
+
+    /// Elements (`rows · cols`).
+    pub fn len(&self) -> usize {
+        match self {
+            CachedActivation::Full(x) => x.len(),
+            CachedActivation::Fp8 { matrix, .. } => matrix.codes.len(),
+        }
+    }
+
+    /// Whether it holds no element.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether it holds FP8 codes.
+    pub fn is_fp8(&self) -> bool {
+        matches!(self, CachedActivation::Fp8 { .. })
+    }
+
+    /// The bytes it holds.
+    pub fn bytes(&self) -> CacheBytes {
+        match self {
+            CachedActivation::Full(x) => CacheBytes::of::<T>(x.len()),
+            CachedActivation::Fp8 { matrix, .. } => CacheBytes {
+                full: 0,
+                fp8: matrix.codes.len() + std::mem::size_of_val(matrix.scales.as_slice()),
+            },
+        }
+    }
+
+    /// The values: the activation itself, or the FP8 cache dequantized.
+    pub fn values(&self) -> Result<Cow<'_, [T]>, ModelError> {
+        match self {
+            CachedActivation::Full(x) => Ok(Cow::Borrowed(x)),
+            CachedActivation::Fp8 { matrix, .. } => {
+                let mut out = vec![T::zero(); matrix.codes.len()];
+                let target = T::as_f32_slice_mut(&mut out)
+                    .ok_or_else(|| f32_only::<T>(Precision::Fp8, "cached activation"))?;
+                matrix.dequantize_into(target)?;
+                Ok(Cow::Owned(out))
+            }
+        }
+    }
+
+    /// Wgrad's operand: the activation itself, or the FP8 cache re-tiled
+    /// ([`fp8_retile_for_wgrad`]). Form it once for all the layers that read the cache.
+    pub fn wgrad_input(&self) -> Result<WgradInput<'_, T>, ModelError> {
+        match self {
+            CachedActivation::Full(x) => Ok(WgradInput::Full(x)),
+            CachedActivation::Fp8 { matrix, rounding } => {
+                Ok(WgradInput::Fp8(fp8_retile_for_wgrad(matrix, *rounding)?))
+            }
+        }
+    }
+
+    /// The rows `rows` (in order) of the `[_, cols]` activation: an FP8 cache's codes with
+    /// their tiles' scales, unchanged (a token's 1×128 tiles do not depend on the other
+    /// tokens). Every index must be a row of the activation.
+    pub fn gather_rows(&self, rows: &[usize], cols: usize) -> Result<Self, ModelError> {
+        let total = self.len().checked_div(cols).unwrap_or(0);
+        if let Some(&bad) = rows.iter().find(|&&r| r >= total) {
+            return Err(ModelError::Tensor {
+                tensor: "cached activation".into(),
+                detail: format!("row {bad} gathered from {total} rows"),
+            });
+        }
+        match self {
+            CachedActivation::Full(x) => Ok(CachedActivation::Full(gather(x, rows, cols))),
+            CachedActivation::Fp8 { matrix, rounding } => {
+                if matrix.cols != cols || matrix.granularity != Granularity::Tile1x128 {
+                    return Err(ModelError::Tensor {
+                        tensor: "cached activation".into(),
+                        detail: format!(
+                            "gathering rows of width {cols} from a {}×{} FP8 matrix in {:?}",
+                            matrix.rows, matrix.cols, matrix.granularity
+                        ),
+                    });
+                }
+                let codes = gather(&matrix.codes, rows, cols);
+                let scales = gather(&matrix.scales, rows, cols.div_ceil(TILE));
+                let matrix = Fp8Matrix::from_parts(rows.len(), cols, codes, scales, Granularity::Tile1x128)?;
+                Ok(CachedActivation::Fp8 { matrix, rounding: *rounding })
+            }
+        }
+    }
+}
+
+/// The rows `rows` of `v: [_, width]`, in order (indices checked by the caller).
+fn gather<E: Copy>(v: &[E], rows: &[usize], width: usize) -> Vec<E> {
+    let mut out = Vec::with_capacity(rows.len() * width);
+    for &r in rows {
+        out.extend_from_slice(&v[r * width..(r + 1) * width]);
+    }
+    out
+}
+
+fn f32_only<T: Real>(precision: Precision, what: &str) -> ModelError {
+    check_precision::<T>(precision, what).err().unwrap_or_else(|| ModelError::Tensor {
+        tensor: what.to_string(),
+        detail: format!("precision {precision} runs on f32 only"),
+    })
 }
 
 /// `y = x·Wᵀ` (overwritten) under `precision`, `x: [rows, in]`,
@@ -184,12 +435,24 @@ pub fn forward(
             Ok(())
         }
         Precision::Fp8 => {
-            let qx = fp8_rows(x, rows, in_features)?;
-            let qw = fp8_weight(w, out_features, in_features)?;
-            gemm_fp8(&qx, &qw, FP8_ACCUMULATION, y, threads)?;
-            Ok(())
+            forward_fp8(w, out_features, in_features, &fp8_rows(x, rows, in_features)?, y, threads)
         }
     }
+}
+
+/// FP8 Fprop `y = x·Wᵀ` (overwritten) on an already quantized `x` (`[rows, in]`, 1×128
+/// tiles), `y: [rows, out]`.
+pub fn forward_fp8(
+    w: &[f32],
+    out_features: usize,
+    in_features: usize,
+    qx: &Fp8Matrix,
+    y: &mut [f32],
+    threads: usize,
+) -> Result<(), ModelError> {
+    let qw = fp8_weight(w, out_features, in_features)?;
+    gemm_fp8(qx, &qw, FP8_ACCUMULATION, y, threads)?;
+    Ok(())
 }
 
 /// Dgrad: `dx = dy·W`, or `dx += dy·W` with `accumulate`, under `precision`.
@@ -245,7 +508,9 @@ pub fn backward_input(
     Ok(())
 }
 
-/// Wgrad: `grad += dyᵀ·x` under `precision`, `grad: [out, in]` (f32).
+/// Wgrad: `grad += dyᵀ·x` under `precision`, `grad: [out, in]` (f32). Under fp8 `x` is
+/// quantized in 128×1 tiles directly (one rounding): for activations that exist in f32
+/// at W time; cached ones go through [`backward_weight_fp8`].
 #[allow(clippy::too_many_arguments)]
 pub fn backward_weight(
     precision: Precision,
@@ -282,14 +547,29 @@ pub fn backward_weight(
             Ok(())
         }
         Precision::Fp8 => {
-            let q_dyt = fp8_columns(dy, rows, out_features)?;
             let q_xt = fp8_columns(x, rows, in_features)?;
-            let mut dw = vec![0f32; out_features * in_features];
-            gemm_fp8(&q_dyt, &q_xt, FP8_ACCUMULATION, &mut dw, threads)?;
-            grad.iter_mut().zip(&dw).for_each(|(g, &d)| *g += d);
-            Ok(())
+            backward_weight_fp8(grad, out_features, in_features, dy, &q_xt, threads)
         }
     }
+}
+
+/// FP8 Wgrad `grad += dyᵀ·x` with `x` given as `q_xt`, `xᵀ [in, rows]` in 1×128 tiles
+/// (scales along tokens: [`fp8_columns`] or [`fp8_retile_for_wgrad`]); `dy: [rows, out]`
+/// is quantized in 128×1 tiles here.
+pub fn backward_weight_fp8(
+    grad: &mut [f32],
+    out_features: usize,
+    in_features: usize,
+    dy: &[f32],
+    q_xt: &Fp8Matrix,
+    threads: usize,
+) -> Result<(), ModelError> {
+    check_len("dW", "gradient", out_features * in_features, grad.len())?;
+    let q_dyt = fp8_columns(dy, q_xt.cols, out_features)?;
+    let mut dw = vec![0f32; out_features * in_features];
+    gemm_fp8(&q_dyt, q_xt, FP8_ACCUMULATION, &mut dw, threads)?;
+    grad.iter_mut().zip(&dw).for_each(|(g, &d)| *g += d);
+    Ok(())
 }
 
 #[cfg(test)]

@@ -46,15 +46,16 @@ fn swiglu_ffn_backward_matches_finite_differences() {
     let x = random(rows * hidden, 5);
     let r = random(rows * hidden, 6);
     let mut y = vec![0.0; rows * hidden];
-    let cache = ffn.forward(&x, rows, &mut y, 1).unwrap();
+    let input = ffn.cache_input(&x, rows).unwrap();
+    let cache = ffn.forward(&input, rows, &mut y, 1).unwrap();
     let mut dx = vec![0.0; rows * hidden];
     let grads = ffn.backward_input(&cache, &r, &mut dx, false, 1).unwrap();
-    ffn.backward_weight(&cache, &grads, &x, 1).unwrap();
+    ffn.backward_weight(&cache, &grads, &input, 1).unwrap();
 
     let reference = ffn.clone();
     let loss = |f: &SwiGluFfn<f64>, x: &[f64]| {
         let mut y = vec![0.0; rows * hidden];
-        f.forward(x, rows, &mut y, 1).unwrap();
+        f.forward(&f.cache_input(x, rows).unwrap(), rows, &mut y, 1).unwrap();
         project(&y, &r)
     };
     check_gradient("ffn dx", &x, &dx, 100, |x| loss(&reference, x));

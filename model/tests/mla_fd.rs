@@ -9,7 +9,13 @@ use common::{check_gradient, project, random};
 use flotilla_model::config::RopeScaling;
 use flotilla_model::mla::{Mla, MlaCache};
 use flotilla_model::norm::RmsNorm;
+use flotilla_model::precision::CachedActivation;
 use flotilla_model::{ModelConfig, ModelError, Preset, Real};
+
+/// The layer input as a caller keeps it: `x` itself (the layers here are fp32).
+fn kept<T: Real>(x: &[T]) -> CachedActivation<T> {
+    CachedActivation::Full(x.to_vec())
+}
 
 const PREFIX: &str = "model.layers.0.self_attn";
 
@@ -97,17 +103,17 @@ struct Run<T> {
 
 fn run<T: Real>(mla: &mut Mla<T>, x: &[T], r: &[T], batch: usize, seq: usize, threads: usize) -> Run<T> {
     let mut y = vec![T::zero(); x.len()];
-    let cache = mla.forward(x, batch, seq, &mut y, threads).unwrap();
+    let cache = mla.forward(&kept(x), batch, seq, &mut y, threads).unwrap();
     let mut dx = vec![T::zero(); x.len()];
     let g = mla.backward_input(&cache, r, &mut dx, false, threads).unwrap();
-    mla.backward_weight(&cache, &g, x, threads).unwrap();
+    mla.backward_weight(&cache, &g, &kept(x), threads).unwrap();
     let grads = mla.params().iter().map(|p| p.grad.clone()).collect();
     Run { y, dx, grads, cache }
 }
 
 fn loss(mla: &Mla<f64>, x: &[f64], r: &[f64], batch: usize, seq: usize) -> f64 {
     let mut y = vec![0.0; x.len()];
-    mla.forward(x, batch, seq, &mut y, 1).unwrap();
+    mla.forward(&kept(x), batch, seq, &mut y, 1).unwrap();
     project(&y, r)
 }
 
@@ -133,7 +139,7 @@ fn check_layer(config: &ModelConfig, recompute: bool) {
 
     // W accumulates; B with `accumulate` adds to `dx`.
     let g = mla.backward_input(&out.cache, &r, &mut vec![0.0; n], false, 1).unwrap();
-    mla.backward_weight(&out.cache, &g, &x, 1).unwrap();
+    mla.backward_weight(&out.cache, &g, &kept(&x), 1).unwrap();
     for (p, g1) in mla.params().iter().zip(&out.grads) {
         assert!(
             p.grad.iter().zip(g1).all(|(a, b)| (a - 2.0 * b).abs() <= 1e-12 * b.abs().max(1.0)),
@@ -172,8 +178,8 @@ fn yarn_matches_finite_differences_and_scales_the_softmax() {
     assert!(!plain.rope().yarn_applied());
     let x = random(5 * 12, 3);
     let (mut y1, mut y2) = (vec![0.0; x.len()], vec![0.0; x.len()]);
-    mla.forward(&x, 1, 5, &mut y1, 1).unwrap();
-    plain.forward(&x, 1, 5, &mut y2, 1).unwrap();
+    mla.forward(&kept(&x), 1, 5, &mut y1, 1).unwrap();
+    plain.forward(&kept(&x), 1, 5, &mut y2, 1).unwrap();
     assert_ne!(y1, y2);
     check_layer(&config, false);
 }
@@ -251,14 +257,14 @@ fn outputs_are_causal() {
         let (batch, seq, hidden) = (2, 5, 12);
         let x = random(batch * seq * hidden, 31);
         let mut y = vec![0.0; x.len()];
-        mla.forward(&x, batch, seq, &mut y, 1).unwrap();
+        mla.forward(&kept(&x), batch, seq, &mut y, 1).unwrap();
         for b in 0..batch {
             // Change token 3 of sequence b.
             let mut x2 = x.clone();
             let row = b * seq + 3;
             x2[row * hidden..(row + 1) * hidden].iter_mut().for_each(|v| *v += 0.5);
             let mut y2 = vec![0.0; x.len()];
-            mla.forward(&x2, batch, seq, &mut y2, 1).unwrap();
+            mla.forward(&kept(&x2), batch, seq, &mut y2, 1).unwrap();
             for other in 0..batch * seq {
                 let (r0, r1) = (other * hidden, (other + 1) * hidden);
                 let changes = other / seq == b && other % seq >= 3;
@@ -330,23 +336,23 @@ fn bad_lengths_are_errors_naming_the_tensor() {
     let n = batch * seq * hidden;
     let x = random(n, 61);
     let mut y = vec![0.0; n];
-    expect_error(mla.forward(&x[1..], batch, seq, &mut y, 1), &[PREFIX, "input"]);
-    expect_error(mla.forward(&x, batch, seq, &mut y[1..], 1), &[PREFIX, "output"]);
+    expect_error(mla.forward(&kept(&x[1..]), batch, seq, &mut y, 1), &[PREFIX, "input"]);
+    expect_error(mla.forward(&kept(&x), batch, seq, &mut y[1..], 1), &[PREFIX, "output"]);
     // 17 positions with max_position_embeddings = 16.
     let long = random(17 * hidden, 62);
     expect_error(
-        mla.forward(&long, 1, 17, &mut vec![0.0; 17 * hidden], 1),
+        mla.forward(&kept(&long), 1, 17, &mut vec![0.0; 17 * hidden], 1),
         &[PREFIX, "max_position_embeddings"],
     );
-    let cache = mla.forward(&x, batch, seq, &mut y, 1).unwrap();
+    let cache = mla.forward(&kept(&x), batch, seq, &mut y, 1).unwrap();
     let mut dx = vec![0.0; n];
     expect_error(mla.backward_input(&cache, &x[1..], &mut dx, false, 1), &[PREFIX, "output gradient"]);
     expect_error(mla.backward_input(&cache, &x, &mut dx[1..], false, 1), &[PREFIX, "input gradient"]);
     let g = mla.backward_input(&cache, &x, &mut dx, false, 1).unwrap();
-    expect_error(mla.backward_weight(&cache, &g, &x[1..], 1), &[PREFIX, "input"]);
+    expect_error(mla.backward_weight(&cache, &g, &kept(&x[1..]), 1), &[PREFIX, "input"]);
     let mut short = g.clone();
     short.d_kv_b.pop();
-    expect_error(mla.backward_weight(&cache, &short, &x, 1), &[&format!("{PREFIX}.kv_b_proj.weight")]);
+    expect_error(mla.backward_weight(&cache, &short, &kept(&x), 1), &[&format!("{PREFIX}.kv_b_proj.weight")]);
     let mut wrong = cache.clone();
     wrong.seq = 4;
     expect_error(mla.backward_input(&wrong, &x, &mut dx, false, 1), &[PREFIX, "cached"]);

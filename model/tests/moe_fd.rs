@@ -9,9 +9,30 @@ use common::{check_gradient, project, random};
 use flotilla_model::ModelConfig;
 use flotilla_model::Preset;
 use flotilla_model::moe::{MoeCache, MoeLayer, RoutingConfig, max_over_mean_load, route};
+use flotilla_model::precision::CachedActivation;
+use flotilla_model::{ModelError, Real};
 use std::collections::BTreeSet;
 
 const PREFIX: &str = "model.layers.3.mlp";
+
+/// The experts' input as the layer's callers keep it: `x` itself (the layers here are
+/// fp32).
+fn kept<T: Real>(x: &[T]) -> CachedActivation<T> {
+    CachedActivation::Full(x.to_vec())
+}
+
+/// [`MoeLayer::forward`] with the gate and the experts reading the same `x`.
+fn forward<T: Real>(
+    layer: &MoeLayer<T>,
+    x: &[T],
+    batch: usize,
+    seq_len: usize,
+    alpha: f64,
+    y: &mut [T],
+    threads: usize,
+) -> Result<MoeCache<T>, ModelError> {
+    layer.forward(x, &kept(x), batch, seq_len, alpha, y, threads)
+}
 
 /// hidden 8, moe_inter 6, 8 routed experts in 4 groups (2 kept), `top_k`, 1 shared.
 fn small_config(top_k: usize, norm: bool) -> ModelConfig {
@@ -111,7 +132,7 @@ fn fd_check(top_k: usize, norm: bool, alpha: f64, seed: u64) {
     let c = 0.7; // upstream gradient of the total loss w.r.t. L_bal
 
     let mut y = vec![0.0; tokens * h];
-    let cache = layer.forward(&x, batch, seq_len, alpha, &mut y, 1).unwrap();
+    let cache = forward(&layer, &x, batch, seq_len, alpha, &mut y, 1).unwrap();
     let selection = chosen_sets(&cache);
     let mut min_margin = f64::INFINITY;
     for (t, (s, chosen)) in cache.scores.chunks(8).zip(&selection).enumerate() {
@@ -129,13 +150,13 @@ fn fd_check(top_k: usize, norm: bool, alpha: f64, seed: u64) {
 
     let mut dx = vec![0.0; tokens * h];
     let grads = layer.backward_input(&cache, &r, c, &mut dx, false, 1).unwrap();
-    layer.backward_weight(&cache, &grads, &x, 1).unwrap();
+    layer.backward_weight(&cache, &grads, &x, &kept(&x), 1).unwrap();
     assert!(layer.e_score_correction_bias.grad.iter().all(|&g| g == 0.0), "the bias gets no gradient");
 
     let reference = layer.clone();
     let loss = |l: &MoeLayer<f64>, x: &[f64]| {
         let mut y = vec![0.0; tokens * h];
-        let cache = l.forward(x, batch, seq_len, alpha, &mut y, 1).unwrap();
+        let cache = forward(l, x, batch, seq_len, alpha, &mut y, 1).unwrap();
         assert_eq!(chosen_sets(&cache), selection, "a routing decision flipped under the perturbation");
         project(&y, &r) + c * cache.balance_loss
     };
@@ -272,9 +293,9 @@ fn bias_changes_selection_but_not_weights() {
     let mut layer = MoeLayer::<f64>::new(&small_config(2, true), PREFIX, 3).unwrap();
     let x = random(tokens * 8, 8);
     let mut y = vec![0.0; tokens * 8];
-    let before = layer.forward(&x, 5, 10, 0.0, &mut y, 1).unwrap();
+    let before = forward(&layer, &x, 5, 10, 0.0, &mut y, 1).unwrap();
     layer.e_score_correction_bias.value[7] = 10.0;
-    let after = layer.forward(&x, 5, 10, 0.0, &mut y, 1).unwrap();
+    let after = forward(&layer, &x, 5, 10, 0.0, &mut y, 1).unwrap();
     assert_eq!(after.expert_load[7], tokens as u64);
     assert_ne!(before.routing.experts, after.routing.experts);
     assert_eq!(before.scores, after.scores);
@@ -293,7 +314,7 @@ fn layer_matches_naive_per_token_computation() {
     let x = random(tokens * h, 9);
     let mut y = vec![0.0; tokens * h];
     let alpha = 0.3;
-    let cache = layer.forward(&x, batch, seq_len, alpha, &mut y, 2).unwrap();
+    let cache = forward(&layer, &x, batch, seq_len, alpha, &mut y, 2).unwrap();
 
     let shared = layer.shared_experts.as_ref().unwrap();
     assert_eq!(shared.gate_proj.out_features, 12, "2 shared experts fused");
@@ -313,10 +334,10 @@ fn layer_matches_naive_per_token_computation() {
             let (chosen, _) = brute_route(&layer.routing, &s, &layer.e_score_correction_bias.value);
             let sum: f64 = chosen.iter().map(|&e| s[e]).sum();
             let mut expected = vec![0.0; h];
-            shared.forward(xt, 1, &mut expected, 1).unwrap();
+            shared.forward(&kept(xt), 1, &mut expected, 1).unwrap();
             for &e in &chosen {
                 let mut out = vec![0.0; h];
-                layer.experts[e].forward(xt, 1, &mut out, 1).unwrap();
+                layer.experts[e].forward(&kept(xt), 1, &mut out, 1).unwrap();
                 for (a, o) in expected.iter_mut().zip(&out) {
                     *a += s[e] / sum * 2.5 * o;
                 }
@@ -379,7 +400,7 @@ fn update_bias_restores_balance() {
     let mut y = vec![0.0f32; tokens * h];
     let mut history = Vec::new();
     for _ in 0..150 {
-        let cache = layer.forward(&x, batch, seq_len, 0.0, &mut y, 1).unwrap();
+        let cache = forward(&layer, &x, batch, seq_len, 0.0, &mut y, 1).unwrap();
         history.push(max_over_mean_load(&cache.expert_load));
         layer.update_bias(&cache.expert_load, 0.01).unwrap();
     }
@@ -408,10 +429,10 @@ fn results_do_not_depend_on_threads() {
     let run = |threads: usize| {
         let mut layer = MoeLayer::<f32>::new(&cfg, PREFIX, 9).unwrap();
         let mut y = vec![0.0f32; tokens * h];
-        let cache = layer.forward(&x, batch, seq_len, 0.1, &mut y, threads).unwrap();
+        let cache = forward(&layer, &x, batch, seq_len, 0.1, &mut y, threads).unwrap();
         let mut dx = vec![0.0f32; tokens * h];
         let grads = layer.backward_input(&cache, &dy, 1.0, &mut dx, false, threads).unwrap();
-        layer.backward_weight(&cache, &grads, &x, threads).unwrap();
+        layer.backward_weight(&cache, &grads, &x, &kept(&x), threads).unwrap();
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
         let grads: Vec<Vec<u32>> = layer.params().iter().map(|p| bits(&p.grad)).collect();
         (bits(&y), bits(&dx), cache.balance_loss.to_bits(), cache.expert_load, grads)
@@ -440,9 +461,9 @@ fn names_shapes_and_errors() {
     assert_eq!(l.params_mut().len(), 1 + 3 + 8 * 3, "the bias is not an optimizer parameter");
 
     let mut y = vec![0.0; 80];
-    let err = layer.forward(&[0.0; 79], 2, 5, 0.0, &mut y, 1).unwrap_err().to_string();
+    let err = forward(&layer, &[0.0; 79], 2, 5, 0.0, &mut y, 1).unwrap_err().to_string();
     assert!(err.contains("model.layers.3.mlp.gate.weight") && err.contains("input"), "{err}");
-    let cache = layer.forward(&[0.1; 80], 2, 5, 0.0, &mut y, 1).unwrap();
+    let cache = forward(&layer, &[0.1; 80], 2, 5, 0.0, &mut y, 1).unwrap();
     let err = layer.backward_input(&cache, &[0.0; 8], 1.0, &mut y, false, 1).unwrap_err().to_string();
     assert!(err.contains("output gradient"), "{err}");
 
@@ -450,7 +471,7 @@ fn names_shapes_and_errors() {
     let layer = MoeLayer::<f64>::new(&cfg, PREFIX, 1).unwrap();
     assert!(layer.shared_experts.is_none());
     let x = random(80, 3);
-    let cache = layer.forward(&x, 2, 5, 0.0, &mut y, 1).unwrap();
+    let cache = forward(&layer, &x, 2, 5, 0.0, &mut y, 1).unwrap();
     let mut dx = vec![f64::NAN; 80];
     layer.backward_input(&cache, &x, 1.0, &mut dx, false, 1).unwrap();
     assert!(dx.iter().all(|v| v.is_finite()));
