@@ -3,7 +3,9 @@
 
 mod bench;
 mod model_info;
+mod plan;
 mod repro;
+mod schedule;
 mod train;
 
 use anyhow::Result;
@@ -33,11 +35,17 @@ enum Command {
     Score(train::ScoreArgs),
     /// Print a model configuration's parameter breakdown (total, activated per token, MTP).
     ModelInfo(model_info::ModelInfoArgs),
+    /// Lay a model out over a cluster (pipeline stages, expert shards, data parallelism) and
+    /// estimate its memory per GPU, all-to-all traffic and step time; without --pp/--ep,
+    /// propose the fastest layout that fits.
+    Plan(plan::PlanArgs),
     /// Time a kernel on this machine (the thorough suite is `cargo bench`).
     Bench {
         #[command(subcommand)]
         bench: bench::Bench,
     },
+    /// Compile, validate, simulate and draw a pipeline schedule (DualPipe, DualPipeV, 1F1B, ZB1P).
+    Schedule(schedule::ScheduleArgs),
 }
 
 fn main() -> ExitCode {
@@ -61,7 +69,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Repro { experiment } => repro::run(experiment),
         Command::Bench { bench } => bench::run(bench),
         Command::ModelInfo(args) => model_info::run(args),
+        Command::Plan(args) => plan::run(args),
         Command::Train(args) => train::train(args),
         Command::Score(args) => train::score(args),
+        Command::Schedule(args) => schedule::run(args),
     }
 }

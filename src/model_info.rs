@@ -20,11 +20,7 @@ pub struct ModelInfoArgs {
 }
 
 pub fn run(args: ModelInfoArgs) -> Result<()> {
-    let (name, config) = match (&args.preset, &args.config) {
-        (Some(preset), _) => (preset.clone(), preset.parse::<Preset>()?.config()),
-        (None, Some(path)) => (path.display().to_string(), load(path)?),
-        (None, None) => bail!("give --preset or --config"),
-    };
+    let (name, config) = resolve(args.preset.as_deref(), args.config.as_ref())?;
     let counts = ParameterCounts::of(&config);
     if args.json {
         println!(
@@ -37,8 +33,17 @@ pub fn run(args: ModelInfoArgs) -> Result<()> {
     Ok(())
 }
 
+/// The model named by `--preset` or `--config`, with the name to print for it.
+pub(crate) fn resolve(preset: Option<&str>, config: Option<&PathBuf>) -> Result<(String, ModelConfig)> {
+    match (preset, config) {
+        (Some(preset), _) => Ok((preset.to_string(), preset.parse::<Preset>()?.config())),
+        (None, Some(path)) => Ok((path.display().to_string(), load(path)?)),
+        (None, None) => bail!("give --preset or --config"),
+    }
+}
+
 /// Reads a config file by its extension.
-pub fn load(path: &PathBuf) -> Result<ModelConfig> {
+pub(crate) fn load(path: &PathBuf) -> Result<ModelConfig> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     match path.extension().and_then(|e| e.to_str()) {
         Some("json") => {

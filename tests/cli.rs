@@ -232,3 +232,158 @@ fn train_and_score_reject_bad_input_naming_the_field() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("config.json"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The bubble column of `flotilla schedule --table` for one schedule.
+fn table_bubble(table: &str, kind: &str) -> f64 {
+    let row = table
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(kind))
+        .unwrap_or_else(|| panic!("no {kind} row:\n{table}"));
+    row.split_whitespace().nth(2).unwrap().parse().unwrap_or_else(|_| panic!("bubble of {row}"))
+}
+
+#[test]
+fn schedule_table_compares_all_four_and_dualpipe_wins() {
+    let out = flotilla(&["schedule", "--table", "--pp", "8", "--micro-batches", "20"]);
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let table = String::from_utf8(out.stdout).unwrap();
+    for kind in ["1f1b", "zb1p", "dualpipe", "dualpipev"] {
+        assert!(table.lines().any(|l| l.starts_with(kind)), "table lacks {kind}:\n{table}");
+    }
+    let dualpipe = table_bubble(&table, "dualpipe");
+    assert!(dualpipe < table_bubble(&table, "zb1p"), "{table}");
+    assert!(table_bubble(&table, "zb1p") < table_bubble(&table, "1f1b"), "{table}");
+    assert!(dualpipe <= table_bubble(&table, "dualpipev"), "{table}");
+    assert!(table.contains("F = B−W = W"), "the footnote on exactness:\n{table}");
+}
+
+#[test]
+fn schedule_svg_and_chrome_trace_write_their_files() {
+    let dir = temp_dir("schedule");
+    let svg = dir.join("dualpipe.svg");
+    let svg_path = svg.to_str().unwrap();
+    // --kind defaults to dualpipe.
+    let out = flotilla(&["schedule", "--pp", "8", "--micro-batches", "20", "--svg", svg_path]);
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        stdout.starts_with("dualpipe") && stdout.contains("bubble 6") && stdout.contains(svg_path),
+        "{stdout}"
+    );
+    assert!(std::fs::read_to_string(&svg).unwrap().starts_with("<svg"));
+
+    let trace = dir.join("zb1p.json");
+    let trace_path = trace.to_str().unwrap();
+    let args = ["schedule", "--kind", "zb1p", "--pp", "4", "--micro-batches", "8"];
+    let out = flotilla(&[&args[..], &["--chrome-trace", trace_path]].concat());
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let trace: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&trace).unwrap()).unwrap();
+    let complete = trace["traceEvents"].as_array().unwrap().iter().filter(|e| e["ph"] == "X").count();
+    assert!(complete >= 3 * 4 * 8, "F, B and W of every chunk: {complete}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn schedule_json_has_one_stream_per_rank_and_the_simulated_summary() {
+    let out = flotilla(&["schedule", "--kind", "dualpipe", "--pp", "8", "--micro-batches", "20", "--json"]);
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(report["schedule"]["ranks"].as_array().unwrap().len(), 8);
+    assert_eq!(report["schedule"]["kind"], "dualpipe");
+    assert_eq!(report["report"]["stages"][0], serde_json::json!([0, 7]));
+    assert_eq!(report["summary"]["bubble"].as_f64().unwrap(), 6.0);
+    assert_eq!(report["summary"]["idle"].as_array().unwrap().len(), 8);
+    assert!(report["summary"]["makespan"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn schedule_bad_input_says_what_is_allowed() {
+    for (args, needle) in [
+        (vec!["--pp", "3", "--micro-batches", "20", "--kind", "dualpipe"], "even pp"),
+        (vec!["--micro-batches", "10", "--pp", "8", "--kind", "dualpipe"], "≥ 2·pp = 16"),
+        (vec!["--pp", "8", "--micro-batches", "20", "--costs", "1,2"], "F,B,W,FB"),
+        (vec!["--pp", "8", "--micro-batches", "20", "--kind", "2f2b"], "1f1b, zb1p, dualpipe or dualpipev"),
+        (vec!["--pp", "8", "--micro-batches", "20", "--latency", "-1"], "--latency"),
+    ] {
+        let mut full = vec!["schedule", "--json"];
+        full.extend(args.iter().copied());
+        let out = flotilla(&full);
+        assert!(!out.status.success(), "{args:?} should fail");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(needle), "{args:?}: stderr does not say {needle:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
+    }
+    let out = flotilla(&["schedule", "--pp", "8", "--micro-batches", "20"]);
+    assert!(!out.status.success(), "an output mode is required");
+}
+
+#[test]
+fn plan_lays_out_the_reports_cluster_and_it_fits() {
+    let paper = [
+        "plan",
+        "--preset",
+        "deepseek-v3-671b",
+        "--nodes",
+        "256",
+        "--gpus-per-node",
+        "8",
+        "--gpu-memory",
+        "80GiB",
+        "--pp",
+        "16",
+        "--ep",
+        "64",
+    ];
+    let out = flotilla(&paper);
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let report = String::from_utf8(out.stdout).unwrap();
+    for needle in
+        ["PP 16 (16 stages) × DP 128", "EP 64", "4 per GPU", "activations", "free)", "bubble", "IB (inter)"]
+    {
+        assert!(report.contains(needle), "report lacks {needle:?}:\n{report}");
+    }
+
+    let out = flotilla(&[&paper[..], &["--json"]].concat());
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON plan");
+    assert_eq!(plan["layout"]["dp"], 128);
+    assert_eq!(plan["experts"]["experts_per_gpu"], 4);
+    let memory = &plan["memory"];
+    assert!(memory["total"].as_u64().unwrap() <= memory["capacity"].as_u64().unwrap());
+    assert_eq!(memory["capacity"].as_u64(), Some(80 << 30));
+}
+
+#[test]
+fn plan_refuses_bad_sizes_and_layouts_naming_the_cause() {
+    let base = ["plan", "--preset", "deepseek-v3-671b", "--nodes", "256", "--pp", "16"];
+    for (extra, needle) in [
+        (vec!["--gpu-memory", "80XB", "--ep", "64"], "--gpu-memory"),
+        (vec!["--gpu-memory", "80GiB", "--ep", "48"], "does not divide the 256 routed experts"),
+        (vec!["--gpu-memory", "16GiB", "--ep", "64"], "does not fit"),
+    ] {
+        let out = flotilla(&[&base[..], &extra[..]].concat());
+        assert!(!out.status.success(), "{extra:?} should fail");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(needle), "{extra:?}: stderr lacks {needle:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{extra:?} panicked: {stderr}");
+    }
+}
+
+#[test]
+fn plan_without_a_layout_proposes_one_that_fits() {
+    let out = flotilla(&[
+        "plan",
+        "--preset",
+        "deepseek-v3-671b",
+        "--nodes",
+        "256",
+        "--gpu-memory",
+        "80GB",
+        "--json",
+    ]);
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let proposal: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON proposal");
+    let memory = &proposal["chosen"]["memory"];
+    assert!(memory["total"].as_u64().unwrap() <= 80_000_000_000);
+    assert!(!proposal["candidates"].as_array().unwrap().is_empty());
+}

@@ -6,7 +6,10 @@
 //! API boundary: the coordinator never looks inside tensors; it deals in shapes, layouts,
 //! schedules and reports.
 //!
-//! What exists today: [`schedule`], the schedule compiler, validator and simulator. The
+//! What exists today: [`schedule`], the schedule compiler, validator and simulator; and
+//! [`plan`], the cluster planner that lays a model out over GPUs (stages, expert shards,
+//! data parallelism) and estimates its memory, all-to-all traffic and step time. The
 //! control plane arrives with its own issue.
 
+pub mod plan;
 pub mod schedule;

@@ -128,6 +128,8 @@ pub struct Span {
 /// A simulated step.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Timeline {
+    /// The costs it was simulated under.
+    pub costs: Costs,
     /// Every instruction of every rank, rank by rank in stream order.
     pub spans: Vec<Span>,
     /// When the last rank finishes.
@@ -252,7 +254,7 @@ fn execute(schedule: &Schedule, costs: &Costs) -> Result<Timeline, ScheduleError
         s.dedup();
     }
     let report = Report { peak_activations: run.peak, stages, transfers: run.messages.len() };
-    Ok(Timeline { spans: spans.into_iter().flatten().collect(), makespan, busy, idle, bubble, report })
+    Ok(Timeline { costs: *costs, spans: spans.into_iter().flatten().collect(), makespan, busy, idle, bubble, report })
 }
 
 /// Where each chunk runs: the rank whose stream holds its forward (alone or overlapped).
@@ -291,7 +293,13 @@ fn place(schedule: &Schedule) -> Result<HashMap<Chunk, u32>, ScheduleError> {
 impl Execution<'_> {
     /// Executes one instruction on `rank` at time `now`: `Ok(Some(end))` when it ran,
     /// `Ok(None)` when it is a receive that must wait, `Err(reason)` when it is invalid.
-    fn step(&mut self, rank: u32, instruction: &Instruction, now: f64, costs: &Costs) -> Result<Option<f64>, String> {
+    fn step(
+        &mut self,
+        rank: u32,
+        instruction: &Instruction,
+        now: f64,
+        costs: &Costs,
+    ) -> Result<Option<f64>, String> {
         let cost = costs.of(instruction);
         match *instruction {
             Instruction::Forward { chunk } => {
@@ -366,7 +374,9 @@ impl Execution<'_> {
     /// The chunk `delta` stages away in the same micro-batch, if it exists.
     fn neighbour(&self, chunk: Chunk, delta: i64) -> Option<Chunk> {
         let stage = chunk.stage as i64 + delta;
-        (0..self.schedule.num_stages as i64).contains(&stage).then(|| Chunk::new(chunk.micro_batch, stage as u32))
+        (0..self.schedule.num_stages as i64)
+            .contains(&stage)
+            .then(|| Chunk::new(chunk.micro_batch, stage as u32))
     }
 
     fn check_here(&self, rank: u32, chunk: Chunk) -> Result<(), String> {
@@ -404,7 +414,13 @@ impl Execution<'_> {
 
     /// Whether `consumer` on `rank` has the tensor `producer` makes for it: computed on
     /// this rank already, or received.
-    fn check_input(&mut self, rank: u32, payload: Payload, producer: Chunk, consumer: Chunk) -> Result<(), String> {
+    fn check_input(
+        &mut self,
+        rank: u32,
+        payload: Payload,
+        producer: Chunk,
+        consumer: Chunk,
+    ) -> Result<(), String> {
         let what = match payload {
             Payload::Activation => "activation",
             Payload::Grad => "input gradient",
@@ -416,7 +432,9 @@ impl Execution<'_> {
                 Payload::Grad => state.backward_input,
             };
             if !done {
-                return Err(format!("{consumer} needs the {what} of {producer}, which this rank has not computed yet"));
+                return Err(format!(
+                    "{consumer} needs the {what} of {producer}, which this rank has not computed yet"
+                ));
             }
         } else if !self.received[rank as usize].contains(&(payload, producer)) {
             return Err(format!(

@@ -29,7 +29,9 @@ pub fn compile(spec: &ScheduleSpec) -> Result<Schedule, ScheduleError> {
 /// The inputs each generator accepts, with an error that says what is allowed.
 fn check(spec: &ScheduleSpec) -> Result<(), ScheduleError> {
     let ScheduleSpec { kind, pp, micro_batches } = *spec;
-    let bad = |why: String| Err(ScheduleError::Spec(format!("{kind} with pp = {pp}, micro-batches = {micro_batches}: {why}")));
+    let bad = |why: String| {
+        Err(ScheduleError::Spec(format!("{kind} with pp = {pp}, micro-batches = {micro_batches}: {why}")))
+    };
     match kind {
         ScheduleKind::OneFOneB | ScheduleKind::Zb1p => {
             if pp == 0 {
@@ -52,10 +54,15 @@ fn check(spec: &ScheduleSpec) -> Result<(), ScheduleError> {
         }
         ScheduleKind::DualPipeV => {
             if pp < 2 || pp % 2 != 0 {
-                return bad("DualPipeV needs an even pp ≥ 2 stages (pp/2 ranks, each hosting two stages)".into());
+                return bad(
+                    "DualPipeV needs an even pp ≥ 2 stages (pp/2 ranks, each hosting two stages)".into()
+                );
             }
             if micro_batches < pp {
-                return bad(format!("DualPipeV needs micro-batches ≥ pp = {pp} (twice its {} ranks)", pp / 2));
+                return bad(format!(
+                    "DualPipeV needs micro-batches ≥ pp = {pp} (twice its {} ranks)",
+                    pp / 2
+                ));
             }
         }
     }
@@ -287,20 +294,23 @@ struct Phased {
 
 impl Phased {
     fn next_forward(&mut self, phase: usize) -> Chunk {
-        let chunk = Chunk::new(self.first_micro_batch[phase] + self.forwards[phase].len() as u32, self.stage[phase]);
+        let chunk =
+            Chunk::new(self.first_micro_batch[phase] + self.forwards[phase].len() as u32, self.stage[phase]);
         self.forwards[phase].push(chunk);
         chunk
     }
 
     fn next_backward(&mut self, phase: usize) -> Chunk {
-        let chunk = Chunk::new(self.first_micro_batch[phase] + self.backwards[phase].len() as u32, self.stage[phase]);
+        let chunk =
+            Chunk::new(self.first_micro_batch[phase] + self.backwards[phase].len() as u32, self.stage[phase]);
         self.backwards[phase].push(chunk);
         chunk
     }
 
     /// The reference's `_recv_forward(phase)` ahead of its `_forward_chunk(phase, recv=False)`.
     fn post_recv_forward(&mut self, phase: usize) {
-        let chunk = Chunk::new(self.first_micro_batch[phase] + self.forwards[phase].len() as u32, self.stage[phase]);
+        let chunk =
+            Chunk::new(self.first_micro_batch[phase] + self.forwards[phase].len() as u32, self.stage[phase]);
         self.s.post_recv_of_forward(chunk);
     }
 
@@ -375,16 +385,19 @@ fn dualpipe(pp: u32, micro_batches: u32, rank: u32) -> Vec<Instruction> {
         sent_backward: [0; 2],
         weights: VecDeque::new(),
     };
-    run_dual_phases(&mut p, DualShape {
-        step_1: (half_ranks - half_rank - 1) * 2,
-        step_2: half_rank + 1,
-        step_3: half_ranks - half_rank - 1,
-        step_4: half_chunks - pp + half_rank + 1,
-        half_rank,
-        // The middle ranks of DualPipe, the last rank of DualPipeV: where the two
-        // directions meet, the first main-loop pair is not overlapped.
-        at_turn: is_middle,
-    });
+    run_dual_phases(
+        &mut p,
+        DualShape {
+            step_1: (half_ranks - half_rank - 1) * 2,
+            step_2: half_rank + 1,
+            step_3: half_ranks - half_rank - 1,
+            step_4: half_chunks - pp + half_rank + 1,
+            half_rank,
+            // The middle ranks of DualPipe, the last rank of DualPipeV: where the two
+            // directions meet, the first main-loop pair is not overlapped.
+            at_turn: is_middle,
+        },
+    );
     p.finish()
 }
 
@@ -402,14 +415,17 @@ fn dualpipe_v(ranks: u32, micro_batches: u32, rank: u32) -> Vec<Instruction> {
         sent_backward: [0; 2],
         weights: VecDeque::new(),
     };
-    run_dual_phases(&mut p, DualShape {
-        step_1: (ranks - rank - 1) * 2,
-        step_2: rank + 1,
-        step_3: ranks - rank - 1,
-        step_4: micro_batches - stages + rank + 1,
-        half_rank: rank,
-        at_turn: rank == ranks - 1,
-    });
+    run_dual_phases(
+        &mut p,
+        DualShape {
+            step_1: (ranks - rank - 1) * 2,
+            step_2: rank + 1,
+            step_3: ranks - rank - 1,
+            step_4: micro_batches - stages + rank + 1,
+            half_rank: rank,
+            at_turn: rank == ranks - 1,
+        },
+    );
     p.finish()
 }
 

@@ -21,9 +21,11 @@
 //!
 //! Invariant: every [`Schedule`] returned by a generator passes [`validate`].
 
+mod draw;
 mod engine;
 mod generate;
 
+pub use draw::{Comparison, Outcome, Simulated, chrome_trace, compare, svg};
 pub use engine::{Costs, Report, Span, Timeline, simulate, validate};
 pub use generate::compile;
 
@@ -122,7 +124,9 @@ impl std::str::FromStr for ScheduleKind {
     type Err = ScheduleError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         ScheduleKind::ALL.into_iter().find(|k| k.name() == s.to_ascii_lowercase()).ok_or_else(|| {
-            ScheduleError::Spec(format!("unknown schedule kind {s:?}: expected 1f1b, zb1p, dualpipe or dualpipev"))
+            ScheduleError::Spec(format!(
+                "unknown schedule kind {s:?}: expected 1f1b, zb1p, dualpipe or dualpipev"
+            ))
         })
     }
 }
