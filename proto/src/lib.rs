@@ -1,8 +1,30 @@
 //! The `flotilla.v1` wire protocol: gRPC services and messages shared by the coordinator,
 //! the workers and clients (dashboards, the CLI).
 //!
-//! Responsibility: the `.proto` files under `proto/` and the tonic/prost code generated
-//! from them at build time with a pure-Rust parser (no system `protoc`).
+//! - `CoordinatorService` (worker-facing): `Register`, then one bidirectional `Session`
+//!   stream per worker: heartbeats, acknowledgements, step reports and errors up; assignment
+//!   (with the data-plane rendezvous), steps to run, abort and shutdown down.
+//! - `JobService` (client-facing): submit, get, list, cancel and a resumable `WatchJob`
+//!   whose events carry monotonically increasing revisions.
 //!
-//! This crate holds no code yet: the services arrive with the control plane. It exists so
-//! that the workspace has its final shape and dependents can name it.
+//! The code is generated at build time from `proto/flotilla/v1/*.proto` by protox (pure
+//! Rust) and tonic-prost-build: building needs no system `protoc`.
+
+/// The generated messages, clients (`*_client`) and servers (`*_server`).
+pub mod v1 {
+    tonic::include_proto!("flotilla.v1");
+}
+
+/// The protocol version a worker and the coordinator must share; bump it on any change that
+/// an older peer would misread.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The encoded `FileDescriptorSet` of `flotilla.v1`, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/flotilla_descriptor.bin"));
+
+impl v1::JobState {
+    /// Whether a job in this state will change no more.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, v1::JobState::Succeeded | v1::JobState::Failed | v1::JobState::Cancelled)
+    }
+}
