@@ -2,12 +2,15 @@
 //! all four against the DeepSeek-V3 report's Table 2. The work is in
 //! `flotilla_coordinator::schedule`; this parses flags and prints.
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::{ArgGroup, Args};
 use flotilla_coordinator::schedule::{
-    self, Comparison, Costs, Outcome, Schedule, ScheduleKind, ScheduleSpec, Timeline,
+    self, Comparison, Costs, Outcome, Schedule, ScheduleKind, ScheduleSpec, Timeline, number,
 };
 use std::path::{Path, PathBuf};
+
+/// The most (micro-batch, stage) chunks `--svg` draws: PP 16 with 4,096 micro-batches.
+const MAX_DRAWN_CHUNKS: u64 = 1 << 16;
 
 #[derive(Args)]
 #[command(group = ArgGroup::new("output").required(true).multiple(false))]
@@ -51,14 +54,31 @@ pub fn run(args: ScheduleArgs) -> Result<()> {
     costs.latency = args.latency;
     costs.check().context("--latency")?;
 
+    let kind: ScheduleKind = args.kind.parse().context("--kind")?;
     if args.table {
         let rows = schedule::compare(args.pp, args.micro_batches, &costs);
+        let errors: Vec<&str> = rows
+            .iter()
+            .filter_map(|r| match &r.outcome {
+                Outcome::Error(message) => Some(message.as_str()),
+                Outcome::Simulated(_) => None,
+            })
+            .collect();
+        if errors.len() == rows.len() {
+            bail!("--pp/--micro-batches: no schedule runs with these inputs: {}", errors.join("; "));
+        }
         emit(&format_table(args.pp, args.micro_batches, &costs, &rows))?;
         return Ok(());
     }
 
-    let kind: ScheduleKind = args.kind.parse().context("--kind")?;
     let spec = ScheduleSpec { kind, pp: args.pp, micro_batches: args.micro_batches };
+    let chunks = u64::from(spec.pp) * u64::from(spec.micro_batches);
+    if args.svg.is_some() && chunks > MAX_DRAWN_CHUNKS {
+        bail!(
+            "--svg: {chunks} chunks would not be readable as one picture (at most {MAX_DRAWN_CHUNKS}); \
+             use --chrome-trace, which Perfetto zooms, or fewer stages or micro-batches"
+        );
+    }
     let compiled = schedule::compile(&spec).context("--kind/--pp/--micro-batches")?;
     let timeline = schedule::simulate(&compiled, &costs).context("simulating the compiled schedule")?;
 
@@ -90,24 +110,6 @@ fn emit(text: &str) -> Result<()> {
 
 fn write(path: &Path, contents: &str) -> Result<()> {
     std::fs::write(path, contents).with_context(|| format!("writing {}", path.display()))
-}
-
-/// A time or cost with at most three decimals and no float noise (5.9999… is 6).
-fn number(value: f64) -> String {
-    let text = format!("{value:.3}");
-    let text = text.trim_end_matches('0').trim_end_matches('.');
-    if text == "-0" { "0".to_string() } else { text.to_string() }
-}
-
-fn describe_costs(costs: &Costs) -> String {
-    format!(
-        "F={} B={} W={} F&B={} latency={}",
-        number(costs.forward),
-        number(costs.backward),
-        number(costs.weight),
-        number(costs.overlapped),
-        number(costs.latency)
-    )
 }
 
 fn summary(schedule: &Schedule, timeline: &Timeline) -> String {
@@ -201,7 +203,7 @@ fn format_table(pp: u32, micro_batches: u32, costs: &Costs, rows: &[Comparison])
 
     let mut out = format!(
         "pipeline schedules for pp = {pp} stages, {micro_batches} micro-batches, costs {}\n\n",
-        describe_costs(costs)
+        costs
     );
     out.push_str(&line(&header));
     for row in &cells {
@@ -214,14 +216,11 @@ fn format_table(pp: u32, micro_batches: u32, costs: &Costs, rows: &[Comparison])
     if !errors.is_empty() {
         out.push('\n');
     }
-    let exact = costs.forward == costs.backward - costs.weight
-        && costs.weight == costs.forward
-        && costs.overlapped <= costs.forward + costs.backward
-        && costs.latency == 0.0;
+    let exact = costs.matches_table_2();
     out.push_str(&format!(
         "bubble: the most idle time of any rank, simulated; (paper): Table 2 of the DeepSeek-V3 report.\n\
-         The formulas are exact when F = B−W = W, F&B ≤ F+B and latency is 0 ({}); otherwise the\n\
-         simulated bubble is the one of the actual op order and the DualPipe formula an estimate.\n\
+         DualPipe's formula is exact when F = B−W, W ≤ F, B ≤ F&B ≤ F+B and latency is 0 ({}); otherwise\n\
+         the simulated bubble is the one of the actual op order and the formula an estimate.\n\
          Activations in micro-batch × stage units, parameters in stages' worth.\n",
         if exact { "true for these costs" } else { "not the case for these costs" }
     ));

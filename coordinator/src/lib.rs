@@ -8,8 +8,11 @@
 //!
 //! What exists today: [`schedule`], the schedule compiler, validator and simulator; and
 //! [`plan`], the cluster planner that lays a model out over GPUs (stages, expert shards,
-//! data parallelism) and estimates its memory, all-to-all traffic and step time. The
-//! control plane arrives with its own issue.
+//! data parallelism) and estimates its memory, all-to-all traffic and step time; and
+//! [`store`], the durable state store (revisioned keys, compare-and-swap, leases, resumable
+//! watches) with its embedded crash-safe file-backed implementation. The control plane
+//! arrives with its own issue.
 
 pub mod plan;
 pub mod schedule;
+pub mod store;

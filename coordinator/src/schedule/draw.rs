@@ -98,11 +98,14 @@ fn escape(text: &str) -> String {
 
 /// A time or cost for people: at most three decimals, no trailing zeros, so that the
 /// simulator's sums (5.999999…) print as the 6 they are.
-fn number(value: f64) -> String {
+pub fn number(value: f64) -> String {
     let text = format!("{value:.3}");
     let text = text.trim_end_matches('0').trim_end_matches('.');
     if text == "-0" { "0".to_string() } else { text.to_string() }
 }
+
+/// More than the ~16 ticks a 1-2-5 step gives, so the cap never cuts a normal axis.
+const MAX_TICKS: u32 = 40;
 
 /// A 1-2-5 step that cuts `span` into about `ticks` intervals.
 fn tick_step(span: f64, ticks: f64) -> f64 {
@@ -126,21 +129,6 @@ fn stage_list(stages: &[u32]) -> String {
         1 => format!("stage {}", list[0]),
         _ => format!("stages {}", list.join(", ")),
     }
-}
-
-/// The costs as `--costs` takes them (B is the full backward), with the latency if any.
-fn cost_summary(costs: &Costs) -> String {
-    let mut text = format!(
-        "F={} B={} W={} F&B={}",
-        number(costs.forward),
-        number(costs.backward),
-        number(costs.weight),
-        number(costs.overlapped)
-    );
-    if costs.latency > 0.0 {
-        text.push_str(&format!(" latency={}", number(costs.latency)));
-    }
-    text
 }
 
 /// Draws `timeline` (the simulation of `schedule`) as a self-contained SVG: one row per
@@ -239,7 +227,7 @@ pub fn svg(schedule: &Schedule, timeline: &Timeline) -> String {
     );
     let subtitle = format!(
         "costs {} · makespan {} · bubble {} (most idle time of any rank) · peak activations {}",
-        cost_summary(&timeline.costs),
+        timeline.costs.as_ref().map_or_else(|| "per instruction".to_string(), Costs::to_string),
         number(makespan),
         number(timeline.bubble),
         timeline.report.peak_activations.iter().copied().max().unwrap_or(0)
@@ -268,8 +256,9 @@ pub fn svg(schedule: &Schedule, timeline: &Timeline) -> String {
     let _ = writeln!(out, r#"<text x="{}" y="{}" text-anchor="end">time</text>"#, LEFT - 8.0, TOP - 10.0);
     if makespan > 0.0 && makespan.is_finite() {
         let step = tick_step(makespan, 16.0);
-        let mut k = 0u32;
-        loop {
+        // A subnormal makespan gives a zero step; the cap keeps the axis finite regardless.
+        let ticks = if step.is_normal() { MAX_TICKS } else { 0 };
+        for k in 0..=ticks {
             let t = f64::from(k) * step;
             if t > makespan * (1.0 + 1e-9) {
                 break;
@@ -285,7 +274,6 @@ pub fn svg(schedule: &Schedule, timeline: &Timeline) -> String {
                 number(rows_bottom + 14.0),
                 number(t)
             );
-            k += 1;
         }
     }
     let _ = writeln!(out, "</g>");

@@ -7,7 +7,7 @@
 //! at that instruction, not a wait. When no rank can move and some are unfinished, the
 //! schedule deadlocks, and the error lists what each rank waits for.
 
-use super::{Chunk, Instruction, Schedule, ScheduleError};
+use super::{Chunk, Instruction, MAX_CHUNKS, MAX_STAGES, Schedule, ScheduleError};
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
 
@@ -30,6 +30,26 @@ impl Default for Costs {
     /// F = 1, B = 2, W = 1, F&B = F + B (no gain from overlap), zero latency.
     fn default() -> Self {
         Costs { forward: 1.0, backward: 2.0, weight: 1.0, overlapped: 3.0, latency: 0.0 }
+    }
+}
+
+/// `F=1 B=2 W=1 F&B=3`, as `--costs` takes them (B a full backward), then the latency if
+/// there is one.
+impl std::fmt::Display for Costs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use super::draw::number;
+        write!(
+            f,
+            "F={} B={} W={} F&B={}",
+            number(self.forward),
+            number(self.backward),
+            number(self.weight),
+            number(self.overlapped)
+        )?;
+        if self.latency > 0.0 {
+            write!(f, " latency={}", number(self.latency))?;
+        }
+        Ok(())
     }
 }
 
@@ -75,6 +95,20 @@ impl Costs {
             )));
         }
         Ok(())
+    }
+
+    /// Whether these are costs under which Table 2's DualPipe formula is the bubble of the
+    /// reference's op order: no latency, the input-gradient part of B as long as F
+    /// (F = B − W), W ≤ F, and B ≤ F&B ≤ F + B. The zero-bubble paper's F = B − W = W
+    /// lies inside. Compared with a relative tolerance, as the costs may come from sums.
+    pub fn matches_table_2(&self) -> bool {
+        let tolerance = 1e-9 * (self.forward + self.backward + self.overlapped).max(f64::MIN_POSITIVE);
+        let at_most = |a: f64, b: f64| a <= b + tolerance;
+        self.latency == 0.0
+            && (self.forward - (self.backward - self.weight)).abs() <= tolerance
+            && at_most(self.weight, self.forward)
+            && at_most(self.backward, self.overlapped)
+            && at_most(self.overlapped, self.forward + self.backward)
     }
 
     /// The time an instruction keeps its rank busy (transfers: none).
@@ -128,8 +162,8 @@ pub struct Span {
 /// A simulated step.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Timeline {
-    /// The costs it was simulated under.
-    pub costs: Costs,
+    /// The costs it was simulated under ([`simulate`]); `None` from [`simulate_with`].
+    pub costs: Option<Costs>,
     /// Every instruction of every rank, rank by rank in stream order.
     pub spans: Vec<Span>,
     /// When the last rank finishes.
@@ -146,13 +180,29 @@ pub struct Timeline {
 
 /// Proves `schedule` valid under the execution model; see [`Report`] for what it measures.
 pub fn validate(schedule: &Schedule) -> Result<Report, ScheduleError> {
-    Ok(execute(schedule, &Costs::default())?.report)
+    Ok(execute(schedule, &|i| Costs::default().of(i), 0.0)?.report)
 }
 
 /// Validates `schedule` and times it under `costs`.
 pub fn simulate(schedule: &Schedule, costs: &Costs) -> Result<Timeline, ScheduleError> {
     costs.check()?;
-    execute(schedule, costs)
+    let mut timeline = execute(schedule, &|i| costs.of(i), costs.latency)?;
+    timeline.costs = Some(*costs);
+    Ok(timeline)
+}
+
+/// Validates `schedule` and times it with a duration per instruction (e.g. per stage, when
+/// stages differ in cost) and a point-to-point `latency`. Transfers take no rank time
+/// whatever `duration` says of them.
+pub fn simulate_with(
+    schedule: &Schedule,
+    duration: impl Fn(&Instruction) -> f64,
+    latency: f64,
+) -> Result<Timeline, ScheduleError> {
+    if !latency.is_finite() || latency < 0.0 {
+        return Err(ScheduleError::Costs(format!("latency = {latency} must be finite and ≥ 0")));
+    }
+    execute(schedule, &duration, latency)
 }
 
 /// The two kinds of point-to-point message.
@@ -162,7 +212,16 @@ enum Payload {
     Grad,
 }
 
-/// A message in flight: who sent it, to whom, and when it arrives.
+impl Payload {
+    fn name(self) -> &'static str {
+        match self {
+            Payload::Activation => "activation",
+            Payload::Grad => "input gradient",
+        }
+    }
+}
+
+/// A message in flight: to whom, when it arrives, whether it was received.
 struct Message {
     to: u32,
     arrival: f64,
@@ -188,7 +247,11 @@ struct Execution<'a> {
     peak: Vec<u32>,
 }
 
-fn execute(schedule: &Schedule, costs: &Costs) -> Result<Timeline, ScheduleError> {
+fn execute(
+    schedule: &Schedule,
+    duration: &dyn Fn(&Instruction) -> f64,
+    latency: f64,
+) -> Result<Timeline, ScheduleError> {
     let placement = place(schedule)?;
     let ranks = schedule.ranks.len();
     let mut run = Execution {
@@ -216,7 +279,13 @@ fn execute(schedule: &Schedule, costs: &Costs) -> Result<Timeline, ScheduleError
                     reason,
                 };
                 let start = clock[rank];
-                let end = match run.step(rank as u32, instruction, start, costs).map_err(at)? {
+                let cost = if instruction.is_compute() { duration(instruction) } else { 0.0 };
+                if !cost.is_finite() || cost < 0.0 {
+                    return Err(ScheduleError::Costs(format!(
+                        "rank {rank}, instruction {index} ({instruction}) lasts {cost}: durations must be finite and ≥ 0"
+                    )));
+                }
+                let end = match run.step(rank as u32, instruction, start, cost, latency).map_err(at)? {
                     Some(end) => end,
                     None => break, // a receive whose send has not been issued yet
                 };
@@ -243,6 +312,9 @@ fn execute(schedule: &Schedule, costs: &Costs) -> Result<Timeline, ScheduleError
     run.check_complete()?;
 
     let makespan = clock.iter().copied().fold(0.0, f64::max);
+    if !makespan.is_finite() {
+        return Err(ScheduleError::Costs(format!("the simulated step lasts {makespan}: the costs overflow")));
+    }
     let idle: Vec<f64> = busy.iter().map(|b| makespan - b).collect();
     let bubble = idle.iter().copied().fold(0.0, f64::max);
     let mut stages = vec![Vec::new(); ranks];
@@ -254,13 +326,28 @@ fn execute(schedule: &Schedule, costs: &Costs) -> Result<Timeline, ScheduleError
         s.dedup();
     }
     let report = Report { peak_activations: run.peak, stages, transfers: run.messages.len() };
-    Ok(Timeline { costs: *costs, spans: spans.into_iter().flatten().collect(), makespan, busy, idle, bubble, report })
+    Ok(Timeline {
+        costs: None,
+        spans: spans.into_iter().flatten().collect(),
+        makespan,
+        busy,
+        idle,
+        bubble,
+        report,
+    })
 }
 
 /// Where each chunk runs: the rank whose stream holds its forward (alone or overlapped).
 fn place(schedule: &Schedule) -> Result<HashMap<Chunk, u32>, ScheduleError> {
     if schedule.ranks.is_empty() {
         return Err(ScheduleError::Spec("a schedule needs at least one rank".into()));
+    }
+    let chunks = u64::from(schedule.num_stages) * u64::from(schedule.num_micro_batches);
+    if schedule.num_stages > MAX_STAGES || chunks > MAX_CHUNKS {
+        return Err(ScheduleError::Spec(format!(
+            "{} stages × {} micro-batches: at most {MAX_STAGES} stages and {MAX_CHUNKS} chunks are supported",
+            schedule.num_stages, schedule.num_micro_batches
+        )));
     }
     let mut placement = HashMap::new();
     for (rank, stream) in schedule.ranks.iter().enumerate() {
@@ -298,9 +385,9 @@ impl Execution<'_> {
         rank: u32,
         instruction: &Instruction,
         now: f64,
-        costs: &Costs,
+        cost: f64,
+        latency: f64,
     ) -> Result<Option<f64>, String> {
-        let cost = costs.of(instruction);
         match *instruction {
             Instruction::Forward { chunk } => {
                 self.check_forward(rank, chunk)?;
@@ -340,7 +427,7 @@ impl Execution<'_> {
                 }
                 let next = self.neighbour(chunk, 1).ok_or("the last stage's output is the loss, not sent")?;
                 self.check_send(rank, peer, next)?;
-                self.post(Payload::Activation, chunk, peer, now + costs.latency)?;
+                self.post(Payload::Activation, chunk, peer, now + latency)?;
             }
             Instruction::SendGrad { chunk, peer } => {
                 self.check_here(rank, chunk)?;
@@ -349,7 +436,7 @@ impl Execution<'_> {
                 }
                 let previous = self.neighbour(chunk, -1).ok_or("stage 0 has no input gradient to send")?;
                 self.check_send(rank, peer, previous)?;
-                self.post(Payload::Grad, chunk, peer, now + costs.latency)?;
+                self.post(Payload::Grad, chunk, peer, now + latency)?;
             }
             Instruction::RecvActivation { chunk, peer } => {
                 let next = self.neighbour(chunk, 1).ok_or("the last stage's output is never sent")?;
@@ -421,10 +508,7 @@ impl Execution<'_> {
         producer: Chunk,
         consumer: Chunk,
     ) -> Result<(), String> {
-        let what = match payload {
-            Payload::Activation => "activation",
-            Payload::Grad => "input gradient",
-        };
+        let what = payload.name();
         if self.rank_of(producer)? == rank {
             let state = self.state(producer);
             let done = match payload {
@@ -516,31 +600,40 @@ impl Execution<'_> {
 
     /// After every stream ran to its end: all work done, every message received.
     fn check_complete(&self) -> Result<(), ScheduleError> {
+        // Only the first few problems are spelled out; the rest are counted.
+        const SHOWN: usize = 8;
         let mut missing = Vec::new();
+        let mut total = 0usize;
+        let mut note = |problem: &dyn Fn() -> String| {
+            total += 1;
+            if missing.len() < SHOWN {
+                missing.push(problem());
+            }
+        };
         for micro_batch in 0..self.schedule.num_micro_batches {
             for stage in 0..self.schedule.num_stages {
                 let chunk = Chunk::new(micro_batch, stage);
                 let state = self.chunks.get(&chunk).copied().unwrap_or_default();
                 if !state.forward {
-                    missing.push(format!("no forward of {chunk}"));
+                    note(&|| format!("no forward of {chunk}"));
                 } else if !state.backward_input {
-                    missing.push(format!("no backward of {chunk}"));
+                    note(&|| format!("no backward of {chunk}"));
                 } else if !state.weight {
-                    missing.push(format!("the deferred W of {chunk} never runs"));
+                    note(&|| format!("the deferred W of {chunk} never runs"));
                 }
             }
         }
         let mut unreceived: Vec<_> = self.messages.iter().filter(|(_, m)| !m.received).collect();
         unreceived.sort_by_key(|((_, chunk), m)| (*chunk, m.to));
         for ((payload, chunk), message) in unreceived {
-            missing.push(format!("the {payload:?} of {chunk} sent to rank {} is never received", message.to));
+            note(&|| {
+                format!("the {} of {chunk} sent to rank {} is never received", payload.name(), message.to)
+            });
         }
-        if missing.is_empty() {
+        if total == 0 {
             return Ok(());
         }
-        let total = missing.len();
-        missing.truncate(8);
-        let more = if total > 8 { format!(" (and {} more)", total - 8) } else { String::new() };
+        let more = if total > SHOWN { format!(" (and {} more)", total - SHOWN) } else { String::new() };
         Err(ScheduleError::Incomplete(format!("{}{more}", missing.join("; "))))
     }
 }

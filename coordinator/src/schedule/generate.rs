@@ -3,14 +3,16 @@
 //! DualPipe and DualPipeV are ports of the op order of DeepSeek's reference
 //! (deepseek-ai/DualPipe, `dualpipe.py` and `dualpipev.py`): the same eight phases per rank,
 //! the middle ranks' non-overlapped first pair, the zero-bubble deferral of W from the
-//! middle of phase 6. Two things differ from the reference's communication, by design:
-//! - a receive is placed right before the compute that consumes it (the reference posts
-//!   some earlier, in the same batch as the previous chunk's), so a rank never waits for
-//!   data it does not need yet;
+//! middle of phase 6, and the reference's communication points:
+//! - a receive is waited on right before the compute that consumes it, except the ones the
+//!   reference posts ahead (the next F0's input during phase 2, the next F1's input before
+//!   the W of phase 3), which are waited on at the reference's next commit;
 //! - sends are issued where the reference commits them: at the next compute instruction.
 //!   The middle ranks' delayed sends in the first main-loop pair are kept.
 
-use super::{Chunk, Instruction, Schedule, ScheduleError, ScheduleKind, ScheduleSpec};
+use super::{
+    Chunk, Instruction, MAX_CHUNKS, MAX_STAGES, Schedule, ScheduleError, ScheduleKind, ScheduleSpec,
+};
 use std::collections::VecDeque;
 
 /// Compiles `spec` into one instruction stream per rank.
@@ -32,6 +34,12 @@ fn check(spec: &ScheduleSpec) -> Result<(), ScheduleError> {
     let bad = |why: String| {
         Err(ScheduleError::Spec(format!("{kind} with pp = {pp}, micro-batches = {micro_batches}: {why}")))
     };
+    if pp > MAX_STAGES {
+        return bad(format!("at most {MAX_STAGES} stages are supported"));
+    }
+    if u64::from(pp) * u64::from(micro_batches) > MAX_CHUNKS {
+        return bad(format!("pp × micro-batches must be at most {MAX_CHUNKS}"));
+    }
     match kind {
         ScheduleKind::OneFOneB | ScheduleKind::Zb1p => {
             if pp == 0 {
@@ -293,6 +301,19 @@ struct Phased {
 }
 
 impl Phased {
+    fn new(s: Stream, stage: [u32; 2], first_micro_batch: [u32; 2]) -> Self {
+        Phased {
+            s,
+            stage,
+            first_micro_batch,
+            forwards: Default::default(),
+            backwards: Default::default(),
+            sent_forward: [0; 2],
+            sent_backward: [0; 2],
+            weights: VecDeque::new(),
+        }
+    }
+
     fn next_forward(&mut self, phase: usize) -> Chunk {
         let chunk =
             Chunk::new(self.first_micro_batch[phase] + self.forwards[phase].len() as u32, self.stage[phase]);
@@ -375,16 +396,11 @@ fn dualpipe(pp: u32, micro_batches: u32, rank: u32) -> Vec<Instruction> {
     let is_middle = rank == half_ranks - 1 || rank == half_ranks;
     // Direction 0: micro-batches 0..C/2 on stage `rank`; direction 1: C/2..C on pp−1−rank.
     let by_direction = |d: [u32; 2]| if second_half { [d[1], d[0]] } else { d };
-    let mut p = Phased {
-        s: Stream::new(rank, pp, Layout::Bidirectional { pp, half: half_chunks }),
-        stage: by_direction([rank, pp - 1 - rank]),
-        first_micro_batch: by_direction([0, half_chunks]),
-        forwards: Default::default(),
-        backwards: Default::default(),
-        sent_forward: [0; 2],
-        sent_backward: [0; 2],
-        weights: VecDeque::new(),
-    };
+    let mut p = Phased::new(
+        Stream::new(rank, pp, Layout::Bidirectional { pp, half: half_chunks }),
+        by_direction([rank, pp - 1 - rank]),
+        by_direction([0, half_chunks]),
+    );
     run_dual_phases(
         &mut p,
         DualShape {
@@ -405,16 +421,8 @@ fn dualpipe(pp: u32, micro_batches: u32, rank: u32) -> Vec<Instruction> {
 /// `rank`, phase 1 stage 2·ranks−1−rank; every micro-batch passes both.
 fn dualpipe_v(ranks: u32, micro_batches: u32, rank: u32) -> Vec<Instruction> {
     let stages = 2 * ranks;
-    let mut p = Phased {
-        s: Stream::new(rank, stages, Layout::V { ranks }),
-        stage: [rank, stages - 1 - rank],
-        first_micro_batch: [0, 0],
-        forwards: Default::default(),
-        backwards: Default::default(),
-        sent_forward: [0; 2],
-        sent_backward: [0; 2],
-        weights: VecDeque::new(),
-    };
+    let mut p =
+        Phased::new(Stream::new(rank, stages, Layout::V { ranks }), [rank, stages - 1 - rank], [0, 0]);
     run_dual_phases(
         &mut p,
         DualShape {

@@ -25,13 +25,21 @@ mod draw;
 mod engine;
 mod generate;
 
-pub use draw::{Comparison, Outcome, Simulated, chrome_trace, compare, svg};
-pub use engine::{Costs, Report, Span, Timeline, simulate, validate};
+pub use draw::{Comparison, Outcome, Simulated, chrome_trace, compare, number, svg};
+pub use engine::{Costs, Report, Span, Timeline, simulate, simulate_with, validate};
 pub use generate::compile;
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use thiserror::Error;
+
+/// The most stages a schedule may have: far beyond any real pipeline (DeepSeek-V3 uses 16),
+/// small enough that every index fits in `u32` arithmetic.
+pub const MAX_STAGES: u32 = 4096;
+
+/// The most (micro-batch, stage) chunks a schedule may have, so that compiling, validating
+/// or drawing one stays within memory and seconds: PP 16 with 65,536 micro-batches.
+pub const MAX_CHUNKS: u64 = 1 << 20;
 
 /// The schedules flotilla compiles.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -92,9 +100,10 @@ impl ScheduleKind {
     /// ZB1P (PP−1)(F+B−2W); DualPipe and DualPipeV (PP/2−1)(F&B+B−3W); activations PP, PP,
     /// PP+1; parameters 1×, 1×, 2×.
     ///
-    /// The simulator equals these formulas when F = B − W = W (the zero-bubble paper's cost
-    /// model, any F&B ≤ F + B); for other costs the DualPipe formula is an estimate and the
-    /// simulator gives the bubble of the actual op order.
+    /// The simulator equals these formulas wherever [`Costs::matches_table_2`] holds; for
+    /// other costs the DualPipe formula is an estimate (it can even be negative) and the
+    /// simulator gives the bubble of the actual op order. 1F1B's and ZB1P's hold for any
+    /// costs without latency.
     pub fn paper_figures(self, pp: u32, costs: &Costs) -> PaperFigures {
         let p = pp as f64;
         let (f, b, w, fb) = (costs.forward, costs.backward, costs.weight, costs.overlapped);
