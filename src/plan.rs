@@ -6,7 +6,9 @@
 use crate::model_info;
 use anyhow::Result;
 use clap::{ArgGroup, Args};
-use flotilla_coordinator::plan::{self, ClusterSpec, MemoryBreakdown, Plan, Proposal, TrainingShape, Volume};
+use flotilla_coordinator::plan::{
+    self, ClusterSpec, MemoryBreakdown, Plan, PlanError, Proposal, TrainingShape, Volume, format_bytes,
+};
 use flotilla_coordinator::schedule::ScheduleKind;
 use std::fmt::Write;
 use std::path::PathBuf;
@@ -30,9 +32,11 @@ pub struct PlanArgs {
     /// powers of 1000, KiB/MiB/GiB/TiB of 1024).
     #[arg(long, value_name = "SIZE", value_parser = parse_bytes)]
     gpu_memory: u64,
-    /// Pipeline-parallel degree (pipeline ranks); with --ep, plans exactly that layout,
-    /// otherwise the fastest that fits is proposed.
-    #[arg(long)]
+    /// Pipeline-parallel degree, counted in pipeline ranks (GPUs per pipeline), not stages:
+    /// the model is cut into pp stages, or 2·pp under dualpipev, whose ranks host two each
+    /// (unlike `flotilla schedule --pp`, which counts stages). With --ep, plans exactly
+    /// that layout, otherwise the fastest that fits is proposed.
+    #[arg(long, value_name = "RANKS")]
     pp: Option<u32>,
     /// Expert-parallel degree (GPUs sharing one copy of a layer's routed experts).
     #[arg(long)]
@@ -46,9 +50,10 @@ pub struct PlanArgs {
     /// Sequences per micro-batch.
     #[arg(long, default_value_t = TrainingShape::default().micro_batch_size)]
     micro_batch_size: u32,
-    /// Tokens per sequence.
-    #[arg(long, default_value_t = plan::DEEPSEEK_V3_SEQ_LEN)]
-    seq_len: u32,
+    /// Tokens per sequence [default: 4096, or the model's max_position_embeddings if
+    /// smaller].
+    #[arg(long)]
+    seq_len: Option<u32>,
     /// Pipeline schedule: dualpipe, dualpipev, 1f1b or zb1p.
     #[arg(long, default_value = "dualpipe", value_parser = parse_schedule)]
     schedule: ScheduleKind,
@@ -85,7 +90,7 @@ pub fn run(args: PlanArgs) -> Result<()> {
         global_batch: args.global_batch,
         micro_batches: args.micro_batches,
         micro_batch_size: args.micro_batch_size,
-        seq_len: args.seq_len,
+        seq_len: args.seq_len.unwrap_or_else(|| TrainingShape::default_seq_len(&config)),
         schedule: args.schedule,
     };
     match (args.pp, args.ep) {
@@ -99,7 +104,10 @@ pub fn run(args: PlanArgs) -> Result<()> {
             }
         }
         (pp, ep) => {
-            let proposal = plan::propose(&config, &cluster, &shape, pp, ep)?;
+            let proposal = plan::propose(&config, &cluster, &shape, pp, ep).map_err(|e| match e {
+                PlanError::NoPipelineDegree { .. } => anyhow::anyhow!("{e} (try --schedule 1f1b)"),
+                e => e.into(),
+            })?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&proposal)?);
             } else {
@@ -152,18 +160,8 @@ fn parse_schedule(text: &str) -> Result<ScheduleKind, String> {
     text.parse().map_err(|e: flotilla_coordinator::schedule::ScheduleError| e.to_string())
 }
 
-/// Bytes in GiB, or in MiB or KiB when smaller.
-fn size(bytes: f64) -> String {
-    const KIB: f64 = 1024.0;
-    match bytes {
-        b if b >= KIB * KIB * KIB => format!("{:.2} GiB", b / (KIB * KIB * KIB)),
-        b if b >= KIB * KIB => format!("{:.1} MiB", b / (KIB * KIB)),
-        b => format!("{:.1} KiB", b / KIB),
-    }
-}
-
-fn gib(bytes: u64) -> String {
-    size(bytes as f64)
+fn size(bytes: u64) -> String {
+    format_bytes(bytes as f64)
 }
 
 /// A count with a decimal suffix: 2.91B, 176.16M, 12.3K.
@@ -189,11 +187,10 @@ fn duration(seconds: f64) -> String {
     }
 }
 
-/// "0–3", "60", or "—" for a stage with no main-model layers.
+/// "0–3" or "60" (every stage has at least one layer).
 fn layer_span(first: u32, count: u32) -> String {
     match count {
-        0 => "—".into(),
-        1 => first.to_string(),
+        0 | 1 => first.to_string(),
         n => format!("{first}–{}", first + n - 1),
     }
 }
@@ -226,14 +223,14 @@ fn format_plan(name: &str, plan: &Plan) -> String {
         plural(c.nodes as u64, "node", "nodes"),
         plural(c.gpus_per_node as u64, "GPU", "GPUs"),
         l.gpus,
-        gib(c.gpu_memory_bytes),
+        size(c.gpu_memory_bytes),
         l.schedule
     );
     let _ = writeln!(
         out,
-        "layout: PP {} ({} stages) × DP {}; EP {} inside each pipeline rank's {} GPUs, so each expert has {} per rank (expert DP {})",
-        l.pp,
-        l.stages,
+        "layout: PP {} ({}) × DP {}; EP {} inside each pipeline rank's {} GPUs, so each expert has {} per rank (expert DP {})",
+        plural(l.pp as u64, "rank", "ranks"),
+        plural(l.stages as u64, "stage", "stages"),
         l.dp,
         l.ep,
         l.dp,
@@ -288,7 +285,7 @@ fn format_plan(name: &str, plan: &Plan) -> String {
             human(s.forward_flops_per_token),
             human(s.replicated_parameters as f64),
             human(s.expert_parameters_per_gpu as f64),
-            gib(s.activation_bytes)
+            size(s.activation_bytes)
         );
     }
     if plan.ranks.iter().any(|r| r.stages.len() > 1) {
@@ -300,7 +297,11 @@ fn format_plan(name: &str, plan: &Plan) -> String {
         );
     }
     if let Some(r) = plan.ranks.iter().find(|r| r.embedding_copy) {
-        let _ = writeln!(out, "rank {} holds a copy of the embedding for the MTP modules", r.rank);
+        let _ = writeln!(
+            out,
+            "rank {} holds a copy of the embedding for the last stage; it shares stage 0's ZeRO-1 group",
+            r.rank
+        );
     }
 
     let e = &plan.experts;
@@ -369,15 +370,15 @@ fn format_plan(name: &str, plan: &Plan) -> String {
             out,
             "{:<46} {:>14} {:>14}",
             format!("dispatch {label}"),
-            size(v.dispatch_intra_node),
-            size(v.dispatch_inter_node)
+            format_bytes(v.dispatch_intra_node),
+            format_bytes(v.dispatch_inter_node)
         );
         let _ = writeln!(
             out,
             "{:<46} {:>14} {:>14}",
             format!("combine {label}"),
-            size(v.combine_intra_node),
-            size(v.combine_inter_node)
+            format_bytes(v.combine_intra_node),
+            format_bytes(v.combine_inter_node)
         );
     };
     volume_rows(&mut out, "per MoE layer", &a.per_moe_layer);
@@ -413,7 +414,7 @@ fn format_plan(name: &str, plan: &Plan) -> String {
     );
     let _ = writeln!(
         out,
-        "simulated costs: F {}, B {}, W {}, F&B {}, point-to-point {}",
+        "its costs: F {}, B {}, W {}, F&B {}; point-to-point {} (every stage is simulated at its own)",
         duration(t.costs.forward),
         duration(t.costs.backward),
         duration(t.costs.weight),
@@ -422,13 +423,22 @@ fn format_plan(name: &str, plan: &Plan) -> String {
     );
     let _ = writeln!(
         out,
-        "pipeline {} = compute {} + exposed all-to-all {} + bubble {} (Table 2 formula: {})",
+        "pipeline {} = on rank {}, the busiest: compute {} + exposed all-to-all {} + bubble {} (Table 2 formula at stage {}'s costs: {})",
         duration(t.pipeline_seconds),
+        t.bottleneck_rank,
         duration(t.compute_seconds),
         duration(t.exposed_all_to_all_seconds),
         duration(t.bubble_seconds),
+        t.slowest_stage,
         duration(t.formula_bubble_seconds)
     );
+    if t.largest_idle_seconds > t.bubble_seconds {
+        let _ = writeln!(
+            out,
+            "the least busy rank idles {} (bubble and load imbalance)",
+            duration(t.largest_idle_seconds)
+        );
+    }
     let _ = writeln!(
         out,
         "+ ZeRO-1 data-parallel sync {} = step {}, {} tokens/s",
@@ -446,15 +456,15 @@ fn format_memory(m: &MemoryBreakdown) -> String {
     let percent = |bytes: u64| 100.0 * bytes as f64 / m.capacity as f64;
     let _ = writeln!(out, "{:<20} {:>12} {:>9}", "component", "size", "of GPU");
     for ((_, bytes), label) in m.components().into_iter().zip(labels) {
-        let _ = writeln!(out, "{label:<20} {:>12} {:>8.1}%", gib(bytes), percent(bytes));
+        let _ = writeln!(out, "{label:<20} {:>12} {:>8.1}%", size(bytes), percent(bytes));
     }
     let _ = writeln!(
         out,
         "{:<20} {:>12} {:>8.1}%  ({} free)",
         "total",
-        gib(m.total),
+        size(m.total),
         percent(m.total),
-        gib(m.capacity.saturating_sub(m.total))
+        size(m.capacity.saturating_sub(m.total))
     );
     out
 }
@@ -469,15 +479,16 @@ fn format_rank_totals(plan: &Plan) -> String {
         }
     }
     let parts: Vec<String> =
-        groups.iter().map(|(total, ranks)| format!("{}: {}", runs(ranks), gib(*total))).collect();
+        groups.iter().map(|(total, ranks)| format!("{}: {}", runs(ranks), size(*total))).collect();
     format!("per pipeline rank: {}\n", parts.join("; "))
 }
 
 fn format_proposal(name: &str, proposal: &Proposal, alternatives: usize) -> String {
     let chosen = &proposal.chosen.layout;
     let mut out = format!(
-        "proposed: PP {}, EP {} — the fastest of {} layouts that fit ({} refused)\n\n",
-        chosen.pp,
+        "proposed: PP {} ({}), EP {} — the fastest of {} layouts that fit ({} refused)\n\n",
+        plural(chosen.pp as u64, "rank", "ranks"),
+        plural(chosen.stages as u64, "stage", "stages"),
         chosen.ep,
         proposal.candidates.len(),
         proposal.rejected.len()
@@ -486,18 +497,19 @@ fn format_proposal(name: &str, proposal: &Proposal, alternatives: usize) -> Stri
     let _ = writeln!(out, "\nfastest layouts that fit:");
     let _ = writeln!(
         out,
-        "{:>4} {:>4} {:>6} {:>13} {:>10} {:>10} {:>10} {:>13}",
-        "pp", "ep", "dp", "micro-batches", "memory", "bubble", "step", "tokens/s"
+        "{:>8} {:>6} {:>4} {:>6} {:>13} {:>10} {:>10} {:>10} {:>13}",
+        "pp ranks", "stages", "ep", "dp", "micro-batches", "memory", "bubble", "step", "tokens/s"
     );
     for c in proposal.candidates.iter().take(alternatives) {
         let _ = writeln!(
             out,
-            "{:>4} {:>4} {:>6} {:>13} {:>10} {:>10} {:>10} {:>13}",
+            "{:>8} {:>6} {:>4} {:>6} {:>13} {:>10} {:>10} {:>10} {:>13}",
             c.pp,
+            c.stages,
             c.ep,
             c.dp,
             c.micro_batches,
-            gib(c.memory_bytes),
+            size(c.memory_bytes),
             duration(c.bubble_seconds),
             duration(c.step_seconds),
             human(c.tokens_per_second)

@@ -9,21 +9,22 @@
 //! # Layout
 //!
 //! There is no tensor parallelism (DESIGN §1.4). `pp` is the pipeline-parallel degree in
-//! devices; the model is cut into `stages` = `pp` contiguous layer groups (2·`pp` for
-//! DualPipeV). The `gpus` = nodes × gpus-per-node GPUs are numbered node by node, and GPU
-//! `g` belongs to pipeline rank `g / dp`, where `dp = gpus / pp`: every GPU of a pipeline
-//! rank holds the same stages, so the non-expert parameters of a rank are replicated `dp`
-//! times, and `dp` is the data-parallel degree. Expert parallelism is carved out of that
-//! data parallelism: the `dp` GPUs of a rank form `dp / ep` EP groups of `ep` consecutive
-//! GPUs, each group holding all routed experts of the rank's MoE layers
-//! (`n_routed_experts / ep` per GPU per layer), so every expert has `expert_dp = dp / ep`
-//! copies per rank. With the report's 2048 GPUs, PP 16 and EP 64: dp 128, 4 experts per GPU
-//! per layer, expert_dp 2.
+//! pipeline ranks (devices), not in stages: the model is cut into `stages` = `pp`
+//! contiguous layer groups, or 2·`pp` under DualPipeV, whose ranks host two stages each
+//! (`flotilla schedule --pp` counts stages instead). The `gpus` = nodes × gpus-per-node
+//! GPUs are numbered node by node, and GPU `g` belongs to pipeline rank `g / dp`, where
+//! `dp = gpus / pp`: every GPU of a pipeline rank holds the same stages, so the non-expert
+//! parameters of a rank are replicated `dp` times, and `dp` is the data-parallel degree.
+//! Expert parallelism is carved out of that data parallelism: the `dp` GPUs of a rank form
+//! `dp / ep` EP groups of `ep` consecutive GPUs, each group holding all routed experts of
+//! the rank's MoE layers (`n_routed_experts / ep` per GPU per layer), so every expert has
+//! `expert_dp = dp / ep` copies per rank. With the report's 2048 GPUs, PP 16 and EP 64:
+//! dp 128, 4 experts per GPU per layer, expert_dp 2.
 //!
 //! Which ranks host which stage comes from the compiled schedule ([`compile`]): DualPipe
 //! puts stages r and PP−1−r on rank r, so each stage lives on two ranks and its parameters
 //! are held 2·dp times. Gradients of the copies of a parameter are summed over all of them,
-//! so all copies form that parameter's data-parallel group.
+//! so all copies form that parameter's data-parallel group, whichever stages they belong to.
 //!
 //! # Stage assignment
 //!
@@ -35,7 +36,9 @@
 //! ranks each hold the embedding, the head and the MTP modules, and the MTP module's
 //! embedding lookup is local (DESIGN §1.4: MTP, head and embedding on the same PP rank).
 //! Under schedules whose last stage's rank does not host stage 0 (1F1B, ZB1P), that rank
-//! holds a copy of the embedding for the MTP modules.
+//! holds a copy of the embedding when the last stage uses it: for the MTP modules' lookup,
+//! or as the head's weight when `tie_word_embeddings` is set. That copy and stage 0's are
+//! copies of one parameter: one ZeRO-1 group, one gradient sum.
 //!
 //! # Experts and node-limited routing
 //!
@@ -47,16 +50,21 @@
 //!
 //! # Memory per GPU
 //!
-//! For each stage a GPU holds, its non-expert parameters and its shard of the stage's
-//! routed experts (DualPipe: two stages, hence the report's 2× parameters):
-//! - parameters: BF16 working weights, 2 bytes each;
+//! The parameters are grouped into sets whose copies are summed together: per stage its
+//! non-expert parameters (held whole by every GPU of each hosting rank: `dp` copies per
+//! rank) and its routed experts (a GPU holds the `1/ep` shard of its EP rank: `expert_dp`
+//! copies per rank), and the embedding (on stage 0's ranks, and on the last stage's when it
+//! uses it). A set of `P` parameters held by `h` pipeline ranks has `g = h·dp` copies
+//! (experts: `g = h·expert_dp`), and each holding GPU keeps:
+//! - parameters: BF16 working weights, 2·P bytes;
 //! - FP8 weight cache: the weights of the FP8 GEMMs (attention projections, FFNs, experts,
 //!   MTP projection; not embedding, head, gates, norms) quantized once per step in
 //!   128×128 blocks, 1 byte each plus one FP32 scale per 16384, reused by every
 //!   micro-batch's Fprop and, read transposed (a block's scale is the same for Wᵀ), Dgrad;
-//! - gradients: FP32, 4 bytes each, whole on every copy (ZeRO-1 shards only the optimizer);
-//! - optimizer states: FP32 master weights and two BF16 AdamW moments (DESIGN §1.2), 8 bytes
-//!   per parameter, sharded by ZeRO-1 over all copies of the parameter;
+//! - gradients: FP32, 4·P bytes, whole on every copy (ZeRO-1 shards only the optimizer);
+//! - optimizer states: FP32 master weights and two BF16 AdamW moments (DESIGN §1.2),
+//!   ⌈8·P / g⌉ bytes: ZeRO-1 shards them over all `g` copies. Under DualPipe (h = 2) a
+//!   stage's non-expert parameters take ⌈8·P / (2·dp)⌉ and its experts ⌈8·P / (2·expert_dp)⌉;
 //! - activations: the peak, over the rank's instruction stream, of the bytes held by
 //!   chunks between their forward and their backward (or deferred W) — the same accounting
 //!   as the schedule validator's, which gives PP+1 chunks for DualPipe (DESIGN §1.3).
@@ -97,22 +105,27 @@
 //!
 //! # Time
 //!
-//! A chunk (one micro-batch through one stage) computes its forward FLOPs at the cluster's
-//! sustained [`ClusterSpec::gpu_flops`] (F); its backward computes twice that (B = 2F), of
-//! which the weight gradients are half (W = F). Its all-to-alls take the slower of their IB
-//! and NVLink transfers at the given bandwidths. A chunk that runs alone exposes its
-//! all-to-all; DualPipe's overlapped forward-and-backward pair runs computation and
-//! communication at once (20 of 132 SMs communicate, DESIGN §1.4), taking the longer of
-//! the two. The pipeline neighbours exchange BF16 hidden states (IB unless the cluster is
-//! one node). The compiled schedule is simulated with the slowest stage's costs ([`simulate`]),
-//! and the step adds the ZeRO-1 data-parallel synchronization at its end (ring
-//! reduce-scatter of FP32 gradients and all-gather of BF16 weights, not overlapped): step =
-//! compute + exposed all-to-all + bubble + data-parallel sync. The default
-//! [`ClusterSpec::gpu_flops`] is half the H800's dense FP8 peak; at that rate the report's
-//! layout computes about as long as it communicates, the report's ≈ 1:1 ratio.
+//! A chunk (one micro-batch through one stage `s`) computes its forward FLOPs at the
+//! cluster's sustained [`ClusterSpec::gpu_flops`] (`f_s`); its backward computes twice
+//! that, of which the weight gradients are half. Its all-to-alls (`a_s`, forward and
+//! backward alike) take the slower of their IB and NVLink transfers at the given
+//! bandwidths. A chunk that runs alone exposes its all-to-all: F = f_s + a_s,
+//! B = 2·f_s + a_s, W = f_s, and a ZB1P input gradient B − W = f_s + a_s. DualPipe's
+//! overlapped pair of a forward chunk of stage s and a backward chunk of stage t runs
+//! computation and communication at once (20 of 132 SMs communicate, DESIGN §1.4), taking
+//! max(f_s + 2·f_t, a_s + a_t). The pipeline neighbours exchange BF16 hidden states (IB
+//! unless the cluster is one node). The compiled schedule is simulated with every
+//! instruction at its own stage's costs ([`simulate_with`]), so the stage that really
+//! limits each rank sets its pace. The step's parts are read on the bottleneck rank, the
+//! one busiest over the step, and the step adds the ZeRO-1 data-parallel synchronization at
+//! its end (per parameter set, a ring reduce-scatter of FP32 gradients and all-gather of
+//! BF16 weights over its `g` copies, not overlapped): step = compute + exposed all-to-all +
+//! bubble + data-parallel sync. The default [`ClusterSpec::gpu_flops`] is half the H800's
+//! dense FP8 peak; at that rate the report's layout computes about as long as it
+//! communicates, the report's ≈ 1:1 ratio.
 
 use crate::schedule::{
-    Costs, Instruction, Schedule, ScheduleError, ScheduleKind, ScheduleSpec, compile, simulate,
+    Chunk, Costs, Instruction, Schedule, ScheduleError, ScheduleKind, ScheduleSpec, compile, simulate_with,
 };
 use flotilla_model::{ConfigError, ModelConfig, ParameterCounts};
 use serde::{Deserialize, Serialize};
@@ -231,25 +244,36 @@ impl Default for TrainingShape {
 }
 
 impl TrainingShape {
+    /// The longest sequence `config` allows, capped at DeepSeek-V3's pre-training length:
+    /// the sequence length to use when none is given.
+    pub fn default_seq_len(config: &ModelConfig) -> u32 {
+        u32::try_from(config.max_position_embeddings)
+            .map_or(DEEPSEEK_V3_SEQ_LEN, |m| m.min(DEEPSEEK_V3_SEQ_LEN))
+    }
+
+    /// Each value on its own first, then the relations between them and the model.
     fn check(&self, config: &ModelConfig) -> Result<(), PlanError> {
         let bad = |why: String| Err(PlanError::Shape(why));
+        if self.micro_batch_size == 0 {
+            return bad("the micro-batch size must be at least 1 sequence".into());
+        }
+        if self.seq_len == 0 {
+            return bad("the sequence length must be at least 1 token".into());
+        }
+        match self.micro_batches {
+            Some(0) => return bad("micro-batches must be at least 1".into()),
+            None if self.global_batch == 0 => {
+                return bad("the global batch must be at least 1 sequence".into());
+            }
+            _ => {}
+        }
         if self.seq_len as usize > config.max_position_embeddings {
             return bad(format!(
                 "sequence length {} exceeds the model's max_position_embeddings = {}",
                 self.seq_len, config.max_position_embeddings
             ));
         }
-        if self.seq_len == 0 || self.micro_batch_size == 0 {
-            return bad(format!(
-                "sequence length and micro-batch size must be at least 1, got {} and {}",
-                self.seq_len, self.micro_batch_size
-            ));
-        }
-        match self.micro_batches {
-            Some(0) => bad("micro-batches must be at least 1".into()),
-            None if self.global_batch == 0 => bad("the global batch must be at least 1 sequence".into()),
-            _ => Ok(()),
-        }
+        Ok(())
     }
 }
 
@@ -357,7 +381,7 @@ pub enum PlanError {
     /// The layout does not fit in GPU memory.
     #[error(
         "does not fit: pipeline rank {rank} needs {} per GPU but a GPU has {}, {} too much; its largest component is {component} ({})",
-        gib(*.needed), gib(*.capacity), gib(.needed - .capacity), gib(*.component_bytes)
+        size(*.needed), size(*.capacity), size(overshoot(*.needed, *.capacity)), size(*.component_bytes)
     )]
     OutOfMemory {
         /// The fullest pipeline rank.
@@ -370,6 +394,16 @@ pub enum PlanError {
         component: &'static str,
         /// That component's bytes.
         component_bytes: u64,
+    },
+    /// Auto mode has no pipeline degree to try under the schedule.
+    #[error(
+        "{schedule} needs an even pp ≥ 2 pipeline ranks, {why}; 1f1b, zb1p and dualpipev run with any pp"
+    )]
+    NoPipelineDegree {
+        /// The schedule asked for.
+        schedule: ScheduleKind,
+        /// Why no even pp works.
+        why: String,
     },
     /// Auto mode found nothing that fits.
     #[error("no layout of the {gpus} GPUs fits ({tried} tried); the closest, pp = {pp}, ep = {ep}: {reason}")]
@@ -387,16 +421,32 @@ pub enum PlanError {
     },
 }
 
-fn gib(bytes: u64) -> String {
-    format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
+/// A byte count for people: GiB with two decimals, or MiB or KiB with one, or bytes, so
+/// that small amounts do not print as "0.00 GiB".
+pub fn format_bytes(bytes: f64) -> String {
+    const KIB: f64 = 1024.0;
+    match bytes {
+        b if b >= KIB * KIB * KIB => format!("{:.2} GiB", b / (KIB * KIB * KIB)),
+        b if b >= KIB * KIB => format!("{:.1} MiB", b / (KIB * KIB)),
+        b if b >= KIB => format!("{:.1} KiB", b / KIB),
+        b => format!("{b:.0} B"),
+    }
+}
+
+fn size(bytes: u64) -> String {
+    format_bytes(bytes as f64)
+}
+
+fn overshoot(needed: u64, capacity: u64) -> u64 {
+    needed.saturating_sub(capacity)
 }
 
 /// The parallel layout and the batch it runs.
 #[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct Layout {
+pub struct ParallelLayout {
     /// GPUs in the cluster.
     pub gpus: u64,
-    /// Pipeline-parallel degree: pipeline ranks (devices) per pipeline.
+    /// Pipeline-parallel degree in pipeline ranks (devices) per pipeline, not in stages.
     pub pp: u32,
     /// Pipeline stages (layer groups): pp, or 2·pp under DualPipeV.
     pub stages: u32,
@@ -425,9 +475,9 @@ pub struct Layout {
 pub struct StagePlan {
     /// Stage index, in forward order.
     pub stage: u32,
-    /// Its first main-model layer (0-based); meaningful when `layers` > 0.
+    /// Its first main-model layer (0-based).
     pub first_layer: u32,
-    /// Main-model layers it runs (`first_layer..first_layer + layers`).
+    /// Main-model layers it runs (`first_layer..first_layer + layers`); at least one.
     pub layers: u32,
     /// Of those, dense-FFN layers.
     pub dense_layers: u32,
@@ -504,8 +554,9 @@ pub struct RankPlan {
     pub rank: u32,
     /// Stages it hosts.
     pub stages: Vec<u32>,
-    /// Whether it holds a copy of the embedding for the MTP modules (its last stage's
-    /// rank does not host stage 0).
+    /// Whether it holds a copy of the embedding for the last stage (the MTP modules'
+    /// lookup, or a tied head) without hosting stage 0. The copy is in the embedding's
+    /// ZeRO-1 group.
     pub embedding_copy: bool,
     /// Most chunks (micro-batch × stage) whose activations it holds at once.
     pub peak_in_flight: u32,
@@ -513,6 +564,8 @@ pub struct RankPlan {
     pub memory: MemoryBreakdown,
     /// Time of its ZeRO-1 synchronization at the end of a step, seconds.
     pub data_parallel_sync_seconds: f64,
+    /// Time it computes or waits on its own all-to-alls over the step's pipeline, seconds.
+    pub busy_seconds: f64,
 }
 
 /// The experts of one layer on one node of an EP group.
@@ -607,9 +660,9 @@ pub struct AllToAll {
     pub intra_node_copies_per_token: f64,
     /// Per MoE layer and micro-batch, forward (backward moves the same).
     pub per_moe_layer: Volume,
-    /// The MoE blocks of the heaviest stage.
+    /// The MoE blocks of the slowest stage.
     pub moe_blocks_per_chunk: u32,
-    /// Per chunk of the heaviest stage, forward (backward moves the same).
+    /// Per chunk of the slowest stage, forward (backward moves the same).
     pub per_chunk: Volume,
     /// Seconds per MoE layer and micro-batch, forward.
     pub seconds_per_moe_layer: f64,
@@ -618,25 +671,31 @@ pub struct AllToAll {
 /// The estimated training step.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct StepEstimate {
-    /// The stage whose costs were simulated (the slowest).
+    /// The stage whose chunk costs the most run alone (F + B).
     pub slowest_stage: u32,
     /// Forward compute of one chunk of it, seconds.
     pub chunk_compute_seconds: f64,
     /// Forward all-to-all of one chunk of it, seconds.
     pub chunk_all_to_all_seconds: f64,
-    /// Compute over all-to-all time of a chunk (none without all-to-all).
+    /// Compute over all-to-all time of a chunk of it (none without all-to-all).
     pub compute_to_communication: Option<f64>,
-    /// The simulated costs (seconds): F, B, W, F&B and the point-to-point latency.
+    /// A chunk of the slowest stage (seconds): F, B, W, F&B overlapped with itself, and the
+    /// point-to-point latency. The Table 2 formula is evaluated at these; the simulation
+    /// gives every instruction the costs of its own stages.
     pub costs: Costs,
     /// The pipeline's simulated makespan, seconds.
     pub pipeline_seconds: f64,
-    /// Of the makespan on the rank with the largest bubble: computing.
+    /// The bottleneck: the rank busiest over the step (ties: the lowest).
+    pub bottleneck_rank: u32,
+    /// Of the makespan on the bottleneck rank: computing.
     pub compute_seconds: f64,
     /// Of it: all-to-all not hidden behind computation.
     pub exposed_all_to_all_seconds: f64,
     /// Of it: idle (the pipeline bubble).
     pub bubble_seconds: f64,
-    /// The report's bubble formula at the same costs (Table 2), for comparison.
+    /// The most any rank idles: the bubble plus the load imbalance between ranks, seconds.
+    pub largest_idle_seconds: f64,
+    /// The report's bubble formula at the slowest stage's costs (Table 2), for comparison.
     pub formula_bubble_seconds: f64,
     /// ZeRO-1 gradient reduce-scatter and weight all-gather, seconds (slowest rank).
     pub data_parallel_sync_seconds: f64,
@@ -652,7 +711,7 @@ pub struct Plan {
     /// The cluster planned for.
     pub cluster: ClusterSpec,
     /// The layout and batch.
-    pub layout: Layout,
+    pub layout: ParallelLayout,
     /// Pipeline stages in forward order.
     pub stages: Vec<StagePlan>,
     /// Pipeline ranks.
@@ -674,6 +733,8 @@ pub struct Plan {
 pub struct Candidate {
     /// Pipeline ranks.
     pub pp: u32,
+    /// Pipeline stages they run.
+    pub stages: u32,
     /// EP group size.
     pub ep: u32,
     /// Data-parallel degree.
@@ -684,12 +745,30 @@ pub struct Candidate {
     pub global_batch: u64,
     /// Memory of the fullest GPU.
     pub memory_bytes: u64,
-    /// Estimated pipeline bubble, seconds.
+    /// Estimated pipeline bubble on the bottleneck rank, seconds.
     pub bubble_seconds: f64,
     /// Estimated step, seconds.
     pub step_seconds: f64,
     /// Estimated tokens per second.
     pub tokens_per_second: f64,
+}
+
+impl Candidate {
+    fn of(plan: &Plan) -> Candidate {
+        let l = &plan.layout;
+        Candidate {
+            pp: l.pp,
+            stages: l.stages,
+            ep: l.ep,
+            dp: l.dp,
+            micro_batches: l.micro_batches,
+            global_batch: l.global_batch,
+            memory_bytes: plan.memory.total,
+            bubble_seconds: plan.step.bubble_seconds,
+            step_seconds: plan.step.step_seconds,
+            tokens_per_second: plan.step.tokens_per_second,
+        }
+    }
 }
 
 /// A layout auto mode refused, and why.
@@ -714,12 +793,12 @@ pub struct Proposal {
     pub rejected: Vec<Rejected>,
 }
 
-/// The most chunks (micro-batches × stages) a plan simulates; the simulator holds every
-/// chunk's state, and a real step has thousands, not millions.
-pub const MAX_CHUNKS: u64 = 1 << 22;
+/// The most chunks (micro-batches × stages) a plan simulates: the schedule compiler's limit.
+/// The simulator holds every chunk's state, and a real step has thousands, not millions.
+pub const MAX_CHUNKS: u64 = crate::schedule::MAX_CHUNKS;
 
-/// Lays the model out with `pp` pipeline ranks and EP groups of `ep` GPUs, or says why
-/// that layout cannot work.
+/// Lays the model out with `pp` pipeline ranks (not stages: DualPipeV runs 2·`pp` stages
+/// on them) and EP groups of `ep` GPUs, or says why that layout cannot work.
 pub fn plan(
     config: &ModelConfig,
     cluster: &ClusterSpec,
@@ -736,7 +815,7 @@ pub fn plan(
 
 /// Proposes the layout with the shortest estimated time per token among those that fit
 /// (with the default global batch every layout runs the same tokens, so this is the
-/// shortest step), optionally with pp or ep fixed.
+/// shortest step), optionally with pp (pipeline ranks) or ep fixed.
 pub fn propose(
     config: &ModelConfig,
     cluster: &ClusterSpec,
@@ -747,26 +826,40 @@ pub fn propose(
     config.validate()?;
     cluster.check()?;
     shape.check(config)?;
+    for (name, value) in [("pp", pp), ("ep", ep)] {
+        if value == Some(0) {
+            return Err(PlanError::ZeroDegree { name });
+        }
+    }
     let model = ModelShape::new(config, shape.seq_len);
     let planner = Planner { model: &model, cluster, shape };
     let gpus = cluster.gpus();
-    let per_rank = |p: u32| (p as u64 <= gpus && gpus.is_multiple_of(p as u64)).then(|| gpus / p as u64);
+    let per_rank = |p: u32| gpus.is_multiple_of(p as u64).then(|| gpus / p as u64);
+    let even_only = shape.schedule == ScheduleKind::DualPipe;
     let pps: Vec<u32> = match pp {
         Some(p) => vec![p],
         None => {
             let most = u32::try_from(config.num_hidden_layers).unwrap_or(u32::MAX);
-            (1..=most)
+            let pps: Vec<u32> = (1..=most)
                 .filter(|&p| per_rank(p).is_some())
-                .filter(|&p| {
-                    !matches!(shape.schedule, ScheduleKind::DualPipe | ScheduleKind::DualPipeV)
-                        || p.is_multiple_of(2)
-                })
-                .collect()
+                .filter(|&p| !even_only || p.is_multiple_of(2))
+                .collect();
+            if pps.is_empty() {
+                let why = if gpus.is_multiple_of(2) {
+                    format!(
+                        "and the model's {} cannot fill two stages",
+                        plural(most as u64, "layer", "layers")
+                    )
+                } else {
+                    format!("and no even number divides the {}", plural(gpus, "GPU", "GPUs"))
+                };
+                return Err(PlanError::NoPipelineDegree { schedule: shape.schedule, why });
+            }
+            pps
         }
     };
     let experts = config.n_routed_experts.max(1);
-    let mut chosen: Option<Plan> = None;
-    let mut candidates = Vec::new();
+    let mut plans = Vec::new();
     let mut rejected = Vec::new();
     for p in pps {
         let eps: Vec<u32> = match (ep, per_rank(p)) {
@@ -779,68 +872,51 @@ pub fn propose(
         };
         for e in eps {
             match planner.plan(p, e) {
-                Ok(plan) => {
-                    candidates.push(Candidate {
-                        pp: p,
-                        ep: e,
-                        dp: plan.layout.dp,
-                        micro_batches: plan.layout.micro_batches,
-                        global_batch: plan.layout.global_batch,
-                        memory_bytes: plan.memory.total,
-                        bubble_seconds: plan.step.bubble_seconds,
-                        step_seconds: plan.step.step_seconds,
-                        tokens_per_second: plan.step.tokens_per_second,
-                    });
-                    if chosen.as_ref().is_none_or(|c| faster(&plan, c)) {
-                        chosen = Some(plan);
-                    }
-                }
+                Ok(plan) => plans.push(plan),
                 Err(error) => rejected.push((p, e, error)),
             }
         }
     }
-    let Some(chosen) = chosen else {
+    plans.sort_by(preference);
+    let candidates: Vec<Candidate> = plans.iter().map(Candidate::of).collect();
+    let Some(chosen) = plans.into_iter().next() else {
         let tried = rejected.len();
         // The closest miss: the smallest memory overshoot, else the first refusal.
         let closest = rejected
             .iter()
             .filter_map(|(p, e, error)| match error {
-                PlanError::OutOfMemory { needed, capacity, .. } => Some((needed - capacity, *p, *e, error)),
+                PlanError::OutOfMemory { needed, capacity, .. } => {
+                    Some((overshoot(*needed, *capacity), p, e, error))
+                }
                 _ => None,
             })
             .min_by_key(|m| m.0)
-            .map(|(_, p, e, error)| (p, e, error.to_string()))
-            .or_else(|| rejected.first().map(|(p, e, error)| (*p, *e, error.to_string())));
-        return Err(match closest {
-            Some((pp, ep, reason)) => PlanError::NoLayoutFits { gpus, tried, pp, ep, reason },
-            None => PlanError::NoLayoutFits {
-                gpus,
-                tried,
-                pp: pp.unwrap_or(0),
-                ep: ep.unwrap_or(0),
-                reason: "no pp divides the GPUs".into(),
-            },
-        });
+            .map(|(_, p, e, error)| (*p, *e, error))
+            .or_else(|| rejected.first().map(|(p, e, error)| (*p, *e, error)));
+        let (pp, ep, reason) = match closest {
+            Some((pp, ep, error)) => (pp, ep, error.to_string()),
+            // Every pp tried has at least one ep (1 divides all), so some layout was refused.
+            None => (pp.unwrap_or(0), ep.unwrap_or(0), "no layout was tried".into()),
+        };
+        return Err(PlanError::NoLayoutFits { gpus, tried, pp, ep, reason });
     };
-    candidates.sort_by(|a, b| {
-        (a.tokens_per_second.total_cmp(&b.tokens_per_second).reverse())
-            .then(a.memory_bytes.cmp(&b.memory_bytes))
-            .then((a.pp, a.ep).cmp(&(b.pp, b.ep)))
-    });
     let rejected =
         rejected.into_iter().map(|(pp, ep, error)| Rejected { pp, ep, reason: error.to_string() }).collect();
     Ok(Proposal { chosen, candidates, rejected })
 }
 
-/// Whether `a` is preferred over `b`: more tokens per second, then less memory, then the
+/// Auto mode's order, best first: more tokens per second, then less memory, then the
 /// smaller (pp, ep) so that the order is total.
-fn faster(a: &Plan, b: &Plan) -> bool {
-    let key = |p: &Plan| (p.memory.total, p.layout.pp, p.layout.ep);
-    match a.step.tokens_per_second.total_cmp(&b.step.tokens_per_second) {
-        std::cmp::Ordering::Greater => true,
-        std::cmp::Ordering::Less => false,
-        std::cmp::Ordering::Equal => key(a) < key(b),
-    }
+fn preference(a: &Plan, b: &Plan) -> std::cmp::Ordering {
+    b.step
+        .tokens_per_second
+        .total_cmp(&a.step.tokens_per_second)
+        .then(a.memory.total.cmp(&b.memory.total))
+        .then((a.layout.pp, a.layout.ep).cmp(&(b.layout.pp, b.layout.ep)))
+}
+
+fn plural(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
 }
 
 /// Bytes of `n` values in BF16.
@@ -901,6 +977,8 @@ struct ModelShape {
     /// One MTP module, with its pass through the shared head.
     mtp: Part,
     mtp_modules: u32,
+    /// Whether the head's weight is the embedding matrix.
+    tied_embedding: bool,
     hidden: u64,
     routed_experts: usize,
     experts_per_token: usize,
@@ -997,12 +1075,19 @@ impl ModelShape {
             head,
             mtp: mtp_part,
             mtp_modules: modules as u32,
+            tied_embedding: config.tie_word_embeddings,
             hidden: d,
             routed_experts: config.n_routed_experts,
             experts_per_token: config.num_experts_per_tok,
             n_group: config.n_group,
             topk_group: config.topk_group,
         }
+    }
+
+    /// Whether the last stage reads the embedding matrix: for the MTP modules' lookup of the
+    /// next tokens, or as a tied head.
+    fn last_stage_uses_embedding(&self) -> bool {
+        self.mtp_modules > 0 || self.tied_embedding
     }
 }
 
@@ -1120,8 +1205,103 @@ struct Planner<'a> {
     shape: &'a TrainingShape,
 }
 
+/// A layout that passed the checks, with what the later steps derive from it.
+struct Geometry {
+    layout: ParallelLayout,
+    /// Tokens of one micro-batch.
+    tokens: u64,
+    /// Routed experts of each MoE layer on one GPU.
+    experts_per_gpu: u64,
+    /// Nodes one EP group spans (1 when it fits inside a node).
+    ep_nodes: u64,
+    /// GPUs of one EP group on each of its nodes.
+    ep_gpus_per_node: u64,
+}
+
+/// The stages in forward order: where each starts in the layer list (then the number of
+/// layers), and what each holds.
+struct StageSplit {
+    starts: Vec<usize>,
+    parts: Vec<Part>,
+}
+
+/// Parameters whose copies are summed together: one ZeRO-1 data-parallel group.
+struct ParameterSet {
+    /// Parameters each holding GPU keeps.
+    parameters: u64,
+    /// Of those, the weights of FP8 GEMMs.
+    fp8: u64,
+    /// The pipeline ranks holding it, ascending.
+    ranks: Vec<u32>,
+    /// A routed-expert shard (`expert_dp` copies per rank) rather than replicated
+    /// parameters (`dp` copies per rank).
+    expert: bool,
+}
+
+/// One chunk of a stage, forward, seconds.
+#[derive(Clone, Copy, Debug, Default)]
+struct ChunkTime {
+    compute: f64,
+    all_to_all: f64,
+}
+
+impl ChunkTime {
+    /// F + B when run alone, the order of "slowest".
+    fn alone(&self) -> f64 {
+        3.0 * self.compute + 2.0 * self.all_to_all
+    }
+}
+
 impl Planner<'_> {
     fn plan(&self, pp: u32, ep: u32) -> Result<Plan, PlanError> {
+        let geometry = self.layout(pp, ep)?;
+        let l = &geometry.layout;
+        let schedule =
+            compile(&ScheduleSpec { kind: l.schedule, pp: l.stages, micro_batches: l.micro_batches })?;
+        let split = self.split(l.stages);
+        let uses = self.rank_uses(&geometry, &schedule, &split)?;
+        let mut hosts = vec![Vec::new(); l.stages as usize];
+        for (rank, used) in uses.iter().enumerate() {
+            for &s in &used.stages {
+                hosts[s as usize].push(rank as u32);
+            }
+        }
+        let mut ranks = self.memory(&geometry, &split, &uses, &hosts);
+        let (fullest_rank, memory) = fullest(&ranks)?;
+
+        let experts = self.experts(&geometry, hosts_per_stage(&hosts) * l.expert_dp);
+        let mut all_to_all = self.all_to_all(&geometry, &experts);
+        let times: Vec<ChunkTime> = split
+            .parts
+            .iter()
+            .map(|p| ChunkTime {
+                compute: p.flops * geometry.tokens as f64 / self.cluster.gpu_flops,
+                all_to_all: p.moe_blocks as f64 * all_to_all.seconds_per_moe_layer,
+            })
+            .collect();
+        let slowest = (0..times.len())
+            .max_by(|&a, &b| times[a].alone().total_cmp(&times[b].alone()).then(b.cmp(&a)))
+            .unwrap_or(0);
+        all_to_all.moe_blocks_per_chunk = split.parts[slowest].moe_blocks;
+        all_to_all.per_chunk = all_to_all.per_moe_layer.scaled(all_to_all.moe_blocks_per_chunk as f64);
+        let step = self.step(&geometry, &schedule, &times, slowest, &mut ranks)?;
+
+        Ok(Plan {
+            cluster: *self.cluster,
+            stages: self.stage_plans(&geometry, &split, &hosts, &times),
+            layout: geometry.layout,
+            ranks,
+            experts,
+            fullest_rank,
+            memory,
+            all_to_all,
+            step,
+        })
+    }
+
+    /// The layout checks: degrees, divisibility into ranks, stages and EP groups, node
+    /// alignment, routing groups, and the batch each pipeline runs.
+    fn layout(&self, pp: u32, ep: u32) -> Result<Geometry, PlanError> {
         let (model, cluster, shape) = (self.model, self.cluster, self.shape);
         for (name, value) in [("pp", pp), ("ep", ep)] {
             if value == 0 {
@@ -1138,6 +1318,7 @@ impl Planner<'_> {
         if !(ep64.is_multiple_of(gpn) || gpn.is_multiple_of(ep64)) {
             return Err(PlanError::EpNotNodeAligned { ep, gpus_per_node: cluster.gpus_per_node });
         }
+        // Both factors are u32, so the product fits.
         let product = pp as u64 * ep64;
         if !gpus.is_multiple_of(product) {
             return Err(PlanError::GpusNotDivisible { pp, ep, product, gpus });
@@ -1150,6 +1331,7 @@ impl Planner<'_> {
         if stages > layers as u64 {
             return Err(PlanError::TooManyStages { pp, stages, layers });
         }
+        // At most the layer count, which a u32 pp exceeds otherwise.
         let stages = stages as u32;
         let experts_per_gpu = (experts as u64).checked_div(ep64).unwrap_or(0);
         let ep_nodes = (ep64 / gpn).max(1);
@@ -1173,12 +1355,15 @@ impl Planner<'_> {
         }
         let dp = gpus / pp as u64;
         let expert_dp = dp / ep64;
+        let micro_batch_size = shape.micro_batch_size as u64;
         let micro_batches = match shape.micro_batches {
             Some(m) => m,
             None => {
-                let per_step = dp * shape.micro_batch_size as u64;
                 let global = shape.global_batch as u64;
-                if !global.is_multiple_of(per_step) {
+                // A product past 64 bits exceeds the u32 global batch: not a divisor either.
+                let divides =
+                    dp.checked_mul(micro_batch_size).is_some_and(|per_step| global.is_multiple_of(per_step));
+                if !divides {
                     return Err(PlanError::BatchNotDivisible {
                         global_batch: shape.global_batch,
                         dp,
@@ -1186,250 +1371,27 @@ impl Planner<'_> {
                     });
                 }
                 // At most the global batch, which is a u32.
-                (global / per_step) as u32
+                (global / (dp * micro_batch_size)) as u32
             }
         };
         let chunks = micro_batches as u64 * stages as u64;
         if chunks > MAX_CHUNKS {
             return Err(PlanError::TooManyChunks { chunks, limit: MAX_CHUNKS });
         }
-        let schedule = compile(&ScheduleSpec { kind: shape.schedule, pp: stages, micro_batches })?;
-
-        // Stages: contiguous layers balanced by forward FLOPs.
-        let costs: Vec<f64> = model.layers.iter().map(|l| l.flops).collect();
-        let mut last_extra = model.head;
-        for _ in 0..model.mtp_modules {
-            last_extra += model.mtp;
-        }
-        let starts = partition(&costs, stages as usize, model.embedding.flops, last_extra.flops);
-        let mut parts = Vec::with_capacity(stages as usize);
-        for s in 0..stages as usize {
-            let mut part = Part::default();
-            if s == 0 {
-                part += model.embedding;
-            }
-            for layer in &model.layers[starts[s]..starts[s + 1]] {
-                part += *layer;
-            }
-            if s + 1 == stages as usize {
-                part += last_extra;
-            }
-            parts.push(part);
-        }
-
-        let tokens = shape.micro_batch_size as u64 * shape.seq_len as u64;
-        // Every chunk's activations at once bound what a rank can hold, so counting in u64
-        // is safe once their sum is.
-        let heaviest = parts.iter().map(|p| p.activations).max().unwrap_or(0);
-        if heaviest.checked_mul(tokens).and_then(|b| b.checked_mul(chunks)).is_none() {
-            return Err(PlanError::Shape(format!(
-                "{micro_batches} micro-batches of {tokens} tokens would cache more activation bytes than 64 bits count"
-            )));
-        }
-        let uses = rank_uses(&schedule, &parts, tokens);
-        let mut hosts = vec![Vec::new(); stages as usize];
-        for (rank, used) in uses.iter().enumerate() {
-            for &s in &used.stages {
-                hosts[s as usize].push(rank as u32);
-            }
-        }
-
-        // Memory and data-parallel sync per rank.
-        let layout = GpuLayout { dp, ep: ep64, gpus_per_node: gpn };
-        let mut ranks = Vec::with_capacity(uses.len());
-        for (rank, used) in uses.iter().enumerate() {
-            let mut held = 0u64;
-            let mut fp8 = 0u64;
-            let mut optimizer = 0.0f64;
-            let mut sync = 0.0f64;
-            let mut hold = |params: u64, fp8_params: u64, group: u64, spans: bool| {
-                held += params;
-                fp8 += fp8_params;
-                optimizer += (OPTIMIZER_BYTES * params) as f64 / group as f64;
-                let bandwidth =
-                    if spans { cluster.inter_node_bandwidth } else { cluster.intra_node_bandwidth };
-                sync += ((WEIGHT_BYTES + GRADIENT_BYTES) * params) as f64 * (group - 1) as f64
-                    / group as f64
-                    / bandwidth;
-            };
-            for &s in &used.stages {
-                let part = &parts[s as usize];
-                let hosting = &hosts[s as usize];
-                let on_gpu = part.routed / ep64;
-                hold(
-                    part.replicated,
-                    part.replicated_fp8,
-                    hosting.len() as u64 * dp,
-                    layout.replicated_group_spans(hosting),
-                );
-                hold(on_gpu, on_gpu, hosting.len() as u64 * expert_dp, layout.expert_group_spans(hosting));
-            }
-            let last = stages - 1;
-            let embedding_copy =
-                model.mtp_modules > 0 && used.stages.contains(&last) && !used.stages.contains(&0);
-            if embedding_copy {
-                let hosting = &hosts[last as usize];
-                hold(
-                    model.embedding.replicated,
-                    0,
-                    hosting.len() as u64 * dp,
-                    layout.replicated_group_spans(hosting),
-                );
-            }
-            let mut memory = MemoryBreakdown {
-                parameters: WEIGHT_BYTES * held,
-                fp8_weight_cache: fp8_weight_bytes(fp8),
-                gradients: GRADIENT_BYTES * held,
-                optimizer_states: optimizer.ceil() as u64,
-                activations: used.peak_bytes,
-                total: 0,
-                capacity: cluster.gpu_memory_bytes,
-            };
-            memory.total = memory.components().iter().fold(0u64, |sum, c| sum.saturating_add(c.1));
-            ranks.push(RankPlan {
-                rank: rank as u32,
-                stages: used.stages.clone(),
-                embedding_copy,
-                peak_in_flight: used.peak_chunks,
-                memory,
-                data_parallel_sync_seconds: sync,
-            });
-        }
-        let fullest = ranks
-            .iter()
-            .max_by(|a, b| a.memory.total.cmp(&b.memory.total).then(b.rank.cmp(&a.rank)))
-            .map(|r| (r.rank, r.memory))
-            .unwrap_or_default();
-        if !fullest.1.fits() {
-            let (component, component_bytes) = fullest.1.largest();
-            return Err(PlanError::OutOfMemory {
-                rank: fullest.0,
-                needed: fullest.1.total,
-                capacity: fullest.1.capacity,
-                component,
-                component_bytes,
-            });
-        }
-
-        // Experts and their all-to-all.
-        let experts_placement = self.experts(
-            ep64,
-            experts_per_gpu,
-            ep_nodes,
-            ep_gpus_per_node,
-            hosts_per_stage(&hosts) * expert_dp,
-        );
-        let d = model.hidden;
-        let k = model.experts_per_token as u64;
-        let dispatch_bytes = fp8_bytes(d) + k * 8;
-        let combine_bytes = bf16_bytes(d);
-        let inter_copies =
-            experts_placement.expected_nodes_per_token * (ep_nodes - 1) as f64 / ep_nodes as f64;
-        let intra_copies = experts_placement.expected_gpus_per_token * (ep_gpus_per_node - 1) as f64
-            / ep_gpus_per_node as f64;
-        let t = tokens as f64;
-        let per_layer = Volume {
-            dispatch_intra_node: t * intra_copies * dispatch_bytes as f64,
-            dispatch_inter_node: t * inter_copies * dispatch_bytes as f64,
-            combine_intra_node: t * intra_copies * combine_bytes as f64,
-            combine_inter_node: t * inter_copies * combine_bytes as f64,
-        };
-        let seconds_per_layer = per_layer.seconds(cluster);
-
-        // Per-stage times; the slowest stage's costs drive the simulation.
-        let compute = |p: &Part| p.flops * t / cluster.gpu_flops;
-        let communicate = |p: &Part| p.moe_blocks as f64 * seconds_per_layer;
-        let slowest = (0..parts.len())
-            .max_by(|&a, &b| {
-                let unoverlapped = |p: &Part| 3.0 * compute(p) + 2.0 * communicate(p);
-                unoverlapped(&parts[a]).total_cmp(&unoverlapped(&parts[b])).then(b.cmp(&a))
-            })
-            .unwrap_or(0);
-        let (fc, fa) = (compute(&parts[slowest]), communicate(&parts[slowest]));
-        let p2p_bandwidth =
-            if cluster.nodes > 1 { cluster.inter_node_bandwidth } else { cluster.intra_node_bandwidth };
-        let costs = Costs {
-            forward: fc + fa,
-            backward: 2.0 * fc + fa,
-            weight: fc,
-            overlapped: (3.0 * fc).max(2.0 * fa),
-            latency: (tokens * bf16_bytes(d)) as f64 / p2p_bandwidth,
-        };
-        let timeline = simulate(&schedule, &costs)?;
-        // Computation per instruction, the rest of its cost being exposed all-to-all.
-        let compute_of = |i: &Instruction| match i {
-            Instruction::Forward { .. }
-            | Instruction::BackwardInput { .. }
-            | Instruction::BackwardWeight { .. } => fc,
-            Instruction::Backward { .. } => 2.0 * fc,
-            Instruction::OverlappedForwardBackward { .. } => 3.0 * fc,
-            _ => 0.0,
-        };
-        let bubble_rank = (0..timeline.idle.len())
-            .max_by(|&a, &b| timeline.idle[a].total_cmp(&timeline.idle[b]).then(b.cmp(&a)))
-            .unwrap_or(0);
-        let rank_compute: f64 = schedule.ranks[bubble_rank].iter().map(compute_of).sum();
-        let data_parallel_sync = ranks.iter().map(|r| r.data_parallel_sync_seconds).fold(0.0, f64::max);
-        let global_batch = dp * micro_batches as u64 * shape.micro_batch_size as u64;
-        let tokens_per_step = global_batch * shape.seq_len as u64;
-        let step_seconds = timeline.makespan + data_parallel_sync;
-        let step = StepEstimate {
-            slowest_stage: slowest as u32,
-            chunk_compute_seconds: fc,
-            chunk_all_to_all_seconds: fa,
-            compute_to_communication: (fa > 0.0).then(|| fc / fa),
-            costs,
-            pipeline_seconds: timeline.makespan,
-            compute_seconds: rank_compute,
-            exposed_all_to_all_seconds: timeline.busy[bubble_rank] - rank_compute,
-            bubble_seconds: timeline.idle[bubble_rank],
-            formula_bubble_seconds: shape.schedule.paper_figures(stages, &costs).bubble,
-            data_parallel_sync_seconds: data_parallel_sync,
-            step_seconds,
-            tokens_per_second: tokens_per_step as f64 / step_seconds,
-        };
-
-        let slowest_blocks = parts[slowest].moe_blocks;
-        let all_to_all = AllToAll {
-            tokens_per_micro_batch: tokens,
-            dispatch_bytes_per_token: dispatch_bytes,
-            combine_bytes_per_token: combine_bytes,
-            inter_node_copies_per_token: inter_copies,
-            intra_node_copies_per_token: intra_copies,
-            per_moe_layer: per_layer,
-            moe_blocks_per_chunk: slowest_blocks,
-            per_chunk: per_layer.scaled(slowest_blocks as f64),
-            seconds_per_moe_layer: seconds_per_layer,
-        };
-
-        let stage_plans = (0..stages as usize)
-            .map(|s| {
-                let span = starts[s]..starts[s + 1];
-                let moe_layers = model.moe[span.clone()].iter().filter(|m| **m).count() as u32;
-                let part = &parts[s];
-                StagePlan {
-                    stage: s as u32,
-                    first_layer: span.start as u32,
-                    layers: span.len() as u32,
-                    dense_layers: span.len() as u32 - moe_layers,
-                    moe_layers,
-                    embedding: s == 0,
-                    head: s + 1 == stages as usize,
-                    mtp_modules: if s + 1 == stages as usize { model.mtp_modules } else { 0 },
-                    ranks: hosts[s].clone(),
-                    forward_flops_per_token: part.flops,
-                    replicated_parameters: part.replicated,
-                    expert_parameters_per_gpu: part.routed / ep64,
-                    activation_bytes: part.activations * tokens,
-                    forward_compute_seconds: compute(part),
-                    forward_all_to_all_seconds: communicate(part),
-                }
-            })
-            .collect();
-
-        Ok(Plan {
-            cluster: *cluster,
-            layout: Layout {
+        let global_batch =
+            dp.checked_mul(micro_batches as u64).and_then(|n| n.checked_mul(micro_batch_size)).ok_or_else(|| {
+                PlanError::Shape(format!(
+                    "the sequences per step, dp × micro-batches × micro-batch size = {dp} × {micro_batches} × {micro_batch_size}, do not fit in 64 bits"
+                ))
+            })?;
+        let tokens_per_step = global_batch.checked_mul(shape.seq_len as u64).ok_or_else(|| {
+            PlanError::Shape(format!(
+                "the tokens per step, {global_batch} sequences × {} tokens, do not fit in 64 bits",
+                shape.seq_len
+            ))
+        })?;
+        Ok(Geometry {
+            layout: ParallelLayout {
                 gpus,
                 pp,
                 stages,
@@ -1443,24 +1405,301 @@ impl Planner<'_> {
                 global_batch,
                 tokens_per_step,
             },
-            stages: stage_plans,
-            ranks,
-            experts: experts_placement,
-            fullest_rank: fullest.0,
-            memory: fullest.1,
-            all_to_all,
-            step,
+            tokens: micro_batch_size * shape.seq_len as u64,
+            experts_per_gpu,
+            ep_nodes,
+            ep_gpus_per_node,
         })
     }
 
-    fn experts(
+    /// The stage partition: contiguous layers balanced by forward FLOPs, the embedding on
+    /// the first stage, the head and the MTP modules on the last.
+    fn split(&self, stages: u32) -> StageSplit {
+        let model = self.model;
+        let costs: Vec<f64> = model.layers.iter().map(|l| l.flops).collect();
+        let mut last_extra = model.head;
+        for _ in 0..model.mtp_modules {
+            last_extra += model.mtp;
+        }
+        let starts = partition(&costs, stages as usize, model.embedding.flops, last_extra.flops);
+        let stages = stages as usize;
+        let parts = (0..stages)
+            .map(|s| {
+                let mut part = Part::default();
+                if s == 0 {
+                    part += model.embedding;
+                }
+                for layer in &model.layers[starts[s]..starts[s + 1]] {
+                    part += *layer;
+                }
+                if s + 1 == stages {
+                    part += last_extra;
+                }
+                part
+            })
+            .collect();
+        StageSplit { starts, parts }
+    }
+
+    /// Each rank's stages and peak activations, from its instruction stream.
+    fn rank_uses(
         &self,
-        ep: u64,
-        experts_per_gpu: u64,
-        ep_nodes: u64,
-        ep_gpus_per_node: u64,
-        expert_replicas: u64,
-    ) -> ExpertPlacement {
+        g: &Geometry,
+        schedule: &Schedule,
+        split: &StageSplit,
+    ) -> Result<Vec<RankUse>, PlanError> {
+        // Every chunk's activations at once bound what a rank can hold, so counting in u64
+        // is safe once their sum is.
+        let chunks = g.layout.micro_batches as u64 * g.layout.stages as u64;
+        let heaviest = split.parts.iter().map(|p| p.activations).max().unwrap_or(0);
+        if heaviest.checked_mul(g.tokens).and_then(|b| b.checked_mul(chunks)).is_none() {
+            return Err(PlanError::Shape(format!(
+                "{} micro-batches of {} tokens would cache more activation bytes than 64 bits count",
+                g.layout.micro_batches, g.tokens
+            )));
+        }
+        Ok(rank_uses(schedule, &split.parts, g.tokens))
+    }
+
+    /// The ZeRO-1 groups: each stage's replicated parameters and expert shards on the ranks
+    /// hosting it, and the embedding on every rank that holds a copy.
+    fn parameter_sets(&self, g: &Geometry, split: &StageSplit, hosts: &[Vec<u32>]) -> Vec<ParameterSet> {
+        let model = self.model;
+        let mut sets = Vec::with_capacity(2 * split.parts.len() + 1);
+        for (s, (part, ranks)) in split.parts.iter().zip(hosts).enumerate() {
+            let embedding = if s == 0 { model.embedding.replicated } else { 0 };
+            sets.push(ParameterSet {
+                parameters: part.replicated - embedding,
+                fp8: part.replicated_fp8,
+                ranks: ranks.clone(),
+                expert: false,
+            });
+            let shard = part.routed / g.layout.ep as u64;
+            sets.push(ParameterSet { parameters: shard, fp8: shard, ranks: ranks.clone(), expert: true });
+        }
+        let mut embedding_ranks = hosts.first().cloned().unwrap_or_default();
+        if model.last_stage_uses_embedding() {
+            embedding_ranks.extend(hosts.last().into_iter().flatten());
+            embedding_ranks.sort_unstable();
+            embedding_ranks.dedup();
+        }
+        sets.push(ParameterSet {
+            parameters: model.embedding.replicated,
+            fp8: 0,
+            ranks: embedding_ranks,
+            expert: false,
+        });
+        sets.retain(|set| set.parameters > 0 && !set.ranks.is_empty());
+        sets
+    }
+
+    /// Memory per GPU and data-parallel sync time of every rank.
+    fn memory(
+        &self,
+        g: &Geometry,
+        split: &StageSplit,
+        uses: &[RankUse],
+        hosts: &[Vec<u32>],
+    ) -> Vec<RankPlan> {
+        let (l, cluster) = (&g.layout, self.cluster);
+        let sets = self.parameter_sets(g, split, hosts);
+        let gpus = GpuLayout { dp: l.dp, ep: l.ep as u64, gpus_per_node: cluster.gpus_per_node as u64 };
+        let last = l.stages - 1;
+        uses.iter()
+            .enumerate()
+            .map(|(rank, used)| {
+                let rank = rank as u32;
+                let (mut held, mut fp8, mut optimizer, mut sync) = (0u64, 0u64, 0u64, 0.0f64);
+                for set in sets.iter().filter(|set| set.ranks.contains(&rank)) {
+                    let (copies, spans) = if set.expert {
+                        (l.expert_dp, gpus.expert_group_spans(&set.ranks))
+                    } else {
+                        (l.dp, gpus.replicated_group_spans(&set.ranks))
+                    };
+                    let group = (set.ranks.len() as u64).saturating_mul(copies).max(1);
+                    held = held.saturating_add(set.parameters);
+                    fp8 = fp8.saturating_add(set.fp8);
+                    optimizer = optimizer
+                        .saturating_add(OPTIMIZER_BYTES.saturating_mul(set.parameters).div_ceil(group));
+                    let bandwidth =
+                        if spans { cluster.inter_node_bandwidth } else { cluster.intra_node_bandwidth };
+                    // Ring reduce-scatter of the gradients and all-gather of the weights.
+                    sync +=
+                        (WEIGHT_BYTES + GRADIENT_BYTES) as f64 * set.parameters as f64 * (group - 1) as f64
+                            / group as f64
+                            / bandwidth;
+                }
+                let mut memory = MemoryBreakdown {
+                    parameters: WEIGHT_BYTES.saturating_mul(held),
+                    fp8_weight_cache: fp8_weight_bytes(fp8),
+                    gradients: GRADIENT_BYTES.saturating_mul(held),
+                    optimizer_states: optimizer,
+                    activations: used.peak_bytes,
+                    total: 0,
+                    capacity: cluster.gpu_memory_bytes,
+                };
+                memory.total = memory.components().iter().fold(0u64, |sum, c| sum.saturating_add(c.1));
+                RankPlan {
+                    rank,
+                    stages: used.stages.clone(),
+                    embedding_copy: self.model.last_stage_uses_embedding()
+                        && used.stages.contains(&last)
+                        && !used.stages.contains(&0),
+                    peak_in_flight: used.peak_chunks,
+                    memory,
+                    data_parallel_sync_seconds: sync,
+                    busy_seconds: 0.0,
+                }
+            })
+            .collect()
+    }
+
+    /// The expert-parallel all-to-all volumes of one GPU; the per-chunk figures are left
+    /// for the step estimate, which knows the slowest stage.
+    fn all_to_all(&self, g: &Geometry, experts: &ExpertPlacement) -> AllToAll {
+        let d = self.model.hidden;
+        let k = self.model.experts_per_token as u64;
+        let dispatch_bytes = fp8_bytes(d) + k * 8;
+        let combine_bytes = bf16_bytes(d);
+        let (ep_nodes, ep_gpus) = (g.ep_nodes as f64, g.ep_gpus_per_node as f64);
+        let inter_copies = experts.expected_nodes_per_token * (ep_nodes - 1.0) / ep_nodes;
+        let intra_copies = experts.expected_gpus_per_token * (ep_gpus - 1.0) / ep_gpus;
+        let t = g.tokens as f64;
+        let per_layer = Volume {
+            dispatch_intra_node: t * intra_copies * dispatch_bytes as f64,
+            dispatch_inter_node: t * inter_copies * dispatch_bytes as f64,
+            combine_intra_node: t * intra_copies * combine_bytes as f64,
+            combine_inter_node: t * inter_copies * combine_bytes as f64,
+        };
+        AllToAll {
+            tokens_per_micro_batch: g.tokens,
+            dispatch_bytes_per_token: dispatch_bytes,
+            combine_bytes_per_token: combine_bytes,
+            inter_node_copies_per_token: inter_copies,
+            intra_node_copies_per_token: intra_copies,
+            per_moe_layer: per_layer,
+            moe_blocks_per_chunk: 0,
+            per_chunk: Volume::default(),
+            seconds_per_moe_layer: per_layer.seconds(self.cluster),
+        }
+    }
+
+    /// Simulates the schedule with every instruction at its own stages' costs and reads the
+    /// step off the bottleneck rank; records each rank's busy time.
+    fn step(
+        &self,
+        g: &Geometry,
+        schedule: &Schedule,
+        times: &[ChunkTime],
+        slowest: usize,
+        ranks: &mut [RankPlan],
+    ) -> Result<StepEstimate, PlanError> {
+        let (l, cluster) = (&g.layout, self.cluster);
+        let time = |c: Chunk| times.get(c.stage as usize).copied().unwrap_or_default();
+        let duration = |i: &Instruction| match *i {
+            Instruction::Forward { chunk } | Instruction::BackwardInput { chunk } => {
+                time(chunk).compute + time(chunk).all_to_all
+            }
+            Instruction::BackwardWeight { chunk } => time(chunk).compute,
+            Instruction::Backward { chunk } => 2.0 * time(chunk).compute + time(chunk).all_to_all,
+            Instruction::OverlappedForwardBackward { forward, backward } => {
+                let (f, b) = (time(forward), time(backward));
+                (f.compute + 2.0 * b.compute).max(f.all_to_all + b.all_to_all)
+            }
+            _ => 0.0,
+        };
+        // The computing part of each instruction; the rest of its time is exposed all-to-all.
+        let compute = |i: &Instruction| match *i {
+            Instruction::Forward { chunk }
+            | Instruction::BackwardInput { chunk }
+            | Instruction::BackwardWeight { chunk } => time(chunk).compute,
+            Instruction::Backward { chunk } => 2.0 * time(chunk).compute,
+            Instruction::OverlappedForwardBackward { forward, backward } => {
+                time(forward).compute + 2.0 * time(backward).compute
+            }
+            _ => 0.0,
+        };
+        let p2p_bandwidth =
+            if cluster.nodes > 1 { cluster.inter_node_bandwidth } else { cluster.intra_node_bandwidth };
+        let latency = g.tokens as f64 * bf16_bytes(self.model.hidden) as f64 / p2p_bandwidth;
+        let timeline = simulate_with(schedule, duration, latency)?;
+        for (rank, busy) in ranks.iter_mut().zip(&timeline.busy) {
+            rank.busy_seconds = *busy;
+        }
+        let bottleneck = (0..timeline.busy.len())
+            .max_by(|&a, &b| timeline.busy[a].total_cmp(&timeline.busy[b]).then(b.cmp(&a)))
+            .unwrap_or(0);
+        let rank_compute: f64 = schedule.ranks.get(bottleneck).into_iter().flatten().map(compute).sum();
+        let rank_busy = timeline.busy.get(bottleneck).copied().unwrap_or(0.0);
+        let s = times.get(slowest).copied().unwrap_or_default();
+        let costs = Costs {
+            forward: s.compute + s.all_to_all,
+            backward: 2.0 * s.compute + s.all_to_all,
+            weight: s.compute,
+            overlapped: (3.0 * s.compute).max(2.0 * s.all_to_all),
+            latency,
+        };
+        let data_parallel_sync = ranks.iter().map(|r| r.data_parallel_sync_seconds).fold(0.0, f64::max);
+        let step_seconds = timeline.makespan + data_parallel_sync;
+        Ok(StepEstimate {
+            slowest_stage: slowest as u32,
+            chunk_compute_seconds: s.compute,
+            chunk_all_to_all_seconds: s.all_to_all,
+            compute_to_communication: (s.all_to_all > 0.0).then(|| s.compute / s.all_to_all),
+            costs,
+            pipeline_seconds: timeline.makespan,
+            bottleneck_rank: bottleneck as u32,
+            compute_seconds: rank_compute,
+            // Busy time is a sum of the same terms in another order: clamp the rounding.
+            exposed_all_to_all_seconds: (rank_busy - rank_compute).max(0.0),
+            bubble_seconds: timeline.idle.get(bottleneck).copied().unwrap_or(0.0),
+            largest_idle_seconds: timeline.bubble,
+            formula_bubble_seconds: l.schedule.paper_figures(l.stages, &costs).bubble,
+            data_parallel_sync_seconds: data_parallel_sync,
+            step_seconds,
+            tokens_per_second: l.tokens_per_step as f64 / step_seconds,
+        })
+    }
+
+    fn stage_plans(
+        &self,
+        g: &Geometry,
+        split: &StageSplit,
+        hosts: &[Vec<u32>],
+        times: &[ChunkTime],
+    ) -> Vec<StagePlan> {
+        let model = self.model;
+        let stages = split.parts.len();
+        (0..stages)
+            .map(|s| {
+                let span = split.starts[s]..split.starts[s + 1];
+                let moe_layers = model.moe[span.clone()].iter().filter(|m| **m).count() as u32;
+                let part = &split.parts[s];
+                let last = s + 1 == stages;
+                StagePlan {
+                    stage: s as u32,
+                    first_layer: span.start as u32,
+                    layers: span.len() as u32,
+                    dense_layers: span.len() as u32 - moe_layers,
+                    moe_layers,
+                    embedding: s == 0,
+                    head: last,
+                    mtp_modules: if last { model.mtp_modules } else { 0 },
+                    ranks: hosts[s].clone(),
+                    forward_flops_per_token: part.flops,
+                    replicated_parameters: part.replicated,
+                    expert_parameters_per_gpu: part.routed / g.layout.ep as u64,
+                    activation_bytes: part.activations * g.tokens,
+                    forward_compute_seconds: times[s].compute,
+                    forward_all_to_all_seconds: times[s].all_to_all,
+                }
+            })
+            .collect()
+    }
+
+    fn experts(&self, g: &Geometry, expert_replicas: u64) -> ExpertPlacement {
+        let (ep, experts_per_gpu, ep_nodes, ep_gpus_per_node) =
+            (g.layout.ep as u64, g.experts_per_gpu, g.ep_nodes, g.ep_gpus_per_node);
         let model = self.model;
         let experts = model.routed_experts as u64;
         let per_node = experts_per_gpu * ep_gpus_per_node;
@@ -1508,6 +1747,26 @@ impl Planner<'_> {
             nodes,
         }
     }
+}
+
+/// The rank whose GPUs need the most memory (ties: the lowest), or why it does not fit.
+fn fullest(ranks: &[RankPlan]) -> Result<(u32, MemoryBreakdown), PlanError> {
+    let (rank, memory) = ranks
+        .iter()
+        .max_by(|a, b| a.memory.total.cmp(&b.memory.total).then(b.rank.cmp(&a.rank)))
+        .map(|r| (r.rank, r.memory))
+        .unwrap_or_default();
+    if !memory.fits() {
+        let (component, component_bytes) = memory.largest();
+        return Err(PlanError::OutOfMemory {
+            rank,
+            needed: memory.total,
+            capacity: memory.capacity,
+            component,
+            component_bytes,
+        });
+    }
+    Ok((rank, memory))
 }
 
 /// Ranks hosting each stage (the same for every stage under the compiled schedules).
