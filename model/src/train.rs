@@ -10,7 +10,7 @@ use crate::ModelError;
 use crate::checkpoint::{CheckpointError, NamedTensor, WeightDtype, save_hf};
 use crate::config::{ConfigError, ModelConfig};
 use crate::data::{BYTE_VOCAB, Sampler, encode_bytes, synthetic_corpus};
-use crate::model::{LossConfig, Model};
+use crate::model::{LossConfig, Model, StepStats};
 use crate::precision::Precision;
 use flotilla_kernels::optim::{AdamWConfig, LrSchedule, adamw_step, clip_scale, global_grad_norm};
 use half::bf16;
@@ -292,19 +292,49 @@ impl Trainer {
         self.step
     }
 
-    /// Runs one optimizer step.
+    /// Runs one optimizer step on the whole batch.
     pub fn train_step(&mut self) -> Result<StepRecord, TrainError> {
         let start = Instant::now();
+        let stats = self.forward_backward_shard(0, 1)?;
+        self.apply_update(&stats, start)
+    }
+
+    /// The first half of a data-parallel step: zeroes the gradients and runs forward and
+    /// backward over this rank's share of step `self.step() + 1`'s batch — windows
+    /// `rank·B/size .. (rank+1)·B/size` of the `B = batch_size` windows the step draws — so
+    /// that the gradients are those of the mean loss over the share. Ranks must see equal
+    /// shares (`size` divides `batch_size`) for the mean of their gradients to be the
+    /// whole batch's.
+    pub fn forward_backward_shard(&mut self, rank: usize, size: usize) -> Result<StepStats, TrainError> {
+        let batch = self.config.batch_size;
+        if size == 0 || rank >= size || batch % size != 0 {
+            return Err(TrainError::Config(format!(
+                "batch_size {batch} cannot be split evenly over {size} data-parallel ranks (rank {rank})"
+            )));
+        }
         let step = self.step + 1;
+        let share = (batch / size) as u64;
+        let first = rank as u64 * share;
         let windows: Vec<Vec<u32>> =
-            (0..self.config.batch_size as u64).map(|i| self.sampler.window(step, i).tokens).collect();
+            (first..first + share).map(|i| self.sampler.window(step, i).tokens).collect();
         self.model.zero_grad();
         let stats =
             self.model.forward_backward(&windows, self.config.seq_len, &self.config.loss, self.threads)?;
         if !stats.loss.is_finite() {
             return Err(TrainError::Diverged { step, loss: stats.loss });
         }
+        Ok(stats)
+    }
 
+    /// The second half of a step: clipping, AdamW and the selection-bias update from the
+    /// gradients now in the model and the whole batch's `stats` (after a data-parallel
+    /// all-reduce, every rank passes the same gradients and stats, so every rank takes the
+    /// same step). `start` is when the step began, for its tokens/s.
+    pub fn apply_update(&mut self, stats: &StepStats, start: Instant) -> Result<StepRecord, TrainError> {
+        let step = self.step + 1;
+        if !stats.loss.is_finite() {
+            return Err(TrainError::Diverged { step, loss: stats.loss });
+        }
         let mut params = self.model.trainable_params_mut();
         let grad_norm = global_grad_norm(&params.iter().map(|p| p.grad.as_slice()).collect::<Vec<_>>());
         let scale = clip_scale(grad_norm, self.config.optimizer.clip);
