@@ -307,7 +307,7 @@ impl Trainer {
     /// whole batch's.
     pub fn forward_backward_shard(&mut self, rank: usize, size: usize) -> Result<StepStats, TrainError> {
         let batch = self.config.batch_size;
-        if size == 0 || rank >= size || batch % size != 0 {
+        if size == 0 || rank >= size || !batch.is_multiple_of(size) {
             return Err(TrainError::Config(format!(
                 "batch_size {batch} cannot be split evenly over {size} data-parallel ranks (rank {rank})"
             )));
