@@ -2,6 +2,7 @@
 //! Nothing here computes; see ARCHITECTURE.md for where each thing lives.
 
 mod bench;
+mod cluster;
 mod model_info;
 mod plan;
 mod repro;
@@ -44,6 +45,19 @@ enum Command {
         #[command(subcommand)]
         bench: bench::Bench,
     },
+    /// Train across data-parallel worker processes: an in-process coordinator, N workers of
+    /// this binary, progress until the job ends (see examples/tiny.toml).
+    Run(cluster::RunArgs),
+    /// Serve the coordinator: workers register with it, clients submit and watch jobs.
+    Coordinator(cluster::CoordinatorArgs),
+    /// Run a worker that registers with a coordinator and executes its assignments.
+    Worker(cluster::WorkerArgs),
+    /// Submit a run to a coordinator; prints the job id.
+    Submit(cluster::SubmitArgs),
+    /// List a coordinator's jobs.
+    Jobs(cluster::JobsArgs),
+    /// Follow a job's events (state changes, steps, workers joining and lost).
+    Watch(cluster::WatchArgs),
     /// Compile, validate, simulate and draw a pipeline schedule (DualPipe, DualPipeV, 1F1B, ZB1P).
     Schedule(schedule::ScheduleArgs),
 }
@@ -73,5 +87,11 @@ fn run(cli: Cli) -> Result<()> {
         Command::Train(args) => train::train(args),
         Command::Score(args) => train::score(args),
         Command::Schedule(args) => schedule::run(args),
+        Command::Run(args) => cluster::run(args),
+        Command::Coordinator(args) => cluster::coordinator(args),
+        Command::Worker(args) => cluster::worker(args),
+        Command::Submit(args) => cluster::submit(args),
+        Command::Jobs(args) => cluster::jobs(args),
+        Command::Watch(args) => cluster::watch(args),
     }
 }

@@ -479,3 +479,81 @@ fn plan_without_a_layout_proposes_one_that_fits() {
     assert!(memory["total"].as_u64().unwrap() <= 80_000_000_000);
     assert!(!proposal["candidates"].as_array().unwrap().is_empty());
 }
+
+fn losses(metrics: &std::path::Path) -> Vec<f64> {
+    std::fs::read_to_string(metrics)
+        .unwrap_or_else(|e| panic!("{}: {e}", metrics.display()))
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap())
+        .collect()
+}
+
+/// `flotilla run` with 1, 2 and 4 data-parallel worker processes takes, step by step, the
+/// steps of single-process `flotilla train` on the same global batch (to rounding: the
+/// gradients are summed in another order), and repeats itself bit for bit.
+#[test]
+fn run_with_data_parallel_workers_matches_single_process_training() {
+    let dir = temp_dir("run");
+    let config = dir.join("run.toml");
+    std::fs::write(
+        &config,
+        SHORT_RUN.replace("steps = 40", "steps = 6").replace("constant_steps = 35", "constant_steps = 1"),
+    )
+    .unwrap();
+    let single = dir.join("single");
+    let out = flotilla(&["train", config.to_str().unwrap(), "--out", single.to_str().unwrap()]);
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let reference = losses(&single.join("metrics.jsonl"));
+    assert_eq!(reference.len(), 6);
+
+    for workers in ["1", "2", "4"] {
+        let run_dir = dir.join(format!("dp{workers}"));
+        let args =
+            ["run", config.to_str().unwrap(), "--workers", workers, "--out", run_dir.to_str().unwrap()];
+        let out = flotilla(&args);
+        assert!(out.status.success(), "{workers} workers: stderr: {}", String::from_utf8_lossy(&out.stderr));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(stdout.contains(&format!("trained 6 steps on {workers} workers")), "{stdout}");
+        let got = losses(&run_dir.join("metrics.jsonl"));
+        assert_eq!(got.len(), reference.len(), "{workers} workers");
+        for (step, (a, b)) in got.iter().zip(&reference).enumerate() {
+            assert!((a - b).abs() <= 1e-5 * b.abs(), "{workers} workers, step {}: {a} vs {b}", step + 1);
+        }
+        assert!(run_dir.join("model.safetensors").exists(), "{workers} workers: weights");
+        if workers == "2" {
+            let again = dir.join("dp2-again");
+            let out = flotilla(&[
+                "run",
+                config.to_str().unwrap(),
+                "--workers",
+                "2",
+                "--out",
+                again.to_str().unwrap(),
+            ]);
+            assert!(out.status.success());
+            let repeat = losses(&again.join("metrics.jsonl"));
+            assert_eq!(
+                repeat.iter().map(|l| l.to_bits()).collect::<Vec<_>>(),
+                got.iter().map(|l| l.to_bits()).collect::<Vec<_>>(),
+                "the same layout repeats bit for bit"
+            );
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn run_refuses_bad_input_before_starting_anything() {
+    let dir = temp_dir("run-bad");
+    let config = dir.join("run.toml");
+    std::fs::write(&config, SHORT_RUN).unwrap();
+    let out = flotilla(&["run", config.to_str().unwrap(), "--workers", "3"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("batch_size 4 must divide evenly"), "{stderr}");
+    std::fs::write(&config, SHORT_RUN.replace("seq_len = 32", "seq_len = 0")).unwrap();
+    let out = flotilla(&["run", config.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("seq_len"), "{stderr}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -10,9 +10,12 @@
 //! [`plan`], the cluster planner that lays a model out over GPUs (stages, expert shards,
 //! data parallelism) and estimates its memory, all-to-all traffic and step time; and
 //! [`store`], the durable state store (revisioned keys, compare-and-swap, leases, resumable
-//! watches) with its embedded crash-safe file-backed implementation. The control plane
-//! arrives with its own issue.
+//! watches) with its embedded crash-safe file-backed implementation; and [`service`], the
+//! control plane over gRPC: the worker-facing `CoordinatorService` and client-facing
+//! `JobService` (with health and reflection), on job, session and membership actors that
+//! keep the jobs and their events in the store.
 
 pub mod plan;
 pub mod schedule;
+pub mod service;
 pub mod store;

@@ -3,4 +3,19 @@
 //! all-to-all dispatch and combine, all-reduce) that glues compute in `flotilla-kernels` to
 //! the other workers.
 //!
-//! This crate holds no code yet: it arrives with the model and the control plane.
+//! Today it holds:
+//!
+//! - [`comm`], the data plane: the [`comm::Communicator`] trait and its TCP implementation.
+//! - [`dp`], data-parallel training over a communicator: each rank trains the whole model
+//!   on its share of the global batch; gradients are averaged and step statistics (losses,
+//!   token counts, expert loads) merged with deterministic all-reduces, so every rank takes
+//!   the same optimizer step, bit for bit.
+//! - [`agent`], the worker actor: registers with the coordinator over gRPC (retrying with
+//!   backoff), holds the session (heartbeats, commands, step reports), runs assigned jobs
+//!   with [`dp`], and reconnects when the coordinator goes away.
+//!
+//! The model stages and the pipeline executor arrive with the pipeline.
+
+pub mod agent;
+pub mod comm;
+pub mod dp;

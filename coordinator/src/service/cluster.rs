@@ -1,0 +1,548 @@
+//! The cluster actor: membership, failure detection, scheduling, and the supervisor of
+//! every session and job actor.
+//!
+//! # Membership and failure detection
+//!
+//! A worker is alive exactly while it has an entry in the table, and every entry has a
+//! deadline: registration gives it `heartbeat_timeout` to open its session, and each
+//! heartbeat moves it to `heartbeat_timeout` from now. The actor sleeps until the earliest
+//! deadline (they are kept ordered), so a silent worker is declared lost within the
+//! timeout plus scheduling delay, not at the next sweep. A session whose stream ends or
+//! breaks reports it at once and its worker is lost at once. Losing a worker removes it,
+//! closes its session and tells its job; the worker must register again.
+//!
+//! # Scheduling
+//!
+//! Jobs wait in one FIFO queue. The head of the queue takes the idle workers (session
+//! open, no job) with the smallest ids once there are enough of them; ranks follow the
+//! worker ids, so a given set of workers always gets the same layout. The queue is strict:
+//! a large job at its head is not overtaken by smaller ones, so it cannot starve.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use flotilla_proto::PROTOCOL_VERSION;
+use flotilla_proto::v1::{
+    Abort, CoordinatorMessage, Job, Registration, SessionOpen, WorkerInfo, WorkerMessage, coordinator_message,
+};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::{JoinHandle, JoinSet};
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Status, Streaming};
+
+use super::job::{JobActor, JobControl, JobHandle, Launch, Member};
+use super::records::{self, is_valid_id};
+use super::session::{ConnId, OUTBOUND_QUEUE, SessionActor, SessionHandle};
+use super::{CoordinatorConfig, JobSpec, ServiceError};
+use crate::store::StateStore;
+
+/// Requests waiting for the cluster actor; senders (gRPC handlers, sessions, jobs) wait
+/// when it is full.
+const MAILBOX: usize = 4096;
+
+/// The response stream of a session.
+pub(crate) type SessionStream = ReceiverStream<Result<CoordinatorMessage, Status>>;
+
+type Reply<T> = oneshot::Sender<Result<T, ServiceError>>;
+
+/// The cluster actor's mailbox.
+pub(crate) enum ClusterMsg {
+    Register {
+        info: WorkerInfo,
+        reply: Reply<Registration>,
+    },
+    OpenSession {
+        open: SessionOpen,
+        inbound: Streaming<WorkerMessage>,
+        reply: Reply<SessionStream>,
+    },
+    Heartbeat {
+        worker_id: String,
+        conn: ConnId,
+    },
+    SessionClosed {
+        worker_id: String,
+        conn: ConnId,
+        cause: String,
+    },
+    Submit {
+        spec: JobSpec,
+        reply: Reply<Job>,
+    },
+    /// Answered by the job actor, or with `JobNotFound` when no actor drives the job (it
+    /// ended, or never existed): the store then has the answer.
+    Cancel {
+        job_id: String,
+        reason: String,
+        reply: Reply<Job>,
+    },
+    /// The job is written and waits for workers.
+    JobPending {
+        job_id: String,
+    },
+    /// The job actor has ended; its workers are free.
+    JobEnded {
+        job_id: String,
+    },
+}
+
+/// A cheap handle for sending requests to the cluster actor.
+#[derive(Clone, Debug)]
+pub(crate) struct ClusterHandle {
+    tx: mpsc::Sender<ClusterMsg>,
+}
+
+impl ClusterHandle {
+    /// Sends a request and awaits its reply.
+    pub async fn request<T>(&self, make: impl FnOnce(Reply<T>) -> ClusterMsg) -> Result<T, ServiceError> {
+        let (reply, response) = oneshot::channel();
+        self.tx.send(make(reply)).await.map_err(|_| ServiceError::ShuttingDown)?;
+        response.await.map_err(|_| ServiceError::ShuttingDown)?
+    }
+}
+
+/// 64 bits nobody can predict without the process's random hashing keys. Not a
+/// cryptographic secret: session ids bind a stream to a registration, and the control
+/// plane has no authentication to protect yet.
+pub(crate) fn random_u64() -> u64 {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    hasher.write_u64(records::unix_ms());
+    hasher.write_u32(std::process::id());
+    hasher.finish()
+}
+
+fn session_id() -> String {
+    format!("{:016x}{:016x}", random_u64(), random_u64())
+}
+
+struct Worker {
+    info: WorkerInfo,
+    session_id: String,
+    deadline: Instant,
+    session: Option<SessionHandle>,
+    job: Option<String>,
+}
+
+struct ActiveJob {
+    handle: JobHandle,
+    workers: u32,
+}
+
+struct Cluster<S> {
+    config: Arc<CoordinatorConfig>,
+    store: S,
+    mailbox: mpsc::Receiver<ClusterMsg>,
+    /// Given to children; keeping it also keeps the mailbox open until shutdown.
+    me: mpsc::Sender<ClusterMsg>,
+    cancel: CancellationToken,
+    workers: BTreeMap<String, Worker>,
+    deadlines: BTreeSet<(Instant, String)>,
+    jobs: HashMap<String, ActiveJob>,
+    queue: VecDeque<String>,
+    job_tasks: JoinSet<()>,
+    task_jobs: HashMap<tokio::task::Id, String>,
+    sessions: JoinSet<()>,
+    next_conn: ConnId,
+    next_job: u64,
+    next_worker: u64,
+    commands: Arc<AtomicU64>,
+}
+
+/// Reads the jobs in the store, settles the ones the previous process was running (see
+/// `JobActor::settle_after_restart`), and starts the cluster actor with the pending ones.
+pub(crate) async fn start<S: StateStore + Clone + 'static>(
+    config: Arc<CoordinatorConfig>,
+    store: S,
+    cancel: CancellationToken,
+) -> Result<(ClusterHandle, JoinHandle<()>), ServiceError> {
+    let (me, mailbox) = mpsc::channel(MAILBOX);
+    let mut cluster = Cluster {
+        config,
+        store: store.clone(),
+        mailbox,
+        me: me.clone(),
+        cancel,
+        workers: BTreeMap::new(),
+        deadlines: BTreeSet::new(),
+        jobs: HashMap::new(),
+        queue: VecDeque::new(),
+        job_tasks: JoinSet::new(),
+        task_jobs: HashMap::new(),
+        sessions: JoinSet::new(),
+        next_conn: 1,
+        next_job: 1,
+        next_worker: 1,
+        commands: Arc::new(AtomicU64::new(1)),
+    };
+    for (record, revision) in records::list_jobs(&store).await? {
+        if let Some(n) = record.id.strip_prefix("job-").and_then(|n| n.parse::<u64>().ok()) {
+            cluster.next_job = cluster.next_job.max(n.saturating_add(1));
+        }
+        if record.state.is_terminal() {
+            continue;
+        }
+        let (handle, mut actor) = JobActor::new(
+            store.clone(),
+            record,
+            revision,
+            me.clone(),
+            cluster.cancel.clone(),
+            cluster.commands.clone(),
+        );
+        actor.settle_after_restart().await?;
+        if !actor.state().is_terminal() {
+            cluster.spawn_job(handle, actor, Launch::Resume);
+        }
+    }
+    let task = tokio::spawn(cluster.run());
+    Ok((ClusterHandle { tx: me }, task))
+}
+
+impl<S: StateStore + Clone + 'static> Cluster<S> {
+    async fn run(mut self) {
+        loop {
+            self.expire();
+            let next_deadline = self.deadlines.first().map(|(deadline, _)| *deadline);
+            tokio::select! {
+                biased;
+                _ = self.cancel.cancelled() => break,
+                Some(message) = self.mailbox.recv() => self.handle(message),
+                Some(done) = self.job_tasks.join_next_with_id() => self.job_task_done(done),
+                Some(done) = self.sessions.join_next() => {
+                    if let Err(e) = done && e.is_panic() {
+                        tracing::error!(error = %e, "a session actor panicked");
+                    }
+                }
+                _ = tokio::time::sleep_until(next_deadline.unwrap_or_else(Instant::now)), if next_deadline.is_some() => {}
+            }
+        }
+        // Every child watches the same token; wait for them so that nothing outlives the
+        // coordinator.
+        while self.job_tasks.join_next().await.is_some() {}
+        while self.sessions.join_next().await.is_some() {}
+    }
+
+    fn handle(&mut self, message: ClusterMsg) {
+        match message {
+            ClusterMsg::Register { info, reply } => {
+                let _ = reply.send(self.register(info));
+            }
+            ClusterMsg::OpenSession { open, inbound, reply } => {
+                let _ = reply.send(self.open_session(open, inbound));
+            }
+            ClusterMsg::Heartbeat { worker_id, conn } => self.heartbeat(&worker_id, conn),
+            ClusterMsg::SessionClosed { worker_id, conn, cause } => {
+                let current = self.workers.get(&worker_id).and_then(|w| w.session.as_ref()).map(|s| s.conn);
+                if current == Some(conn) {
+                    self.lose(&worker_id, cause);
+                }
+            }
+            ClusterMsg::Submit { spec, reply } => self.submit(spec, reply),
+            ClusterMsg::Cancel { job_id, reason, reply } => match self.jobs.get(&job_id) {
+                Some(job) => job.handle.send(JobControl::Cancel { reason, reply }),
+                None => {
+                    let _ = reply.send(Err(ServiceError::JobNotFound { job_id }));
+                }
+            },
+            ClusterMsg::JobPending { job_id } => {
+                if self.jobs.contains_key(&job_id) && !self.queue.contains(&job_id) {
+                    self.queue.push_back(job_id);
+                    self.schedule();
+                }
+            }
+            ClusterMsg::JobEnded { job_id } => self.job_ended(&job_id),
+        }
+    }
+
+    // ---------------------------------------------------------------------------------
+    // Membership
+
+    fn set_deadline(&mut self, worker_id: &str, deadline: Instant) {
+        if let Some(worker) = self.workers.get_mut(worker_id) {
+            self.deadlines.remove(&(worker.deadline, worker_id.to_string()));
+            worker.deadline = deadline;
+            self.deadlines.insert((deadline, worker_id.to_string()));
+        }
+    }
+
+    fn register(&mut self, info: WorkerInfo) -> Result<Registration, ServiceError> {
+        let worker_id = if info.worker_id.is_empty() {
+            loop {
+                let id = format!("worker-{:04}", self.next_worker);
+                self.next_worker += 1;
+                if !self.workers.contains_key(&id) {
+                    break id;
+                }
+            }
+        } else {
+            info.worker_id.clone()
+        };
+        if let Some(existing) = self.workers.get(&worker_id) {
+            let state =
+                if existing.session.is_some() { "its session is open" } else { "it registered recently" };
+            return Err(ServiceError::AlreadyExists(format!(
+                "worker id {worker_id:?} is held by a live worker on host {:?} ({state}); \
+                 a second worker may not claim it until that one is lost",
+                existing.info.host
+            )));
+        }
+        let session_id = session_id();
+        let deadline = Instant::now() + self.config.heartbeat_timeout;
+        tracing::info!(worker = %worker_id, host = %info.host, data_plane = %info.data_plane_address, "worker registered");
+        self.workers.insert(
+            worker_id.clone(),
+            Worker { info, session_id: session_id.clone(), deadline, session: None, job: None },
+        );
+        self.deadlines.insert((deadline, worker_id.clone()));
+        Ok(Registration {
+            worker_id,
+            session_id,
+            protocol_version: PROTOCOL_VERSION,
+            heartbeat_interval_ms: millis(self.config.heartbeat_interval),
+            heartbeat_timeout_ms: millis(self.config.heartbeat_timeout),
+        })
+    }
+
+    fn open_session(
+        &mut self,
+        open: SessionOpen,
+        inbound: Streaming<WorkerMessage>,
+    ) -> Result<SessionStream, ServiceError> {
+        let worker_id = open.worker_id;
+        let Some(worker) = self.workers.get_mut(&worker_id) else {
+            return Err(ServiceError::Unauthenticated(format!(
+                "worker {worker_id:?} is not registered (it never was, or it was declared lost); register again"
+            )));
+        };
+        if worker.session_id != open.session_id {
+            return Err(ServiceError::Unauthenticated(format!(
+                "the session id does not match worker {worker_id:?}'s registration; register again"
+            )));
+        }
+        if worker.session.is_some() {
+            return Err(ServiceError::AlreadyExists(format!(
+                "a session is already open for worker {worker_id:?}"
+            )));
+        }
+        let conn = self.next_conn;
+        self.next_conn += 1;
+        let (outbound, response) = mpsc::channel(OUTBOUND_QUEUE);
+        let (handle, actor) = SessionActor::new(
+            worker_id.clone(),
+            conn,
+            inbound,
+            outbound,
+            self.me.clone(),
+            self.cancel.clone(),
+        );
+        worker.session = Some(handle);
+        self.sessions.spawn(actor.run());
+        tracing::info!(worker = %worker_id, conn, "session opened");
+        self.set_deadline(&worker_id, Instant::now() + self.config.heartbeat_timeout);
+        self.schedule();
+        Ok(ReceiverStream::new(response))
+    }
+
+    fn heartbeat(&mut self, worker_id: &str, conn: ConnId) {
+        let current = self.workers.get(worker_id).and_then(|w| w.session.as_ref()).map(|s| s.conn);
+        if current == Some(conn) {
+            self.set_deadline(worker_id, Instant::now() + self.config.heartbeat_timeout);
+        }
+    }
+
+    /// Declares lost every worker whose deadline has passed.
+    fn expire(&mut self) {
+        let now = Instant::now();
+        while let Some((deadline, worker_id)) = self.deadlines.first().cloned()
+            && deadline <= now
+        {
+            let timeout = millis(self.config.heartbeat_timeout);
+            let cause = match self.workers.get(&worker_id) {
+                Some(worker) if worker.session.is_none() => {
+                    format!("registered but opened no session within {timeout} ms")
+                }
+                _ => format!("no heartbeat for {timeout} ms"),
+            };
+            self.lose(&worker_id, cause);
+        }
+    }
+
+    /// Forgets a worker, ends its session and tells its job.
+    fn lose(&mut self, worker_id: &str, cause: String) {
+        let Some(worker) = self.workers.remove(worker_id) else { return };
+        self.deadlines.remove(&(worker.deadline, worker_id.to_string()));
+        // An idle worker leaving is routine (scale-down, the end of `flotilla run`); one
+        // holding a job is a failure its job reports.
+        match &worker.job {
+            Some(job) => tracing::warn!(worker = %worker_id, %job, %cause, "worker lost"),
+            None => tracing::info!(worker = %worker_id, %cause, "idle worker left"),
+        }
+        if let Some(session) = &worker.session {
+            session.close(Status::aborted(format!(
+                "worker {worker_id} was declared lost: {cause}; register again"
+            )));
+        }
+        if let Some(job_id) = &worker.job
+            && let Some(job) = self.jobs.get(job_id)
+        {
+            job.handle.send(JobControl::WorkerLost { worker_id: worker_id.to_string(), cause });
+        }
+    }
+
+    // ---------------------------------------------------------------------------------
+    // Jobs
+
+    fn spawn_job(&mut self, handle: JobHandle, actor: JobActor<S>, launch: Launch) {
+        let job_id = actor.job_id().to_string();
+        let workers = actor.workers_needed();
+        let task = self.job_tasks.spawn(actor.run(launch));
+        self.task_jobs.insert(task.id(), job_id.clone());
+        self.jobs.insert(job_id, ActiveJob { handle, workers });
+    }
+
+    fn submit(&mut self, spec: JobSpec, reply: oneshot::Sender<Result<Job, ServiceError>>) {
+        let job_id = format!("job-{:06}", self.next_job);
+        self.next_job += 1;
+        let record = JobActor::<S>::new_record(job_id, &spec);
+        let (handle, actor) = JobActor::new(
+            self.store.clone(),
+            record,
+            0,
+            self.me.clone(),
+            self.cancel.clone(),
+            self.commands.clone(),
+        );
+        self.spawn_job(handle, actor, Launch::Create { reply });
+    }
+
+    /// Starts the jobs at the head of the queue while there are enough idle workers.
+    fn schedule(&mut self) {
+        while let Some(job_id) = self.queue.front() {
+            let Some(job) = self.jobs.get(job_id) else {
+                self.queue.pop_front();
+                continue;
+            };
+            let needed = job.workers as usize;
+            let idle: Vec<String> = self
+                .workers
+                .iter()
+                .filter(|(_, w)| w.session.is_some() && w.job.is_none())
+                .map(|(id, _)| id.clone())
+                .take(needed)
+                .collect();
+            if idle.len() < needed {
+                return;
+            }
+            let route = job.handle.route();
+            let handle = job.handle.clone();
+            let job_id = job_id.clone();
+            self.queue.pop_front();
+            let mut members = Vec::with_capacity(needed);
+            for worker_id in idle {
+                let Some(worker) = self.workers.get_mut(&worker_id) else { continue };
+                let Some(session) = worker.session.clone() else { continue };
+                worker.job = Some(job_id.clone());
+                // Before the job can send anything: the owner is set ahead of the
+                // assignment in the session's mailbox, so the worker's ack finds it.
+                session.set_owner(Some(route.clone()));
+                members.push(Member { worker_id, info: worker.info.clone(), session });
+            }
+            tracing::info!(job = %job_id, workers = members.len(), "job scheduled");
+            handle.send(JobControl::Start(members));
+        }
+    }
+
+    /// Releases the job's workers (the job aborted them if it had to) and schedules.
+    fn job_ended(&mut self, job_id: &str) {
+        if self.jobs.remove(job_id).is_none() {
+            return;
+        }
+        self.queue.retain(|queued| queued != job_id);
+        for worker in self.workers.values_mut() {
+            if worker.job.as_deref() == Some(job_id) {
+                worker.job = None;
+                if let Some(session) = &worker.session {
+                    session.set_owner(None);
+                }
+            }
+        }
+        self.schedule();
+    }
+
+    fn job_task_done(&mut self, done: Result<(tokio::task::Id, ()), tokio::task::JoinError>) {
+        let id = match &done {
+            Ok((id, ())) => *id,
+            Err(e) => e.id(),
+        };
+        let Some(job_id) = self.task_jobs.remove(&id) else { return };
+        if let Err(e) = done {
+            tracing::error!(job = %job_id, error = %e, "a job actor failed");
+        }
+        if self.jobs.contains_key(&job_id) {
+            // The actor ended without saying so (it panicked): its workers may still be
+            // running its steps.
+            for worker in self.workers.values() {
+                if worker.job.as_deref() == Some(job_id.as_str())
+                    && let Some(session) = &worker.session
+                {
+                    let abort =
+                        Abort { job_id: job_id.clone(), reason: "the coordinator's job actor failed".into() };
+                    let command_id = self.commands.fetch_add(1, Ordering::Relaxed);
+                    session.send(CoordinatorMessage {
+                        command_id,
+                        body: Some(coordinator_message::Body::Abort(abort)),
+                    });
+                }
+            }
+            self.job_ended(&job_id);
+        }
+    }
+}
+
+fn millis(duration: std::time::Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Checks a registration request: the protocol version first (a worker of another
+/// version may not even mean the same thing by the other fields), then each field.
+pub(crate) fn validate_worker_info(info: &WorkerInfo) -> Result<(), ServiceError> {
+    if info.protocol_version != PROTOCOL_VERSION {
+        return Err(ServiceError::ProtocolMismatch {
+            worker: info.protocol_version,
+            coordinator: PROTOCOL_VERSION,
+        });
+    }
+    let bad =
+        |field: &str, reason: String| Err(ServiceError::InvalidArgument { field: field.into(), reason });
+    if !info.worker_id.is_empty() && !is_valid_id(&info.worker_id) {
+        return bad(
+            "worker_id",
+            format!("{:?} must be 1 to 128 characters out of A-Z a-z 0-9 . _ : -", truncate(&info.worker_id)),
+        );
+    }
+    if info.data_plane_address.is_empty() {
+        return bad("data_plane_address", "is empty; peers need it to reach the worker".into());
+    }
+    for (field, value) in
+        [("host", &info.host), ("data_plane_address", &info.data_plane_address), ("node_id", &info.node_id)]
+    {
+        if value.len() > 256 {
+            return bad(field, format!("{} bytes is above the limit of 256", value.len()));
+        }
+    }
+    if info.devices.len() > 1024 {
+        return bad("devices", format!("{} devices is above the limit of 1024", info.devices.len()));
+    }
+    Ok(())
+}
+
+/// At most 64 characters of an untrusted string, for an error message.
+fn truncate(s: &str) -> String {
+    s.chars().take(64).collect()
+}

@@ -1,0 +1,705 @@
+//! The job actor: one per active job, owning the job's state machine, its workers (the
+//! "crew", by DP rank) while it runs, and the only writer of its record and events.
+//!
+//! ```text
+//!            start           all assignments acked         every rank finished
+//!  Pending ────────▶ Rendezvous ──────────────────▶ Running ───────────────────▶ Succeeded
+//!                        │                           │  ▲  │
+//!         worker lost,   │               worker lost │  │  │ worker error, refusal,
+//!         refusal        │                           ▼  │  │ invalid report
+//!                        │                       Recovering │
+//!                        │        no checkpoint (today) │   │
+//!                        └──────────▶ Failed ◀──────────┴───┘
+//!
+//!  any non-terminal state ── cancel ──▶ Cancelled
+//!  Recovering ──▶ Rendezvous | Running: resuming from a checkpoint (the checkpoint issue)
+//! ```
+//!
+//! Recovering is where the job decides what a lost worker means. With no checkpoint to
+//! resume from (today), it fails the job with the loss as the reason. The checkpoint issue
+//! adds the other exits, already allowed by [`may_transition`]: back to Rendezvous with
+//! replacement workers, or straight to Running on the survivors, with `RunSteps` starting
+//! at the first step after the last committed checkpoint (the job already sends
+//! `first_step = steps_done + 1`).
+//!
+//! Steps are numbered from 1, as the trainer and `metrics.jsonl` number them: a job of
+//! `steps = S` runs steps 1..=S, and `steps_done = s` means steps 1..=s are summarized.
+//!
+//! Assignments and `RunSteps` go out only after the state they belong to is written, so a
+//! worker never runs steps of a job that the store does not show running. Aborts go out as
+//! soon as the job decides to stop, before the write: stopping the survivors matters more,
+//! and a crash in between leaves a state that the restart recovery settles anyway.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use flotilla_proto::v1::{
+    Abort, Ack, Assignment, CoordinatorMessage, Job, JobEvent, JobFinished, JobState, Peer, RunSteps,
+    StateChanged, StepReport, StepSummary, WorkerError, WorkerInfo, WorkerJoined, WorkerLost,
+    coordinator_message, job_event, worker_message,
+};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use super::ServiceError;
+use super::cluster::ClusterMsg;
+use super::records::{JobRecord, encode_event, event_key, job_key, unix_ms};
+use super::session::SessionHandle;
+use crate::store::{Compare, CompareOp, Op, Revision, StateStore, Txn};
+
+/// Reports buffered per job before the sessions forwarding them wait.
+const REPORT_MAILBOX: usize = 1024;
+
+/// How many steps a rank may report ahead of the oldest step not every rank reported.
+/// Data-parallel ranks move in lockstep (they all-reduce every step), so honest workers
+/// are at most a step apart; this only bounds what a misbehaving worker can make the
+/// coordinator buffer.
+const MAX_STEPS_AHEAD: u64 = 1024;
+
+/// The reason recorded for jobs interrupted by a coordinator restart.
+pub(crate) const RESTART_REASON: &str = "coordinator restarted";
+
+/// Whether the job state machine has the edge `from → to` (see the module docs).
+/// `Unspecified → Pending` is a job's creation.
+pub fn may_transition(from: JobState, to: JobState) -> bool {
+    use JobState::*;
+    match (from, to) {
+        (Unspecified, Pending) => true,
+        (Pending, Rendezvous | Failed | Cancelled) => true,
+        (Rendezvous, Running | Failed | Cancelled) => true,
+        (Running, Recovering | Succeeded | Failed | Cancelled) => true,
+        // Resuming from a checkpoint (re-rendezvous, or on the survivors), or giving up.
+        (Recovering, Rendezvous | Running | Failed | Cancelled) => true,
+        _ => false,
+    }
+}
+
+/// Where a session forwards the job messages of a worker assigned to a job.
+#[derive(Clone, Debug)]
+pub(crate) struct JobRoute {
+    pub reports: mpsc::Sender<WorkerReport>,
+}
+
+/// A job message of one worker, forwarded by its session.
+#[derive(Debug)]
+pub(crate) struct WorkerReport {
+    pub worker_id: String,
+    pub body: worker_message::Body,
+}
+
+/// A worker given to a job by the cluster actor.
+#[derive(Debug)]
+pub(crate) struct Member {
+    pub worker_id: String,
+    pub info: WorkerInfo,
+    pub session: SessionHandle,
+}
+
+/// The job actor's control mailbox, fed by the cluster actor (never awaited, hence
+/// unbounded; see `service`'s module docs).
+pub(crate) enum JobControl {
+    /// The job's workers, in rank order.
+    Start(Vec<Member>),
+    WorkerLost {
+        worker_id: String,
+        cause: String,
+    },
+    Cancel {
+        reason: String,
+        reply: oneshot::Sender<Result<Job, ServiceError>>,
+    },
+}
+
+/// The cluster actor's handle to a job actor.
+#[derive(Clone, Debug)]
+pub(crate) struct JobHandle {
+    control: mpsc::UnboundedSender<JobControl>,
+    reports: mpsc::Sender<WorkerReport>,
+}
+
+impl JobHandle {
+    /// Sends a control message; a job actor that has ended ignores it (its end is on its
+    /// way to the cluster actor).
+    pub fn send(&self, message: JobControl) {
+        let _ = self.control.send(message);
+    }
+
+    pub fn route(&self) -> JobRoute {
+        JobRoute { reports: self.reports.clone() }
+    }
+}
+
+/// How a job actor begins.
+pub(crate) enum Launch {
+    /// A new job: write it, then answer the submitter.
+    Create { reply: oneshot::Sender<Result<Job, ServiceError>> },
+    /// A job read from the store at startup (already settled by
+    /// [`JobActor::settle_after_restart`]).
+    Resume,
+}
+
+/// What a command sent to a worker was, to name it when the worker refuses it.
+#[derive(Clone, Copy, Debug)]
+enum CommandKind {
+    Assignment,
+    RunSteps,
+}
+
+/// One rank of the job.
+struct Rank {
+    worker_id: String,
+    host: String,
+    session: SessionHandle,
+    ready: bool,
+    finished: bool,
+    lost: bool,
+}
+
+/// The job actor; see the module docs.
+pub(crate) struct JobActor<S> {
+    store: S,
+    record: JobRecord,
+    /// The revision of the record (and of the job's latest event); writes are conditional
+    /// on it.
+    revision: Revision,
+    control: mpsc::UnboundedReceiver<JobControl>,
+    reports: mpsc::Receiver<WorkerReport>,
+    cluster: mpsc::Sender<ClusterMsg>,
+    cancel: CancellationToken,
+    /// Command ids, unique across the coordinator, so an acknowledgement of another job's
+    /// command never matches one of this job's.
+    commands: Arc<AtomicU64>,
+    crew: Vec<Rank>,
+    awaiting: HashMap<u64, (usize, CommandKind)>,
+    steps: StepTracker,
+}
+
+impl<S: StateStore + Clone + 'static> JobActor<S> {
+    /// A job actor for `record` at `revision` (0 for a job not yet written).
+    pub fn new(
+        store: S,
+        record: JobRecord,
+        revision: Revision,
+        cluster: mpsc::Sender<ClusterMsg>,
+        cancel: CancellationToken,
+        commands: Arc<AtomicU64>,
+    ) -> (JobHandle, JobActor<S>) {
+        let (control_tx, control) = mpsc::unbounded_channel();
+        let (reports_tx, reports) = mpsc::channel(REPORT_MAILBOX);
+        let steps = StepTracker::new(&record, 0);
+        let actor = JobActor {
+            store,
+            record,
+            revision,
+            control,
+            reports,
+            cluster,
+            cancel,
+            commands,
+            crew: Vec::new(),
+            awaiting: HashMap::new(),
+            steps,
+        };
+        (JobHandle { control: control_tx, reports: reports_tx }, actor)
+    }
+
+    /// A new job's record, not yet written.
+    pub fn new_record(job_id: String, spec: &super::JobSpec) -> JobRecord {
+        let now = unix_ms();
+        JobRecord {
+            id: job_id,
+            name: spec.name.clone(),
+            state: JobState::Unspecified,
+            reason: String::new(),
+            config_toml: spec.config_toml.clone(),
+            workers: spec.workers,
+            steps_done: 0,
+            total_steps: spec.steps,
+            created_unix_ms: now,
+            updated_unix_ms: now,
+            last_loss: 0.0,
+            output_dir: spec.output_dir.clone(),
+            next_event: 0,
+        }
+    }
+
+    pub fn job_id(&self) -> &str {
+        &self.record.id
+    }
+
+    pub fn state(&self) -> JobState {
+        self.record.state
+    }
+
+    pub fn workers_needed(&self) -> u32 {
+        self.record.workers
+    }
+
+    /// Settles a job read at startup: its workers' sessions died with the previous
+    /// process, so a job past Pending cannot continue. Running goes through Recovering,
+    /// where the checkpoint issue will resume it; today every such job fails with
+    /// [`RESTART_REASON`]. A pending job stays pending.
+    pub async fn settle_after_restart(&mut self) -> Result<(), ServiceError> {
+        match self.record.state {
+            JobState::Running => {
+                self.transition(JobState::Recovering, RESTART_REASON.into()).await?;
+                self.recover(RESTART_REASON.into()).await
+            }
+            JobState::Rendezvous | JobState::Recovering => {
+                self.transition(JobState::Failed, RESTART_REASON.into()).await
+            }
+            _ => Ok(()),
+        }
+    }
+
+    pub async fn run(mut self, launch: Launch) {
+        if let Launch::Create { reply } = launch {
+            let created = self.transition(JobState::Pending, "submitted".into()).await;
+            match created {
+                Ok(()) => {
+                    let _ = reply.send(Ok(self.proto()));
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                    self.end().await;
+                    return;
+                }
+            }
+        }
+        if self.record.state == JobState::Pending {
+            let pending = ClusterMsg::JobPending { job_id: self.record.id.clone() };
+            if self.cluster.send(pending).await.is_err() {
+                return;
+            }
+        }
+        while !self.record.state.is_terminal() {
+            let handled = tokio::select! {
+                biased;
+                // Shutdown: stop without writing, so the store looks as after a crash.
+                _ = self.cancel.cancelled() => return,
+                message = self.control.recv() => match message {
+                    Some(message) => self.on_control(message).await,
+                    None => return,
+                },
+                Some(report) = self.reports.recv() => self.on_report(report).await,
+            };
+            if let Err(e) = handled {
+                // The job's state can no longer be recorded (the store failed, or another
+                // writer took the job over): stop its workers and leave the store as it is
+                // for the next coordinator to settle.
+                tracing::error!(job = %self.record.id, error = %e, "job actor stopping");
+                self.abort_crew(&format!("the coordinator cannot record the job's state: {e}"));
+                break;
+            }
+        }
+        self.end().await;
+    }
+
+    /// Tells the cluster actor the job has ended, which releases its workers.
+    async fn end(&mut self) {
+        let _ = self.cluster.send(ClusterMsg::JobEnded { job_id: self.record.id.clone() }).await;
+    }
+
+    fn proto(&self) -> Job {
+        self.record.to_proto(self.revision)
+    }
+
+    // ---------------------------------------------------------------------------------
+    // Writing
+
+    /// Appends one event and the updated record in one transaction: the event's revision
+    /// is the write's. Conditional on the record being where this actor left it.
+    async fn append(&mut self, event: job_event::Event) -> Result<Revision, ServiceError> {
+        let now = unix_ms();
+        let seq = self.record.next_event;
+        self.record.next_event += 1;
+        self.record.updated_unix_ms = now;
+        let id = &self.record.id;
+        let event = JobEvent { revision: 0, job_id: id.clone(), unix_ms: now, event: Some(event) };
+        let key = job_key(id);
+        let txn = Txn::new()
+            // An absent key has mod_revision 0, so this also guards the creation.
+            .when([Compare::mod_revision(key.clone(), CompareOp::Equal, self.revision)])
+            .and_then([
+                Op::put(event_key(id, seq), encode_event(&event), None),
+                Op::put(key, self.record.encode(), None),
+            ]);
+        let response = self.store.txn(txn).await?;
+        if !response.succeeded {
+            return Err(ServiceError::Fenced { job_id: id.clone(), expected: self.revision });
+        }
+        self.revision = response.revision;
+        Ok(response.revision)
+    }
+
+    async fn transition(&mut self, to: JobState, reason: String) -> Result<(), ServiceError> {
+        let from = self.record.state;
+        if !may_transition(from, to) {
+            return Err(ServiceError::Internal(format!(
+                "job {}: no transition from {} to {}",
+                self.record.id,
+                from.as_str_name(),
+                to.as_str_name()
+            )));
+        }
+        tracing::info!(job = %self.record.id, from = from.as_str_name(), to = to.as_str_name(), %reason, "job state");
+        self.record.state = to;
+        self.record.reason = reason.clone();
+        let event = StateChanged { from: from as i32, to: to as i32, reason };
+        self.append(job_event::Event::StateChanged(event)).await?;
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------------------------
+    // Commands
+
+    fn command(&mut self, rank: usize, kind: Option<CommandKind>, body: coordinator_message::Body) {
+        let command_id = self.commands.fetch_add(1, Ordering::Relaxed);
+        if let Some(kind) = kind {
+            self.awaiting.insert(command_id, (rank, kind));
+        }
+        self.crew[rank].session.send(CoordinatorMessage { command_id, body: Some(body) });
+    }
+
+    /// Aborts the job on every rank still alive.
+    fn abort_crew(&mut self, reason: &str) {
+        for rank in 0..self.crew.len() {
+            if !self.crew[rank].lost {
+                let abort = Abort { job_id: self.record.id.clone(), reason: reason.to_string() };
+                self.command(rank, None, coordinator_message::Body::Abort(abort));
+            }
+        }
+        self.awaiting.clear();
+    }
+
+    /// Aborts the survivors and fails the job.
+    async fn fail(&mut self, reason: String) -> Result<(), ServiceError> {
+        self.abort_crew(&reason);
+        self.transition(JobState::Failed, reason).await
+    }
+
+    // ---------------------------------------------------------------------------------
+    // Control
+
+    async fn on_control(&mut self, message: JobControl) -> Result<(), ServiceError> {
+        match message {
+            JobControl::Start(members) => self.start(members).await,
+            JobControl::WorkerLost { worker_id, cause } => self.on_worker_lost(worker_id, cause).await,
+            JobControl::Cancel { reason, reply } => {
+                let reason = if reason.is_empty() { "cancelled by a client".to_string() } else { reason };
+                self.abort_crew(&reason);
+                match self.transition(JobState::Cancelled, reason).await {
+                    Ok(()) => {
+                        let _ = reply.send(Ok(self.proto()));
+                        Ok(())
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(ServiceError::Internal(format!("cancelling the job: {e}"))));
+                        Err(e)
+                    }
+                }
+            }
+        }
+    }
+
+    /// Rendezvous: records the workers, then sends each its assignment with every peer's
+    /// data-plane address.
+    async fn start(&mut self, members: Vec<Member>) -> Result<(), ServiceError> {
+        if self.record.state != JobState::Pending || !self.crew.is_empty() {
+            // The cluster actor starts a job once; the workers are released when it ends.
+            tracing::warn!(job = %self.record.id, "ignoring a second start");
+            return Ok(());
+        }
+        let n = members.len();
+        let peers: Vec<(String, WorkerInfo)> =
+            members.iter().map(|m| (m.worker_id.clone(), m.info.clone())).collect();
+        self.crew = members
+            .into_iter()
+            .map(|m| Rank {
+                worker_id: m.worker_id,
+                host: m.info.host.clone(),
+                session: m.session,
+                ready: false,
+                finished: false,
+                lost: false,
+            })
+            .collect();
+        self.steps = StepTracker::new(&self.record, n);
+        self.transition(JobState::Rendezvous, format!("{n} workers assigned")).await?;
+        for rank in 0..n {
+            let joined = WorkerJoined {
+                worker_id: self.crew[rank].worker_id.clone(),
+                rank: rank as u32,
+                host: self.crew[rank].host.clone(),
+            };
+            self.append(job_event::Event::WorkerJoined(joined)).await?;
+        }
+        let peers: Vec<Peer> = peers
+            .into_iter()
+            .enumerate()
+            .map(|(rank, (worker_id, info))| Peer {
+                rank: rank as u32,
+                worker_id,
+                data_plane_address: info.data_plane_address,
+                node_id: if info.node_id.is_empty() { info.host } else { info.node_id },
+            })
+            .collect();
+        // A fresh id per rendezvous: a peer left over from an earlier one is refused on
+        // the data plane.
+        let data_plane_session = super::cluster::random_u64();
+        for rank in 0..n {
+            let assignment = Assignment {
+                job_id: self.record.id.clone(),
+                dp_rank: rank as u32,
+                dp_size: n as u32,
+                peers: peers.clone(),
+                config_toml: self.record.config_toml.clone(),
+                output_dir: self.record.output_dir.clone(),
+                data_plane_session,
+            };
+            self.command(
+                rank,
+                Some(CommandKind::Assignment),
+                coordinator_message::Body::Assignment(assignment),
+            );
+        }
+        Ok(())
+    }
+
+    /// Every rank accepted its assignment: run the steps.
+    async fn run_steps(&mut self) -> Result<(), ServiceError> {
+        let n = self.crew.len();
+        self.transition(JobState::Running, format!("all {n} workers ready")).await?;
+        self.steps.last = Instant::now();
+        let first_step = self.steps.next;
+        let count = self.steps.end - first_step;
+        for rank in 0..n {
+            let run = RunSteps { job_id: self.record.id.clone(), first_step, count };
+            self.command(rank, Some(CommandKind::RunSteps), coordinator_message::Body::RunSteps(run));
+        }
+        Ok(())
+    }
+
+    async fn on_worker_lost(&mut self, worker_id: String, cause: String) -> Result<(), ServiceError> {
+        let Some(rank) = self.crew.iter().position(|r| r.worker_id == worker_id && !r.lost) else {
+            return Ok(());
+        };
+        self.crew[rank].lost = true;
+        let lost = WorkerLost { worker_id: worker_id.clone(), reason: cause.clone() };
+        self.append(job_event::Event::WorkerLost(lost)).await?;
+        let reason = format!("worker {worker_id} lost: {cause}");
+        match self.record.state {
+            JobState::Running => {
+                self.transition(JobState::Recovering, reason.clone()).await?;
+                // The step in flight cannot complete without the lost rank.
+                self.abort_crew(&reason);
+                self.recover(reason).await
+            }
+            JobState::Rendezvous => self.fail(reason).await,
+            _ => Ok(()),
+        }
+    }
+
+    /// Decides how a Recovering job continues. There are no checkpoints yet, so it cannot
+    /// resume: it fails with `reason`. The checkpoint issue replaces this with a re-
+    /// rendezvous (replacement workers from the cluster actor) and `RunSteps` from the step
+    /// after the last committed checkpoint.
+    async fn recover(&mut self, reason: String) -> Result<(), ServiceError> {
+        self.transition(JobState::Failed, reason).await
+    }
+
+    // ---------------------------------------------------------------------------------
+    // Reports
+
+    async fn on_report(&mut self, report: WorkerReport) -> Result<(), ServiceError> {
+        use worker_message::Body;
+        let Some(rank) = self.crew.iter().position(|r| r.worker_id == report.worker_id && !r.lost) else {
+            tracing::debug!(job = %self.record.id, worker = %report.worker_id, "dropping a report from outside the crew");
+            return Ok(());
+        };
+        match report.body {
+            Body::Ack(ack) => self.on_ack(rank, ack).await,
+            Body::StepReport(step) => self.on_step(rank, step).await,
+            Body::Error(error) => self.on_worker_error(rank, error).await,
+            Body::Finished(finished) => self.on_finished(rank, finished).await,
+            // Sessions handle these themselves.
+            Body::Open(_) | Body::Heartbeat(_) => Ok(()),
+        }
+    }
+
+    /// Whether a message names this job; messages about another (an earlier job of the same
+    /// worker, arriving late) are dropped. An empty id is a worker-level error and counts.
+    fn is_ours(&self, job_id: &str, allow_empty: bool) -> bool {
+        job_id == self.record.id || (allow_empty && job_id.is_empty())
+    }
+
+    async fn on_ack(&mut self, rank: usize, ack: Ack) -> Result<(), ServiceError> {
+        let Some(&(owner, kind)) = self.awaiting.get(&ack.command_id) else { return Ok(()) };
+        if owner != rank {
+            return Ok(());
+        }
+        self.awaiting.remove(&ack.command_id);
+        if !ack.error.is_empty() {
+            let worker = &self.crew[rank].worker_id;
+            let kind = match kind {
+                CommandKind::Assignment => "its assignment",
+                CommandKind::RunSteps => "the steps to run",
+            };
+            return self.fail(format!("worker {worker} refused {kind}: {}", ack.error)).await;
+        }
+        if let CommandKind::Assignment = kind {
+            self.crew[rank].ready = true;
+            if self.record.state == JobState::Rendezvous && self.crew.iter().all(|r| r.ready) {
+                return self.run_steps().await;
+            }
+        }
+        Ok(())
+    }
+
+    async fn on_step(&mut self, rank: usize, report: StepReport) -> Result<(), ServiceError> {
+        if self.record.state != JobState::Running || !self.is_ours(&report.job_id, false) {
+            return Ok(());
+        }
+        if let Err(violation) = self.steps.accept(rank, report) {
+            let worker = &self.crew[rank].worker_id;
+            return self.fail(format!("worker {worker} sent an invalid step report: {violation}")).await;
+        }
+        while let Some(summary) = self.steps.pop() {
+            self.record.steps_done = summary.step;
+            self.record.last_loss = summary.loss;
+            self.append(job_event::Event::Step(summary)).await?;
+        }
+        Ok(())
+    }
+
+    async fn on_worker_error(&mut self, rank: usize, error: WorkerError) -> Result<(), ServiceError> {
+        if !self.is_ours(&error.job_id, true) {
+            return Ok(());
+        }
+        let worker = &self.crew[rank].worker_id;
+        let reason = format!("worker {worker} failed at step {}: {}", error.step, error.message);
+        self.fail(reason).await
+    }
+
+    async fn on_finished(&mut self, rank: usize, finished: JobFinished) -> Result<(), ServiceError> {
+        if self.record.state != JobState::Running || !self.is_ours(&finished.job_id, false) {
+            return Ok(());
+        }
+        self.crew[rank].finished = true;
+        if !self.crew.iter().all(|r| r.finished) {
+            return Ok(());
+        }
+        let n = self.crew.len();
+        let (done, total) = (self.record.steps_done, self.record.total_steps);
+        if done == total {
+            self.transition(JobState::Succeeded, format!("all {n} workers finished {total} steps")).await
+        } else {
+            self.fail(format!(
+                "all {n} workers reported the job finished, but only {done} of {total} steps were reported by every rank"
+            ))
+            .await
+        }
+    }
+}
+
+/// Collects the ranks' step reports and releases one summary per step, in step order, once
+/// every rank has reported it.
+struct StepTracker {
+    /// The first step of the run.
+    first: u64,
+    /// The next step to summarize.
+    next: u64,
+    /// One past the last step of the job.
+    end: u64,
+    ranks: usize,
+    pending: BTreeMap<u64, Vec<Option<StepReport>>>,
+    /// When the previous step was summarized (or the steps started): the fallback for the
+    /// step time when workers report none.
+    last: Instant,
+}
+
+impl StepTracker {
+    /// The steps left of `record`'s job, for `ranks` ranks.
+    fn new(record: &JobRecord, ranks: usize) -> StepTracker {
+        let next = record.steps_done.saturating_add(1);
+        let end = record.total_steps.saturating_add(1).max(next);
+        StepTracker { first: next, next, end, ranks, pending: BTreeMap::new(), last: Instant::now() }
+    }
+
+    /// Takes a report; an error describes a protocol violation.
+    fn accept(&mut self, rank: usize, report: StepReport) -> Result<(), String> {
+        let step = report.step;
+        if step >= self.end {
+            return Err(format!("step {step} is past the job's last step {}", self.end.saturating_sub(1)));
+        }
+        if step < self.first {
+            return Err(format!("step {step} is before the run's first step {}", self.first));
+        }
+        if step < self.next {
+            // Already summarized: a duplicate, harmless.
+            return Ok(());
+        }
+        if step - self.next >= MAX_STEPS_AHEAD {
+            return Err(format!(
+                "step {step} is more than {MAX_STEPS_AHEAD} steps ahead of step {}, which not every rank has reported",
+                self.next
+            ));
+        }
+        let slots = self.pending.entry(step).or_insert_with(|| vec![None; self.ranks]);
+        if let Some(slot) = slots.get_mut(rank)
+            && slot.is_none()
+        {
+            *slot = Some(report);
+        }
+        Ok(())
+    }
+
+    /// The next step every rank has reported, summarized.
+    fn pop(&mut self) -> Option<StepSummary> {
+        let slots = self.pending.get(&self.next)?;
+        if slots.iter().any(Option::is_none) {
+            return None;
+        }
+        let reports: Vec<StepReport> = self.pending.remove(&self.next)?.into_iter().flatten().collect();
+        let now = Instant::now();
+        let observed = now.duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.next += 1;
+        Some(summarize(&reports, observed))
+    }
+}
+
+/// One step of the job from every rank's report. Losses, tokens and expert loads are of
+/// the global batch (all-reduced on the data plane), the same on every rank, so rank 0's
+/// are taken; the step took as long as its slowest rank (compute + communication as the
+/// workers measured it, or, if they measured nothing, the time the coordinator saw pass).
+/// The summary has the largest and the mean of the per-(layer, expert) token counts.
+fn summarize(reports: &[StepReport], observed_seconds: f64) -> StepSummary {
+    let Some(first) = reports.first() else { return StepSummary::default() };
+    let tokens = first.tokens;
+    let reported = reports.iter().map(|r| r.compute_seconds + r.communication_seconds).fold(0.0, f64::max);
+    let seconds = if reported > 0.0 { reported } else { observed_seconds };
+    let tokens_per_second = if seconds > 0.0 { tokens as f64 / seconds } else { 0.0 };
+
+    let counts = first.expert_loads.iter().flat_map(|layer| layer.tokens.iter().copied());
+    let (n, sum, max) =
+        counts.fold((0u64, 0f64, 0u64), |(n, sum, max), c| (n + 1, sum + c as f64, max.max(c)));
+    let max_expert_load = max as f64;
+    let mean_expert_load = if n == 0 { 0.0 } else { sum / n as f64 };
+
+    StepSummary {
+        step: first.step,
+        loss: first.loss,
+        main_ce: first.main_ce,
+        mtp_ce: first.mtp_ce.clone(),
+        balance_loss: first.balance_loss,
+        lr: first.lr,
+        grad_norm: first.grad_norm,
+        tokens,
+        tokens_per_second,
+        max_expert_load,
+        mean_expert_load,
+    }
+}

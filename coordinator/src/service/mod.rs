@@ -1,0 +1,337 @@
+//! The control plane over gRPC: the `flotilla.v1` `CoordinatorService` (workers) and
+//! `JobService` (clients), the standard `grpc.health.v1.Health` service and server
+//! reflection, served by tonic on top of a set of tokio actors and the [`StateStore`].
+//!
+//! # Actors
+//!
+//! Every long-lived thing is a tokio task that owns its state and is driven through a
+//! mailbox; nothing is shared behind a lock, so no lock is ever held across an await.
+//!
+//! - The **cluster actor** (`cluster`) is membership, failure detector, scheduler and
+//!   supervisor in one: it owns the table of registered workers with their heartbeat
+//!   deadlines, the FIFO queue of pending jobs, and the tasks of every session and job
+//!   actor (two `JoinSet`s). It is the single authority on liveness: a worker is alive
+//!   exactly while it has a table entry, and it loses it when its deadline passes (it
+//!   registered but opened no session, or stopped heartbeating) or its stream breaks.
+//! - A **session actor** (`session`) per connected worker owns that worker's
+//!   `Session` stream: it forwards heartbeats to the cluster actor, acknowledgements and
+//!   reports to the job that owns the worker, and commands from that job to the worker. It
+//!   reports a broken or closed stream to the cluster actor at once.
+//! - A **job actor** (`job`) per active job owns the job's state machine and is the only
+//!   writer of its durable record and events; it decides what a failure means (today: abort
+//!   the step on the survivors and fail the job; with checkpoints: re-rendezvous and
+//!   resume).
+//! - The **history compactor** (`history`) keeps the store's watch history to the last
+//!   `history_retention` revisions, so the store's memory and log stay bounded.
+//!
+//! The gRPC handlers (`grpc`) are thin: they validate input, ask an actor through its
+//! mailbox and await a oneshot reply, or read the store directly (job reads and watches,
+//! which the store serves consistently without the actors).
+//!
+//! ## Mailboxes and why they cannot deadlock
+//!
+//! Input that comes from the network (gRPC handlers, worker messages forwarded by
+//! sessions) enters through **bounded** mailboxes and is awaited, so a flood pushes back on
+//! the sender's stream instead of growing memory. Messages the coordinator generates itself
+//! and sends "downwards" (cluster → job, cluster → session, job → session) go through
+//! **unbounded** mailboxes and are never awaited. The cluster actor therefore never waits
+//! on anyone, and every chain of awaited sends ends at it or at the store, both of which
+//! always make progress: there is no cycle of tasks waiting on each other.
+//!
+//! ## Shutdown
+//!
+//! [`CoordinatorHandle::shutdown`] cancels one `CancellationToken` that every task
+//! watches: the server stops accepting and drains, sessions and watches end their streams
+//! with `UNAVAILABLE`, job actors stop *without writing anything* (so the store looks
+//! exactly as after a crash, and a restart exercises the same recovery), the cluster actor
+//! joins all its children, and the store is closed.
+//!
+//! # Durable job state
+//!
+//! A job is the key `jobs/<id>` (a JSON record, whose `mod_revision` is the job's
+//! revision) and one key per event, `events/<id>/<seq>` (an encoded `JobEvent`).
+//! Every event is one transaction writing the event and the updated record together, so an
+//! event's revision is the store's revision of that write: revisions are strictly
+//! increasing, one per event, and survive restarts. `WatchJob` is a store watch on
+//! `events/<id>/`, so resuming from a revision has the store's exactly-once guarantee, and
+//! a revision below the store's compaction point is `OUT_OF_RANGE` (Kubernetes' 410 Gone).
+//! Each write is guarded by a compare-and-swap on the record's revision, so a job actor
+//! that is no longer the record's only writer (two coordinators on one etcd) stops instead
+//! of overwriting.
+//!
+//! On start the coordinator reads every job: pending jobs wait for workers again; a job
+//! that was in Rendezvous, Running or Recovering lost its workers' sessions with the old
+//! process and is failed with the reason "coordinator restarted" (Running goes through
+//! Recovering). The checkpoint issue will resume such jobs from their last checkpoint
+//! instead.
+//!
+//! # Invariants
+//!
+//! - A job's state changes only along [`may_transition`]'s edges, and only its job
+//!   actor writes it.
+//! - A worker belongs to at most one job, and only while it is alive.
+//! - Bad input from the network gets a gRPC status naming the field at fault; it never
+//!   panics the coordinator or stops it serving others.
+
+mod cluster;
+mod config;
+mod error;
+mod grpc;
+mod history;
+mod job;
+mod records;
+mod session;
+mod watch;
+
+pub use config::{CoordinatorConfig, JobSpec, MAX_CONFIG_BYTES, MAX_JOB_WORKERS, validate_submit};
+pub use error::ServiceError;
+pub use job::may_transition;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use flotilla_proto::v1::coordinator_service_server::CoordinatorServiceServer;
+use flotilla_proto::v1::job_service_server::JobServiceServer;
+use futures::Stream;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
+use tonic::transport::server::{Connected, TcpIncoming};
+
+use crate::store::{FileStore, Revision, StateStore, StoreError};
+
+use self::grpc::{CoordinatorApi, JobApi};
+
+/// How long [`CoordinatorHandle::shutdown`] lets the server drain its connections before
+/// it drops them.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+type StoreCloser = Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>>;
+
+/// Whether `addr` is a loopback address (IPv4-mapped IPv6 loopback included).
+pub fn is_loopback(addr: &SocketAddr) -> bool {
+    addr.ip().to_canonical().is_loopback()
+}
+
+fn check_listen(addr: SocketAddr, allow_remote: bool) -> Result<(), ServiceError> {
+    if allow_remote || is_loopback(&addr) { Ok(()) } else { Err(ServiceError::RemoteListenRefused { addr }) }
+}
+
+/// Binds `config.listen` and serves on it: the usual entry point. Refuses a non-loopback
+/// address unless `config.allow_remote` is set.
+pub async fn bind_and_serve(config: CoordinatorConfig) -> Result<CoordinatorHandle, ServiceError> {
+    config.validate()?;
+    check_listen(config.listen, config.allow_remote)?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ServiceError::Bind { addr: config.listen, source })?;
+    serve(config, listener).await
+}
+
+/// Serves on a bound listener, with the file store in `config.state_dir`, which the
+/// returned handle closes on shutdown. Refuses a listener on a non-loopback address unless
+/// `config.allow_remote` is set (`config.listen` is not used).
+pub async fn serve(
+    config: CoordinatorConfig,
+    listener: TcpListener,
+) -> Result<CoordinatorHandle, ServiceError> {
+    config.validate()?;
+    let local_addr =
+        listener.local_addr().map_err(|source| ServiceError::Bind { addr: config.listen, source })?;
+    check_listen(local_addr, config.allow_remote)?;
+    let store = FileStore::open(&config.state_dir).await?;
+    // Heartbeats and commands are small messages: do not let Nagle hold them back.
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let closer = {
+        let store = store.clone();
+        Box::pin(async move { store.close().await }) as StoreCloser
+    };
+    match start(config, store.clone(), incoming, local_addr, Some(closer)).await {
+        Ok(handle) => Ok(handle),
+        Err(e) => {
+            if let Err(close) = store.close().await {
+                tracing::warn!(error = %close, "closing the state store after a failed start");
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Serves on any stream of connections (e.g. turmoil's simulated TCP, wrapped in a type
+/// implementing [`Connected`]), with a store the caller owns and closes. `local_addr` is
+/// only reported by [`CoordinatorHandle::local_addr`]; the loopback policy is the
+/// caller's, since the transport is.
+pub async fn serve_with_incoming<S, I, IO, IE>(
+    config: CoordinatorConfig,
+    store: S,
+    incoming: I,
+    local_addr: SocketAddr,
+) -> Result<CoordinatorHandle<S>, ServiceError>
+where
+    S: StateStore + Clone + 'static,
+    I: Stream<Item = Result<IO, IE>> + Send + 'static,
+    IO: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
+    IE: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
+{
+    config.validate()?;
+    start(config, store, incoming, local_addr, None).await
+}
+
+async fn start<S, I, IO, IE>(
+    config: CoordinatorConfig,
+    store: S,
+    incoming: I,
+    local_addr: SocketAddr,
+    closer: Option<StoreCloser>,
+) -> Result<CoordinatorHandle<S>, ServiceError>
+where
+    S: StateStore + Clone + 'static,
+    I: Stream<Item = Result<IO, IE>> + Send + 'static,
+    IO: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
+    IE: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
+{
+    let config = Arc::new(config);
+    let cancel = CancellationToken::new();
+    // Jobs interrupted by the previous process are settled before the first request is
+    // served, so no client ever sees a state nobody is driving.
+    let (cluster, cluster_task) = cluster::start(config.clone(), store.clone(), cancel.clone()).await?;
+
+    let coordinator =
+        CoordinatorServiceServer::new(CoordinatorApi::new(cluster.clone(), config.clone(), cancel.clone()))
+            .max_decoding_message_size(config.max_message_bytes)
+            .max_encoding_message_size(config.max_message_bytes);
+    let jobs = JobServiceServer::new(JobApi::new(cluster, store.clone(), cancel.clone()))
+        .max_decoding_message_size(config.max_message_bytes)
+        .max_encoding_message_size(config.max_message_bytes);
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<CoordinatorServiceServer<CoordinatorApi>>().await;
+    health.set_serving::<JobServiceServer<JobApi<S>>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(flotilla_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| {
+            cancel.cancel();
+            ServiceError::Reflection(e.to_string())
+        })?;
+
+    let server = Server::builder()
+        // Keepalive pings find a dead TCP peer even between heartbeats.
+        .http2_keepalive_interval(Some(config.heartbeat_interval.max(Duration::from_secs(1))))
+        .http2_keepalive_timeout(Some(config.heartbeat_timeout.max(Duration::from_secs(1))))
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(coordinator)
+        .add_service(jobs)
+        .serve_with_incoming_shutdown(incoming, cancel.clone().cancelled_owned());
+    let server_task = tokio::spawn(server);
+    let compactor = (config.history_retention > 0).then(|| {
+        tokio::spawn(history::compactor(
+            store.clone(),
+            config.history_retention,
+            config.compaction_interval,
+            cancel.clone(),
+        ))
+    });
+    tracing::info!(%local_addr, state_dir = %config.state_dir.display(), "coordinator serving");
+
+    Ok(CoordinatorHandle {
+        local_addr,
+        store,
+        cancel,
+        health,
+        server: Some(server_task),
+        cluster: Some(cluster_task),
+        compactor,
+        closer,
+    })
+}
+
+/// A running coordinator. Dropping it stops the coordinator without waiting;
+/// [`CoordinatorHandle::shutdown`] stops it and waits for every task to end.
+pub struct CoordinatorHandle<S: StateStore + Clone + 'static = FileStore> {
+    local_addr: SocketAddr,
+    store: S,
+    cancel: CancellationToken,
+    health: tonic_health::server::HealthReporter,
+    server: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
+    cluster: Option<JoinHandle<()>>,
+    compactor: Option<JoinHandle<()>>,
+    closer: Option<StoreCloser>,
+}
+
+impl<S: StateStore + Clone + 'static> CoordinatorHandle<S> {
+    /// The address the coordinator serves on (for a TCP listener bound to port 0, the port
+    /// the system chose).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The coordinator's state store.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// Discards the store's history before `revision`: watches resuming from an older
+    /// revision get `OUT_OF_RANGE` afterwards. Operators (and tests) call it; job records
+    /// and event keys are kept.
+    pub async fn compact_history(&self, revision: Revision) -> Result<(), ServiceError> {
+        Ok(self.store.compact(revision).await?)
+    }
+
+    /// Stops the coordinator: health turns NOT_SERVING, the server stops accepting and
+    /// drains (dropping connections still open after a grace period), every actor ends,
+    /// and the store is closed if `serve` opened it. Jobs keep the state they had, exactly
+    /// as after a crash.
+    pub async fn shutdown(mut self) -> Result<(), ServiceError> {
+        self.health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+        self.cancel.cancel();
+        let mut result = Ok(());
+        if let Some(mut server) = self.server.take() {
+            match tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => result = Err(ServiceError::Transport(e.to_string())),
+                Ok(Err(e)) => result = Err(ServiceError::Internal(format!("the server task failed: {e}"))),
+                Err(_) => {
+                    tracing::warn!("connections still open after the shutdown grace period; dropping them");
+                    server.abort();
+                    let _ = server.await;
+                }
+            }
+        }
+        if let Some(cluster) = self.cluster.take()
+            && let Err(e) = cluster.await
+        {
+            result = result.and(Err(ServiceError::Internal(format!("the cluster actor failed: {e}"))));
+        }
+        if let Some(compactor) = self.compactor.take()
+            && let Err(e) = compactor.await
+        {
+            result = result.and(Err(ServiceError::Internal(format!("the history compactor failed: {e}"))));
+        }
+        if let Some(closer) = self.closer.take() {
+            result = result.and(closer.await.map_err(ServiceError::from));
+        }
+        result
+    }
+}
+
+impl<S: StateStore + Clone + 'static> Drop for CoordinatorHandle<S> {
+    fn drop(&mut self) {
+        // Without `shutdown`, at least stop every task; the store's own task ends when its
+        // last handle is dropped.
+        self.cancel.cancel();
+    }
+}
+
+impl<S: StateStore + Clone + 'static> std::fmt::Debug for CoordinatorHandle<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CoordinatorHandle").field("local_addr", &self.local_addr).finish_non_exhaustive()
+    }
+}

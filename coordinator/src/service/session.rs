@@ -1,0 +1,194 @@
+//! The session actor: one per connected worker, owning its `Session` stream.
+//!
+//! It reads the worker's messages and forwards heartbeats to the cluster actor (the
+//! failure detector) and everything job-related to its owner, the job actor the worker is
+//! assigned to; it writes the commands it is given to the worker. It reports every way the
+//! stream can end (the worker closed it, it broke, the worker stopped reading) to the
+//! cluster actor at once, which declares the worker lost: a broken stream does not wait for
+//! the heartbeat timeout.
+
+use flotilla_proto::v1::{CoordinatorMessage, WorkerMessage, worker_message};
+use futures::StreamExt;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tonic::{Status, Streaming};
+
+use super::cluster::ClusterMsg;
+use super::job::{JobRoute, WorkerReport};
+
+/// Identifies one session stream of one worker, so that messages of a replaced or closed
+/// stream are told apart from the current one's.
+pub(crate) type ConnId = u64;
+
+/// Commands queued for a worker that has not read them yet. Commands are few (assignment,
+/// run, abort); a worker this far behind is not reading its stream and is dropped.
+pub(crate) const OUTBOUND_QUEUE: usize = 64;
+
+/// What the session's gRPC response stream carries.
+pub(crate) type Outbound = mpsc::Sender<Result<CoordinatorMessage, Status>>;
+
+/// The session actor's mailbox. Unbounded: only the coordinator itself sends to it (the
+/// cluster and job actors), a handful of messages per job, and they must never wait on a
+/// session (see the module docs of `service`).
+pub(crate) enum SessionMsg {
+    /// Send this command to the worker.
+    Command(CoordinatorMessage),
+    /// Forward job messages to this job from now on (`None`: to nobody).
+    SetOwner(Option<JobRoute>),
+    /// End the stream with this status; the cluster actor already forgot the worker.
+    Close(Status),
+}
+
+/// A cheap handle to a session actor.
+#[derive(Clone, Debug)]
+pub(crate) struct SessionHandle {
+    pub conn: ConnId,
+    tx: mpsc::UnboundedSender<SessionMsg>,
+}
+
+impl SessionHandle {
+    /// Queues a command. A session that has ended ignores it: the cluster actor learns of
+    /// the end through its own message and declares the worker lost.
+    pub fn send(&self, command: CoordinatorMessage) {
+        let _ = self.tx.send(SessionMsg::Command(command));
+    }
+
+    pub fn set_owner(&self, owner: Option<JobRoute>) {
+        let _ = self.tx.send(SessionMsg::SetOwner(owner));
+    }
+
+    pub fn close(&self, status: Status) {
+        let _ = self.tx.send(SessionMsg::Close(status));
+    }
+}
+
+/// One worker's session; see the module docs.
+pub(crate) struct SessionActor {
+    worker_id: String,
+    conn: ConnId,
+    inbound: Streaming<WorkerMessage>,
+    outbound: Outbound,
+    mailbox: mpsc::UnboundedReceiver<SessionMsg>,
+    cluster: mpsc::Sender<ClusterMsg>,
+    owner: Option<JobRoute>,
+    cancel: CancellationToken,
+}
+
+impl SessionActor {
+    pub fn new(
+        worker_id: String,
+        conn: ConnId,
+        inbound: Streaming<WorkerMessage>,
+        outbound: Outbound,
+        cluster: mpsc::Sender<ClusterMsg>,
+        cancel: CancellationToken,
+    ) -> (SessionHandle, SessionActor) {
+        let (tx, mailbox) = mpsc::unbounded_channel();
+        let actor =
+            SessionActor { worker_id, conn, inbound, outbound, mailbox, cluster, owner: None, cancel };
+        (SessionHandle { conn, tx }, actor)
+    }
+
+    pub async fn run(mut self) {
+        let cause = loop {
+            tokio::select! {
+                biased;
+                _ = self.cancel.cancelled() => {
+                    let _ = self.outbound.try_send(Err(Status::unavailable("the coordinator is shutting down")));
+                    return;
+                }
+                message = self.mailbox.recv() => match message {
+                    Some(SessionMsg::Command(command)) => {
+                        if let Err(cause) = self.send(command) {
+                            break cause;
+                        }
+                    }
+                    Some(SessionMsg::SetOwner(owner)) => self.owner = owner,
+                    Some(SessionMsg::Close(status)) => {
+                        let _ = self.outbound.try_send(Err(status));
+                        return;
+                    }
+                    // The cluster actor dropped the handle: it is stopping.
+                    None => return,
+                },
+                _ = self.outbound.closed() => break "the worker closed its end of the session".to_string(),
+                message = self.inbound.next() => match message {
+                    Some(Ok(message)) => {
+                        if let Err(cause) = self.on_message(message).await {
+                            break cause;
+                        }
+                    }
+                    Some(Err(status)) => break format!("the session stream broke ({})", describe(&status)),
+                    None => break "the worker ended its session stream".to_string(),
+                },
+            }
+        };
+        tracing::debug!(worker = %self.worker_id, conn = self.conn, %cause, "session ended");
+        // Awaited: the cluster actor always drains its mailbox, and must hear of this.
+        let _ = self
+            .cluster
+            .send(ClusterMsg::SessionClosed { worker_id: self.worker_id, conn: self.conn, cause })
+            .await;
+    }
+
+    fn send(&self, command: CoordinatorMessage) -> Result<(), String> {
+        match self.outbound.try_send(Ok(command)) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                Err(format!("the worker did not read its commands ({OUTBOUND_QUEUE} queued)"))
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                Err("the worker closed its end of the session".into())
+            }
+        }
+    }
+
+    /// Handles one message; an error ends the session with that cause.
+    async fn on_message(&mut self, message: WorkerMessage) -> Result<(), String> {
+        use worker_message::Body;
+        let body = match message.body {
+            Some(body) => body,
+            None => {
+                // A message kind added by a newer worker: ignoring it keeps older
+                // coordinators working with newer workers of the same protocol version.
+                tracing::debug!(worker = %self.worker_id, "ignoring a worker message of an unknown kind");
+                return Ok(());
+            }
+        };
+        match body {
+            Body::Open(_) => {
+                let status =
+                    Status::invalid_argument("SessionOpen may only be the first message of a session");
+                let _ = self.outbound.try_send(Err(status));
+                Err("the worker sent SessionOpen twice".into())
+            }
+            Body::Heartbeat(_) => {
+                let heartbeat = ClusterMsg::Heartbeat { worker_id: self.worker_id.clone(), conn: self.conn };
+                self.cluster.send(heartbeat).await.map_err(|_| "the coordinator is shutting down".to_string())
+            }
+            body @ (Body::Ack(_) | Body::StepReport(_) | Body::Error(_) | Body::Finished(_)) => {
+                let Some(owner) = &self.owner else {
+                    tracing::debug!(worker = %self.worker_id, "dropping a job message: the worker has no job");
+                    return Ok(());
+                };
+                let report = WorkerReport { worker_id: self.worker_id.clone(), body };
+                // Awaited on a bounded mailbox: a worker flooding reports is slowed down
+                // to the pace of its job actor, not buffered without limit.
+                if owner.reports.send(report).await.is_err() {
+                    // The job ended; the cluster actor will clear the owner.
+                    self.owner = None;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// A status's code and message, for a loss reason.
+fn describe(status: &Status) -> String {
+    if status.message().is_empty() {
+        format!("{:?}", status.code())
+    } else {
+        format!("{:?}: {}", status.code(), status.message())
+    }
+}

@@ -1,0 +1,1125 @@
+//! The control plane over real gRPC on loopback: registration and sessions, a job driven
+//! by fake workers from submission to its end, resumable watches, failure detection, a
+//! restart with the same state directory, health, reflection, and bad input.
+//!
+//! The fake workers are tonic clients in this process that answer commands the way real
+//! workers will: an assignment with an ack, `RunSteps` with one report per step and then
+//! `JobFinished`.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use flotilla_coordinator::service::{CoordinatorConfig, CoordinatorHandle, ServiceError, bind_and_serve};
+use flotilla_coordinator::store::StateStore;
+use flotilla_proto::PROTOCOL_VERSION;
+use flotilla_proto::v1::coordinator_service_client::CoordinatorServiceClient;
+use flotilla_proto::v1::job_service_client::JobServiceClient;
+use flotilla_proto::v1::{
+    Ack, CancelJobRequest, CoordinatorMessage, GetJobRequest, Heartbeat, Job, JobEvent, JobFinished,
+    JobState, LayerLoad, ListJobsRequest, Registration, SessionOpen, StepReport, SubmitJobRequest,
+    WatchJobRequest, WorkerError, WorkerInfo, WorkerMessage, coordinator_message, job_event, worker_message,
+};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Streaming};
+
+const INTERVAL: Duration = Duration::from_millis(50);
+const TIMEOUT: Duration = Duration::from_millis(300);
+/// The longest any test waits for something that should happen.
+const PATIENCE: Duration = Duration::from_secs(20);
+
+// ---------------------------------------------------------------------------------------
+// Coordinator and clients
+
+fn config(dir: &Path) -> CoordinatorConfig {
+    CoordinatorConfig {
+        heartbeat_interval: INTERVAL,
+        heartbeat_timeout: TIMEOUT,
+        ..CoordinatorConfig::new(dir)
+    }
+}
+
+async fn start(config: CoordinatorConfig) -> CoordinatorHandle {
+    bind_and_serve(config).await.expect("the coordinator starts")
+}
+
+async fn channel(addr: SocketAddr) -> Channel {
+    Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .expect("connect to the coordinator")
+}
+
+async fn jobs(addr: SocketAddr) -> JobServiceClient<Channel> {
+    JobServiceClient::new(channel(addr).await)
+}
+
+async fn workers(addr: SocketAddr) -> CoordinatorServiceClient<Channel> {
+    CoordinatorServiceClient::new(channel(addr).await)
+}
+
+fn info(worker_id: &str) -> WorkerInfo {
+    WorkerInfo {
+        worker_id: worker_id.into(),
+        host: "test-host".into(),
+        cores: 2,
+        data_plane_address: format!("127.0.0.1:{}", 40000 + worker_id.len()),
+        protocol_version: PROTOCOL_VERSION,
+        node_id: format!("node-{worker_id}"),
+        ..Default::default()
+    }
+}
+
+fn job_config(steps: u64) -> String {
+    format!("seed = 0\nsteps = {steps}\nbatch_size = 12\nseq_len = 16\n\n[model]\npreset = \"tiny\"\n")
+}
+
+async fn submit(client: &mut JobServiceClient<Channel>, workers: u32, steps: u64) -> Job {
+    client
+        .submit_job(SubmitJobRequest {
+            name: format!("test-{workers}x{steps}"),
+            config_toml: job_config(steps),
+            workers,
+            output_dir: "/tmp/out".into(),
+        })
+        .await
+        .expect("the job is accepted")
+        .into_inner()
+}
+
+async fn get(client: &mut JobServiceClient<Channel>, job_id: &str) -> Job {
+    client.get_job(GetJobRequest { job_id: job_id.into() }).await.expect("the job exists").into_inner()
+}
+
+async fn watch(
+    client: &mut JobServiceClient<Channel>,
+    job_id: &str,
+    from_revision: u64,
+) -> Streaming<JobEvent> {
+    client
+        .watch_job(WatchJobRequest { job_id: job_id.into(), from_revision })
+        .await
+        .expect("the watch starts")
+        .into_inner()
+}
+
+async fn next_event(stream: &mut Streaming<JobEvent>) -> Option<JobEvent> {
+    tokio::time::timeout(PATIENCE, stream.message())
+        .await
+        .expect("an event in time")
+        .expect("the watch does not fail")
+}
+
+/// Every event until the stream ends (it ends after the job's terminal event).
+async fn rest(stream: &mut Streaming<JobEvent>) -> Vec<JobEvent> {
+    let mut events = Vec::new();
+    while let Some(event) = next_event(stream).await {
+        events.push(event);
+    }
+    events
+}
+
+/// Reads events until one matches, returning all read.
+async fn until(stream: &mut Streaming<JobEvent>, done: impl Fn(&JobEvent) -> bool) -> Vec<JobEvent> {
+    let mut events = Vec::new();
+    loop {
+        let event = next_event(stream).await.expect("the watch ended before the awaited event");
+        let found = done(&event);
+        events.push(event);
+        if found {
+            return events;
+        }
+    }
+}
+
+fn state_change(event: &JobEvent) -> Option<(JobState, JobState, &str)> {
+    match &event.event {
+        Some(job_event::Event::StateChanged(c)) => {
+            Some((JobState::try_from(c.from).unwrap(), JobState::try_from(c.to).unwrap(), c.reason.as_str()))
+        }
+        _ => None,
+    }
+}
+
+fn entered(state: JobState) -> impl Fn(&JobEvent) -> bool {
+    move |event| state_change(event).is_some_and(|(_, to, _)| to == state)
+}
+
+fn states(events: &[JobEvent]) -> Vec<JobState> {
+    events.iter().filter_map(state_change).map(|(_, to, _)| to).collect()
+}
+
+fn revisions(events: &[JobEvent]) -> Vec<u64> {
+    events.iter().map(|e| e.revision).collect()
+}
+
+fn assert_strictly_increasing(events: &[JobEvent]) {
+    let revs = revisions(events);
+    assert!(revs.windows(2).all(|w| w[0] < w[1]), "revisions not strictly increasing: {revs:?}");
+}
+
+fn lost_workers(events: &[JobEvent]) -> Vec<(String, String)> {
+    events
+        .iter()
+        .filter_map(|e| match &e.event {
+            Some(job_event::Event::WorkerLost(l)) => Some((l.worker_id.clone(), l.reason.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------
+// Fake workers
+
+#[derive(Clone, Copy, Debug)]
+enum Behavior {
+    /// Runs every step (one report per `step_time`), then reports the job finished.
+    Complete { step_time: Duration },
+    /// Reports steps below `n`, then goes quiet (heartbeating on), as if stuck in a step.
+    StallAfter(u64),
+    /// Reports steps below `n`, then fails at step `n`.
+    FailAt(u64),
+    /// Reports step 0, which does not exist (steps count from 1).
+    StepZero,
+}
+
+struct FakeWorker {
+    heartbeats: Arc<AtomicBool>,
+    /// Every command the worker received.
+    commands: mpsc::UnboundedReceiver<CoordinatorMessage>,
+    task: JoinHandle<()>,
+}
+
+impl FakeWorker {
+    async fn start(addr: SocketAddr, id: &str, behavior: Behavior) -> FakeWorker {
+        let mut client = workers(addr).await;
+        let registration = client.register(info(id)).await.expect("registration").into_inner();
+        let (tx, inbound) = open_session(&mut client, &registration).await.expect("the session opens");
+        let heartbeats = Arc::new(AtomicBool::new(true));
+        let (seen, commands) = mpsc::unbounded_channel();
+        let task = tokio::spawn(run_worker(client, tx, inbound, behavior, heartbeats.clone(), seen));
+        FakeWorker { heartbeats, commands, task }
+    }
+
+    fn stop_heartbeats(&self) {
+        self.heartbeats.store(false, Ordering::SeqCst);
+    }
+
+    /// Drops the stream and the connection at once, as a crashed process would.
+    async fn kill(self) {
+        self.task.abort();
+        let _ = self.task.await;
+    }
+
+    /// Waits for a command matching `pick`.
+    async fn expect_command<T>(&mut self, pick: impl Fn(&coordinator_message::Body) -> Option<T>) -> T {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let command = tokio::time::timeout(remaining, self.commands.recv())
+                .await
+                .expect("the command in time")
+                .expect("the worker is running");
+            if let Some(found) = command.body.as_ref().and_then(&pick) {
+                return found;
+            }
+        }
+    }
+}
+
+fn open_message(registration: &Registration) -> WorkerMessage {
+    WorkerMessage {
+        body: Some(worker_message::Body::Open(SessionOpen {
+            worker_id: registration.worker_id.clone(),
+            session_id: registration.session_id.clone(),
+        })),
+    }
+}
+
+async fn open_session(
+    client: &mut CoordinatorServiceClient<Channel>,
+    registration: &Registration,
+) -> Result<(mpsc::Sender<WorkerMessage>, Streaming<CoordinatorMessage>), tonic::Status> {
+    let (tx, rx) = mpsc::channel(256);
+    tx.send(open_message(registration)).await.unwrap();
+    let inbound = client.session(ReceiverStream::new(rx)).await?.into_inner();
+    Ok((tx, inbound))
+}
+
+fn heartbeat(sequence: u64) -> WorkerMessage {
+    WorkerMessage { body: Some(worker_message::Body::Heartbeat(Heartbeat { sequence, sent_unix_ms: 0 })) }
+}
+
+struct Run {
+    job_id: String,
+    next: u64,
+    end: u64,
+    at: tokio::time::Instant,
+}
+
+async fn run_worker(
+    // Kept so the connection lives as long as the worker.
+    _client: CoordinatorServiceClient<Channel>,
+    tx: mpsc::Sender<WorkerMessage>,
+    mut inbound: Streaming<CoordinatorMessage>,
+    behavior: Behavior,
+    heartbeats: Arc<AtomicBool>,
+    seen: mpsc::UnboundedSender<CoordinatorMessage>,
+) {
+    let mut ticker = tokio::time::interval(INTERVAL);
+    let mut sequence = 0;
+    let mut run: Option<Run> = None;
+    loop {
+        let next_step = run.as_ref().map(|r| r.at);
+        tokio::select! {
+            _ = ticker.tick() => {
+                if heartbeats.load(Ordering::SeqCst) {
+                    sequence += 1;
+                    if tx.send(heartbeat(sequence)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            command = inbound.message() => {
+                let Ok(Some(command)) = command else { return };
+                let _ = seen.send(command.clone());
+                match command.body {
+                    Some(coordinator_message::Body::Assignment(_)) => {
+                        let ack = Ack { command_id: command.command_id, error: String::new() };
+                        let _ = tx.send(WorkerMessage { body: Some(worker_message::Body::Ack(ack)) }).await;
+                    }
+                    Some(coordinator_message::Body::RunSteps(r)) => {
+                        run = Some(Run {
+                            job_id: r.job_id,
+                            next: r.first_step,
+                            end: r.first_step + r.count,
+                            at: tokio::time::Instant::now(),
+                        });
+                    }
+                    Some(coordinator_message::Body::Abort(_)) => run = None,
+                    _ => {}
+                }
+            }
+            _ = tokio::time::sleep_until(next_step.unwrap_or_else(tokio::time::Instant::now)), if next_step.is_some() => {
+                let Some(r) = run.as_mut() else { continue };
+                let (body, stop) = match step_message(behavior, r) {
+                    Next::Send(body) => (Some(body), false),
+                    Next::SendAndStop(body) => (Some(body), true),
+                    Next::Stop => (None, true),
+                };
+                if stop {
+                    run = None;
+                }
+                if let Some(body) = body
+                    && tx.send(WorkerMessage { body: Some(body) }).await.is_err()
+                {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// What a running worker does next.
+enum Next {
+    Send(worker_message::Body),
+    SendAndStop(worker_message::Body),
+    Stop,
+}
+
+fn step_message(behavior: Behavior, run: &mut Run) -> Next {
+    let step = run.next;
+    let (step_time, stop) = match behavior {
+        Behavior::Complete { step_time } => (step_time, None),
+        Behavior::StallAfter(n) => (Duration::from_millis(5), Some((n, false))),
+        Behavior::FailAt(n) => (Duration::from_millis(5), Some((n, true))),
+        Behavior::StepZero => (Duration::from_millis(5), None),
+    };
+    let step = if let Behavior::StepZero = behavior { 0 } else { step };
+    match stop {
+        Some((n, false)) if step >= n => return Next::Stop,
+        Some((n, true)) if step >= n => {
+            let message = "boom: NaN in the gradients".to_string();
+            return Next::SendAndStop(worker_message::Body::Error(WorkerError {
+                job_id: run.job_id.clone(),
+                step,
+                message,
+            }));
+        }
+        _ => {}
+    }
+    if step >= run.end {
+        let finished = JobFinished { job_id: run.job_id.clone(), steps: run.end };
+        return Next::SendAndStop(worker_message::Body::Finished(finished));
+    }
+    run.next += 1;
+    run.at += step_time;
+    Next::Send(worker_message::Body::StepReport(StepReport {
+        job_id: run.job_id.clone(),
+        step,
+        loss: 5.0 - 0.1 * step as f64,
+        main_ce: 4.5,
+        mtp_ce: vec![4.8],
+        balance_loss: 0.01,
+        lr: 1e-3,
+        grad_norm: 1.0,
+        tokens: 128,
+        compute_seconds: 0.01,
+        communication_seconds: 0.002,
+        expert_loads: vec![LayerLoad { layer: 1, tokens: vec![5, 3] }],
+    }))
+}
+
+async fn wait_for_state(client: &mut JobServiceClient<Channel>, job_id: &str, state: JobState) -> Job {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let job = get(client, job_id).await;
+        if job.state() == state {
+            return job;
+        }
+        assert!(Instant::now() < deadline, "job {job_id} stayed {:?}, expected {state:?}", job.state());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Registration and sessions
+
+#[tokio::test]
+async fn register_returns_ids_and_heartbeat_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = start(config(dir.path())).await;
+    let mut client = workers(coordinator.local_addr()).await;
+
+    let named = client.register(info("w-a")).await.unwrap().into_inner();
+    assert_eq!(named.worker_id, "w-a");
+    assert_eq!(named.protocol_version, PROTOCOL_VERSION);
+    assert_eq!(named.heartbeat_interval_ms, 50);
+    assert_eq!(named.heartbeat_timeout_ms, 300);
+    assert_eq!(named.session_id.len(), 32);
+
+    // An empty id lets the coordinator choose one; session ids differ.
+    let chosen = client.register(info("")).await.unwrap().into_inner();
+    assert!(chosen.worker_id.starts_with("worker-"), "{}", chosen.worker_id);
+    assert_ne!(chosen.session_id, named.session_id);
+
+    coordinator.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn register_refuses_a_protocol_mismatch_naming_both_versions() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = start(config(dir.path())).await;
+    let mut client = workers(coordinator.local_addr()).await;
+
+    let old = WorkerInfo { protocol_version: PROTOCOL_VERSION + 41, ..info("w-a") };
+    let status = client.register(old).await.unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains(&format!("worker speaks flotilla.v1 protocol version {}", PROTOCOL_VERSION + 41))
+    );
+    assert!(status.message().contains(&format!("coordinator speaks version {PROTOCOL_VERSION}")));
+    coordinator.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn register_refuses_a_second_live_worker_with_the_same_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = start(config(dir.path())).await;
+    let addr = coordinator.local_addr();
+
+    let mut first = FakeWorker::start(addr, "w-a", Behavior::StallAfter(0)).await;
+    let mut client = workers(addr).await;
+    let status = client.register(info("w-a")).await.unwrap_err();
+    assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
+    assert!(status.message().contains("\"w-a\""), "{}", status.message());
+
+    // Once the first is lost, the id is free again, and the old session is closed.
+    first.stop_heartbeats();
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        match client.register(info("w-a")).await {
+            Ok(registration) => {
+                assert_eq!(registration.into_inner().worker_id, "w-a");
+                break;
+            }
+            Err(status) => assert_eq!(status.code(), Code::AlreadyExists, "{status:?}"),
+        }
+        assert!(Instant::now() < deadline, "the id was never freed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The first worker's task ends when the coordinator closes its stream.
+    tokio::time::timeout(PATIENCE, &mut first.task)
+        .await
+        .expect("the lost worker's stream is closed")
+        .unwrap();
+    coordinator.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn register_refuses_invalid_fields() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = start(config(dir.path())).await;
+    let mut client = workers(coordinator.local_addr()).await;
+
+    let status = client.register(info("w/../a")).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("worker_id"), "{}", status.message());
+
+    let status =
+        client.register(WorkerInfo { data_plane_address: String::new(), ..info("w-a") }).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("data_plane_address"), "{}", status.message());
+    coordinator.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn session_must_open_with_a_valid_session_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = start(config(dir.path())).await;
+    let mut client = workers(coordinator.local_addr()).await;
+    let registration = client.register(info("w-a")).await.unwrap().into_inner();
+
+    // A heartbeat first.
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(heartbeat(1)).await.unwrap();
+    let status = client.session(ReceiverStream::new(rx)).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("SessionOpen"), "{}", status.message());
+
+    // A wrong session id, an unknown worker, an empty session id.
+    let wrong = Registration { session_id: "0".repeat(32), ..registration.clone() };
+    let status = open_session(&mut client, &wrong).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    let unknown = Registration { worker_id: "w-z".into(), ..registration.clone() };
+    let status = open_session(&mut client, &unknown).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    let empty = Registration { session_id: String::new(), ..registration.clone() };
+    let status = open_session(&mut client, &empty).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("session_id"), "{}", status.message());
+
+    // The right one opens; a second session for the same registration does not.
+    let (_tx, _inbound) = open_session(&mut client, &registration).await.expect("the session opens");
+    let status = open_session(&mut client, &registration).await.unwrap_err();
+    assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
+    coordinator.shutdown().await.unwrap();
+}
+
+// ---------------------------------------------------------------------------------------
+// Jobs
+
+#[tokio::test]
+async fn two_worker_job_runs_to_success_with_step_summaries() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = start(config(dir.path())).await;
+    let addr = coordinator.local_addr();
+    let mut client = jobs(addr).await;
+
+    // Submitted before any worker exists: it waits, then starts as they arrive.
+    let job = submit(&mut client, 2, 3).await;
+    assert_eq!(job.state(), JobState::Pending);
+    assert_eq!(job.total_steps, 3);
+    assert!(job.revision > 0);
+    let mut events = watch(&mut client, &job.job_id, 0).await;
+
+    let complete = Behavior::Complete { step_time: Duration::from_millis(5) };
+    // Registered in reverse order: ranks still follow the ids.
+    let mut b = FakeWorker::start(addr, "w-b", complete).await;
+    let mut a = FakeWorker::start(addr, "w-a", complete).await;
+
+    let events = rest(&mut events).await;
+    assert_strictly_increasing(&events);
+    assert_eq!(events[0].revision, job.revision, "the first event is the submission");
+    assert_eq!(
+        states(&events),
+        [JobState::Pending, JobState::Rendezvous, JobState::Running, JobState::Succeeded]
+    );
+    let joined: Vec<(String, u32)> = events
+        .iter()
+        .filter_map(|e| match &e.event {
+            Some(job_event::Event::WorkerJoined(j)) => Some((j.worker_id.clone(), j.rank)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(joined, [("w-a".to_string(), 0), ("w-b".to_string(), 1)]);
+    let steps: Vec<_> = events
+        .iter()
+        .filter_map(|e| match &e.event {
+            Some(job_event::Event::Step(s)) => Some(s.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(steps.iter().map(|s| s.step).collect::<Vec<_>>(), [1, 2, 3]);
+    for s in &steps {
+        assert_eq!(s.tokens, 128);
+        assert!((s.tokens_per_second - 128.0 / 0.012).abs() < 1e-6, "{}", s.tokens_per_second);
+        assert_eq!(s.loss, 5.0 - 0.1 * s.step as f64);
+        assert_eq!(s.mtp_ce, [4.8]);
+        assert_eq!((s.max_expert_load, s.mean_expert_load), (5.0, 4.0));
+    }
+
+    // Each worker got its rank, the peers' data-plane addresses and the same session.
+    let pick = |body: &coordinator_message::Body| match body {
+        coordinator_message::Body::Assignment(a) => Some(a.clone()),
+        _ => None,
+    };
+    let (assign_a, assign_b) = (a.expect_command(pick).await, b.expect_command(pick).await);
+    assert_eq!((assign_a.dp_rank, assign_b.dp_rank), (0, 1));
+    assert_eq!((assign_a.dp_size, assign_b.dp_size), (2, 2));
+    assert_eq!(assign_a.peers, assign_b.peers);
+    assert_eq!(assign_a.peers[1].data_plane_address, info("w-b").data_plane_address);
+    assert_eq!(assign_a.peers[0].node_id, "node-w-a");
+    assert_eq!(assign_a.data_plane_session, assign_b.data_plane_session);
+    assert_eq!(assign_a.config_toml, job_config(3));
+    assert_eq!(assign_a.output_dir, "/tmp/out");
+    let run = a
+        .expect_command(|body| match body {
+            coordinator_message::Body::RunSteps(run) => Some((run.first_step, run.count)),
+            _ => None,
+        })
+        .await;
+    assert_eq!(run, (1, 3), "steps count from 1");
+
+    let done = get(&mut client, &job.job_id).await;
+    assert_eq!(done.state(), JobState::Succeeded);
+    assert_eq!(done.steps_done, 3);
+    assert_eq!(done.last_loss, 5.0 - 0.1 * 3.0);
+    assert_eq!(done.revision, events.last().unwrap().revision);
+    assert!(done.reason.contains("all 2 workers finished 3 steps"), "{}", done.reason);
+
+    // The workers are free again: a second job runs on them.
+    let second = submit(&mut client, 2, 2).await;
+    let mut events = watch(&mut client, &second.job_id, 0).await;
+    assert_eq!(states(&rest(&mut events).await).last(), Some(&JobState::Succeeded));
+    coordinator.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn worker_error_fails_the_job_and_aborts_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = start(config(dir.path())).await;
+    let addr = coordinator.local_addr();
+    let mut client = jobs(addr).await;
+    let mut a = FakeWorker::start(addr, "w-a", Behavior::StallAfter(100)).await;
+    let _b = FakeWorker::start(addr, "w-b", Behavior::FailAt(1)).await;
+    let job = submit(&mut client, 2, 10).await;
+
+    let mut events = watch(&mut client, &job.job_id, 0).await;
+    let events = rest(&mut events).await;
+    let (from, to, reason) = state_change(events.last().unwrap()).unwrap();
+    assert_eq!((from, to), (JobState::Running, JobState::Failed));
+    assert_eq!(reason, "worker w-b failed at step 1: boom: NaN in the gradients");
+    let abort = a
+        .expect_command(|body| match body {
+            coordinator_message::Body::Abort(abort) => Some(abort.clone()),
+            _ => None,
+        })
+        .await;
+    assert_eq!(abort.job_id, job.job_id);
+    assert_eq!(abort.reason, reason);
+    coordinator.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn invalid_step_report_fails_the_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = start(config(dir.path())).await;
+    let addr = coordinator.local_addr();
+    let mut client = jobs(addr).await;
+    let _a = FakeWorker::start(addr, "w-a", Behavior::StepZero).await;
+    let job = submit(&mut client, 1, 5).await;
+    let mut events = watch(&mut client, &job.job_id, 0).await;
+    let events = rest(&mut events).await;
+    let (_, to, reason) = state_change(events.last().unwrap()).unwrap();
+    assert_eq!(to, JobState::Failed);
+    assert_eq!(reason, "worker w-a sent an invalid step report: step 0 is before the run's first step 1");
+    coordinator.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn cancel_aborts_the_workers_and_ends_the_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = start(config(dir.path())).await;
+    let addr = coordinator.local_addr();
+    let mut client = jobs(addr).await;
+    let mut a = FakeWorker::start(addr, "w-a", Behavior::StallAfter(2)).await;
+    let job = submit(&mut client, 1, 10).await;
+    wait_for_state(&mut client, &job.job_id, JobState::Running).await;
+
+    let cancelled = client
+        .cancel_job(CancelJobRequest { job_id: job.job_id.clone(), reason: "operator says stop".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cancelled.state(), JobState::Cancelled);
+    assert_eq!(cancelled.reason, "operator says stop");
+    let abort = a
+        .expect_command(|body| match body {
+            coordinator_message::Body::Abort(abort) => Some(abort.reason.clone()),
+            _ => None,
+        })
+        .await;
+    assert_eq!(abort, "operator says stop");
+
+    // Cancelling again answers the cancelled job; a pending job cancels too.
+    let again =
+        client.cancel_job(CancelJobRequest { job_id: job.job_id.clone(), reason: String::new() }).await;
+    assert_eq!(again.unwrap().into_inner().state(), JobState::Cancelled);
+    let pending = submit(&mut client, 3, 10).await;
+    let cancelled = client
+        .cancel_job(CancelJobRequest { job_id: pending.job_id.clone(), reason: String::new() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (cancelled.state(), cancelled.reason.as_str()),
+        (JobState::Cancelled, "cancelled by a client")
+    );
+
+    // The worker is free again; a finished job cannot be cancelled.
+    a.kill().await;
+    // Sorted before w-a: picked even if w-a's loss were not noticed yet.
+    let _b = FakeWorker::start(addr, "w-0", Behavior::Complete { step_time: Duration::ZERO }).await;
+    let short = submit(&mut client, 1, 1).await;
+    wait_for_state(&mut client, &short.job_id, JobState::Succeeded).await;
+    let status = client
+        .cancel_job(CancelJobRequest { job_id: short.job_id.clone(), reason: String::new() })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert!(status.message().contains("JOB_STATE_SUCCEEDED"), "{}", status.message());
+    coordinator.shutdown().await.unwrap();
+}
+
+// ---------------------------------------------------------------------------------------
+// Watches
+
+#[tokio::test]
+async fn watch_resumes_without_gap_or_duplicate() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = start(config(dir.path())).await;
+    let addr = coordinator.local_addr();
+    let mut client = jobs(addr).await;
+    let job = submit(&mut client, 2, 30).await;
+    let slow = Behavior::Complete { step_time: Duration::from_millis(10) };
+    let _a = FakeWorker::start(addr, "w-a", slow).await;
+    let _b = FakeWorker::start(addr, "w-b", slow).await;
+
+    // Read a few events of the live job, disconnect, resume from the last one, while the
+    // job keeps going.
+    let mut first = watch(&mut client, &job.job_id, 0).await;
+    let mut seen = until(&mut first, entered(JobState::Running)).await;
+    seen.push(next_event(&mut first).await.unwrap());
+    drop(first);
+    assert!(!states(&seen).contains(&JobState::Succeeded));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let last = seen.last().unwrap().revision;
+    let mut resumed = watch(&mut client, &job.job_id, last).await;
+    seen.extend(rest(&mut resumed).await);
+
+    // Exactly the events of a watch from the start, once each.
+    assert_strictly_increasing(&seen);
+    let mut whole = watch(&mut client, &job.job_id, 0).await;
+    let whole = rest(&mut whole).await;
+    assert_eq!(seen, whole);
+    assert_eq!(whole.iter().filter(|e| matches!(e.event, Some(job_event::Event::Step(_)))).count(), 30);
+    assert_eq!(states(&whole).last(), Some(&JobState::Succeeded));
+
+    // From the job's latest revision of an ended job: nothing more, at once.
+    let done = get(&mut client, &job.job_id).await;
+    let mut after = watch(&mut client, &job.job_id, done.revision).await;
+    assert!(next_event(&mut after).await.is_none());
+
+    // A revision that does not exist yet.
+    let future =
+        client.watch_job(WatchJobRequest { job_id: job.job_id.clone(), from_revision: u64::MAX }).await;
+    let status = future.unwrap_err();
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    coordinator.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn watch_from_a_compacted_revision_is_out_of_range() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = start(config(dir.path())).await;
+    let addr = coordinator.local_addr();
+    let mut client = jobs(addr).await;
+
+    // A job waiting for workers that will not come.
+    let job = submit(&mut client, 4, 10).await;
+    let other = submit(&mut client, 4, 10).await;
+    assert!(other.revision > job.revision);
+    let current = coordinator.store().current_revision().await.unwrap();
+    coordinator.compact_history(current).await.unwrap();
+
+    let status =
+        client.watch_job(WatchJobRequest { job_id: job.job_id.clone(), from_revision: 0 }).await.unwrap_err();
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    assert!(status.message().contains("re-read the job with GetJob"), "{}", status.message());
+
+    // The recipe in the message works: re-read, watch from the job's revision.
+    let reread = get(&mut client, &job.job_id).await;
+    let mut events = watch(&mut client, &job.job_id, reread.revision).await;
+    client.cancel_job(CancelJobRequest { job_id: job.job_id.clone(), reason: String::new() }).await.unwrap();
+    let events = rest(&mut events).await;
+    assert_eq!(states(&events), [JobState::Cancelled]);
+    assert!(events[0].revision > current);
+    coordinator.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn old_history_is_compacted_automatically() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = CoordinatorConfig {
+        history_retention: 3,
+        compaction_interval: Duration::from_millis(20),
+        ..config(dir.path())
+    };
+    let coordinator = start(config).await;
+    let mut client = jobs(coordinator.local_addr()).await;
+    let mut submitted = Vec::new();
+    for _ in 0..6 {
+        submitted.push(submit(&mut client, 4, 10).await);
+    }
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let request = WatchJobRequest { job_id: submitted[0].job_id.clone(), from_revision: 0 };
+        match client.watch_job(request).await {
+            Err(status) => {
+                assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+                break;
+            }
+            Ok(_) => assert!(Instant::now() < deadline, "the history was never compacted"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The records are all there; recent history still resumes.
+    assert_eq!(client.list_jobs(ListJobsRequest {}).await.unwrap().into_inner().jobs.len(), 6);
+    let last = &submitted[5];
+    let mut events = watch(&mut client, &last.job_id, last.revision - 1).await;
+    assert_eq!(next_event(&mut events).await.unwrap().revision, last.revision);
+    coordinator.shutdown().await.unwrap();
+}
+
+// ---------------------------------------------------------------------------------------
+// Failure detection
+
+#[tokio::test]
+async fn silent_worker_is_lost_within_the_heartbeat_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = start(config(dir.path())).await;
+    let addr = coordinator.local_addr();
+    let mut client = jobs(addr).await;
+    let mut a = FakeWorker::start(addr, "w-a", Behavior::StallAfter(2)).await;
+    let b = FakeWorker::start(addr, "w-b", Behavior::StallAfter(2)).await;
+    let job = submit(&mut client, 2, 100).await;
+    let mut events = watch(&mut client, &job.job_id, 0).await;
+    until(&mut events, |e| matches!(&e.event, Some(job_event::Event::Step(s)) if s.step == 1)).await;
+
+    b.stop_heartbeats();
+    let silent_since = Instant::now();
+    let seen = until(&mut events, |e| !lost_workers(std::slice::from_ref(e)).is_empty()).await;
+    let detected = silent_since.elapsed();
+    // Its last heartbeat was at most one interval before it fell silent.
+    assert!(detected >= TIMEOUT - INTERVAL - Duration::from_millis(20), "lost after only {detected:?}");
+    assert!(detected < TIMEOUT + Duration::from_secs(1), "lost only after {detected:?}");
+    let lost = lost_workers(&seen);
+    assert_eq!(lost, [("w-b".to_string(), "no heartbeat for 300 ms".to_string())]);
+
+    let tail = rest(&mut events).await;
+    let changes: Vec<_> = tail.iter().filter_map(state_change).collect();
+    let reason = "worker w-b lost: no heartbeat for 300 ms";
+    assert_eq!(
+        changes,
+        [(JobState::Running, JobState::Recovering, reason), (JobState::Recovering, JobState::Failed, reason)]
+    );
+    // The survivor's step was aborted.
+    let abort = a
+        .expect_command(|body| match body {
+            coordinator_message::Body::Abort(abort) => Some(abort.reason.clone()),
+            _ => None,
+        })
+        .await;
+    assert_eq!(abort, reason);
+    let failed = get(&mut client, &job.job_id).await;
+    assert_eq!((failed.state(), failed.reason.as_str()), (JobState::Failed, reason));
+    coordinator.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn broken_stream_is_noticed_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    // A long timeout: only the broken stream can explain a quick detection.
+    let config = CoordinatorConfig {
+        heartbeat_interval: Duration::from_secs(2),
+        heartbeat_timeout: Duration::from_secs(30),
+        ..config(dir.path())
+    };
+    let coordinator = start(config).await;
+    let addr = coordinator.local_addr();
+    let mut client = jobs(addr).await;
+    let _a = FakeWorker::start(addr, "w-a", Behavior::StallAfter(2)).await;
+    let b = FakeWorker::start(addr, "w-b", Behavior::StallAfter(2)).await;
+    let job = submit(&mut client, 2, 100).await;
+    let mut events = watch(&mut client, &job.job_id, 0).await;
+    until(&mut events, |e| matches!(&e.event, Some(job_event::Event::Step(s)) if s.step == 1)).await;
+
+    let killed_at = Instant::now();
+    b.kill().await;
+    let seen = until(&mut events, |e| !lost_workers(std::slice::from_ref(e)).is_empty()).await;
+    let detected = killed_at.elapsed();
+    assert!(detected < Duration::from_secs(3), "lost only after {detected:?}");
+    let lost = lost_workers(&seen);
+    assert_eq!(lost[0].0, "w-b");
+    assert!(lost[0].1.contains("stream") || lost[0].1.contains("session"), "{}", lost[0].1);
+
+    let tail = rest(&mut events).await;
+    assert_eq!(states(&tail), [JobState::Recovering, JobState::Failed]);
+    let failed = get(&mut client, &job.job_id).await;
+    assert!(failed.reason.starts_with("worker w-b lost: "), "{}", failed.reason);
+    coordinator.shutdown().await.unwrap();
+}
+
+// ---------------------------------------------------------------------------------------
+// Restart
+
+#[tokio::test]
+async fn restart_keeps_jobs_and_their_states() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = start(config(dir.path())).await;
+    let addr = coordinator.local_addr();
+    let mut client = jobs(addr).await;
+
+    let complete = Behavior::Complete { step_time: Duration::ZERO };
+    let w = FakeWorker::start(addr, "w-a", complete).await;
+    let done = submit(&mut client, 1, 2).await;
+    let done = wait_for_state(&mut client, &done.job_id, JobState::Succeeded).await;
+    w.kill().await;
+    let _x = FakeWorker::start(addr, "w-x", Behavior::StallAfter(2)).await;
+    let _y = FakeWorker::start(addr, "w-y", Behavior::StallAfter(2)).await;
+    let running = submit(&mut client, 2, 5).await;
+    let mut events = watch(&mut client, &running.job_id, 0).await;
+    until(&mut events, |e| matches!(e.event, Some(job_event::Event::Step(_)))).await;
+    drop(events);
+    // Every worker is busy: this one waits.
+    let pending = submit(&mut client, 3, 2).await;
+    let running = get(&mut client, &running.job_id).await;
+    assert_eq!(running.state(), JobState::Running);
+    let pending_before = get(&mut client, &pending.job_id).await;
+    drop(client);
+    coordinator.shutdown().await.unwrap();
+
+    let coordinator = start(config(dir.path())).await;
+    let addr = coordinator.local_addr();
+    let mut client = jobs(addr).await;
+    let listed = client.list_jobs(ListJobsRequest {}).await.unwrap().into_inner().jobs;
+    let summary: Vec<(String, JobState)> = listed.iter().map(|j| (j.job_id.clone(), j.state())).collect();
+    assert_eq!(
+        summary,
+        [
+            (done.job_id.clone(), JobState::Succeeded),
+            (running.job_id.clone(), JobState::Failed),
+            (pending.job_id.clone(), JobState::Pending),
+        ]
+    );
+    assert_eq!(listed[0], done, "an ended job is kept as it was");
+    assert_eq!(listed[2], pending_before, "a pending job is kept as it was");
+    assert_eq!(listed[1].reason, "coordinator restarted");
+    assert_eq!(listed[1].steps_done, running.steps_done);
+
+    // The interrupted job went through Recovering; its history resumes where it was.
+    let mut events = watch(&mut client, &running.job_id, running.revision).await;
+    let changes: Vec<_> = rest(&mut events)
+        .await
+        .iter()
+        .filter_map(state_change)
+        .map(|(f, t, r)| (f, t, r.to_string()))
+        .collect();
+    let restarted = "coordinator restarted".to_string();
+    assert_eq!(
+        changes,
+        [
+            (JobState::Running, JobState::Recovering, restarted.clone()),
+            (JobState::Recovering, JobState::Failed, restarted)
+        ]
+    );
+
+    // New jobs get new ids, and the pending job still runs once workers come.
+    let new = submit(&mut client, 1, 1).await;
+    assert!(!listed.iter().any(|j| j.job_id == new.job_id), "{} reused", new.job_id);
+    let mut workers = Vec::new();
+    for id in ["w-1", "w-2", "w-3"] {
+        workers.push(FakeWorker::start(addr, id, complete).await);
+    }
+    wait_for_state(&mut client, &pending.job_id, JobState::Succeeded).await;
+    wait_for_state(&mut client, &new.job_id, JobState::Succeeded).await;
+    coordinator.shutdown().await.unwrap();
+}
+
+// ---------------------------------------------------------------------------------------
+// Standard services
+
+#[tokio::test]
+async fn health_reports_serving() {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = start(config(dir.path())).await;
+    let mut health = HealthClient::new(channel(coordinator.local_addr()).await);
+    for service in ["", "flotilla.v1.CoordinatorService", "flotilla.v1.JobService"] {
+        let response =
+            health.check(HealthCheckRequest { service: service.into() }).await.unwrap().into_inner();
+        assert_eq!(response.status(), ServingStatus::Serving, "{service:?}");
+    }
+    let status = health.check(HealthCheckRequest { service: "no.such.Service".into() }).await.unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    coordinator.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn reflection_lists_the_services() {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = start(config(dir.path())).await;
+    let mut reflection = ServerReflectionClient::new(channel(coordinator.local_addr()).await);
+    let requests = [
+        MessageRequest::ListServices(String::new()),
+        MessageRequest::FileContainingSymbol("flotilla.v1.JobService".into()),
+    ]
+    .map(|request| ServerReflectionRequest { host: String::new(), message_request: Some(request) });
+    let mut responses =
+        reflection.server_reflection_info(futures::stream::iter(requests)).await.unwrap().into_inner();
+
+    let listed = responses.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(listed)) = listed.message_response else {
+        panic!("expected a service list, got {listed:?}");
+    };
+    let mut names: Vec<String> = listed.service.into_iter().map(|s| s.name).collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "flotilla.v1.CoordinatorService",
+            "flotilla.v1.JobService",
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection"
+        ]
+    );
+    let file = responses.message().await.unwrap().unwrap();
+    let Some(MessageResponse::FileDescriptorResponse(file)) = file.message_response else {
+        panic!("expected a file descriptor, got {file:?}");
+    };
+    assert!(!file.file_descriptor_proto.is_empty());
+    coordinator.shutdown().await.unwrap();
+}
+
+// ---------------------------------------------------------------------------------------
+// Bad input
+
+#[tokio::test]
+async fn invalid_submit_names_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = start(config(dir.path())).await;
+    let mut client = jobs(coordinator.local_addr()).await;
+    let cases = [
+        (0, job_config(3), "invalid workers: must be at least 1"),
+        (2, "steps = [".to_string(), "invalid config_toml: not valid TOML"),
+        (2, "steps = 0\nbatch_size = 8\n".to_string(), "invalid steps: must be at least 1, got 0"),
+        (
+            2,
+            "steps = \"ten\"\nbatch_size = 8\n".to_string(),
+            "invalid steps: must be a positive integer, got a string",
+        ),
+        (2, "steps = 10\n".to_string(), "invalid batch_size: is missing"),
+        (
+            3,
+            "steps = 10\nbatch_size = 8\n".to_string(),
+            "invalid batch_size: 8 cannot be split evenly over 3",
+        ),
+        (2, format!("steps = 1\nbatch_size = 2\n#{}\n", "x".repeat(2 << 20)), "invalid config_toml: "),
+    ];
+    for (workers, config_toml, expected) in cases {
+        let request =
+            SubmitJobRequest { name: "bad".into(), config_toml, workers, output_dir: String::new() };
+        let status = client.submit_job(request).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(
+            status.message().starts_with(expected),
+            "{:?} does not start with {expected:?}",
+            status.message()
+        );
+    }
+    assert!(client.list_jobs(ListJobsRequest {}).await.unwrap().into_inner().jobs.is_empty());
+    coordinator.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn oversized_messages_are_refused_and_the_coordinator_carries_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = start(config(dir.path())).await;
+    let mut client = jobs(coordinator.local_addr()).await;
+    let huge = SubmitJobRequest { config_toml: "#".repeat(17 << 20), workers: 1, ..Default::default() };
+    let status = client.submit_job(huge).await.unwrap_err();
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    assert!(status.message().contains("too large"), "{}", status.message());
+    let job = submit(&mut client, 1, 1).await;
+    assert_eq!(get(&mut client, &job.job_id).await.state(), JobState::Pending);
+    coordinator.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn unknown_job_is_not_found() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = start(config(dir.path())).await;
+    let mut client = jobs(coordinator.local_addr()).await;
+    let missing = "job-999999".to_string();
+
+    let status = client.get_job(GetJobRequest { job_id: missing.clone() }).await.unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    assert!(status.message().contains("job-999999"));
+    let status = client
+        .cancel_job(CancelJobRequest { job_id: missing.clone(), reason: String::new() })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    let status = client.watch_job(WatchJobRequest { job_id: missing, from_revision: 0 }).await.unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    let status = client.get_job(GetJobRequest { job_id: "../jobs/x".into() }).await.unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    let status = client.get_job(GetJobRequest { job_id: String::new() }).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("job_id"));
+    coordinator.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn listening_beyond_loopback_needs_allow_remote() {
+    let dir = tempfile::tempdir().unwrap();
+    let open = CoordinatorConfig { listen: "0.0.0.0:0".parse().unwrap(), ..config(dir.path()) };
+    let refused = bind_and_serve(open.clone()).await.unwrap_err();
+    assert!(matches!(refused, ServiceError::RemoteListenRefused { .. }), "{refused:?}");
+    assert!(refused.to_string().contains("0.0.0.0:0"), "{refused}");
+
+    let coordinator = start(CoordinatorConfig { allow_remote: true, ..open }).await;
+    assert!(coordinator.local_addr().ip().is_unspecified());
+    coordinator.shutdown().await.unwrap();
+
+    let bad = CoordinatorConfig { heartbeat_timeout: INTERVAL, ..config(dir.path()) };
+    let refused = bind_and_serve(bad).await.unwrap_err();
+    assert!(refused.to_string().contains("heartbeat_timeout"), "{refused}");
+}

@@ -1,0 +1,558 @@
+//! The control plane from the command line: `flotilla coordinator`, `worker`, `submit`,
+//! `jobs`, `watch`, and `run`, the all-in-one that starts a coordinator in this process,
+//! spawns worker processes of this binary, submits the run and follows it to the end.
+//! The work is in `flotilla_coordinator::service` and `flotilla_worker::agent`; this file
+//! parses flags, dials, prints and supervises child processes.
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use flotilla_coordinator::service::{CoordinatorConfig, bind_and_serve};
+use flotilla_model::train::TrainConfig;
+use flotilla_proto::v1::job_event::Event;
+use flotilla_proto::v1::job_service_client::JobServiceClient;
+use flotilla_proto::v1::{
+    CancelJobRequest, GetJobRequest, Job, JobEvent, JobState, ListJobsRequest, SubmitJobRequest,
+    WatchJobRequest,
+};
+use flotilla_worker::agent::{WorkerOptions, run_worker};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+/// The coordinator address the client commands dial when `--coordinator` is not given.
+const DEFAULT_COORDINATOR: &str = "http://127.0.0.1:7070";
+
+#[derive(Args)]
+pub struct CoordinatorArgs {
+    /// Where to listen. Loopback by default; another interface needs --allow-remote.
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    listen: SocketAddr,
+    /// Where jobs and their events are kept across restarts.
+    #[arg(long, default_value = "flotilla-state")]
+    state_dir: PathBuf,
+    /// Listen on a non-loopback address (the control plane has no authentication yet).
+    #[arg(long)]
+    allow_remote: bool,
+    /// How often workers heartbeat, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    heartbeat_interval_ms: u64,
+    /// A worker silent for this long is lost, in milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    heartbeat_timeout_ms: u64,
+}
+
+#[derive(Args)]
+pub struct WorkerArgs {
+    /// The coordinator's URL.
+    #[arg(long, default_value = DEFAULT_COORDINATOR)]
+    coordinator: String,
+    /// The id to register with (default: the coordinator chooses).
+    #[arg(long)]
+    worker_id: Option<String>,
+    /// The node this worker runs on (default: the host name); workers with the same node id
+    /// count as one machine for hierarchical communication.
+    #[arg(long)]
+    node_id: Option<String>,
+    /// This worker's index on its node.
+    #[arg(long, default_value_t = 0)]
+    local_rank: u32,
+    /// Where the data plane listens.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    data_plane_listen: String,
+    /// Compute threads (default: the run config's `threads`, else all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Where relative paths in run configs start (text data files).
+    #[arg(long, default_value = ".")]
+    config_base: PathBuf,
+}
+
+#[derive(Args)]
+pub struct SubmitArgs {
+    /// The run's TOML.
+    config: PathBuf,
+    /// The coordinator's URL.
+    #[arg(long, default_value = DEFAULT_COORDINATOR)]
+    coordinator: String,
+    /// Data-parallel workers.
+    #[arg(long, default_value_t = 1)]
+    workers: u32,
+    /// The job's name (default: the config's file name).
+    #[arg(long)]
+    name: Option<String>,
+    /// Where rank 0 writes metrics.jsonl and the weights (empty: nowhere).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct JobsArgs {
+    /// The coordinator's URL.
+    #[arg(long, default_value = DEFAULT_COORDINATOR)]
+    coordinator: String,
+    /// One JSON object per job.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct WatchArgs {
+    /// The job (default: the most recently created).
+    job: Option<String>,
+    /// The coordinator's URL.
+    #[arg(long, default_value = DEFAULT_COORDINATOR)]
+    coordinator: String,
+    /// Resume after this revision (0: from the job's first event).
+    #[arg(long, default_value_t = 0)]
+    from_revision: u64,
+    /// One JSON object per event, for scripts and dashboards.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// The run's TOML (see examples/tiny.toml).
+    config: PathBuf,
+    /// Data-parallel worker processes; the config's `batch_size` must divide evenly.
+    #[arg(long, default_value_t = 2)]
+    workers: u32,
+    /// Override the number of steps.
+    #[arg(long)]
+    steps: Option<u64>,
+    /// Output directory for metrics.jsonl, the weights and the coordinator's state
+    /// (default: `runs/<config name>`).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")
+}
+
+fn url(coordinator: &str) -> String {
+    if coordinator.contains("://") { coordinator.to_string() } else { format!("http://{coordinator}") }
+}
+
+async fn jobs_client(coordinator: &str) -> Result<JobServiceClient<Channel>> {
+    let endpoint = url(coordinator);
+    JobServiceClient::connect(endpoint.clone())
+        .await
+        .with_context(|| format!("--coordinator: cannot reach {endpoint}"))
+}
+
+pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
+    runtime()?.block_on(async {
+        let config = CoordinatorConfig {
+            listen: args.listen,
+            state_dir: args.state_dir,
+            allow_remote: args.allow_remote,
+            heartbeat_interval: Duration::from_millis(args.heartbeat_interval_ms),
+            heartbeat_timeout: Duration::from_millis(args.heartbeat_timeout_ms),
+            ..CoordinatorConfig::default()
+        };
+        let handle = bind_and_serve(config).await?;
+        eprintln!("flotilla coordinator listening on {} (Ctrl-C stops it)", handle.local_addr());
+        tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")?;
+        handle.shutdown().await?;
+        Ok(())
+    })
+}
+
+pub fn worker(args: WorkerArgs) -> Result<()> {
+    runtime()?.block_on(async {
+        let mut options = WorkerOptions::new(args.coordinator);
+        options.worker_id = args.worker_id;
+        options.node_id = args.node_id;
+        options.local_rank = args.local_rank;
+        options.data_plane_listen = args.data_plane_listen;
+        options.threads = args.threads;
+        options.config_base = args.config_base;
+        let shutdown = CancellationToken::new();
+        let on_signal = shutdown.clone();
+        let signals = tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                on_signal.cancel();
+            }
+        });
+        let result = run_worker(options, shutdown).await;
+        signals.abort();
+        Ok(result?)
+    })
+}
+
+/// Reads and checks a run config the way the workers will, so that a bad field is
+/// reported here, before anything starts; `steps` overrides the config's.
+fn read_config(path: &Path, steps: Option<u64>) -> Result<(String, TrainConfig)> {
+    let mut text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    if let Some(steps) = steps {
+        anyhow::ensure!(steps > 0, "`--steps` must be at least 1");
+        let mut table: toml::Table = text.parse().with_context(|| format!("in {}", path.display()))?;
+        table.insert(
+            "steps".into(),
+            toml::Value::Integer(i64::try_from(steps).context("--steps is too large")?),
+        );
+        text = toml::to_string(&table).context("writing the config back")?;
+    }
+    let base = path.parent().map(PathBuf::from).unwrap_or_default();
+    let (config, _) =
+        TrainConfig::from_toml(&text, &base).with_context(|| format!("in {}", path.display()))?;
+    Ok((text, config))
+}
+
+fn job_name(path: &Path) -> String {
+    path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "run".into())
+}
+
+fn absolute(path: &Path) -> Result<PathBuf> {
+    std::path::absolute(path).with_context(|| format!("resolving {}", path.display()))
+}
+
+pub fn submit(args: SubmitArgs) -> Result<()> {
+    let (text, _) = read_config(&args.config, None)?;
+    runtime()?.block_on(async {
+        let mut client = jobs_client(&args.coordinator).await?;
+        let output_dir = match &args.out {
+            Some(out) => absolute(out)?.display().to_string(),
+            None => String::new(),
+        };
+        let job = client
+            .submit_job(SubmitJobRequest {
+                name: args.name.unwrap_or_else(|| job_name(&args.config)),
+                config_toml: text,
+                workers: args.workers,
+                output_dir,
+            })
+            .await
+            .map_err(status)?
+            .into_inner();
+        println!("{}", job.job_id);
+        Ok(())
+    })
+}
+
+pub fn jobs(args: JobsArgs) -> Result<()> {
+    runtime()?.block_on(async {
+        let mut client = jobs_client(&args.coordinator).await?;
+        let jobs = client.list_jobs(ListJobsRequest {}).await.map_err(status)?.into_inner().jobs;
+        for job in &jobs {
+            if args.json {
+                println!("{}", serde_json::to_string(&job_json(job))?);
+            } else {
+                println!(
+                    "{:<24} {:<16} {:<10} step {}/{} workers {}{}",
+                    job.job_id,
+                    job.name,
+                    state_name(job.state()),
+                    job.steps_done,
+                    job.total_steps,
+                    job.workers,
+                    if job.reason.is_empty() { String::new() } else { format!(" ({})", job.reason) }
+                );
+            }
+        }
+        Ok(())
+    })
+}
+
+pub fn watch(args: WatchArgs) -> Result<()> {
+    runtime()?.block_on(async {
+        let mut client = jobs_client(&args.coordinator).await?;
+        let job_id = match args.job {
+            Some(job) => job,
+            None => {
+                let jobs = client.list_jobs(ListJobsRequest {}).await.map_err(status)?.into_inner().jobs;
+                let latest = jobs.into_iter().max_by_key(|j| (j.created_unix_ms, j.job_id.clone()));
+                latest.map(|j| j.job_id).context("the coordinator has no jobs to watch")?
+            }
+        };
+        let mut events = client
+            .watch_job(WatchJobRequest { job_id: job_id.clone(), from_revision: args.from_revision })
+            .await
+            .map_err(status)?
+            .into_inner();
+        while let Some(event) = events.message().await.map_err(status)? {
+            if args.json {
+                println!("{}", serde_json::to_string(&event_json(&event))?);
+            } else {
+                println!("{}", describe(&event));
+            }
+        }
+        Ok(())
+    })
+}
+
+/// A gRPC status as an error that reads well: its message, and its code when that adds
+/// something.
+fn status(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{} ({:?})", s.message(), s.code())
+}
+
+fn state_name(state: JobState) -> &'static str {
+    match state {
+        JobState::Unspecified => "unspecified",
+        JobState::Pending => "pending",
+        JobState::Rendezvous => "rendezvous",
+        JobState::Running => "running",
+        JobState::Recovering => "recovering",
+        JobState::Succeeded => "succeeded",
+        JobState::Failed => "failed",
+        JobState::Cancelled => "cancelled",
+    }
+}
+
+fn job_json(job: &Job) -> serde_json::Value {
+    serde_json::json!({
+        "job_id": job.job_id,
+        "name": job.name,
+        "state": state_name(job.state()),
+        "reason": job.reason,
+        "workers": job.workers,
+        "steps_done": job.steps_done,
+        "total_steps": job.total_steps,
+        "last_loss": job.last_loss,
+        "revision": job.revision,
+        "created_unix_ms": job.created_unix_ms,
+        "updated_unix_ms": job.updated_unix_ms,
+        "output_dir": job.output_dir,
+    })
+}
+
+fn event_json(event: &JobEvent) -> serde_json::Value {
+    let body = match &event.event {
+        Some(Event::StateChanged(s)) => serde_json::json!({
+            "type": "state_changed",
+            "from": state_name(s.from()),
+            "to": state_name(s.to()),
+            "reason": s.reason,
+        }),
+        Some(Event::Step(s)) => serde_json::json!({
+            "type": "step",
+            "step": s.step,
+            "loss": s.loss,
+            "main_ce": s.main_ce,
+            "mtp_ce": s.mtp_ce,
+            "balance_loss": s.balance_loss,
+            "lr": s.lr,
+            "grad_norm": s.grad_norm,
+            "tokens": s.tokens,
+            "tokens_per_second": s.tokens_per_second,
+            "max_expert_load": s.max_expert_load,
+            "mean_expert_load": s.mean_expert_load,
+        }),
+        Some(Event::WorkerJoined(w)) => serde_json::json!({
+            "type": "worker_joined", "worker_id": w.worker_id, "rank": w.rank, "host": w.host,
+        }),
+        Some(Event::WorkerLost(w)) => serde_json::json!({
+            "type": "worker_lost", "worker_id": w.worker_id, "reason": w.reason,
+        }),
+        None => serde_json::json!({ "type": "unknown" }),
+    };
+    serde_json::json!({
+        "revision": event.revision,
+        "job_id": event.job_id,
+        "unix_ms": event.unix_ms,
+        "event": body,
+    })
+}
+
+fn describe(event: &JobEvent) -> String {
+    let what = match &event.event {
+        Some(Event::StateChanged(s)) => {
+            let reason = if s.reason.is_empty() { String::new() } else { format!(": {}", s.reason) };
+            format!("{} → {}{reason}", state_name(s.from()), state_name(s.to()))
+        }
+        Some(Event::Step(s)) => {
+            format!(
+                "step {} loss {:.4} · {:.0} tok/s · grad norm {:.3}",
+                s.step, s.loss, s.tokens_per_second, s.grad_norm
+            )
+        }
+        Some(Event::WorkerJoined(w)) => {
+            format!("worker {} joined as rank {} ({})", w.worker_id, w.rank, w.host)
+        }
+        Some(Event::WorkerLost(w)) => format!("worker {} lost: {}", w.worker_id, w.reason),
+        None => "an event this client does not know".into(),
+    };
+    format!("#{} {what}", event.revision)
+}
+
+/// Child worker processes, killed and reaped when dropped so that no process outlives
+/// the run, whatever way it ends.
+struct Workers {
+    children: Vec<tokio::process::Child>,
+}
+
+impl Workers {
+    fn spawn(count: u32, coordinator: SocketAddr, config_base: &Path, threads: usize) -> Result<Workers> {
+        let exe = std::env::current_exe().context("locating the flotilla binary to start workers")?;
+        let mut children = Vec::new();
+        for rank in 0..count {
+            let child = tokio::process::Command::new(&exe)
+                .arg("worker")
+                .args(["--coordinator", &format!("http://{coordinator}")])
+                .args(["--worker-id", &format!("worker-{rank}")])
+                .args(["--local-rank", &rank.to_string()])
+                .args(["--threads", &threads.to_string()])
+                .arg("--config-base")
+                .arg(config_base)
+                .stdin(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .with_context(|| format!("starting worker {rank} ({})", exe.display()))?;
+            children.push(child);
+        }
+        Ok(Workers { children })
+    }
+
+    /// How many are still running; the first that exited with a failure, if any.
+    fn poll(&mut self) -> (usize, Option<String>) {
+        let mut alive = 0;
+        let mut failure = None;
+        for (rank, child) in self.children.iter_mut().enumerate() {
+            match child.try_wait() {
+                Ok(None) => alive += 1,
+                Ok(Some(code)) if !code.success() => {
+                    failure.get_or_insert_with(|| {
+                        format!("worker {rank} (pid {:?}) exited: {code}", child.id())
+                    });
+                }
+                Ok(Some(_)) => {}
+                Err(e) => {
+                    failure.get_or_insert_with(|| format!("worker {rank}: {e}"));
+                }
+            }
+        }
+        (alive, failure)
+    }
+
+    async fn stop(mut self) {
+        for child in &mut self.children {
+            // Already-exited children make kill fail harmlessly; waiting reaps them.
+            let _ = child.start_kill();
+        }
+        for child in &mut self.children {
+            let _ = child.wait().await;
+        }
+    }
+}
+
+pub fn run(args: RunArgs) -> Result<()> {
+    anyhow::ensure!(args.workers > 0, "--workers must be at least 1");
+    let (text, config) = read_config(&args.config, args.steps)?;
+    anyhow::ensure!(
+        config.batch_size.is_multiple_of(args.workers as usize),
+        "--workers {}: the config's batch_size {} must divide evenly over the workers",
+        args.workers,
+        config.batch_size
+    );
+    let out =
+        absolute(&args.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(job_name(&args.config))))?;
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let config_base = absolute(args.config.parent().unwrap_or(Path::new(".")))?;
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let threads = (cores / args.workers as usize).max(1);
+
+    runtime()?.block_on(async {
+        // A fresh state directory per run: this coordinator serves this run only.
+        let state_dir = out.join("coordinator-state");
+        if state_dir.exists() {
+            std::fs::remove_dir_all(&state_dir)
+                .with_context(|| format!("clearing {}", state_dir.display()))?;
+        }
+        let coordinator = bind_and_serve(CoordinatorConfig::new(&state_dir)).await?;
+        let addr = coordinator.local_addr();
+        let mut workers = Workers::spawn(args.workers, addr, &config_base, threads)?;
+        let outcome = follow(&args, &text, &config, &out, addr, &mut workers).await;
+        workers.stop().await;
+        coordinator.shutdown().await?;
+        outcome
+    })
+}
+
+/// Submits the run and follows its events until it ends, Ctrl-C or a worker crash.
+async fn follow(
+    args: &RunArgs,
+    text: &str,
+    config: &TrainConfig,
+    out: &Path,
+    coordinator: SocketAddr,
+    workers: &mut Workers,
+) -> Result<()> {
+    let mut client = jobs_client(&coordinator.to_string()).await?;
+    let job = client
+        .submit_job(SubmitJobRequest {
+            name: job_name(&args.config),
+            config_toml: text.to_string(),
+            workers: args.workers,
+            output_dir: out.display().to_string(),
+        })
+        .await
+        .map_err(status)?
+        .into_inner();
+    let mut events = client
+        .watch_job(WatchJobRequest { job_id: job.job_id.clone(), from_revision: 0 })
+        .await
+        .map_err(status)?
+        .into_inner();
+
+    let bar = ProgressBar::new(config.steps).with_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} steps · {msg} · ETA {eta}")
+            .expect("a valid progress template"),
+    );
+    bar.set_message(format!("waiting for {} workers", args.workers));
+    let started = std::time::Instant::now();
+    let mut last_loss = f64::NAN;
+    let mut check = tokio::time::interval(Duration::from_millis(200));
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    let end = loop {
+        tokio::select! {
+            event = events.message() => {
+                let Some(event) = event.map_err(status)? else {
+                    // The stream ends when the job does; read its final state.
+                    break client.get_job(GetJobRequest { job_id: job.job_id.clone() }).await.map_err(status)?.into_inner();
+                };
+                match &event.event {
+                    Some(Event::Step(s)) => {
+                        last_loss = s.loss;
+                        let (alive, _) = workers.poll();
+                        bar.set_message(format!("loss {:.4} · {:.0} tok/s · {alive}/{} workers", s.loss, s.tokens_per_second, args.workers));
+                        bar.set_position(s.step);
+                    }
+                    Some(Event::StateChanged(_)) | Some(Event::WorkerLost(_)) => bar.println(describe(&event)),
+                    _ => {}
+                }
+            }
+            _ = check.tick() => {
+                if let (_, Some(failure)) = workers.poll() {
+                    bar.abandon();
+                    bail!("{failure}; the job is abandoned");
+                }
+            }
+            _ = &mut ctrl_c => {
+                bar.abandon();
+                let _ = client.cancel_job(CancelJobRequest { job_id: job.job_id.clone(), reason: "Ctrl-C".into() }).await;
+                bail!("cancelled by Ctrl-C");
+            }
+        }
+    };
+    bar.finish_and_clear();
+    match end.state() {
+        JobState::Succeeded => {
+            let elapsed = started.elapsed().as_secs_f64();
+            println!(
+                "trained {} steps on {} workers in {elapsed:.1} s; final loss {last_loss:.4}",
+                end.steps_done, args.workers
+            );
+            println!("metrics: {}", out.join("metrics.jsonl").display());
+            println!("weights: {}", out.display());
+            Ok(())
+        }
+        state => bail!("job {} ended {}: {}", end.job_id, state_name(state), end.reason),
+    }
+}
