@@ -6,7 +6,7 @@
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use flotilla_coordinator::service::{CoordinatorConfig, bind_and_serve};
+use flotilla_coordinator::service::{CoordinatorConfig, MAX_JOB_WORKERS, bind_and_serve};
 use flotilla_model::train::TrainConfig;
 use flotilla_proto::v1::job_event::Event;
 use flotilla_proto::v1::job_service_client::JobServiceClient;
@@ -69,6 +69,10 @@ pub struct WorkerArgs {
     /// Where relative paths in run configs start (text data files).
     #[arg(long, default_value = ".")]
     config_base: PathBuf,
+    /// Stop when standard input closes: `flotilla run` holds its workers' stdin, so they
+    /// stop with it however it ends (even killed).
+    #[arg(long, hide = true)]
+    exit_with_stdin: bool,
 }
 
 #[derive(Args)]
@@ -174,10 +178,20 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
         options.config_base = args.config_base;
         let shutdown = CancellationToken::new();
         let on_signal = shutdown.clone();
+        let watch_stdin = args.exit_with_stdin;
         let signals = tokio::spawn(async move {
-            if tokio::signal::ctrl_c().await.is_ok() {
-                on_signal.cancel();
+            let stdin_closed = async {
+                if !watch_stdin {
+                    return std::future::pending().await;
+                }
+                let mut sink = tokio::io::sink();
+                let _ = tokio::io::copy(&mut tokio::io::stdin(), &mut sink).await;
+            };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = stdin_closed => {}
             }
+            on_signal.cancel();
         });
         let result = run_worker(options, shutdown).await;
         signals.abort();
@@ -400,7 +414,8 @@ impl Workers {
                 .args(["--threads", &threads.to_string()])
                 .arg("--config-base")
                 .arg(config_base)
-                .stdin(Stdio::null())
+                .arg("--exit-with-stdin")
+                .stdin(Stdio::piped())
                 .kill_on_drop(true)
                 .spawn()
                 .with_context(|| format!("starting worker {rank} ({})", exe.display()))?;
@@ -442,7 +457,10 @@ impl Workers {
 }
 
 pub fn run(args: RunArgs) -> Result<()> {
-    anyhow::ensure!(args.workers > 0, "--workers must be at least 1");
+    anyhow::ensure!(
+        (1..=MAX_JOB_WORKERS).contains(&args.workers),
+        "--workers must be between 1 and {MAX_JOB_WORKERS}"
+    );
     let (text, config) = read_config(&args.config, args.steps)?;
     anyhow::ensure!(
         config.batch_size.is_multiple_of(args.workers as usize),
@@ -529,9 +547,11 @@ async fn follow(
                 }
             }
             _ = check.tick() => {
-                if let (_, Some(failure)) = workers.poll() {
+                let (alive, failure) = workers.poll();
+                if failure.is_some() || alive < workers.children.len() {
                     bar.abandon();
-                    bail!("{failure}; the job is abandoned");
+                    let why = failure.unwrap_or_else(|| format!("{} of {} workers exited", workers.children.len() - alive, workers.children.len()));
+                    bail!("{why} before the job ended; the job is abandoned");
                 }
             }
             _ = &mut ctrl_c => {

@@ -945,7 +945,7 @@ impl Job {
                 command = self.commands.recv() => command.ok_or(Stop::Aborted)?,
             };
             let next = trainer.step() + 1;
-            let last = run.first_step.checked_add(run.count).map(|end| end - 1);
+            let last = run.first_step.checked_add(run.count).and_then(|end| end.checked_sub(1));
             if run.first_step != next || last.is_none_or(|last| last > total) {
                 let refusal = format!(
                     "cannot run steps {}..{} (count {}): the next step is {next} and the run has {total}",

@@ -45,6 +45,14 @@ impl CoordinatorConfig {
         if self.heartbeat_interval.is_zero() {
             return bad("heartbeat_interval", "must be positive".into());
         }
+        // Deadlines are `Instant::now() + timeout`: an absurd timeout must be an error here,
+        // not an overflow in the cluster actor.
+        if self.heartbeat_timeout > MAX_HEARTBEAT_TIMEOUT {
+            return bad(
+                "heartbeat_timeout",
+                format!("{:?} exceeds the maximum of one day", self.heartbeat_timeout),
+            );
+        }
         if self.heartbeat_timeout <= self.heartbeat_interval {
             return bad(
                 "heartbeat_timeout",
@@ -66,6 +74,9 @@ impl CoordinatorConfig {
         Ok(())
     }
 }
+
+/// The longest heartbeat timeout accepted.
+const MAX_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
 /// The smallest message limit accepted: a job's TOML must fit in an assignment.
 const MIN_MESSAGE_BYTES: usize = 2 * MAX_CONFIG_BYTES;
