@@ -168,7 +168,8 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
 }
 
 pub fn worker(args: WorkerArgs) -> Result<()> {
-    runtime()?.block_on(async {
+    let runtime = runtime()?;
+    let result = runtime.block_on(async {
         let mut options = WorkerOptions::new(args.coordinator);
         options.worker_id = args.worker_id;
         options.node_id = args.node_id;
@@ -196,7 +197,10 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
         let result = run_worker(options, shutdown).await;
         signals.abort();
         Ok(result?)
-    })
+    });
+    // A blocking read of stdin (--exit-with-stdin) cannot be interrupted: do not wait for it.
+    runtime.shutdown_background();
+    result
 }
 
 /// Reads and checks a run config the way the workers will, so that a bad field is
