@@ -1,5 +1,5 @@
 //! The control plane from the command line: `flotilla coordinator`, `worker`, `submit`,
-//! `jobs`, `watch`, and `run`, the all-in-one that starts a coordinator in this process,
+//! `jobs`, `watch`, `workers`, and `run`, the all-in-one that starts a coordinator in this process,
 //! spawns worker processes of this binary, submits the run and follows it to the end.
 //! The work is in `flotilla_coordinator::service` and `flotilla_worker::agent`; this file
 //! parses flags, dials, prints and supervises child processes.
@@ -11,8 +11,8 @@ use flotilla_model::train::TrainConfig;
 use flotilla_proto::v1::job_event::Event;
 use flotilla_proto::v1::job_service_client::JobServiceClient;
 use flotilla_proto::v1::{
-    CancelJobRequest, GetJobRequest, Job, JobEvent, JobState, ListJobsRequest, SubmitJobRequest,
-    WatchJobRequest,
+    CancelJobRequest, GetJobRequest, Job, JobEvent, JobState, ListJobsRequest, ListWorkersRequest,
+    SubmitJobRequest, WatchJobRequest, WorkerStatus,
 };
 use flotilla_worker::agent::{WorkerOptions, run_worker};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -99,6 +99,16 @@ pub struct JobsArgs {
     #[arg(long, default_value = DEFAULT_COORDINATOR)]
     coordinator: String,
     /// One JSON object per job.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct WorkersArgs {
+    /// The coordinator's URL.
+    #[arg(long, default_value = DEFAULT_COORDINATOR)]
+    coordinator: String,
+    /// One JSON object per worker, then one with the heartbeat figures.
     #[arg(long)]
     json: bool,
 }
@@ -277,6 +287,61 @@ pub fn jobs(args: JobsArgs) -> Result<()> {
     })
 }
 
+pub fn workers(args: WorkersArgs) -> Result<()> {
+    runtime()?.block_on(async {
+        let mut client = jobs_client(&args.coordinator).await?;
+        let listed = client.list_workers(ListWorkersRequest {}).await.map_err(status)?.into_inner();
+        let beats = listed.heartbeats.unwrap_or_default();
+        if args.json {
+            for worker in &listed.workers {
+                println!("{}", serde_json::to_string(&worker_json(worker))?);
+            }
+            let stats = serde_json::json!({
+                "heartbeats_handled": beats.handled,
+                "window": beats.window,
+                "p50_us": beats.p50_us,
+                "p99_us": beats.p99_us,
+                "max_us": beats.max_us,
+            });
+            println!("{stats}");
+            return Ok(());
+        }
+        for w in &listed.workers {
+            let job = if w.job_id.is_empty() { "idle" } else { w.job_id.as_str() };
+            let session = if w.session_open { "" } else { " (no session yet)" };
+            println!(
+                "{:<24} {:<16} node {}/{} pid {:<8} {:<16} heard {} ms ago{session}",
+                w.worker_id, w.host, w.node_id, w.local_rank, w.pid, job, w.silent_ms
+            );
+        }
+        println!(
+            "{} workers; heartbeat handling over the last {}: p50 {} µs, p99 {} µs, max {} µs ({} handled)",
+            listed.workers.len(),
+            beats.window,
+            beats.p50_us,
+            beats.p99_us,
+            beats.max_us,
+            beats.handled
+        );
+        Ok(())
+    })
+}
+
+fn worker_json(w: &WorkerStatus) -> serde_json::Value {
+    serde_json::json!({
+        "worker_id": w.worker_id,
+        "host": w.host,
+        "node_id": w.node_id,
+        "local_rank": w.local_rank,
+        "pid": w.pid,
+        "data_plane_address": w.data_plane_address,
+        "session_open": w.session_open,
+        "job_id": w.job_id,
+        "heartbeats": w.heartbeats,
+        "silent_ms": w.silent_ms,
+    })
+}
+
 pub fn watch(args: WatchArgs) -> Result<()> {
     runtime()?.block_on(async {
         let mut client = jobs_client(&args.coordinator).await?;
@@ -403,12 +468,15 @@ fn describe(event: &JobEvent) -> String {
 /// the run, whatever way it ends.
 struct Workers {
     children: Vec<tokio::process::Child>,
+    /// Kept apart: a child that has been reaped no longer tells its pid.
+    pids: Vec<u32>,
 }
 
 impl Workers {
     fn spawn(count: u32, coordinator: SocketAddr, config_base: &Path, threads: usize) -> Result<Workers> {
         let exe = std::env::current_exe().context("locating the flotilla binary to start workers")?;
         let mut children = Vec::new();
+        let mut pids = Vec::new();
         for rank in 0..count {
             let child = tokio::process::Command::new(&exe)
                 .arg("worker")
@@ -423,9 +491,10 @@ impl Workers {
                 .kill_on_drop(true)
                 .spawn()
                 .with_context(|| format!("starting worker {rank} ({})", exe.display()))?;
+            pids.push(child.id().unwrap_or_default());
             children.push(child);
         }
-        Ok(Workers { children })
+        Ok(Workers { children, pids })
     }
 
     /// How many are still running; the first that exited with a failure, if any.
@@ -437,7 +506,7 @@ impl Workers {
                 Ok(None) => alive += 1,
                 Ok(Some(code)) if !code.success() => {
                     failure.get_or_insert_with(|| {
-                        format!("worker {rank} (pid {:?}) exited: {code}", child.id())
+                        format!("worker {rank} (pid {}) exited: {code}", self.pids[rank])
                     });
                 }
                 Ok(Some(_)) => {}
@@ -449,13 +518,19 @@ impl Workers {
         (alive, failure)
     }
 
-    async fn stop(mut self) {
+    /// Stops every child: each has `grace` to exit on its own (the coordinator has asked
+    /// them to shut down, and their stdin closes now), then it is killed. All are reaped.
+    async fn stop(mut self, grace: Duration) {
         for child in &mut self.children {
-            // Already-exited children make kill fail harmlessly; waiting reaps them.
-            let _ = child.start_kill();
+            drop(child.stdin.take());
         }
+        let deadline = tokio::time::Instant::now() + grace;
         for child in &mut self.children {
-            let _ = child.wait().await;
+            if tokio::time::timeout_at(deadline, child.wait()).await.is_err() {
+                // Already-exited children make kill fail harmlessly; waiting reaps them.
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+            }
         }
     }
 }
@@ -486,17 +561,28 @@ pub fn run(args: RunArgs) -> Result<()> {
             std::fs::remove_dir_all(&state_dir)
                 .with_context(|| format!("clearing {}", state_dir.display()))?;
         }
-        let coordinator = bind_and_serve(CoordinatorConfig::new(&state_dir)).await?;
+        let coordinator_config = CoordinatorConfig::new(&state_dir);
+        let lost_within = coordinator_config.heartbeat_timeout;
+        let coordinator = bind_and_serve(coordinator_config).await?;
         let addr = coordinator.local_addr();
         let mut workers = Workers::spawn(args.workers, addr, &config_base, threads)?;
-        let outcome = follow(&args, &text, &config, &out, addr, &mut workers).await;
-        workers.stop().await;
+        let outcome = follow(&args, &text, &config, &out, addr, &mut workers, lost_within).await;
+        if let Err(e) = coordinator.shutdown_workers("the run is over").await {
+            tracing::warn!(error = %e, "asking the workers to shut down");
+        }
+        workers.stop(WORKER_EXIT_GRACE).await;
         coordinator.shutdown().await?;
         outcome
     })
 }
 
-/// Submits the run and follows its events until it ends, Ctrl-C or a worker crash.
+/// How long workers have to exit after the run before they are killed.
+const WORKER_EXIT_GRACE: Duration = Duration::from_secs(5);
+
+/// Submits the run and follows its events until it ends or Ctrl-C. When a worker process
+/// dies, the job is followed for up to `lost_within` (the heartbeat timeout) and a little
+/// more, so that the error says both how the process ended and what the coordinator made
+/// of it.
 async fn follow(
     args: &RunArgs,
     text: &str,
@@ -504,6 +590,7 @@ async fn follow(
     out: &Path,
     coordinator: SocketAddr,
     workers: &mut Workers,
+    lost_within: Duration,
 ) -> Result<()> {
     let mut client = jobs_client(&coordinator.to_string()).await?;
     let job = client
@@ -530,6 +617,7 @@ async fn follow(
     let started = std::time::Instant::now();
     let mut last_loss = f64::NAN;
     let mut check = tokio::time::interval(Duration::from_millis(200));
+    let mut crashed: Option<(String, std::time::Instant)> = None;
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
     let end = loop {
@@ -550,14 +638,23 @@ async fn follow(
                     _ => {}
                 }
             }
-            _ = check.tick() => {
-                let (alive, failure) = workers.poll();
-                if failure.is_some() || alive < workers.children.len() {
-                    bar.abandon();
-                    let why = failure.unwrap_or_else(|| format!("{} of {} workers exited", workers.children.len() - alive, workers.children.len()));
-                    bail!("{why} before the job ended; the job is abandoned");
+            _ = check.tick() => match &crashed {
+                None => {
+                    let (alive, failure) = workers.poll();
+                    if failure.is_some() || alive < workers.children.len() {
+                        let why = failure.unwrap_or_else(|| format!("{} of {} workers exited", workers.children.len() - alive, workers.children.len()));
+                        bar.println(format!("{why} before the job ended"));
+                        crashed = Some((why, std::time::Instant::now()));
+                    }
                 }
-            }
+                Some((why, since)) => {
+                    let patience = lost_within + Duration::from_secs(2);
+                    if since.elapsed() > patience {
+                        bar.abandon();
+                        bail!("{why} before the job ended, and the coordinator did not end the job within {patience:?}");
+                    }
+                }
+            },
             _ = &mut ctrl_c => {
                 bar.abandon();
                 let _ = client.cancel_job(CancelJobRequest { job_id: job.job_id.clone(), reason: "Ctrl-C".into() }).await;
@@ -577,6 +674,11 @@ async fn follow(
             println!("weights: {}", out.display());
             Ok(())
         }
-        state => bail!("job {} ended {}: {}", end.job_id, state_name(state), end.reason),
+        state => {
+            // The coordinator may have ended the job before the next poll saw the process.
+            let crash = crashed.map(|(why, _)| why).or_else(|| workers.poll().1);
+            let cause = crash.map(|why| format!("{why}; ")).unwrap_or_default();
+            bail!("{cause}job {} ended {}: {}", end.job_id, state_name(state), end.reason)
+        }
     }
 }

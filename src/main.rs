@@ -58,6 +58,8 @@ enum Command {
     Jobs(cluster::JobsArgs),
     /// Follow a job's events (state changes, steps, workers joining and lost).
     Watch(cluster::WatchArgs),
+    /// List the workers a coordinator counts alive, and its heartbeat handling latency.
+    Workers(cluster::WorkersArgs),
     /// Compile, validate, simulate and draw a pipeline schedule (DualPipe, DualPipeV, 1F1B, ZB1P).
     Schedule(schedule::ScheduleArgs),
 }
@@ -93,5 +95,6 @@ fn run(cli: Cli) -> Result<()> {
         Command::Submit(args) => cluster::submit(args),
         Command::Jobs(args) => cluster::jobs(args),
         Command::Watch(args) => cluster::watch(args),
+        Command::Workers(args) => cluster::workers(args),
     }
 }

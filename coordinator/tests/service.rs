@@ -3,8 +3,8 @@
 //! restart with the same state directory, health, reflection, and bad input.
 //!
 //! The fake workers are tonic clients in this process that answer commands the way real
-//! workers will: an assignment with an ack, `RunSteps` with one report per step and then
-//! `JobFinished`.
+//! workers do: an assignment with an ack, `RunSteps` with one report per step and then
+//! `JobFinished`, an abort with an ack once stopped (which a test can hold back).
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -19,8 +19,9 @@ use flotilla_proto::v1::coordinator_service_client::CoordinatorServiceClient;
 use flotilla_proto::v1::job_service_client::JobServiceClient;
 use flotilla_proto::v1::{
     Ack, CancelJobRequest, CoordinatorMessage, GetJobRequest, Heartbeat, Job, JobEvent, JobFinished,
-    JobState, LayerLoad, ListJobsRequest, Registration, SessionOpen, StepReport, SubmitJobRequest,
-    WatchJobRequest, WorkerError, WorkerInfo, WorkerMessage, coordinator_message, job_event, worker_message,
+    JobState, LayerLoad, ListJobsRequest, ListWorkersRequest, ListWorkersResponse, Registration, SessionOpen,
+    StepReport, SubmitJobRequest, WatchJobRequest, WorkerError, WorkerInfo, WorkerMessage,
+    coordinator_message, job_event, worker_message,
 };
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -91,6 +92,10 @@ async fn submit(client: &mut JobServiceClient<Channel>, workers: u32, steps: u64
         .await
         .expect("the job is accepted")
         .into_inner()
+}
+
+async fn list(client: &mut JobServiceClient<Channel>) -> ListWorkersResponse {
+    client.list_workers(ListWorkersRequest {}).await.expect("the workers are listed").into_inner()
 }
 
 async fn get(client: &mut JobServiceClient<Channel>, job_id: &str) -> Job {
@@ -191,6 +196,8 @@ enum Behavior {
 
 struct FakeWorker {
     heartbeats: Arc<AtomicBool>,
+    /// Whether aborts are acknowledged (held ones go out when this is set again).
+    abort_acks: Arc<AtomicBool>,
     /// Every command the worker received.
     commands: mpsc::UnboundedReceiver<CoordinatorMessage>,
     task: JoinHandle<()>,
@@ -202,13 +209,25 @@ impl FakeWorker {
         let registration = client.register(info(id)).await.expect("registration").into_inner();
         let (tx, inbound) = open_session(&mut client, &registration).await.expect("the session opens");
         let heartbeats = Arc::new(AtomicBool::new(true));
+        let abort_acks = Arc::new(AtomicBool::new(true));
         let (seen, commands) = mpsc::unbounded_channel();
-        let task = tokio::spawn(run_worker(client, tx, inbound, behavior, heartbeats.clone(), seen));
-        FakeWorker { heartbeats, commands, task }
+        let flags = Flags { heartbeats: heartbeats.clone(), abort_acks: abort_acks.clone() };
+        let task = tokio::spawn(run_worker(client, tx, inbound, behavior, flags, seen));
+        FakeWorker { heartbeats, abort_acks, commands, task }
     }
 
     fn stop_heartbeats(&self) {
         self.heartbeats.store(false, Ordering::SeqCst);
+    }
+
+    /// From now on the worker does not confirm aborts, as if its job would not stop.
+    fn hold_abort_acks(&self) {
+        self.abort_acks.store(false, Ordering::SeqCst);
+    }
+
+    /// Confirms the held aborts (at its next heartbeat tick) and later ones at once.
+    fn release_abort_acks(&self) {
+        self.abort_acks.store(true, Ordering::SeqCst);
     }
 
     /// Drops the stream and the connection at once, as a crashed process would.
@@ -256,6 +275,16 @@ fn heartbeat(sequence: u64) -> WorkerMessage {
     WorkerMessage { body: Some(worker_message::Body::Heartbeat(Heartbeat { sequence, sent_unix_ms: 0 })) }
 }
 
+/// What a test switches in a running fake worker.
+struct Flags {
+    heartbeats: Arc<AtomicBool>,
+    abort_acks: Arc<AtomicBool>,
+}
+
+fn ack(command_id: u64) -> WorkerMessage {
+    WorkerMessage { body: Some(worker_message::Body::Ack(Ack { command_id, error: String::new() })) }
+}
+
 struct Run {
     job_id: String,
     next: u64,
@@ -269,20 +298,28 @@ async fn run_worker(
     tx: mpsc::Sender<WorkerMessage>,
     mut inbound: Streaming<CoordinatorMessage>,
     behavior: Behavior,
-    heartbeats: Arc<AtomicBool>,
+    flags: Flags,
     seen: mpsc::UnboundedSender<CoordinatorMessage>,
 ) {
     let mut ticker = tokio::time::interval(INTERVAL);
     let mut sequence = 0;
     let mut run: Option<Run> = None;
+    let mut held_aborts = Vec::new();
     loop {
         let next_step = run.as_ref().map(|r| r.at);
         tokio::select! {
             _ = ticker.tick() => {
-                if heartbeats.load(Ordering::SeqCst) {
+                if flags.heartbeats.load(Ordering::SeqCst) {
                     sequence += 1;
                     if tx.send(heartbeat(sequence)).await.is_err() {
                         return;
+                    }
+                }
+                if flags.abort_acks.load(Ordering::SeqCst) {
+                    for id in std::mem::take(&mut held_aborts) {
+                        if tx.send(ack(id)).await.is_err() {
+                            return;
+                        }
                     }
                 }
             }
@@ -291,8 +328,7 @@ async fn run_worker(
                 let _ = seen.send(command.clone());
                 match command.body {
                     Some(coordinator_message::Body::Assignment(_)) => {
-                        let ack = Ack { command_id: command.command_id, error: String::new() };
-                        let _ = tx.send(WorkerMessage { body: Some(worker_message::Body::Ack(ack)) }).await;
+                        let _ = tx.send(ack(command.command_id)).await;
                     }
                     Some(coordinator_message::Body::RunSteps(r)) => {
                         run = Some(Run {
@@ -302,7 +338,14 @@ async fn run_worker(
                             at: tokio::time::Instant::now(),
                         });
                     }
-                    Some(coordinator_message::Body::Abort(_)) => run = None,
+                    Some(coordinator_message::Body::Abort(_)) => {
+                        run = None;
+                        if flags.abort_acks.load(Ordering::SeqCst) {
+                            let _ = tx.send(ack(command.command_id)).await;
+                        } else {
+                            held_aborts.push(command.command_id);
+                        }
+                    }
                     _ => {}
                 }
             }
@@ -886,6 +929,130 @@ async fn broken_stream_is_noticed_at_once() {
     assert_eq!(states(&tail), [JobState::Recovering, JobState::Failed]);
     let failed = get(&mut client, &job.job_id).await;
     assert!(failed.reason.starts_with("worker w-b lost: "), "{}", failed.reason);
+    coordinator.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn aborted_workers_are_held_until_they_confirm_they_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    // A long timeout, so the held worker is not declared lost while the test looks.
+    let config = CoordinatorConfig { heartbeat_timeout: Duration::from_secs(10), ..config(dir.path()) };
+    let coordinator = start(config).await;
+    let addr = coordinator.local_addr();
+    let mut client = jobs(addr).await;
+    let step_time = Duration::from_millis(10);
+    let mut a = FakeWorker::start(addr, "w-a", Behavior::Complete { step_time }).await;
+    let _b = FakeWorker::start(addr, "w-b", Behavior::Complete { step_time }).await;
+    let first = submit(&mut client, 2, 100_000).await;
+    let second = submit(&mut client, 2, 3).await;
+    wait_for_state(&mut client, &first.job_id, JobState::Running).await;
+
+    a.hold_abort_acks();
+    client
+        .cancel_job(CancelJobRequest { job_id: first.job_id.clone(), reason: String::new() })
+        .await
+        .unwrap();
+    a.expect_command(|body| matches!(body, coordinator_message::Body::Abort(_)).then_some(())).await;
+    // w-b confirmed, w-a did not: the cancelled job keeps both, the next one waits.
+    tokio::time::sleep(INTERVAL * 4).await;
+    let listed = list(&mut client).await;
+    let held: Vec<(&str, &str)> =
+        listed.workers.iter().map(|w| (w.worker_id.as_str(), w.job_id.as_str())).collect();
+    assert_eq!(held, [("w-a", first.job_id.as_str()), ("w-b", first.job_id.as_str())]);
+    assert_eq!(get(&mut client, &second.job_id).await.state(), JobState::Pending);
+
+    a.release_abort_acks();
+    wait_for_state(&mut client, &second.job_id, JobState::Succeeded).await;
+    coordinator.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_worker_that_does_not_confirm_its_abort_is_declared_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = start(config(dir.path())).await;
+    let addr = coordinator.local_addr();
+    let mut client = jobs(addr).await;
+    let step_time = Duration::from_millis(10);
+    let a = FakeWorker::start(addr, "w-a", Behavior::Complete { step_time }).await;
+    let _b = FakeWorker::start(addr, "w-b", Behavior::Complete { step_time }).await;
+    let job = submit(&mut client, 2, 100_000).await;
+    wait_for_state(&mut client, &job.job_id, JobState::Running).await;
+
+    a.hold_abort_acks();
+    let cancelled_at = Instant::now();
+    client.cancel_job(CancelJobRequest { job_id: job.job_id.clone(), reason: String::new() }).await.unwrap();
+    let deadline = Instant::now() + PATIENCE;
+    let remaining = loop {
+        let listed = list(&mut client).await;
+        if listed.workers.iter().all(|w| w.worker_id != "w-a") {
+            break listed;
+        }
+        assert!(Instant::now() < deadline, "w-a is still counted alive: {listed:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert!(cancelled_at.elapsed() >= TIMEOUT, "w-a lost after only {:?}", cancelled_at.elapsed());
+    // The worker that stopped is free for the next job.
+    assert_eq!(remaining.workers.len(), 1);
+    assert_eq!((remaining.workers[0].worker_id.as_str(), remaining.workers[0].job_id.as_str()), ("w-b", ""));
+    // Its session was closed: the fake worker's loop ends.
+    let ended = tokio::time::timeout(PATIENCE, a.task).await.expect("the session is closed");
+    assert!(ended.is_ok(), "the fake worker panicked");
+    coordinator.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn list_workers_shows_sessions_jobs_and_heartbeat_handling() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = start(config(dir.path())).await;
+    let addr = coordinator.local_addr();
+    let mut client = jobs(addr).await;
+    let _a = FakeWorker::start(addr, "w-a", Behavior::StallAfter(1)).await;
+    let _b = FakeWorker::start(addr, "w-b", Behavior::StallAfter(1)).await;
+    // Registered, no session yet.
+    let mut registrar = workers(addr).await;
+    registrar.register(info("w-c")).await.unwrap();
+    let job = submit(&mut client, 1, 10).await;
+    wait_for_state(&mut client, &job.job_id, JobState::Running).await;
+    tokio::time::sleep(INTERVAL * 3).await;
+
+    let listed = list(&mut client).await;
+    let rows: Vec<(&str, bool, &str)> =
+        listed.workers.iter().map(|w| (w.worker_id.as_str(), w.session_open, w.job_id.as_str())).collect();
+    assert_eq!(rows, [("w-a", true, job.job_id.as_str()), ("w-b", true, ""), ("w-c", false, "")]);
+    for worker in &listed.workers[..2] {
+        assert!(worker.heartbeats >= 2, "{worker:?}");
+        assert!(worker.silent_ms < TIMEOUT.as_millis() as u64, "{worker:?}");
+        assert_eq!(worker.node_id, format!("node-{}", worker.worker_id));
+    }
+    assert_eq!(listed.workers[2].heartbeats, 0);
+    let stats = listed.heartbeats.expect("heartbeat figures");
+    let beats: u64 = listed.workers.iter().map(|w| w.heartbeats).sum();
+    assert_eq!(stats.handled, beats, "every heartbeat handled came from a listed worker");
+    assert_eq!(u64::from(stats.window), beats);
+    assert!(stats.p50_us <= stats.p99_us && stats.p99_us <= stats.max_us, "{stats:?}");
+    coordinator.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn shutdown_workers_sends_shutdown_on_every_open_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = start(config(dir.path())).await;
+    let addr = coordinator.local_addr();
+    let mut a = FakeWorker::start(addr, "w-a", Behavior::StallAfter(1)).await;
+    let mut b = FakeWorker::start(addr, "w-b", Behavior::StallAfter(1)).await;
+    // Registered without a session: nothing to send it on.
+    workers(addr).await.register(info("w-c")).await.unwrap();
+
+    assert_eq!(coordinator.shutdown_workers("the run is over").await.unwrap(), 2);
+    for worker in [&mut a, &mut b] {
+        let reason = worker
+            .expect_command(|body| match body {
+                coordinator_message::Body::Shutdown(shutdown) => Some(shutdown.reason.clone()),
+                _ => None,
+            })
+            .await;
+        assert_eq!(reason, "the run is over");
+    }
     coordinator.shutdown().await.unwrap();
 }
 

@@ -25,7 +25,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use flotilla_proto::PROTOCOL_VERSION;
 use flotilla_proto::v1::{
-    Abort, CoordinatorMessage, Job, Registration, SessionOpen, WorkerInfo, WorkerMessage, coordinator_message,
+    Abort, CoordinatorMessage, HeartbeatStats, Job, ListWorkersResponse, Registration, SessionOpen, Shutdown,
+    WorkerInfo, WorkerMessage, WorkerStatus, coordinator_message,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::{JoinHandle, JoinSet};
@@ -34,7 +35,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Status, Streaming};
 
-use super::job::{JobActor, JobControl, JobHandle, Launch, Member};
+use super::job::{JobActor, JobControl, JobEnv, JobHandle, Launch, Member};
 use super::records::{self, is_valid_id};
 use super::session::{ConnId, OUTBOUND_QUEUE, SessionActor, SessionHandle};
 use super::{CoordinatorConfig, JobSpec, ServiceError};
@@ -63,6 +64,8 @@ pub(crate) enum ClusterMsg {
     Heartbeat {
         worker_id: String,
         conn: ConnId,
+        /// When the session read it off the stream, for the handling latency.
+        received: Instant,
     },
     SessionClosed {
         worker_id: String,
@@ -84,9 +87,19 @@ pub(crate) enum ClusterMsg {
     JobPending {
         job_id: String,
     },
-    /// The job actor has ended; its workers are free.
+    /// The job actor has ended; its workers are free, except those in `stuck`, which
+    /// did not confirm that they stopped the job and are declared lost.
     JobEnded {
         job_id: String,
+        stuck: Vec<(String, String)>,
+    },
+    ListWorkers {
+        reply: Reply<ListWorkersResponse>,
+    },
+    /// Asks every worker with an open session to shut down; answers how many were asked.
+    ShutdownWorkers {
+        reason: String,
+        reply: Reply<usize>,
     },
 }
 
@@ -124,9 +137,61 @@ fn session_id() -> String {
 struct Worker {
     info: WorkerInfo,
     session_id: String,
+    /// When the worker was last heard from; it is lost at `deadline`, a heartbeat timeout
+    /// later.
+    last_heard: Instant,
     deadline: Instant,
+    heartbeats: u64,
     session: Option<SessionHandle>,
     job: Option<String>,
+}
+
+/// How many recent heartbeats the handling latency is computed over.
+const LATENCY_WINDOW: usize = 1 << 16;
+
+/// The heartbeat handling latencies of the last [`LATENCY_WINDOW`] heartbeats, in
+/// microseconds, for `ListWorkers`.
+struct HeartbeatLatency {
+    samples: Vec<u32>,
+    next: usize,
+    handled: u64,
+}
+
+impl HeartbeatLatency {
+    fn new() -> Self {
+        HeartbeatLatency { samples: Vec::new(), next: 0, handled: 0 }
+    }
+
+    fn record(&mut self, latency: std::time::Duration) {
+        let micros = u32::try_from(latency.as_micros()).unwrap_or(u32::MAX);
+        if self.samples.len() < LATENCY_WINDOW {
+            self.samples.push(micros);
+        } else {
+            self.samples[self.next] = micros;
+        }
+        self.next = (self.next + 1) % LATENCY_WINDOW;
+        self.handled += 1;
+    }
+
+    /// Nearest-rank percentiles of the window.
+    fn stats(&self) -> HeartbeatStats {
+        let mut sorted = self.samples.clone();
+        sorted.sort_unstable();
+        let rank = |q: f64| -> u64 {
+            if sorted.is_empty() {
+                return 0;
+            }
+            let index = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1;
+            u64::from(sorted[index])
+        };
+        HeartbeatStats {
+            handled: self.handled,
+            window: sorted.len() as u32,
+            p50_us: rank(0.50),
+            p99_us: rank(0.99),
+            max_us: sorted.last().copied().map_or(0, u64::from),
+        }
+    }
 }
 
 struct ActiveJob {
@@ -152,6 +217,7 @@ struct Cluster<S> {
     next_job: u64,
     next_worker: u64,
     commands: Arc<AtomicU64>,
+    latency: HeartbeatLatency,
 }
 
 /// Reads the jobs in the store, settles the ones the previous process was running (see
@@ -179,6 +245,7 @@ pub(crate) async fn start<S: StateStore + Clone + 'static>(
         next_job: 1,
         next_worker: 1,
         commands: Arc::new(AtomicU64::new(1)),
+        latency: HeartbeatLatency::new(),
     };
     for (record, revision) in records::list_jobs(&store).await? {
         if let Some(n) = record.id.strip_prefix("job-").and_then(|n| n.parse::<u64>().ok()) {
@@ -187,14 +254,7 @@ pub(crate) async fn start<S: StateStore + Clone + 'static>(
         if record.state.is_terminal() {
             continue;
         }
-        let (handle, mut actor) = JobActor::new(
-            store.clone(),
-            record,
-            revision,
-            me.clone(),
-            cluster.cancel.clone(),
-            cluster.commands.clone(),
-        );
+        let (handle, mut actor) = JobActor::new(store.clone(), record, revision, cluster.job_env());
         actor.settle_after_restart().await?;
         if !actor.state().is_terminal() {
             cluster.spawn_job(handle, actor, Launch::Resume);
@@ -205,6 +265,15 @@ pub(crate) async fn start<S: StateStore + Clone + 'static>(
 }
 
 impl<S: StateStore + Clone + 'static> Cluster<S> {
+    fn job_env(&self) -> JobEnv {
+        JobEnv {
+            cluster: self.me.clone(),
+            cancel: self.cancel.clone(),
+            commands: self.commands.clone(),
+            stop_timeout: self.config.heartbeat_timeout,
+        }
+    }
+
     async fn run(mut self) {
         loop {
             self.expire();
@@ -223,7 +292,8 @@ impl<S: StateStore + Clone + 'static> Cluster<S> {
             }
         }
         // Every child watches the same token; wait for them so that nothing outlives the
-        // coordinator.
+        // coordinator. A child blocked sending to the full mailbox gets an error instead.
+        self.mailbox.close();
         while self.job_tasks.join_next().await.is_some() {}
         while self.sessions.join_next().await.is_some() {}
     }
@@ -236,7 +306,7 @@ impl<S: StateStore + Clone + 'static> Cluster<S> {
             ClusterMsg::OpenSession { open, inbound, reply } => {
                 let _ = reply.send(self.open_session(open, inbound));
             }
-            ClusterMsg::Heartbeat { worker_id, conn } => self.heartbeat(&worker_id, conn),
+            ClusterMsg::Heartbeat { worker_id, conn, received } => self.heartbeat(&worker_id, conn, received),
             ClusterMsg::SessionClosed { worker_id, conn, cause } => {
                 let current = self.workers.get(&worker_id).and_then(|w| w.session.as_ref()).map(|s| s.conn);
                 if current == Some(conn) {
@@ -256,16 +326,34 @@ impl<S: StateStore + Clone + 'static> Cluster<S> {
                     self.schedule();
                 }
             }
-            ClusterMsg::JobEnded { job_id } => self.job_ended(&job_id),
+            ClusterMsg::JobEnded { job_id, stuck } => {
+                for (worker_id, cause) in stuck {
+                    if self.workers.get(&worker_id).is_some_and(|w| w.job.as_deref() == Some(job_id.as_str()))
+                    {
+                        self.lose(&worker_id, cause);
+                    }
+                }
+                self.job_ended(&job_id);
+            }
+            ClusterMsg::ListWorkers { reply } => {
+                let _ = reply.send(Ok(self.list_workers()));
+            }
+            ClusterMsg::ShutdownWorkers { reason, reply } => {
+                let _ = reply.send(Ok(self.shutdown_workers(&reason)));
+            }
         }
     }
 
     // ---------------------------------------------------------------------------------
     // Membership
 
-    fn set_deadline(&mut self, worker_id: &str, deadline: Instant) {
+    /// The worker was heard from now: its deadline moves a heartbeat timeout ahead.
+    fn heard_from(&mut self, worker_id: &str) {
+        let now = Instant::now();
+        let deadline = now + self.config.heartbeat_timeout;
         if let Some(worker) = self.workers.get_mut(worker_id) {
             self.deadlines.remove(&(worker.deadline, worker_id.to_string()));
+            worker.last_heard = now;
             worker.deadline = deadline;
             self.deadlines.insert((deadline, worker_id.to_string()));
         }
@@ -293,11 +381,20 @@ impl<S: StateStore + Clone + 'static> Cluster<S> {
             )));
         }
         let session_id = session_id();
-        let deadline = Instant::now() + self.config.heartbeat_timeout;
+        let now = Instant::now();
+        let deadline = now + self.config.heartbeat_timeout;
         tracing::info!(worker = %worker_id, host = %info.host, data_plane = %info.data_plane_address, "worker registered");
         self.workers.insert(
             worker_id.clone(),
-            Worker { info, session_id: session_id.clone(), deadline, session: None, job: None },
+            Worker {
+                info,
+                session_id: session_id.clone(),
+                last_heard: now,
+                deadline,
+                heartbeats: 0,
+                session: None,
+                job: None,
+            },
         );
         self.deadlines.insert((deadline, worker_id.clone()));
         Ok(Registration {
@@ -344,16 +441,58 @@ impl<S: StateStore + Clone + 'static> Cluster<S> {
         worker.session = Some(handle);
         self.sessions.spawn(actor.run());
         tracing::info!(worker = %worker_id, conn, "session opened");
-        self.set_deadline(&worker_id, Instant::now() + self.config.heartbeat_timeout);
+        self.heard_from(&worker_id);
         self.schedule();
         Ok(ReceiverStream::new(response))
     }
 
-    fn heartbeat(&mut self, worker_id: &str, conn: ConnId) {
-        let current = self.workers.get(worker_id).and_then(|w| w.session.as_ref()).map(|s| s.conn);
-        if current == Some(conn) {
-            self.set_deadline(worker_id, Instant::now() + self.config.heartbeat_timeout);
+    fn heartbeat(&mut self, worker_id: &str, conn: ConnId, received: Instant) {
+        let Some(worker) = self.workers.get_mut(worker_id) else { return };
+        if worker.session.as_ref().map(|s| s.conn) != Some(conn) {
+            return;
         }
+        worker.heartbeats += 1;
+        self.heard_from(worker_id);
+        self.latency.record(received.elapsed());
+    }
+
+    /// Sends `Shutdown` on every open session. A worker with a job stops it first; the job
+    /// then loses the worker when its session ends.
+    fn shutdown_workers(&mut self, reason: &str) -> usize {
+        let mut asked = 0;
+        for (worker_id, worker) in &self.workers {
+            let Some(session) = &worker.session else { continue };
+            tracing::info!(worker = %worker_id, %reason, "asking the worker to shut down");
+            let command_id = self.commands.fetch_add(1, Ordering::Relaxed);
+            let shutdown = Shutdown { reason: reason.to_string() };
+            session.send(CoordinatorMessage {
+                command_id,
+                body: Some(coordinator_message::Body::Shutdown(shutdown)),
+            });
+            asked += 1;
+        }
+        asked
+    }
+
+    fn list_workers(&self) -> ListWorkersResponse {
+        let now = Instant::now();
+        let workers = self
+            .workers
+            .iter()
+            .map(|(worker_id, worker)| WorkerStatus {
+                worker_id: worker_id.clone(),
+                host: worker.info.host.clone(),
+                node_id: worker.info.node_id.clone(),
+                local_rank: worker.info.local_rank,
+                pid: worker.info.pid,
+                data_plane_address: worker.info.data_plane_address.clone(),
+                session_open: worker.session.is_some(),
+                job_id: worker.job.clone().unwrap_or_default(),
+                heartbeats: worker.heartbeats,
+                silent_ms: millis(now.saturating_duration_since(worker.last_heard)),
+            })
+            .collect();
+        ListWorkersResponse { workers, heartbeats: Some(self.latency.stats()) }
     }
 
     /// Declares lost every worker whose deadline has passed.
@@ -410,14 +549,7 @@ impl<S: StateStore + Clone + 'static> Cluster<S> {
         let job_id = format!("job-{:06}", self.next_job);
         self.next_job += 1;
         let record = JobActor::<S>::new_record(job_id, &spec);
-        let (handle, actor) = JobActor::new(
-            self.store.clone(),
-            record,
-            0,
-            self.me.clone(),
-            self.cancel.clone(),
-            self.commands.clone(),
-        );
+        let (handle, actor) = JobActor::new(self.store.clone(), record, 0, self.job_env());
         self.spawn_job(handle, actor, Launch::Create { reply });
     }
 

@@ -6,8 +6,9 @@ use std::sync::Arc;
 use flotilla_proto::v1::coordinator_service_server::CoordinatorService;
 use flotilla_proto::v1::job_service_server::JobService;
 use flotilla_proto::v1::{
-    CancelJobRequest, GetJobRequest, Job, JobState, ListJobsRequest, ListJobsResponse, Registration,
-    SubmitJobRequest, WatchJobRequest, WorkerInfo, WorkerMessage, worker_message,
+    CancelJobRequest, GetJobRequest, Job, JobState, ListJobsRequest, ListJobsResponse, ListWorkersRequest,
+    ListWorkersResponse, Registration, SubmitJobRequest, WatchJobRequest, WorkerInfo, WorkerMessage,
+    worker_message,
 };
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
@@ -192,5 +193,13 @@ impl<S: StateStore + Clone + 'static> JobService for JobApi<S> {
         check_job_id(&job_id)?;
         let stream = watch_job(&self.store, &job_id, from_revision, self.cancel.clone()).await?;
         Ok(Response::new(stream))
+    }
+
+    async fn list_workers(
+        &self,
+        _request: Request<ListWorkersRequest>,
+    ) -> Result<Response<ListWorkersResponse>, Status> {
+        let workers = self.cluster.request(|reply| ClusterMsg::ListWorkers { reply }).await?;
+        Ok(Response::new(workers))
     }
 }

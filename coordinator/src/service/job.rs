@@ -29,11 +29,17 @@
 //! worker never runs steps of a job that the store does not show running. Aborts go out as
 //! soon as the job decides to stop, before the write: stopping the survivors matters more,
 //! and a crash in between leaves a state that the restart recovery settles anyway.
+//!
+//! A job that aborted its workers keeps them until each acknowledges the abort, which a
+//! worker does once its job has stopped: only then does the cluster actor give them to
+//! another job, so a worker is never assigned work while it is still winding down the last
+//! one. A worker that does not confirm within the heartbeat timeout (stuck in compute, or
+//! in a collective that the abort failed to break) is reported stuck and declared lost.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use flotilla_proto::v1::{
     Abort, Ack, Assignment, CoordinatorMessage, Job, JobEvent, JobFinished, JobState, Peer, RunSteps,
@@ -47,6 +53,7 @@ use super::ServiceError;
 use super::cluster::ClusterMsg;
 use super::records::{JobRecord, encode_event, event_key, job_key, unix_ms};
 use super::session::SessionHandle;
+use crate::store::StoreError;
 use crate::store::{Compare, CompareOp, Op, Revision, StateStore, Txn};
 
 /// Reports buffered per job before the sessions forwarding them wait.
@@ -112,6 +119,18 @@ pub(crate) enum JobControl {
     },
 }
 
+/// What every job actor gets from the cluster actor that spawns it.
+#[derive(Clone, Debug)]
+pub(crate) struct JobEnv {
+    pub cluster: mpsc::Sender<ClusterMsg>,
+    pub cancel: CancellationToken,
+    /// Command ids, unique across the coordinator, so an acknowledgement of another job's
+    /// command never matches one of this job's.
+    pub commands: Arc<AtomicU64>,
+    /// How long an aborted worker has to confirm that it stopped.
+    pub stop_timeout: Duration,
+}
+
 /// The cluster actor's handle to a job actor.
 #[derive(Clone, Debug)]
 pub(crate) struct JobHandle {
@@ -166,26 +185,17 @@ pub(crate) struct JobActor<S> {
     revision: Revision,
     control: mpsc::UnboundedReceiver<JobControl>,
     reports: mpsc::Receiver<WorkerReport>,
-    cluster: mpsc::Sender<ClusterMsg>,
-    cancel: CancellationToken,
-    /// Command ids, unique across the coordinator, so an acknowledgement of another job's
-    /// command never matches one of this job's.
-    commands: Arc<AtomicU64>,
+    env: JobEnv,
     crew: Vec<Rank>,
     awaiting: HashMap<u64, (usize, CommandKind)>,
+    /// Aborts not yet acknowledged, by command id: the rank they went to and when.
+    stopping: HashMap<u64, (usize, Instant)>,
     steps: StepTracker,
 }
 
 impl<S: StateStore + Clone + 'static> JobActor<S> {
     /// A job actor for `record` at `revision` (0 for a job not yet written).
-    pub fn new(
-        store: S,
-        record: JobRecord,
-        revision: Revision,
-        cluster: mpsc::Sender<ClusterMsg>,
-        cancel: CancellationToken,
-        commands: Arc<AtomicU64>,
-    ) -> (JobHandle, JobActor<S>) {
+    pub fn new(store: S, record: JobRecord, revision: Revision, env: JobEnv) -> (JobHandle, JobActor<S>) {
         let (control_tx, control) = mpsc::unbounded_channel();
         let (reports_tx, reports) = mpsc::channel(REPORT_MAILBOX);
         let steps = StepTracker::new(&record, 0);
@@ -195,11 +205,10 @@ impl<S: StateStore + Clone + 'static> JobActor<S> {
             revision,
             control,
             reports,
-            cluster,
-            cancel,
-            commands,
+            env,
             crew: Vec::new(),
             awaiting: HashMap::new(),
+            stopping: HashMap::new(),
             steps,
         };
         (JobHandle { control: control_tx, reports: reports_tx }, actor)
@@ -263,14 +272,14 @@ impl<S: StateStore + Clone + 'static> JobActor<S> {
                 }
                 Err(e) => {
                     let _ = reply.send(Err(e));
-                    self.end().await;
+                    self.end(Vec::new()).await;
                     return;
                 }
             }
         }
         if self.record.state == JobState::Pending {
             let pending = ClusterMsg::JobPending { job_id: self.record.id.clone() };
-            if self.cluster.send(pending).await.is_err() {
+            if self.env.cluster.send(pending).await.is_err() {
                 return;
             }
         }
@@ -278,7 +287,7 @@ impl<S: StateStore + Clone + 'static> JobActor<S> {
             let handled = tokio::select! {
                 biased;
                 // Shutdown: stop without writing, so the store looks as after a crash.
-                _ = self.cancel.cancelled() => return,
+                _ = self.env.cancel.cancelled() => return,
                 message = self.control.recv() => match message {
                     Some(message) => self.on_control(message).await,
                     None => return,
@@ -286,20 +295,77 @@ impl<S: StateStore + Clone + 'static> JobActor<S> {
                 Some(report) = self.reports.recv() => self.on_report(report).await,
             };
             if let Err(e) = handled {
-                // The job's state can no longer be recorded (the store failed, or another
-                // writer took the job over): stop its workers and leave the store as it is
-                // for the next coordinator to settle.
                 tracing::error!(job = %self.record.id, error = %e, "job actor stopping");
-                self.abort_crew(&format!("the coordinator cannot record the job's state: {e}"));
+                let reason = format!("the coordinator cannot record the job's state: {e}");
+                self.abort_crew(&reason);
+                if store_still_ours(&e) {
+                    // The store works and the job is still ours, so the failure was this
+                    // one write's: record the end, or watchers would wait for it forever.
+                    if let Err(e) = self.transition(JobState::Failed, reason).await {
+                        tracing::error!(job = %self.record.id, error = %e, "recording the job's failure");
+                    }
+                }
+                // Otherwise the store is left as it is, for the next coordinator to settle.
                 break;
             }
         }
-        self.end().await;
+        let Some(stuck) = self.await_stopped().await else { return };
+        self.end(stuck).await;
     }
 
-    /// Tells the cluster actor the job has ended, which releases its workers.
-    async fn end(&mut self) {
-        let _ = self.cluster.send(ClusterMsg::JobEnded { job_id: self.record.id.clone() }).await;
+    /// Waits until every aborted worker has confirmed that it stopped, or the stop timeout
+    /// has passed; returns the workers that did not, with the cause. `None`: shutdown.
+    async fn await_stopped(&mut self) -> Option<Vec<(String, String)>> {
+        let mut stuck = Vec::new();
+        while let Some(sent) = self.stopping.values().map(|&(_, sent)| sent).min() {
+            let deadline = tokio::time::Instant::from_std(sent + self.env.stop_timeout);
+            tokio::select! {
+                biased;
+                _ = self.env.cancel.cancelled() => return None,
+                _ = tokio::time::sleep_until(deadline) => {
+                    let timeout = self.env.stop_timeout;
+                    let late: Vec<u64> =
+                        self.stopping.iter().filter(|(_, (_, sent))| sent.elapsed() >= timeout).map(|(&id, _)| id).collect();
+                    for id in late {
+                        let Some((rank, _)) = self.stopping.remove(&id) else { continue };
+                        let worker = self.crew[rank].worker_id.clone();
+                        tracing::warn!(job = %self.record.id, %worker, "worker did not stop in time");
+                        let cause = format!(
+                            "it did not confirm stopping job {} within {} ms of its abort",
+                            self.record.id,
+                            timeout.as_millis()
+                        );
+                        stuck.push((worker, cause));
+                    }
+                }
+                message = self.control.recv() => match message {
+                    Some(JobControl::WorkerLost { worker_id, .. }) => {
+                        self.stopping.retain(|_, (rank, _)| self.crew[*rank].worker_id != worker_id);
+                    }
+                    // The job has ended: the client reads the outcome from the store.
+                    Some(JobControl::Cancel { reply, .. }) => {
+                        let _ = reply.send(Err(ServiceError::JobNotFound { job_id: self.record.id.clone() }));
+                    }
+                    Some(JobControl::Start(_)) => {}
+                    None => return None,
+                },
+                Some(report) = self.reports.recv() => {
+                    if let worker_message::Body::Ack(ack) = report.body
+                        && let Some(&(rank, _)) = self.stopping.get(&ack.command_id)
+                        && self.crew[rank].worker_id == report.worker_id
+                    {
+                        self.stopping.remove(&ack.command_id);
+                    }
+                }
+            }
+        }
+        Some(stuck)
+    }
+
+    /// Tells the cluster actor the job has ended, which releases its workers (and declares
+    /// the `stuck` ones lost).
+    async fn end(&mut self, stuck: Vec<(String, String)>) {
+        let _ = self.env.cluster.send(ClusterMsg::JobEnded { job_id: self.record.id.clone(), stuck }).await;
     }
 
     fn proto(&self) -> Job {
@@ -326,8 +392,15 @@ impl<S: StateStore + Clone + 'static> JobActor<S> {
                 Op::put(event_key(id, seq), encode_event(&event), None),
                 Op::put(key, self.record.encode(), None),
             ]);
-        let response = self.store.txn(txn).await?;
+        let response = match self.store.txn(txn).await {
+            Ok(response) => response,
+            Err(e) => {
+                self.record.next_event = seq;
+                return Err(e.into());
+            }
+        };
         if !response.succeeded {
+            self.record.next_event = seq;
             return Err(ServiceError::Fenced { job_id: id.clone(), expected: self.revision });
         }
         self.revision = response.revision;
@@ -345,30 +418,39 @@ impl<S: StateStore + Clone + 'static> JobActor<S> {
             )));
         }
         tracing::info!(job = %self.record.id, from = from.as_str_name(), to = to.as_str_name(), %reason, "job state");
+        let previous_reason = std::mem::replace(&mut self.record.reason, reason.clone());
         self.record.state = to;
-        self.record.reason = reason.clone();
         let event = StateChanged { from: from as i32, to: to as i32, reason };
-        self.append(job_event::Event::StateChanged(event)).await?;
+        if let Err(e) = self.append(job_event::Event::StateChanged(event)).await {
+            // Memory follows the store: the state did not change.
+            self.record.state = from;
+            self.record.reason = previous_reason;
+            return Err(e);
+        }
         Ok(())
     }
 
     // ---------------------------------------------------------------------------------
     // Commands
 
-    fn command(&mut self, rank: usize, kind: Option<CommandKind>, body: coordinator_message::Body) {
-        let command_id = self.commands.fetch_add(1, Ordering::Relaxed);
+    /// Sends a command; returns its id.
+    fn command(&mut self, rank: usize, kind: Option<CommandKind>, body: coordinator_message::Body) -> u64 {
+        let command_id = self.env.commands.fetch_add(1, Ordering::Relaxed);
         if let Some(kind) = kind {
             self.awaiting.insert(command_id, (rank, kind));
         }
         self.crew[rank].session.send(CoordinatorMessage { command_id, body: Some(body) });
+        command_id
     }
 
-    /// Aborts the job on every rank still alive.
+    /// Aborts the job on every rank still alive; their acknowledgements are awaited before
+    /// the job releases them.
     fn abort_crew(&mut self, reason: &str) {
         for rank in 0..self.crew.len() {
-            if !self.crew[rank].lost {
+            if !self.crew[rank].lost && !self.stopping.values().any(|&(r, _)| r == rank) {
                 let abort = Abort { job_id: self.record.id.clone(), reason: reason.to_string() };
-                self.command(rank, None, coordinator_message::Body::Abort(abort));
+                let id = self.command(rank, None, coordinator_message::Body::Abort(abort));
+                self.stopping.insert(id, (rank, Instant::now()));
             }
         }
         self.awaiting.clear();
@@ -487,6 +569,7 @@ impl<S: StateStore + Clone + 'static> JobActor<S> {
             return Ok(());
         };
         self.crew[rank].lost = true;
+        self.stopping.retain(|_, (r, _)| *r != rank);
         let lost = WorkerLost { worker_id: worker_id.clone(), reason: cause.clone() };
         self.append(job_event::Event::WorkerLost(lost)).await?;
         let reason = format!("worker {worker_id} lost: {cause}");
@@ -602,6 +685,17 @@ impl<S: StateStore + Clone + 'static> JobActor<S> {
             .await
         }
     }
+}
+
+/// Whether the store still takes this actor's writes after `error`: not when the store
+/// failed or closed, nor when another writer took the job over.
+fn store_still_ours(error: &ServiceError) -> bool {
+    !matches!(
+        error,
+        ServiceError::Fenced { .. }
+            | ServiceError::ShuttingDown
+            | ServiceError::Store(StoreError::Failed { .. } | StoreError::Closed)
+    )
 }
 
 /// Collects the ranks' step reports and releases one summary per step, in step order, once

@@ -205,7 +205,7 @@ where
         CoordinatorServiceServer::new(CoordinatorApi::new(cluster.clone(), config.clone(), cancel.clone()))
             .max_decoding_message_size(config.max_message_bytes)
             .max_encoding_message_size(config.max_message_bytes);
-    let jobs = JobServiceServer::new(JobApi::new(cluster, store.clone(), cancel.clone()))
+    let jobs = JobServiceServer::new(JobApi::new(cluster.clone(), store.clone(), cancel.clone()))
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
 
@@ -246,6 +246,7 @@ where
         store,
         cancel,
         health,
+        cluster_handle: cluster,
         server: Some(server_task),
         cluster: Some(cluster_task),
         compactor,
@@ -260,6 +261,7 @@ pub struct CoordinatorHandle<S: StateStore + Clone + 'static = FileStore> {
     store: S,
     cancel: CancellationToken,
     health: tonic_health::server::HealthReporter,
+    cluster_handle: cluster::ClusterHandle,
     server: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
     cluster: Option<JoinHandle<()>>,
     compactor: Option<JoinHandle<()>>,
@@ -276,6 +278,14 @@ impl<S: StateStore + Clone + 'static> CoordinatorHandle<S> {
     /// The coordinator's state store.
     pub fn store(&self) -> &S {
         &self.store
+    }
+
+    /// Asks every connected worker to shut down (the `Shutdown` command): the end of an
+    /// all-in-one run, or an operator draining the cluster. Returns how many were asked;
+    /// each ends its session and exits on its own time.
+    pub async fn shutdown_workers(&self, reason: &str) -> Result<usize, ServiceError> {
+        let reason = reason.to_string();
+        self.cluster_handle.request(|reply| cluster::ClusterMsg::ShutdownWorkers { reason, reply }).await
     }
 
     /// Discards the store's history before `revision`: watches resuming from an older

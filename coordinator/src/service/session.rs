@@ -163,7 +163,11 @@ impl SessionActor {
                 Err("the worker sent SessionOpen twice".into())
             }
             Body::Heartbeat(_) => {
-                let heartbeat = ClusterMsg::Heartbeat { worker_id: self.worker_id.clone(), conn: self.conn };
+                let heartbeat = ClusterMsg::Heartbeat {
+                    worker_id: self.worker_id.clone(),
+                    conn: self.conn,
+                    received: tokio::time::Instant::now(),
+                };
                 self.cluster.send(heartbeat).await.map_err(|_| "the coordinator is shutting down".to_string())
             }
             body @ (Body::Ack(_) | Body::StepReport(_) | Body::Error(_) | Body::Finished(_)) => {
