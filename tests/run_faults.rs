@@ -9,33 +9,6 @@ use std::time::{Duration, Instant};
 /// How long the test waits for anything before it gives up (not a performance bound).
 const PATIENCE: Duration = Duration::from_secs(180);
 
-const LONG_RUN: &str = r#"
-seed = 5
-steps = 100000
-batch_size = 4
-seq_len = 32
-threads = 1
-
-[model]
-preset = "tiny"
-num_hidden_layers = 2
-
-[data]
-kind = "synthetic"
-tokens = 65536
-
-[optimizer]
-peak_lr = 3e-3
-warmup_steps = 5
-constant_steps = 99995
-decay_steps = 0
-final_lr = 3e-3
-beta1 = 0.9
-beta2 = 0.95
-eps = 1e-8
-weight_decay = 0.1
-"#;
-
 fn temp_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("flotilla-faults-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -74,11 +47,11 @@ fn exists(pid: u32) -> bool {
 #[test]
 fn a_killed_worker_fails_the_run_with_the_reason_and_no_process_is_left_behind() {
     let dir = temp_dir("sigkill");
-    let config = dir.join("long.toml");
-    std::fs::write(&config, LONG_RUN).unwrap();
     let out = dir.join("out");
+    // The README's main job, made too long to finish before the kill.
+    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/tiny.toml");
     let mut run = Command::new(env!("CARGO_BIN_EXE_flotilla"))
-        .args(["run", config.to_str().unwrap(), "--workers", "2", "--out", out.to_str().unwrap()])
+        .args(["run", config, "--workers", "2", "--steps", "100000", "--out", out.to_str().unwrap()])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
