@@ -11,10 +11,15 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::time::Instant;
 
+mod control_plane;
+
 #[derive(Subcommand)]
 pub enum Bench {
     /// Time one GEMM shape: C[m, n] = A[m, k]·B[k, n] (FP8: B given as [n, k], NT).
     Gemm(GemmArgs),
+    /// One coordinator (a child process) against many simulated workers over gRPC on
+    /// loopback: its CPU, heartbeat handling latency, memory, and failure detection time.
+    ControlPlane(control_plane::ControlPlaneArgs),
 }
 
 #[derive(Args)]
@@ -65,6 +70,7 @@ struct GemmTiming {
 pub fn run(bench: Bench) -> Result<()> {
     match bench {
         Bench::Gemm(args) => gemm(args),
+        Bench::ControlPlane(args) => control_plane::run(args),
     }
 }
 

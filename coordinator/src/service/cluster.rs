@@ -94,7 +94,7 @@ pub(crate) enum ClusterMsg {
         stuck: Vec<(String, String)>,
     },
     ListWorkers {
-        reply: Reply<ListWorkersResponse>,
+        reply: Reply<WorkersSnapshot>,
     },
     /// Asks every worker with an open session to shut down; answers how many were asked.
     ShutdownWorkers {
@@ -157,6 +157,38 @@ struct HeartbeatLatency {
     handled: u64,
 }
 
+/// The membership as `ListWorkers` reports it, with the raw latency window: the
+/// percentiles are computed by the caller, so that the cluster actor, which every heartbeat
+/// waits for, only copies.
+pub(crate) struct WorkersSnapshot {
+    pub workers: Vec<WorkerStatus>,
+    pub handled: u64,
+    pub latencies_us: Vec<u32>,
+}
+
+impl WorkersSnapshot {
+    /// The response, with nearest-rank percentiles of the latency window.
+    pub fn into_response(mut self) -> ListWorkersResponse {
+        self.latencies_us.sort_unstable();
+        let sorted = &self.latencies_us;
+        let rank = |q: f64| -> u64 {
+            if sorted.is_empty() {
+                return 0;
+            }
+            let index = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1;
+            u64::from(sorted[index])
+        };
+        let heartbeats = HeartbeatStats {
+            handled: self.handled,
+            window: u32::try_from(sorted.len()).unwrap_or(u32::MAX),
+            p50_us: rank(0.50),
+            p99_us: rank(0.99),
+            max_us: sorted.last().copied().map_or(0, u64::from),
+        };
+        ListWorkersResponse { workers: self.workers, heartbeats: Some(heartbeats) }
+    }
+}
+
 impl HeartbeatLatency {
     fn new() -> Self {
         HeartbeatLatency { samples: Vec::new(), next: 0, handled: 0 }
@@ -171,26 +203,6 @@ impl HeartbeatLatency {
         }
         self.next = (self.next + 1) % LATENCY_WINDOW;
         self.handled += 1;
-    }
-
-    /// Nearest-rank percentiles of the window.
-    fn stats(&self) -> HeartbeatStats {
-        let mut sorted = self.samples.clone();
-        sorted.sort_unstable();
-        let rank = |q: f64| -> u64 {
-            if sorted.is_empty() {
-                return 0;
-            }
-            let index = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1;
-            u64::from(sorted[index])
-        };
-        HeartbeatStats {
-            handled: self.handled,
-            window: sorted.len() as u32,
-            p50_us: rank(0.50),
-            p99_us: rank(0.99),
-            max_us: sorted.last().copied().map_or(0, u64::from),
-        }
     }
 }
 
@@ -474,7 +486,7 @@ impl<S: StateStore + Clone + 'static> Cluster<S> {
         asked
     }
 
-    fn list_workers(&self) -> ListWorkersResponse {
+    fn list_workers(&self) -> WorkersSnapshot {
         let now = Instant::now();
         let workers = self
             .workers
@@ -492,7 +504,7 @@ impl<S: StateStore + Clone + 'static> Cluster<S> {
                 silent_ms: millis(now.saturating_duration_since(worker.last_heard)),
             })
             .collect();
-        ListWorkersResponse { workers, heartbeats: Some(self.latency.stats()) }
+        WorkersSnapshot { workers, handled: self.latency.handled, latencies_us: self.latency.samples.clone() }
     }
 
     /// Declares lost every worker whose deadline has passed.

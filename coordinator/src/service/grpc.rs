@@ -199,7 +199,11 @@ impl<S: StateStore + Clone + 'static> JobService for JobApi<S> {
         &self,
         _request: Request<ListWorkersRequest>,
     ) -> Result<Response<ListWorkersResponse>, Status> {
-        let workers = self.cluster.request(|reply| ClusterMsg::ListWorkers { reply }).await?;
-        Ok(Response::new(workers))
+        let snapshot = self.cluster.request(|reply| ClusterMsg::ListWorkers { reply }).await?;
+        // Sorting the latency window takes a few milliseconds: not on a runtime thread.
+        let response = tokio::task::spawn_blocking(move || snapshot.into_response())
+            .await
+            .map_err(|e| ServiceError::Internal(format!("summarizing the heartbeat latencies: {e}")))?;
+        Ok(Response::new(response))
     }
 }

@@ -39,7 +39,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use flotilla_proto::v1::{
     Abort, Ack, Assignment, CoordinatorMessage, Job, JobEvent, JobFinished, JobState, Peer, RunSteps,
@@ -47,6 +47,8 @@ use flotilla_proto::v1::{
     coordinator_message, job_event, worker_message,
 };
 use tokio::sync::{mpsc, oneshot};
+// Tokio's clock, so that paused-time tests and simulations see the timeouts they set.
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::ServiceError;
@@ -189,7 +191,7 @@ pub(crate) struct JobActor<S> {
     crew: Vec<Rank>,
     awaiting: HashMap<u64, (usize, CommandKind)>,
     /// Aborts not yet acknowledged, by command id: the rank they went to and when.
-    stopping: HashMap<u64, (usize, Instant)>,
+    stopping: BTreeMap<u64, (usize, Instant)>,
     steps: StepTracker,
 }
 
@@ -208,7 +210,7 @@ impl<S: StateStore + Clone + 'static> JobActor<S> {
             env,
             crew: Vec::new(),
             awaiting: HashMap::new(),
-            stopping: HashMap::new(),
+            stopping: BTreeMap::new(),
             steps,
         };
         (JobHandle { control: control_tx, reports: reports_tx }, actor)
@@ -318,14 +320,19 @@ impl<S: StateStore + Clone + 'static> JobActor<S> {
     async fn await_stopped(&mut self) -> Option<Vec<(String, String)>> {
         let mut stuck = Vec::new();
         while let Some(sent) = self.stopping.values().map(|&(_, sent)| sent).min() {
-            let deadline = tokio::time::Instant::from_std(sent + self.env.stop_timeout);
+            let deadline = sent + self.env.stop_timeout;
             tokio::select! {
                 biased;
                 _ = self.env.cancel.cancelled() => return None,
                 _ = tokio::time::sleep_until(deadline) => {
                     let timeout = self.env.stop_timeout;
-                    let late: Vec<u64> =
-                        self.stopping.iter().filter(|(_, (_, sent))| sent.elapsed() >= timeout).map(|(&id, _)| id).collect();
+                    let now = Instant::now();
+                    let late: Vec<u64> = self
+                        .stopping
+                        .iter()
+                        .filter(|(_, (_, sent))| now.duration_since(*sent) >= timeout)
+                        .map(|(&id, _)| id)
+                        .collect();
                     for id in late {
                         let Some((rank, _)) = self.stopping.remove(&id) else { continue };
                         let worker = self.crew[rank].worker_id.clone();
