@@ -12,8 +12,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use flotilla_coordinator::service::{CoordinatorConfig, CoordinatorHandle, ServiceError, bind_and_serve};
-use flotilla_coordinator::store::StateStore;
+use flotilla_coordinator::service::{
+    CoordinatorConfig, CoordinatorHandle, ServiceError, bind_and_serve, serve_with_incoming,
+};
+use flotilla_coordinator::store::{FileStore, LeaseId, Revision, StateStore, StoreError, Txn, TxnResponse};
 use flotilla_proto::PROTOCOL_VERSION;
 use flotilla_proto::v1::coordinator_service_client::CoordinatorServiceClient;
 use flotilla_proto::v1::job_service_client::JobServiceClient;
@@ -1054,6 +1056,84 @@ async fn shutdown_workers_sends_shutdown_on_every_open_session() {
         assert_eq!(reason, "the run is over");
     }
     coordinator.shutdown().await.unwrap();
+}
+
+/// The file store, except that it refuses one conditional transaction (a job actor's
+/// write) on demand, as etcd refuses a request that is too large, while staying usable.
+#[derive(Clone)]
+struct RefusingStore {
+    inner: FileStore,
+    refuse_next_write: Arc<AtomicBool>,
+}
+
+impl StateStore for RefusingStore {
+    type Watch = <FileStore as StateStore>::Watch;
+
+    async fn txn(&self, txn: Txn) -> Result<TxnResponse, StoreError> {
+        if !txn.compares.is_empty() && self.refuse_next_write.swap(false, Ordering::SeqCst) {
+            return Err(StoreError::TooLarge { key: "jobs/injected".into(), bytes: 2 << 20, limit: 1 << 20 });
+        }
+        self.inner.txn(txn).await
+    }
+    async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
+        self.inner.grant_lease(ttl).await
+    }
+    async fn keep_alive(&self, lease: LeaseId) -> Result<Duration, StoreError> {
+        self.inner.keep_alive(lease).await
+    }
+    async fn revoke(&self, lease: LeaseId) -> Result<Option<Revision>, StoreError> {
+        self.inner.revoke(lease).await
+    }
+    async fn watch(&self, prefix: &str, from_revision: Revision) -> Result<Self::Watch, StoreError> {
+        self.inner.watch(prefix, from_revision).await
+    }
+    async fn compact(&self, revision: Revision) -> Result<(), StoreError> {
+        self.inner.compact(revision).await
+    }
+    async fn current_revision(&self) -> Result<Revision, StoreError> {
+        self.inner.current_revision().await
+    }
+}
+
+#[tokio::test]
+async fn a_refused_write_fails_the_job_instead_of_leaving_it_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = RefusingStore {
+        inner: FileStore::open(dir.path()).await.unwrap(),
+        refuse_next_write: Arc::new(AtomicBool::new(false)),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let coordinator = serve_with_incoming(config(dir.path()), store.clone(), incoming, addr).await.unwrap();
+    let mut client = jobs(addr).await;
+    let step_time = Duration::from_millis(20);
+    let mut a = FakeWorker::start(addr, "w-a", Behavior::Complete { step_time }).await;
+    let job = submit(&mut client, 1, 100_000).await;
+    let mut events = watch(&mut client, &job.job_id, 0).await;
+    until(&mut events, |e| matches!(&e.event, Some(job_event::Event::Step(s)) if s.step == 2)).await;
+
+    // The next write is a step's: it is refused; the job must end, not hang in Running.
+    store.refuse_next_write.store(true, Ordering::SeqCst);
+    let tail = rest(&mut events).await;
+    let (from, to, reason) = state_change(tail.last().unwrap()).unwrap();
+    assert_eq!((from, to), (JobState::Running, JobState::Failed));
+    assert!(reason.starts_with("the coordinator cannot record the job's state: "), "{reason}");
+    assert!(reason.contains("jobs/injected"), "{reason}");
+    // The refused step is not in the record either; the steps recorded are consecutive.
+    let steps: Vec<u64> = tail
+        .iter()
+        .filter_map(|e| match &e.event {
+            Some(job_event::Event::Step(s)) => Some(s.step),
+            _ => None,
+        })
+        .collect();
+    assert!(steps.iter().zip(3..).all(|(&s, want)| s == want), "{steps:?}");
+    let failed = get(&mut client, &job.job_id).await;
+    assert_eq!(failed.steps_done, steps.last().copied().unwrap_or(2));
+    a.expect_command(|body| matches!(body, coordinator_message::Body::Abort(_)).then_some(())).await;
+    coordinator.shutdown().await.unwrap();
+    store.inner.close().await.unwrap();
 }
 
 // ---------------------------------------------------------------------------------------

@@ -657,9 +657,14 @@ impl<S: StateStore + Clone + 'static> JobActor<S> {
             return self.fail(format!("worker {worker} sent an invalid step report: {violation}")).await;
         }
         while let Some(summary) = self.steps.pop() {
+            let before = (self.record.steps_done, self.record.last_loss);
             self.record.steps_done = summary.step;
             self.record.last_loss = summary.loss;
-            self.append(job_event::Event::Step(summary)).await?;
+            if let Err(e) = self.append(job_event::Event::Step(summary)).await {
+                // Memory follows the store: the step was not recorded.
+                (self.record.steps_done, self.record.last_loss) = before;
+                return Err(e);
+            }
         }
         Ok(())
     }
