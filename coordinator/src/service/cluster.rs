@@ -137,10 +137,9 @@ fn session_id() -> String {
 struct Worker {
     info: WorkerInfo,
     session_id: String,
-    /// When the worker was last heard from; it is lost at `deadline`, a heartbeat timeout
-    /// later.
+    /// When the worker was last heard from; it is lost a heartbeat timeout later (its
+    /// entry in `Cluster::deadlines`).
     last_heard: Instant,
-    deadline: Instant,
     heartbeats: u64,
     session: Option<SessionHandle>,
     job: Option<String>,
@@ -361,13 +360,12 @@ impl<S: StateStore + Clone + 'static> Cluster<S> {
 
     /// The worker was heard from now: its deadline moves a heartbeat timeout ahead.
     fn heard_from(&mut self, worker_id: &str) {
+        let timeout = self.config.heartbeat_timeout;
         let now = Instant::now();
-        let deadline = now + self.config.heartbeat_timeout;
         if let Some(worker) = self.workers.get_mut(worker_id) {
-            self.deadlines.remove(&(worker.deadline, worker_id.to_string()));
+            self.deadlines.remove(&(worker.last_heard + timeout, worker_id.to_string()));
             worker.last_heard = now;
-            worker.deadline = deadline;
-            self.deadlines.insert((deadline, worker_id.to_string()));
+            self.deadlines.insert((now + timeout, worker_id.to_string()));
         }
     }
 
@@ -394,7 +392,6 @@ impl<S: StateStore + Clone + 'static> Cluster<S> {
         }
         let session_id = session_id();
         let now = Instant::now();
-        let deadline = now + self.config.heartbeat_timeout;
         tracing::info!(worker = %worker_id, host = %info.host, data_plane = %info.data_plane_address, "worker registered");
         self.workers.insert(
             worker_id.clone(),
@@ -402,13 +399,12 @@ impl<S: StateStore + Clone + 'static> Cluster<S> {
                 info,
                 session_id: session_id.clone(),
                 last_heard: now,
-                deadline,
                 heartbeats: 0,
                 session: None,
                 job: None,
             },
         );
-        self.deadlines.insert((deadline, worker_id.clone()));
+        self.deadlines.insert((now + self.config.heartbeat_timeout, worker_id.clone()));
         Ok(Registration {
             worker_id,
             session_id,
@@ -527,7 +523,7 @@ impl<S: StateStore + Clone + 'static> Cluster<S> {
     /// Forgets a worker, ends its session and tells its job.
     fn lose(&mut self, worker_id: &str, cause: String) {
         let Some(worker) = self.workers.remove(worker_id) else { return };
-        self.deadlines.remove(&(worker.deadline, worker_id.to_string()));
+        self.deadlines.remove(&(worker.last_heard + self.config.heartbeat_timeout, worker_id.to_string()));
         // An idle worker leaving is routine (scale-down, the end of `flotilla run`); one
         // holding a job is a failure its job reports.
         match &worker.job {

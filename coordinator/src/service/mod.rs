@@ -246,9 +246,9 @@ where
         store,
         cancel,
         health,
-        cluster_handle: cluster,
+        cluster,
         server: Some(server_task),
-        cluster: Some(cluster_task),
+        cluster_task: Some(cluster_task),
         compactor,
         closer,
     })
@@ -261,9 +261,9 @@ pub struct CoordinatorHandle<S: StateStore + Clone + 'static = FileStore> {
     store: S,
     cancel: CancellationToken,
     health: tonic_health::server::HealthReporter,
-    cluster_handle: cluster::ClusterHandle,
+    cluster: cluster::ClusterHandle,
     server: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
-    cluster: Option<JoinHandle<()>>,
+    cluster_task: Option<JoinHandle<()>>,
     compactor: Option<JoinHandle<()>>,
     closer: Option<StoreCloser>,
 }
@@ -285,7 +285,7 @@ impl<S: StateStore + Clone + 'static> CoordinatorHandle<S> {
     /// each ends its session and exits on its own time.
     pub async fn shutdown_workers(&self, reason: &str) -> Result<usize, ServiceError> {
         let reason = reason.to_string();
-        self.cluster_handle.request(|reply| cluster::ClusterMsg::ShutdownWorkers { reason, reply }).await
+        self.cluster.request(|reply| cluster::ClusterMsg::ShutdownWorkers { reason, reply }).await
     }
 
     /// Discards the store's history before `revision`: watches resuming from an older
@@ -315,7 +315,7 @@ impl<S: StateStore + Clone + 'static> CoordinatorHandle<S> {
                 }
             }
         }
-        if let Some(cluster) = self.cluster.take()
+        if let Some(cluster) = self.cluster_task.take()
             && let Err(e) = cluster.await
         {
             result = result.and(Err(ServiceError::Internal(format!("the cluster actor failed: {e}"))));
