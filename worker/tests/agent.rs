@@ -6,6 +6,8 @@
 //!
 //! Every wait is under a timeout, so a hang fails the test instead of stalling the suite.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -216,29 +218,7 @@ impl FakeSession {
 // Helpers.
 
 fn config(steps: u64) -> String {
-    format!(
-        r#"
-seed = 5
-steps = {steps}
-batch_size = 4
-seq_len = 32
-threads = 1
-
-[model]
-preset = "tiny"
-
-[data]
-kind = "synthetic"
-tokens = 65536
-
-[optimizer]
-peak_lr = 3e-3
-warmup_steps = 2
-constant_steps = 10
-decay_steps = 0
-final_lr = 3e-3
-"#
-    )
+    common::small_run(steps)
 }
 
 fn options(url: String) -> WorkerOptions {

@@ -9,6 +9,8 @@
 //!   differences are printed), gradient norms within 1e-4, expert loads exactly.
 //! - Repeating a layout repeats its bits.
 
+mod common;
+
 use std::path::Path;
 use std::time::Duration;
 
@@ -22,28 +24,8 @@ const STEPS: u64 = 3;
 const LIMIT: Duration = Duration::from_secs(300);
 
 fn trainer() -> Trainer {
-    let text = r#"
-seed = 5
-steps = 3
-batch_size = 4
-seq_len = 32
-threads = 1
-
-[model]
-preset = "tiny"
-
-[data]
-kind = "synthetic"
-tokens = 65536
-
-[optimizer]
-peak_lr = 3e-3
-warmup_steps = 2
-constant_steps = 10
-decay_steps = 0
-final_lr = 3e-3
-"#;
-    let (config, model) = TrainConfig::from_toml(text, Path::new(".")).expect("a valid config");
+    let text = common::small_run(STEPS);
+    let (config, model) = TrainConfig::from_toml(&text, Path::new(".")).expect("a valid config");
     Trainer::new(config, &model).expect("a trainer")
 }
 
