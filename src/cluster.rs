@@ -6,13 +6,14 @@
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use flotilla_coordinator::schedule::executed_chrome_trace;
 use flotilla_coordinator::service::{CoordinatorConfig, MAX_JOB_WORKERS, bind_and_serve};
 use flotilla_model::train::TrainConfig;
 use flotilla_proto::v1::job_event::Event;
 use flotilla_proto::v1::job_service_client::JobServiceClient;
 use flotilla_proto::v1::{
-    CancelJobRequest, GetJobRequest, Job, JobEvent, JobState, ListJobsRequest, ListWorkersRequest,
-    SubmitJobRequest, WatchJobRequest, WorkerStatus,
+    CancelJobRequest, GetJobRequest, GetStepTimelineRequest, Job, JobEvent, JobState, ListJobsRequest,
+    ListWorkersRequest, SubmitJobRequest, WatchJobRequest, WorkerStatus,
 };
 use flotilla_worker::agent::{WorkerOptions, run_worker};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -132,12 +133,21 @@ pub struct WatchArgs {
 pub struct RunArgs {
     /// The run's TOML (see examples/tiny.toml).
     config: PathBuf,
-    /// Data-parallel worker processes; the config's `batch_size` must divide evenly.
-    #[arg(long, default_value_t = 2)]
-    workers: u32,
+    /// Worker processes. Default: as many as the config's `[parallel]` layout needs, else
+    /// 2 data-parallel workers (the config's `batch_size` must divide evenly over them).
+    #[arg(long)]
+    workers: Option<u32>,
+    /// Spread the workers over this many simulated nodes (consecutive workers share a
+    /// node id), so that node-aware communication runs on one machine.
+    #[arg(long, default_value_t = 1)]
+    nodes: u32,
     /// Override the number of steps.
     #[arg(long)]
     steps: Option<u64>,
+    /// Write the last step's executed timeline, every rank's instructions as the workers
+    /// ran them, to this file as a Chrome trace (open in Perfetto or chrome://tracing).
+    #[arg(long)]
+    trace: Option<PathBuf>,
     /// Output directory for metrics.jsonl, the weights and the coordinator's state
     /// (default: `runs/<config name>`).
     #[arg(long)]
@@ -473,16 +483,30 @@ struct Workers {
 }
 
 impl Workers {
-    fn spawn(count: u32, coordinator: SocketAddr, config_base: &Path, threads: usize) -> Result<Workers> {
+    /// Starts `count` workers on `nodes` simulated nodes (`count / nodes` consecutive
+    /// workers per node id).
+    fn spawn(
+        count: u32,
+        nodes: u32,
+        coordinator: SocketAddr,
+        config_base: &Path,
+        threads: usize,
+    ) -> Result<Workers> {
         let exe = std::env::current_exe().context("locating the flotilla binary to start workers")?;
         let mut children = Vec::new();
         let mut pids = Vec::new();
+        let per_node = (count / nodes.max(1)).max(1);
         for rank in 0..count {
-            let child = tokio::process::Command::new(&exe)
+            let mut command = tokio::process::Command::new(&exe);
+            command
                 .arg("worker")
                 .args(["--coordinator", &format!("http://{coordinator}")])
                 .args(["--worker-id", &format!("worker-{rank}")])
-                .args(["--local-rank", &rank.to_string()])
+                .args(["--local-rank", &(rank % per_node).to_string()]);
+            if nodes > 1 {
+                command.args(["--node-id", &format!("node-{}", rank / per_node)]);
+            }
+            let child = command
                 .args(["--threads", &threads.to_string()])
                 .arg("--config-base")
                 .arg(config_base)
@@ -536,23 +560,45 @@ impl Workers {
 }
 
 pub fn run(args: RunArgs) -> Result<()> {
+    let (text, config) = read_config(&args.config, args.steps)?;
+    let layout_workers = config.parallel.as_ref().map(|p| {
+        let pipeline_ranks = if p.schedule.eq_ignore_ascii_case("dualpipev") { p.pp / 2 } else { p.pp };
+        u64::from(pipeline_ranks) * u64::from(p.ep) * u64::from(p.dp)
+    });
     anyhow::ensure!(
-        (1..=MAX_JOB_WORKERS).contains(&args.workers),
+        args.trace.is_none() || config.parallel.is_some(),
+        "--trace records pipeline instructions: the config needs a [parallel] layout"
+    );
+    let workers = match (args.workers, layout_workers) {
+        (Some(n), Some(needed)) if u64::from(n) != needed => bail!(
+            "--workers {n}: the config's [parallel] layout needs {needed} workers (pipeline ranks × ep × dp)"
+        ),
+        (Some(n), _) => n,
+        (None, Some(needed)) => u32::try_from(needed).unwrap_or(u32::MAX),
+        (None, None) => 2,
+    };
+    anyhow::ensure!(
+        (1..=MAX_JOB_WORKERS).contains(&workers),
         "--workers must be between 1 and {MAX_JOB_WORKERS}"
     );
-    let (text, config) = read_config(&args.config, args.steps)?;
     anyhow::ensure!(
-        config.batch_size.is_multiple_of(args.workers as usize),
-        "--workers {}: the config's batch_size {} must divide evenly over the workers",
-        args.workers,
-        config.batch_size
+        args.nodes >= 1 && workers.is_multiple_of(args.nodes),
+        "--nodes {}: the {workers} workers must split evenly over the nodes",
+        args.nodes
     );
+    if config.parallel.is_none() {
+        anyhow::ensure!(
+            config.batch_size.is_multiple_of(workers as usize),
+            "--workers {workers}: the config's batch_size {} must divide evenly over the workers",
+            config.batch_size
+        );
+    }
     let out =
         absolute(&args.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(job_name(&args.config))))?;
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let config_base = absolute(args.config.parent().unwrap_or(Path::new(".")))?;
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let threads = (cores / args.workers as usize).max(1);
+    let threads = (cores / workers as usize).max(1);
 
     runtime()?.block_on(async {
         // A fresh state directory per run: this coordinator serves this run only.
@@ -565,12 +611,12 @@ pub fn run(args: RunArgs) -> Result<()> {
         let lost_within = coordinator_config.heartbeat_timeout;
         let coordinator = bind_and_serve(coordinator_config).await?;
         let addr = coordinator.local_addr();
-        let mut workers = Workers::spawn(args.workers, addr, &config_base, threads)?;
-        let outcome = follow(&args, &text, &config, &out, addr, &mut workers, lost_within).await;
+        let mut children = Workers::spawn(workers, args.nodes, addr, &config_base, threads)?;
+        let outcome = follow(&args, workers, &text, &config, &out, addr, &mut children, lost_within).await;
         if let Err(e) = coordinator.shutdown_workers("the run is over").await {
             tracing::warn!(error = %e, "asking the workers to shut down");
         }
-        workers.stop(WORKER_EXIT_GRACE).await;
+        children.stop(WORKER_EXIT_GRACE).await;
         coordinator.shutdown().await?;
         outcome
     })
@@ -583,8 +629,10 @@ const WORKER_EXIT_GRACE: Duration = Duration::from_secs(5);
 /// dies, the job is followed for up to `lost_within` (the heartbeat timeout) and a little
 /// more, so that the error says both how the process ended and what the coordinator made
 /// of it.
+#[allow(clippy::too_many_arguments)]
 async fn follow(
     args: &RunArgs,
+    worker_count: u32,
     text: &str,
     config: &TrainConfig,
     out: &Path,
@@ -597,7 +645,7 @@ async fn follow(
         .submit_job(SubmitJobRequest {
             name: job_name(&args.config),
             config_toml: text.to_string(),
-            workers: args.workers,
+            workers: worker_count,
             output_dir: out.display().to_string(),
         })
         .await
@@ -613,9 +661,10 @@ async fn follow(
         ProgressStyle::with_template("{bar:30} {pos}/{len} steps · {msg} · ETA {eta}")
             .expect("a valid progress template"),
     );
-    bar.set_message(format!("waiting for {} workers", args.workers));
+    bar.set_message(format!("waiting for {worker_count} workers"));
     let started = std::time::Instant::now();
     let mut last_loss = f64::NAN;
+    let mut last_bubble = (0.0, 0.0);
     let mut check = tokio::time::interval(Duration::from_millis(200));
     let mut crashed: Option<(String, std::time::Instant)> = None;
     let ctrl_c = tokio::signal::ctrl_c();
@@ -630,8 +679,10 @@ async fn follow(
                 match &event.event {
                     Some(Event::Step(s)) => {
                         last_loss = s.loss;
+                        last_bubble = (s.bubble_fraction, s.predicted_bubble_fraction);
                         let (alive, _) = workers.poll();
-                        bar.set_message(format!("loss {:.4} · {:.0} tok/s · {alive}/{} workers", s.loss, s.tokens_per_second, args.workers));
+                        let bubble = if config.parallel.is_some() { format!(" · bubble {:.0}%", 100.0 * s.bubble_fraction) } else { String::new() };
+                        bar.set_message(format!("loss {:.4} · {:.0} tok/s{bubble} · {alive}/{worker_count} workers", s.loss, s.tokens_per_second));
                         bar.set_position(s.step);
                     }
                     Some(Event::StateChanged(_)) | Some(Event::WorkerLost(_)) => bar.println(describe(&event)),
@@ -667,11 +718,32 @@ async fn follow(
         JobState::Succeeded => {
             let elapsed = started.elapsed().as_secs_f64();
             println!(
-                "trained {} steps on {} workers in {elapsed:.1} s; final loss {last_loss:.4}",
-                end.steps_done, args.workers
+                "trained {} steps on {worker_count} workers in {elapsed:.1} s; final loss {last_loss:.4}",
+                end.steps_done
             );
+            if config.parallel.is_some() {
+                println!(
+                    "pipeline bubble at the last step: {:.1}% measured, {:.1}% simulated for the measured costs",
+                    100.0 * last_bubble.0,
+                    100.0 * last_bubble.1
+                );
+            }
             println!("metrics: {}", out.join("metrics.jsonl").display());
             println!("weights: {}", out.display());
+            if let Some(path) = &args.trace {
+                let timeline = client
+                    .get_step_timeline(GetStepTimelineRequest {
+                        job_id: end.job_id.clone(),
+                        step: end.steps_done,
+                    })
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                let trace = executed_chrome_trace(&timeline);
+                std::fs::write(path, serde_json::to_vec(&trace)?)
+                    .with_context(|| format!("writing {}", path.display()))?;
+                println!("trace of step {}: {}", end.steps_done, path.display());
+            }
             Ok(())
         }
         state => {

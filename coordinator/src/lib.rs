@@ -13,8 +13,11 @@
 //! watches) with its embedded crash-safe file-backed implementation; and [`service`], the
 //! control plane over gRPC: the worker-facing `CoordinatorService` and client-facing
 //! `JobService` (with health and reflection), on job, session and membership actors that
-//! keep the jobs and their events in the store.
+//! keep the jobs and their events in the store; and [`placement`], which lays a
+//! pipeline/expert-parallel job out on its workers (world ranks, stages, the compiled
+//! stream each rank is shipped and held to).
 
+pub mod placement;
 pub mod plan;
 pub mod schedule;
 pub mod service;

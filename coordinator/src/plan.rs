@@ -905,6 +905,43 @@ pub fn propose(
     Ok(Proposal { chosen, candidates, rejected })
 }
 
+/// A pipeline stage's main-model layers: `first_layer..first_layer + layers`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerRange {
+    /// The stage's first main-model layer (0-based).
+    pub first_layer: u32,
+    /// Main-model layers it runs; at least one.
+    pub layers: u32,
+}
+
+/// Cuts the model's main layers into `stages` contiguous stages of at least one layer each,
+/// the way [`plan`] does (see the module docs): the largest stage's forward FLOPs per token
+/// at `seq_len` tokens per sequence is minimized, with the embedding counted on stage 0 and
+/// the final norm, the head and the MTP modules on the last stage. `stages` counts stages
+/// (layer groups), not pipeline ranks.
+pub fn split_layers(config: &ModelConfig, seq_len: u32, stages: u32) -> Result<Vec<LayerRange>, PlanError> {
+    config.validate()?;
+    if stages == 0 {
+        return Err(PlanError::ZeroDegree { name: "pp" });
+    }
+    if seq_len == 0 {
+        return Err(PlanError::Shape("the sequence length must be at least 1 token".into()));
+    }
+    let layers = config.num_hidden_layers;
+    if stages as usize > layers {
+        return Err(PlanError::TooManyStages { pp: stages, stages: u64::from(stages), layers });
+    }
+    let split = ModelShape::new(config, seq_len).split(stages);
+    Ok(split
+        .starts
+        .windows(2)
+        .map(|w| LayerRange {
+            first_layer: u32::try_from(w[0]).unwrap_or(u32::MAX),
+            layers: u32::try_from(w[1] - w[0]).unwrap_or(u32::MAX),
+        })
+        .collect())
+}
+
 /// Auto mode's order, best first: more tokens per second, then less memory, then the
 /// smaller (pp, ep) so that the order is total.
 fn preference(a: &Plan, b: &Plan) -> std::cmp::Ordering {
@@ -1082,6 +1119,35 @@ impl ModelShape {
             n_group: config.n_group,
             topk_group: config.topk_group,
         }
+    }
+
+    /// The stage partition: contiguous layers balanced by forward FLOPs, the embedding on
+    /// the first stage, the head and the MTP modules on the last.
+    fn split(&self, stages: u32) -> StageSplit {
+        let model = self;
+        let costs: Vec<f64> = model.layers.iter().map(|l| l.flops).collect();
+        let mut last_extra = model.head;
+        for _ in 0..model.mtp_modules {
+            last_extra += model.mtp;
+        }
+        let starts = partition(&costs, stages as usize, model.embedding.flops, last_extra.flops);
+        let stages = stages as usize;
+        let parts = (0..stages)
+            .map(|s| {
+                let mut part = Part::default();
+                if s == 0 {
+                    part += model.embedding;
+                }
+                for layer in &model.layers[starts[s]..starts[s + 1]] {
+                    part += *layer;
+                }
+                if s + 1 == stages {
+                    part += last_extra;
+                }
+                part
+            })
+            .collect();
+        StageSplit { starts, parts }
     }
 
     /// Whether the last stage reads the embedding matrix: for the MTP modules' lookup of the
@@ -1412,33 +1478,9 @@ impl Planner<'_> {
         })
     }
 
-    /// The stage partition: contiguous layers balanced by forward FLOPs, the embedding on
-    /// the first stage, the head and the MTP modules on the last.
+    /// The stage partition ([`ModelShape::split`]).
     fn split(&self, stages: u32) -> StageSplit {
-        let model = self.model;
-        let costs: Vec<f64> = model.layers.iter().map(|l| l.flops).collect();
-        let mut last_extra = model.head;
-        for _ in 0..model.mtp_modules {
-            last_extra += model.mtp;
-        }
-        let starts = partition(&costs, stages as usize, model.embedding.flops, last_extra.flops);
-        let stages = stages as usize;
-        let parts = (0..stages)
-            .map(|s| {
-                let mut part = Part::default();
-                if s == 0 {
-                    part += model.embedding;
-                }
-                for layer in &model.layers[starts[s]..starts[s + 1]] {
-                    part += *layer;
-                }
-                if s + 1 == stages {
-                    part += last_extra;
-                }
-                part
-            })
-            .collect();
-        StageSplit { starts, parts }
+        self.model.split(stages)
     }
 
     /// Each rank's stages and peak activations, from its instruction stream.
@@ -1865,6 +1907,26 @@ mod tests {
         let starts = partition(&[1.0; 8], 3, 0.0, 2.0);
         assert_eq!(starts[3], 8);
         assert!(starts[3] - starts[2] < starts[1] - starts[0], "{starts:?}");
+    }
+
+    #[test]
+    fn split_layers_covers_the_model_in_order() {
+        let config = flotilla_model::Preset::DeepseekV3_671b.config();
+        let stages = split_layers(&config, 4096, 16).unwrap();
+        assert_eq!(stages.len(), 16);
+        let mut next = 0;
+        for s in &stages {
+            assert_eq!(s.first_layer, next);
+            assert!(s.layers >= 1);
+            next += s.layers;
+        }
+        assert_eq!(next as usize, config.num_hidden_layers);
+        // The first stage's 3 dense layers are cheap: it takes more layers than the last,
+        // which carries the head and the MTP module.
+        assert!(stages[0].layers > stages[15].layers, "{stages:?}");
+        assert_eq!(split_layers(&config, 4096, 0), Err(PlanError::ZeroDegree { name: "pp" }));
+        assert!(matches!(split_layers(&config, 4096, 62), Err(PlanError::TooManyStages { .. })));
+        assert_eq!(split_layers(&config, 4096, 61).unwrap().iter().map(|s| s.layers).max(), Some(1));
     }
 
     #[test]

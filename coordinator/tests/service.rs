@@ -20,10 +20,10 @@ use flotilla_proto::PROTOCOL_VERSION;
 use flotilla_proto::v1::coordinator_service_client::CoordinatorServiceClient;
 use flotilla_proto::v1::job_service_client::JobServiceClient;
 use flotilla_proto::v1::{
-    Ack, CancelJobRequest, CoordinatorMessage, GetJobRequest, Heartbeat, Job, JobEvent, JobFinished,
-    JobState, LayerLoad, ListJobsRequest, ListWorkersRequest, ListWorkersResponse, Registration, SessionOpen,
-    StepReport, SubmitJobRequest, WatchJobRequest, WorkerError, WorkerInfo, WorkerMessage,
-    coordinator_message, job_event, worker_message,
+    Ack, CancelJobRequest, CoordinatorMessage, ExecutedOp, GetJobRequest, GetStepTimelineRequest, Heartbeat,
+    Job, JobEvent, JobFinished, JobState, LayerLoad, ListJobsRequest, ListWorkersRequest,
+    ListWorkersResponse, Registration, ScheduledOp, SessionOpen, StepReport, SubmitJobRequest,
+    WatchJobRequest, WorkerError, WorkerInfo, WorkerMessage, coordinator_message, job_event, worker_message,
 };
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -194,6 +194,9 @@ enum Behavior {
     FailAt(u64),
     /// Reports step 0, which does not exist (steps count from 1).
     StepZero,
+    /// Runs every step, but at step `n` reports its stream with two compute instructions
+    /// swapped.
+    SwapAt(u64),
 }
 
 struct FakeWorker {
@@ -207,8 +210,12 @@ struct FakeWorker {
 
 impl FakeWorker {
     async fn start(addr: SocketAddr, id: &str, behavior: Behavior) -> FakeWorker {
+        FakeWorker::start_with(addr, info(id), behavior).await
+    }
+
+    async fn start_with(addr: SocketAddr, info: WorkerInfo, behavior: Behavior) -> FakeWorker {
         let mut client = workers(addr).await;
-        let registration = client.register(info(id)).await.expect("registration").into_inner();
+        let registration = client.register(info).await.expect("registration").into_inner();
         let (tx, inbound) = open_session(&mut client, &registration).await.expect("the session opens");
         let heartbeats = Arc::new(AtomicBool::new(true));
         let abort_acks = Arc::new(AtomicBool::new(true));
@@ -292,6 +299,8 @@ struct Run {
     next: u64,
     end: u64,
     at: tokio::time::Instant,
+    /// A pipeline job's compiled stream, which the worker reports it executed.
+    stream: Vec<ScheduledOp>,
 }
 
 async fn run_worker(
@@ -307,6 +316,7 @@ async fn run_worker(
     let mut sequence = 0;
     let mut run: Option<Run> = None;
     let mut held_aborts = Vec::new();
+    let mut stream = Vec::new();
     loop {
         let next_step = run.as_ref().map(|r| r.at);
         tokio::select! {
@@ -329,7 +339,8 @@ async fn run_worker(
                 let Ok(Some(command)) = command else { return };
                 let _ = seen.send(command.clone());
                 match command.body {
-                    Some(coordinator_message::Body::Assignment(_)) => {
+                    Some(coordinator_message::Body::Assignment(assignment)) => {
+                        stream = assignment.pipeline.map(|p| p.stream).unwrap_or_default();
                         let _ = tx.send(ack(command.command_id)).await;
                     }
                     Some(coordinator_message::Body::RunSteps(r)) => {
@@ -338,6 +349,7 @@ async fn run_worker(
                             next: r.first_step,
                             end: r.first_step + r.count,
                             at: tokio::time::Instant::now(),
+                            stream: stream.clone(),
                         });
                     }
                     Some(coordinator_message::Body::Abort(_)) => {
@@ -384,7 +396,7 @@ fn step_message(behavior: Behavior, run: &mut Run) -> Next {
         Behavior::Complete { step_time } => (step_time, None),
         Behavior::StallAfter(n) => (Duration::from_millis(5), Some((n, false))),
         Behavior::FailAt(n) => (Duration::from_millis(5), Some((n, true))),
-        Behavior::StepZero => (Duration::from_millis(5), None),
+        Behavior::StepZero | Behavior::SwapAt(_) => (Duration::from_millis(5), None),
     };
     let step = if let Behavior::StepZero = behavior { 0 } else { step };
     match stop {
@@ -405,6 +417,8 @@ fn step_message(behavior: Behavior, run: &mut Run) -> Next {
     }
     run.next += 1;
     run.at += step_time;
+    let swap = matches!(behavior, Behavior::SwapAt(n) if n == step);
+    let executed = executed(&run.stream, step, swap);
     Next::Send(worker_message::Body::StepReport(StepReport {
         job_id: run.job_id.clone(),
         step,
@@ -418,7 +432,44 @@ fn step_message(behavior: Behavior, run: &mut Run) -> Next {
         compute_seconds: 0.01,
         communication_seconds: 0.002,
         expert_loads: vec![LayerLoad { layer: 1, tokens: vec![5, 3] }],
+        executed,
+        bubble_fraction: 0.25,
     }))
+}
+
+/// Whether a wire op computes (as opposed to moving a tensor).
+fn is_compute(op: &ScheduledOp) -> bool {
+    use flotilla_proto::v1::scheduled_op::Kind;
+    matches!(
+        op.kind(),
+        Kind::Forward | Kind::BackwardInput | Kind::BackwardWeight | Kind::Backward | Kind::Overlapped
+    )
+}
+
+/// The first compute instruction of `stream` and the next one that differs from it.
+fn swap_pair(stream: &[ScheduledOp]) -> (usize, usize) {
+    let i = stream.iter().position(is_compute).expect("a compute instruction");
+    let j =
+        (i + 1..stream.len()).find(|&j| is_compute(&stream[j]) && stream[j] != stream[i]).expect("another");
+    (i, j)
+}
+
+/// `stream` as executed in `step`: each op 100 µs, compute ops back to back and each
+/// transfer followed by 50 µs of waiting; with `swap`, the pair of [`swap_pair`] swapped.
+fn executed(stream: &[ScheduledOp], step: u64, swap: bool) -> Vec<ExecutedOp> {
+    let mut ops = stream.to_vec();
+    if swap {
+        let (i, j) = swap_pair(&ops);
+        ops.swap(i, j);
+    }
+    let mut t = 1_700_000_000_000_000 + step * 1_000_000;
+    ops.into_iter()
+        .map(|op| {
+            let start = t;
+            t += if is_compute(&op) { 100 } else { 150 };
+            ExecutedOp { op: Some(op), start_unix_us: start, end_unix_us: start + 100 }
+        })
+        .collect()
 }
 
 async fn wait_for_state(client: &mut JobServiceClient<Channel>, job_id: &str, state: JobState) -> Job {
@@ -645,6 +696,242 @@ async fn two_worker_job_runs_to_success_with_step_summaries() {
     let second = submit(&mut client, 2, 2).await;
     let mut events = watch(&mut client, &second.job_id, 0).await;
     assert_eq!(states(&rest(&mut events).await).last(), Some(&JobState::Succeeded));
+    coordinator.shutdown().await.unwrap();
+}
+
+// ---------------------------------------------------------------------------------------
+// Pipeline jobs
+
+/// A DualPipe job on pp 2 × ep 2 = 4 workers, 4 micro-batches of 4 sequences per step.
+fn pipeline_config(steps: u64) -> String {
+    format!(
+        "seed = 0\nsteps = {steps}\nbatch_size = 16\nseq_len = 16\n\n[parallel]\npp = 2\nep = 2\nmicro_batches = 4\n\n[model]\npreset = \"tiny\"\n"
+    )
+}
+
+async fn submit_pipeline(client: &mut JobServiceClient<Channel>, steps: u64) -> Job {
+    let request = SubmitJobRequest {
+        name: "pipeline".into(),
+        config_toml: pipeline_config(steps),
+        workers: 4,
+        output_dir: String::new(),
+    };
+    client.submit_job(request).await.expect("the pipeline job is accepted").into_inner()
+}
+
+/// Pipeline rank `p`'s compiled stream in wire form.
+fn compiled_stream(p: usize) -> Vec<ScheduledOp> {
+    use flotilla_coordinator::schedule::{ScheduleKind, ScheduleSpec, compile};
+    let schedule = compile(&ScheduleSpec { kind: ScheduleKind::DualPipe, pp: 2, micro_batches: 4 }).unwrap();
+    schedule.ranks[p].iter().map(|&i| ScheduledOp::from(i)).collect()
+}
+
+fn describe(op: ScheduledOp) -> String {
+    flotilla_coordinator::schedule::Instruction::try_from(op).unwrap().to_string()
+}
+
+async fn step_timeline(
+    client: &mut JobServiceClient<Channel>,
+    job_id: &str,
+    step: u64,
+) -> Result<flotilla_proto::v1::StepTimeline, tonic::Status> {
+    client
+        .get_step_timeline(GetStepTimelineRequest { job_id: job_id.into(), step })
+        .await
+        .map(|r| r.into_inner())
+}
+
+#[tokio::test]
+async fn pipeline_job_ships_streams_holds_workers_to_them_and_keeps_timelines() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = start(config(dir.path())).await;
+    let addr = coordinator.local_addr();
+    let mut client = jobs(addr).await;
+    let job = submit_pipeline(&mut client, 3).await;
+    let mut events = watch(&mut client, &job.job_id, 0).await;
+
+    // World ranks follow (node, local rank, worker id), not the ids alone.
+    let complete = Behavior::Complete { step_time: Duration::from_millis(5) };
+    let placed = [("w-1", "n-b", 0), ("w-2", "n-a", 1), ("w-3", "n-a", 0), ("w-4", "n-b", 1)];
+    let mut fakes = Vec::new();
+    for (id, node, local_rank) in placed {
+        let info = WorkerInfo { node_id: node.into(), local_rank, ..info(id) };
+        fakes.push(FakeWorker::start_with(addr, info, complete).await);
+    }
+    let world: [(&str, usize); 4] = [("w-3", 2), ("w-2", 1), ("w-1", 0), ("w-4", 3)];
+
+    let events = rest(&mut events).await;
+    assert_eq!(states(&events).last(), Some(&JobState::Succeeded), "{events:?}");
+    let joined: Vec<(String, u32)> = events
+        .iter()
+        .filter_map(|e| match &e.event {
+            Some(job_event::Event::WorkerJoined(j)) => Some((j.worker_id.clone(), j.rank)),
+            _ => None,
+        })
+        .collect();
+    let expected: Vec<(String, u32)> =
+        world.iter().enumerate().map(|(g, (id, _))| (id.to_string(), g as u32)).collect();
+    assert_eq!(joined, expected);
+
+    // Each worker got its world rank, the layout, every rank's coordinates, every stage and
+    // its pipeline rank's compiled stream.
+    for (g, (id, fake)) in world.iter().enumerate() {
+        let assignment = fakes[*fake]
+            .expect_command(|body| match body {
+                coordinator_message::Body::Assignment(a) => Some(a.clone()),
+                _ => None,
+            })
+            .await;
+        assert_eq!((assignment.dp_rank, assignment.dp_size), (g as u32, 4), "{id}");
+        assert_eq!(assignment.peers[g].worker_id, *id);
+        let pipeline = assignment.pipeline.expect("a pipeline assignment");
+        let layout = pipeline.layout.unwrap();
+        assert_eq!((layout.pp, layout.ep, layout.dp, layout.micro_batches), (2, 2, 1, 4));
+        assert_eq!(layout.schedule, "dualpipe");
+        let coordinates: Vec<(u32, u32, u32)> =
+            pipeline.coordinates.iter().map(|c| (c.pipeline_rank, c.ep_rank, c.dp_replica)).collect();
+        assert_eq!(coordinates, [(0, 0, 0), (0, 1, 0), (1, 0, 0), (1, 1, 0)]);
+        assert_eq!(pipeline.stages.len(), 2);
+        assert_eq!(pipeline.stages.iter().map(|s| s.layers).sum::<u32>(), 4, "tiny has 4 layers");
+        assert_eq!(pipeline.stream, compiled_stream(g / 2), "{id}");
+    }
+
+    // Every step summary has the measured bubble: the idlest rank's share of the makespan.
+    let steps: Vec<_> = events
+        .iter()
+        .filter_map(|e| match &e.event {
+            Some(job_event::Event::Step(s)) => Some(s.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(steps.len(), 3);
+    use flotilla_coordinator::schedule::{bubble_fraction, rank_span};
+    for s in &steps {
+        let spans = (0..4).map(|g| rank_span(&executed(&compiled_stream(g / 2), s.step, false)).unwrap());
+        let expected = bubble_fraction(spans).unwrap();
+        assert!(expected > 0.0 && expected < 1.0);
+        assert!(
+            (s.bubble_fraction - expected).abs() < 1e-12,
+            "step {}: {} vs {expected}",
+            s.step,
+            s.bubble_fraction
+        );
+    }
+
+    // The ended job's timelines are still served.
+    let timeline = step_timeline(&mut client, &job.job_id, 2).await.expect("step 2 is kept");
+    assert_eq!((timeline.job_id.as_str(), timeline.step), (job.job_id.as_str(), 2));
+    assert_eq!(timeline.ranks.len(), 4);
+    for (g, rank) in timeline.ranks.iter().enumerate() {
+        assert_eq!(rank.rank, g as u32);
+        assert_eq!(rank.worker_id, world[g].0);
+        assert_eq!((rank.pipeline_rank, rank.ep_rank, rank.dp_replica), (g as u32 / 2, g as u32 % 2, 0));
+        assert_eq!(rank.ops, executed(&compiled_stream(g / 2), 2, false));
+        assert_eq!(rank.bubble_fraction, 0.25);
+    }
+    let trace = flotilla_coordinator::schedule::executed_chrome_trace(&timeline);
+    let events = trace["traceEvents"].as_array().unwrap();
+    assert_eq!(events.iter().filter(|e| e["name"] == "process_name").count(), 4);
+    let ops: usize = timeline.ranks.iter().map(|r| r.ops.len()).sum();
+    assert_eq!(events.iter().filter(|e| e["ph"] == "X").count(), ops);
+
+    let status = step_timeline(&mut client, &job.job_id, 9).await.unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    assert!(
+        status.message().contains("step 9") && status.message().contains("steps 1 to 3"),
+        "{}",
+        status.message()
+    );
+    let status = step_timeline(&mut client, "job-999999", 1).await.unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    assert!(status.message().contains("job-999999"), "{}", status.message());
+
+    // A data-parallel job has none; it runs on the same workers with no pipeline.
+    let plain = submit(&mut client, 4, 1).await;
+    let mut plain_events = watch(&mut client, &plain.job_id, 0).await;
+    assert_eq!(states(&rest(&mut plain_events).await).last(), Some(&JobState::Succeeded));
+    let status = step_timeline(&mut client, &plain.job_id, 1).await.unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    assert!(status.message().contains("data-parallel"), "{}", status.message());
+    let assignment = fakes[0]
+        .expect_command(|body| match body {
+            coordinator_message::Body::Assignment(a) if a.job_id == plain.job_id => Some(a.clone()),
+            _ => None,
+        })
+        .await;
+    assert!(assignment.pipeline.is_none());
+    coordinator.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_stream_that_deviates_from_the_compiled_one_fails_the_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = start(config(dir.path())).await;
+    let addr = coordinator.local_addr();
+    let mut client = jobs(addr).await;
+    let complete = Behavior::Complete { step_time: Duration::from_millis(5) };
+    let mut a = FakeWorker::start(addr, "w-1", complete).await;
+    let _b = FakeWorker::start(addr, "w-2", complete).await;
+    let _c = FakeWorker::start(addr, "w-3", complete).await;
+    // World rank 3, pipeline rank 1: swaps two instructions at step 2.
+    let _d = FakeWorker::start(addr, "w-4", Behavior::SwapAt(2)).await;
+    let job = submit_pipeline(&mut client, 5).await;
+    let mut events = watch(&mut client, &job.job_id, 0).await;
+    let events = rest(&mut events).await;
+
+    let stream = compiled_stream(1);
+    let (i, j) = swap_pair(&stream);
+    let expected = format!(
+        "rank 3 (worker w-4) step 2: executed stream deviates from the compiled DualPipe stream at instruction {i}: compiled {}, executed {}",
+        describe(stream[i]),
+        describe(stream[j])
+    );
+    let (from, to, reason) = state_change(events.last().unwrap()).unwrap();
+    assert_eq!((from, to), (JobState::Running, JobState::Failed));
+    assert_eq!(reason, expected);
+    assert!(reason.contains("compiled F (mb "), "{reason}");
+    // Step 2 was never summarized.
+    assert!(!events.iter().any(|e| matches!(&e.event, Some(job_event::Event::Step(s)) if s.step >= 2)));
+    assert_eq!(get(&mut client, &job.job_id).await.reason, expected);
+    let abort = a
+        .expect_command(|body| match body {
+            coordinator_message::Body::Abort(abort) => Some(abort.clone()),
+            _ => None,
+        })
+        .await;
+    assert_eq!(abort.reason, expected);
+    // What the rank did execute is kept for inspection.
+    let timeline = step_timeline(&mut client, &job.job_id, 2).await.expect("step 2 is kept");
+    assert_eq!(timeline.ranks[3].ops, executed(&stream, 2, true));
+    coordinator.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_pending_pipeline_job_is_placed_again_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = start(config(dir.path())).await;
+    let mut client = jobs(coordinator.local_addr()).await;
+    let job = submit_pipeline(&mut client, 2).await;
+    drop(client);
+    coordinator.shutdown().await.unwrap();
+
+    let coordinator = start(config(dir.path())).await;
+    let addr = coordinator.local_addr();
+    let mut client = jobs(addr).await;
+    let complete = Behavior::Complete { step_time: Duration::from_millis(2) };
+    let mut fakes = Vec::new();
+    for id in ["w-1", "w-2", "w-3", "w-4"] {
+        fakes.push(FakeWorker::start(addr, id, complete).await);
+    }
+    wait_for_state(&mut client, &job.job_id, JobState::Succeeded).await;
+    let assignment = fakes[3]
+        .expect_command(|body| match body {
+            coordinator_message::Body::Assignment(a) => Some(a.clone()),
+            _ => None,
+        })
+        .await;
+    assert_eq!(assignment.pipeline.expect("a pipeline assignment").stream, compiled_stream(1));
+    assert_eq!(step_timeline(&mut client, &job.job_id, 2).await.unwrap().ranks.len(), 4);
     coordinator.shutdown().await.unwrap();
 }
 

@@ -35,7 +35,7 @@
 use crate::config::ModelConfig;
 use crate::ffn::{FfnCache, FfnWeightGradInputs, SwiGluFfn};
 use crate::mla::{Mla, MlaCache, MlaWeightGradInputs};
-use crate::moe::{MoeCache, MoeLayer, MoeWeightGradInputs};
+use crate::moe::{ExpertExchange, ExpertShard, MoeCache, MoeLayer, MoeWeightGradInputs};
 use crate::norm::{RmsNorm, RmsNormCache};
 use crate::param::Param;
 use crate::precision::{CacheBytes, CachedActivation, Precision};
@@ -177,7 +177,8 @@ impl<T: Real> Block<T> {
     /// The block `model.layers.{layer}` of `config`, with an MoE `mlp` if `moe` (else the
     /// dense FFN), sharing the rope table `rope` ([`Mla::rope_table`]`(config)`); weights
     /// drawn by `(seed, name)`, norms at 1, selection bias at 0. `recompute` is set on
-    /// the block and its attention.
+    /// the block and its attention. An MoE `mlp` holds every routed expert
+    /// ([`Block::new_sharded`] with [`ExpertShard::FULL`]).
     pub fn new(
         config: &ModelConfig,
         layer: usize,
@@ -186,12 +187,26 @@ impl<T: Real> Block<T> {
         recompute: bool,
         rope: Arc<RopeTable<T>>,
     ) -> Result<Self, ModelError> {
+        Self::new_sharded(config, layer, moe, seed, recompute, rope, ExpertShard::FULL)
+    }
+
+    /// [`Block::new`] whose MoE `mlp` holds only the routed experts of `shard`
+    /// ([`MoeLayer::new_sharded`]); a dense block ignores `shard`.
+    pub fn new_sharded(
+        config: &ModelConfig,
+        layer: usize,
+        moe: bool,
+        seed: u64,
+        recompute: bool,
+        rope: Arc<RopeTable<T>>,
+        shard: ExpertShard,
+    ) -> Result<Self, ModelError> {
         let prefix = format!("model.layers.{layer}");
         let name = |p: &str| format!("{prefix}.{p}");
         let (hidden, eps) = (config.hidden_size, config.rms_norm_eps);
         let self_attn = Mla::with_rope_table(config, &name("self_attn"), seed, recompute, rope)?;
         let mlp = if moe {
-            Mlp::Moe(MoeLayer::new(config, &name("mlp"), seed)?)
+            Mlp::Moe(MoeLayer::new_sharded(config, &name("mlp"), seed, shard)?)
         } else {
             Mlp::Dense(SwiGluFfn::new(
                 &name("mlp"),
@@ -272,7 +287,10 @@ impl<T: Real> Block<T> {
     }
 
     /// `y = block(x)` for `x`, `y`: `[batch·seq, hidden]` (`y` overwritten), with the MoE
-    /// balance loss of weight `balance_alpha` (ignored by dense blocks; 0 disables).
+    /// balance loss of weight `balance_alpha` (ignored by dense blocks; 0 disables). An MoE
+    /// block moves its routed rows through `exchange` (its EP group; [`crate::moe::LocalExchange`]
+    /// when it holds every expert); a dense block never calls it.
+    #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
         x: &[T],
@@ -281,6 +299,7 @@ impl<T: Real> Block<T> {
         balance_alpha: f64,
         y: &mut [T],
         threads: usize,
+        exchange: &mut dyn ExpertExchange,
     ) -> Result<BlockCache<T>, ModelError> {
         let rows = batch.checked_mul(seq).ok_or_else(|| ModelError::Tensor {
             tensor: self.prefix.clone(),
@@ -309,7 +328,8 @@ impl<T: Real> Block<T> {
                 // live through the forward: the kept form is built from a borrow (a copy
                 // under fp32 and bf16).
                 let input = moe.cache_input(&mlp_normed, rows)?;
-                let cache = moe.forward(&mlp_normed, &input, batch, seq, balance_alpha, y, threads)?;
+                let cache =
+                    moe.forward(&mlp_normed, &input, batch, seq, balance_alpha, y, threads, exchange)?;
                 (MlpCache::Moe(cache), input)
             }
         };
@@ -337,7 +357,9 @@ impl<T: Real> Block<T> {
     /// B: `dx` (`[batch·seq, hidden]`, overwritten) from the output gradient `dy`, given
     /// the forward input `x`; `balance_grad` is the gradient of the total loss with
     /// respect to this block's balance loss (normally 1; ignored by dense blocks and when
-    /// its α was 0). Returns what [`Block::backward_weight`] needs.
+    /// its α was 0); an MoE block exchanges its routed rows' gradients through `exchange`
+    /// (the forward's group). Returns what [`Block::backward_weight`] needs.
+    #[allow(clippy::too_many_arguments)]
     pub fn backward_input(
         &self,
         cache: &BlockCache<T>,
@@ -346,6 +368,7 @@ impl<T: Real> Block<T> {
         balance_grad: T,
         dx: &mut [T],
         threads: usize,
+        exchange: &mut dyn ExpertExchange,
     ) -> Result<BlockWeightGradInputs<T>, ModelError> {
         let n = self.check_cache(cache, x)?;
         check_len(&self.prefix, "output gradient", n, dy.len())?;
@@ -364,6 +387,7 @@ impl<T: Real> Block<T> {
                 &mut d_mlp_input,
                 false,
                 threads,
+                exchange,
             )?),
             _ => return Err(self.mismatch()),
         };

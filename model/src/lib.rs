@@ -14,7 +14,11 @@
 //!   gradient) and W (weight gradient), generic over [`Real`] (f32, f64).
 //! - [`moe`]: the DeepSeekMoE layer: sigmoid gate with group-limited top-k on
 //!   bias-corrected scores, shared + routed SwiGLU experts on a grouped layout, the
-//!   sequence-wise balance loss, and auxiliary-loss-free bias updates.
+//!   sequence-wise balance loss, and auxiliary-loss-free bias updates; routed experts
+//!   sharded over an expert-parallel group, tokens moved by dispatch and combine.
+//! - [`expert_parallel`]: the seam to the worker's transport ([`ExpertExchange`],
+//!   [`LocalExchange`] for a group of one), the expert shards ([`ExpertShard`]) and the
+//!   byte framing of dispatch/combine messages.
 //! - [`norm`]: the RMSNorm layer (named weight, forward saving rstd, B and W backward).
 //! - [`mla`]: Multi-head Latent Attention (low-rank or plain queries, decoupled RoPE with
 //!   YaRN, causal attention core), with optional recomputation of the RMSNorms and
@@ -40,6 +44,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod embedding;
+pub mod expert_parallel;
 pub mod ffn;
 pub mod linear;
 pub mod mla;
@@ -49,11 +54,13 @@ pub mod mtp;
 pub mod norm;
 pub mod param;
 pub mod params;
+pub mod pipeline;
 pub mod precision;
 pub mod train;
 
 pub use block::Block;
 pub use config::{ConfigError, HfConfig, ModelConfig, Preset};
+pub use expert_parallel::{ExchangeKey, ExchangePhase, ExpertExchange, ExpertShard, LocalExchange};
 pub use model::{LossConfig, Model, StepStats};
 pub use mtp::MtpModule;
 pub use params::{Breakdown, ParameterCounts};

@@ -45,7 +45,7 @@ use crate::config::ModelConfig;
 use crate::embedding::Embedding;
 use crate::linear::{Linear, check_precision};
 use crate::mla::Mla;
-use crate::moe::MoeLayer;
+use crate::moe::{LocalExchange, MoeLayer};
 use crate::mtp::{MtpCache, MtpModule};
 use crate::norm::{RmsNorm, RmsNormCache};
 use crate::param::Param;
@@ -231,7 +231,7 @@ fn cast<T: Real>(v: f64, what: &str) -> Result<T, ModelError> {
 }
 
 /// `y = x·Wᵀ` with `W: [vocab, hidden]` (the head or the tied embedding).
-fn head_forward<T: Real>(
+pub(crate) fn head_forward<T: Real>(
     w: &Param<T>,
     x: &[T],
     rows: usize,
@@ -253,7 +253,7 @@ fn head_forward<T: Real>(
 }
 
 /// B of the head: `dx = dlogits·W`.
-fn head_backward_input<T: Real>(
+pub(crate) fn head_backward_input<T: Real>(
     w: &Param<T>,
     dlogits: &[T],
     rows: usize,
@@ -275,7 +275,7 @@ fn head_backward_input<T: Real>(
 }
 
 /// W of the head: `grad += dlogitsᵀ·x`.
-fn head_backward_weight<T: Real>(
+pub(crate) fn head_backward_weight<T: Real>(
     w: &mut Param<T>,
     dlogits: &[T],
     x: &[T],
@@ -550,7 +550,7 @@ impl<T: Real> Model<T> {
         let (mut xs, mut caches) = (Vec::new(), Vec::new());
         for (i, block) in self.layers.iter().enumerate() {
             let mut y = zeros(x.len());
-            let cache = block.forward(&x, batch, seq, alpha, &mut y, threads)?;
+            let cache = block.forward(&x, batch, seq, alpha, &mut y, threads, &mut LocalExchange)?;
             record_moe(stats, i, &cache);
             if keep {
                 xs.push(std::mem::replace(&mut x, y));
@@ -637,7 +637,8 @@ impl<T: Real> Model<T> {
                 (None, None) => &h0,
             };
             let mut h = zeros(rows * hidden);
-            let cache = module.forward(h_prev, &emb, batch, seq, alpha, &mut h, threads)?;
+            let cache =
+                module.forward(h_prev, &emb, batch, seq, alpha, &mut h, threads, &mut LocalExchange)?;
             record_moe(&mut stats, module.layer(), &cache.block);
             let targets = Self::gather_tokens(windows, k + 1, seq);
             let (loss, head) =
@@ -734,6 +735,7 @@ impl<T: Real> Model<T> {
                 &mut d_prev,
                 &mut d_emb,
                 threads,
+                &mut LocalExchange,
             )?;
             module.backward_weight(&pass.cache, &grads, h_prev, &pass.emb, threads)?;
             self.embed_tokens.backward_weight(&pass.tokens, &d_emb)?;
@@ -756,7 +758,7 @@ impl<T: Real> Model<T> {
             let cache = act.blocks.pop().expect("one cache per block");
             let x = act.xs.pop().expect("one input per block");
             let mut dx = zeros(n);
-            let grads = block.backward_input(&cache, &x, &dy, one, &mut dx, threads)?;
+            let grads = block.backward_input(&cache, &x, &dy, one, &mut dx, threads, &mut LocalExchange)?;
             block.backward_weight(&cache, &grads, &x, threads)?;
             dy = dx;
         }

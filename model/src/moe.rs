@@ -13,15 +13,84 @@
 //! 3. routing weights are the **unbiased** scores `s` of the chosen experts, divided by
 //!    their sum (plus 1e-20) when `norm_topk_prob`, times `routed_scaling_factor`;
 //! 4. `y = shared(x) + Σ_chosen w_e·expert_e(x)`. No token is dropped; there is no
-//!    capacity. Routed experts run on the grouped layout the distributed version
-//!    dispatches: the rows routed to expert `e` are gathered into one `[n_e, hidden]`
-//!    block (tokens in index order), the expert's FFN runs on the block, and the weighted
-//!    rows are scatter-added into `y`, experts in index order.
+//!    capacity. Routed experts run on a grouped layout: the dispatch layout is a counting
+//!    sort of the `tokens·top_k` routed rows by expert, tokens in index order within an
+//!    expert ([`MoeCache::expert_offsets`], `expert_tokens`, `expert_slots`); each expert's
+//!    FFN runs once on its block of rows, and the weighted rows are added into `y` in the
+//!    layout's order: experts in index order, then tokens in order.
 //!
 //! The gate reads `x` in the layer's float type; the experts read it as the caller keeps
 //! it for W ([`MoeLayer::cache_input`]): under fp8 one 1×128-tiled FP8 copy of all tokens,
-//! whose rows each expert gathers (the dispatch payload), and W gathers them again. Under
-//! fp8 the experts also keep their SwiGLU inputs in FP8 ([`SwiGluFfn::fp8_swiglu_inputs`]).
+//! whose rows are the dispatch payload. Each expert keeps the rows it ran on for its Wgrad
+//! ([`MoeCache::expert_inputs`], FP8 under fp8: `top_k` times the input's size), since under
+//! expert parallelism they are not on the rank that holds the tokens. Under fp8 the
+//! experts also keep their SwiGLU inputs in FP8 ([`SwiGluFfn::fp8_swiglu_inputs`]).
+//!
+//! ## Expert parallelism: dispatch → experts → combine
+//! The routed experts are split over an expert-parallel (EP) group of `n` ranks
+//! ([`ExpertShard`]): EP rank `p` holds experts `p·N/n .. (p+1)·N/n` (`n` must divide
+//! `N = n_routed_experts`; [`MoeLayer::expert_range`]); the gate, the bias and the shared
+//! experts are on every rank, and each rank routes its own tokens (their *home* rank).
+//! Messages are bytes handed to an [`ExpertExchange`] ([`LocalExchange`]: the group of
+//! one, [`ExpertShard::FULL`]), keyed by the HF layer index and the [`ExchangePhase`]:
+//!
+//! 1. Home: gate, routing, balance loss and `expert_load` (all `N` experts, this rank's
+//!    tokens) as above; the dispatch layout; the shared experts.
+//! 2. **Dispatch**: to each group rank `p`, the home's rows for `p`'s experts, a contiguous
+//!    range of the layout (expert by expert, tokens in order), from the experts' input as
+//!    kept.
+//! 3. Owner: each local expert concatenates what arrived for it, source ranks in order,
+//!    each source's rows in the order sent, runs its FFN once on that block and keeps the
+//!    block's input and its FFN cache ([`MoeCache::received_rows`] records the counts).
+//! 4. **Combine**: each owner returns to each source that source's rows of unweighted
+//!    expert outputs, in the order received; concatenated by owner they are exactly the
+//!    home's dispatch layout. The home keeps them ([`MoeCache::expert_outputs`], for
+//!    `dL/dw`) and adds `w·out` into `y` in the layout's order, as a single process does.
+//!
+//! B ([`MoeLayer::backward_input`]): the home forms `w·dy` for every routed row and the
+//! `dL/dw` dots; **BackwardDispatch** sends the rows to the owners in the dispatch layout
+//! (each owner checks the counts against what its forward received); each local expert
+//! runs its B on its block (keeping what its W needs); **BackwardCombine** returns the
+//! input gradients in the order received, and the home adds them into `dx` in the layout's
+//! order (after the shared experts' `dx`, before `du·G`). W ([`MoeLayer::backward_weight`])
+//! exchanges nothing: the gate from `du` and `x` on the home, each local expert from the
+//! rows it kept and their gradients.
+//!
+//! Every rank of the group makes the four exchanges of every call of the layer (two in
+//! forward, two in B) in that order, even with nothing to send: a message with no rows is
+//! the empty buffer. A message that does not parse, has the wrong length, counts that do
+//! not match, or another format than expected is a [`ModelError`] naming the layer, the
+//! phase and the source rank.
+//!
+//! ### Message formats
+//! The framing (a format tag, rows per expert, the rows) is [`crate::expert_parallel`]'s.
+//!
+//! | exchange | fp32 | bf16 | fp8 |
+//! | --- | --- | --- | --- |
+//! | Dispatch | f32 (`T`) | BF16 | E4M3 codes + 1×128 f32 scales as kept, 1 + 4/128 bytes an element |
+//! | Combine, BackwardDispatch, BackwardCombine | f32 | BF16 | BF16 |
+//!
+//! In a group of one every exchange but Dispatch stays f32, so the single-process layer
+//! rounds nothing. The dispatch is lossless in every precision: the FP8 codes and scales
+//! are what the experts' Fprop reads, and the BF16 GEMMs round their inputs to BF16 anyway
+//! (Fprop, and Wgrad again in W). Under bf16 the combine is lossless too (`down_proj`'s
+//! outputs are BF16 already), and so is BackwardDispatch (Dgrad and Wgrad round `dy` to
+//! BF16); BackwardCombine rounds the experts' input gradients, each the f32 sum of two
+//! BF16 Dgrads. Under fp8 with EP all three round, as DeepSeek's BF16 combine does: the
+//! expert outputs, the experts' output gradients (before their FP8 quantization, whose
+//! rounding is thereby drawn anew) and their input gradients; single-process fp8 does not.
+//!
+//! ### What equals what
+//! With [`LocalExchange`] the results are those of the layer before expert parallelism,
+//! bit for bit: the same blocks, the same order of every sum. Under EP in fp32 every sum
+//! on the home (into `y` and `dx`, `du`, `dG`) runs in the single-process order, and an
+//! expert's rows come back from a block holding every source's rows; so EP equals each
+//! rank's single-process run bit for bit as far as the GEMMs' per-row results do not
+//! depend on the block's other rows. The FP8 GEMM's do not; the `gemm` crate's f32 kernels
+//! are chosen by shape (a product with `rows·cols ≤ 256` sums along K in SIMD lanes, one
+//! row is a GEMV), so a rank's block of 1–4 rows of an expert may differ from the owner's
+//! in the last bits. An expert's weight gradient is one Wgrad GEMM over all sources' rows,
+//! equal to the sum of per-rank gradients to summation order.
 //!
 //! ## Ties and determinism
 //! Groups and experts are ranked by score, descending; **equal scores rank the lower
@@ -58,6 +127,7 @@
 //! its copy of the bias identically.
 
 use crate::config::ModelConfig;
+use crate::expert_parallel::{Encoder, Link, Message, Wire, concat_rows, concat_values, kept_wire};
 use crate::ffn::{FfnCache, FfnWeightGradInputs, SwiGluFfn};
 use crate::param::{Init, Param};
 use crate::precision::{CacheBytes, CachedActivation, Precision};
@@ -67,6 +137,9 @@ use flotilla_kernels::gemm::{MatMut, MatRef, matmul};
 use flotilla_kernels::quant::ScaleRounding;
 use std::borrow::Cow;
 use std::cmp::Ordering;
+use std::ops::Range;
+
+pub use crate::expert_parallel::{ExchangeKey, ExchangePhase, ExpertExchange, ExpertShard, LocalExchange};
 
 /// Added to the sum of the chosen scores before normalizing, as HF does.
 const NORM_EPS: f64 = 1e-20;
@@ -279,7 +352,8 @@ pub fn max_over_mean_load(counts: &[u64]) -> f64 {
     max * counts.len() as f64 / total as f64
 }
 
-/// One DeepSeekMoE layer: gate, shared expert(s), routed experts.
+/// One DeepSeekMoE layer: gate, shared expert(s), and the routed experts of one expert
+/// shard (all of them in a group of one).
 #[derive(Clone, Debug, PartialEq)]
 pub struct MoeLayer<T> {
     /// The HF name prefix, e.g. `model.layers.3.mlp`.
@@ -298,11 +372,19 @@ pub struct MoeLayer<T> {
     /// FFN of width `n_shared·moe_intermediate_size`, as HF stores them; `None` when
     /// `n_shared_experts = 0`.
     pub shared_experts: Option<SwiGluFfn<T>>,
-    /// `{prefix}.experts.{e}.*`, one FFN of width `moe_intermediate_size` each.
+    /// The local routed experts, `{prefix}.experts.{e}.*` for `e` in
+    /// [`MoeLayer::expert_range`] in order (`experts[j]` is expert `expert_range().start + j`),
+    /// one FFN of width `moe_intermediate_size` each.
     pub experts: Vec<SwiGluFfn<T>>,
+    /// The HF layer index (from the prefix), which keys the layer's exchanges.
+    layer: usize,
+    /// Which routed experts this layer holds.
+    shard: ExpertShard,
 }
 
-/// What [`MoeLayer::forward`] keeps for backward, and what it reports.
+/// What [`MoeLayer::forward`] keeps for backward, and what it reports. The first part is
+/// the home rank's (its tokens: routing, the dispatch layout, the combined outputs), the
+/// last four fields the owner's (the rows its local experts received and ran).
 #[derive(Clone, Debug, PartialEq)]
 pub struct MoeCache<T> {
     /// Sequences in the call.
@@ -320,11 +402,9 @@ pub struct MoeCache<T> {
     pub expert_tokens: Vec<usize>,
     /// The position (0..top_k) of each dispatched row in its token's [`Routing`] entry.
     pub expert_slots: Vec<usize>,
-    /// Each dispatched row's unweighted expert output, `[tokens·top_k, hidden]` (for
-    /// `dL/dw = ⟨dy, expert(x)⟩`).
+    /// Each dispatched row's unweighted expert output as Combine returned it,
+    /// `[tokens·top_k, hidden]` in the dispatch layout (for `dL/dw = ⟨dy, expert(x)⟩`).
     pub expert_outputs: Vec<T>,
-    /// Each routed expert's FFN cache; `None` for experts that got no token.
-    pub expert_caches: Vec<Option<FfnCache<T>>>,
     /// The shared expert's FFN cache.
     pub shared: Option<FfnCache<T>>,
     /// The balance-loss weight α of the call.
@@ -333,8 +413,18 @@ pub struct MoeCache<T> {
     pub seq_load: Vec<T>,
     /// `L_bal`, the mean over sequences (0 when α = 0).
     pub balance_loss: T,
-    /// Tokens routed to each expert in this call, `[n_routed]`.
+    /// Tokens of this call routed to each expert (all `n_routed`, local or not).
     pub expert_load: Vec<u64>,
+    /// The EP degree of the call.
+    pub group_size: usize,
+    /// Rows each local expert received from each group rank, `[local experts, group_size]`:
+    /// local expert `j` ran on source 0's rows, then source 1's, …, each in the order sent.
+    pub received_rows: Vec<usize>,
+    /// Each local expert's received input as kept (FP8 codes and scales under fp8), read
+    /// by its Wgrad; `None` for experts that got no row.
+    pub expert_inputs: Vec<Option<CachedActivation<T>>>,
+    /// Each local expert's FFN cache; `None` for experts that got no row.
+    pub expert_caches: Vec<Option<FfnCache<T>>>,
 }
 
 impl<T: Real> MoeCache<T> {
@@ -348,15 +438,18 @@ impl<T: Real> MoeCache<T> {
         let indices = self.routing.experts.len()
             + self.expert_offsets.len()
             + self.expert_tokens.len()
-            + self.expert_slots.len();
+            + self.expert_slots.len()
+            + self.received_rows.len();
         let floats =
             self.scores.len() + self.routing.weights.len() + self.expert_outputs.len() + self.seq_load.len();
         let ffns: CacheBytes =
             self.expert_caches.iter().chain([&self.shared]).flatten().map(FfnCache::bytes).sum();
+        let inputs: CacheBytes = self.expert_inputs.iter().flatten().map(CachedActivation::bytes).sum();
         CacheBytes::of::<T>(floats)
             + CacheBytes::of::<usize>(indices)
             + CacheBytes::of::<u64>(self.expert_load.len())
             + ffns
+            + inputs
     }
 }
 
@@ -365,18 +458,41 @@ impl<T: Real> MoeCache<T> {
 pub struct MoeWeightGradInputs<T> {
     /// The shared expert's.
     pub shared: Option<FfnWeightGradInputs<T>>,
-    /// Each routed expert's (its `dy` is the weighted gradient of its gathered rows);
-    /// `None` for experts that got no token.
+    /// Each local routed expert's (its `dy` is the weighted gradient of the rows it
+    /// received); `None` for experts that got no row.
     pub experts: Vec<Option<FfnWeightGradInputs<T>>>,
     /// Gradient at the gate logits `u`, `[tokens, n_routed]` (routing-weight and
     /// balance-loss terms).
     pub du: Vec<T>,
 }
 
+/// The layer index `i` of a prefix `model.layers.{i}.…`.
+fn layer_of(prefix: &str) -> Result<usize, ModelError> {
+    let index = prefix.strip_prefix("model.layers.").and_then(|rest| rest.split('.').next());
+    index.and_then(|i| i.parse().ok()).ok_or_else(|| ModelError::Tensor {
+        tensor: prefix.to_string(),
+        detail: "an MoE layer's prefix must be `model.layers.{i}.…` (its index keys the exchanges)".into(),
+    })
+}
+
 impl<T: Real> MoeLayer<T> {
-    /// The MoE layer `{prefix}` (e.g. `model.layers.3.mlp`) of `cfg`, weights drawn from
-    /// Normal(0, `initializer_range`) by `(seed, name)`, bias 0.
+    /// The MoE layer `{prefix}` (e.g. `model.layers.3.mlp`) of `cfg` with every routed
+    /// expert: [`MoeLayer::new_sharded`] with [`ExpertShard::FULL`].
     pub fn new(cfg: &ModelConfig, prefix: &str, seed: u64) -> Result<Self, ModelError> {
+        Self::new_sharded(cfg, prefix, seed, ExpertShard::FULL)
+    }
+
+    /// The MoE layer `{prefix}` (`model.layers.{i}.…`) of `cfg` holding the routed experts
+    /// of `shard` (EP rank `p` of `n` holds experts `p·N/n .. (p+1)·N/n`; `n` must divide
+    /// `N = n_routed_experts`), and the whole gate, bias and shared experts. Weights are
+    /// drawn from Normal(0, `initializer_range`) by `(seed, name)`, so shard `p`'s expert
+    /// `e` equals the full layer's; bias 0.
+    pub fn new_sharded(
+        cfg: &ModelConfig,
+        prefix: &str,
+        seed: u64,
+        shard: ExpertShard,
+    ) -> Result<Self, ModelError> {
         let routing = RoutingConfig::from_model(cfg)?;
         if cfg.hidden_size == 0 || cfg.moe_intermediate_size == 0 {
             return Err(ModelError::Config(ConfigError::InvalidField {
@@ -389,6 +505,8 @@ impl<T: Real> MoeLayer<T> {
         }
         let (hidden, inter, std) = (cfg.hidden_size, cfg.moe_intermediate_size, cfg.initializer_range);
         let n = routing.n_routed_experts;
+        let local = shard.experts(n)?;
+        let layer = layer_of(prefix)?;
         let gate = Param::new(format!("{prefix}.gate.weight"), &[n, hidden], Init::Normal { std }, seed);
         let e_score_correction_bias =
             Param::new(format!("{prefix}.gate.e_score_correction_bias"), &[n], Init::Constant(0.0), seed);
@@ -401,7 +519,7 @@ impl<T: Real> MoeLayer<T> {
                 seed,
             )
         });
-        let experts = (0..n)
+        let experts = local
             .map(|e| SwiGluFfn::new(&format!("{prefix}.experts.{e}"), hidden, inter, std, seed))
             .collect();
         Ok(MoeLayer {
@@ -412,7 +530,29 @@ impl<T: Real> MoeLayer<T> {
             e_score_correction_bias,
             shared_experts,
             experts,
+            layer,
+            shard,
         })
+    }
+
+    /// The routed experts this layer holds (all of them for [`ExpertShard::FULL`]).
+    pub fn expert_range(&self) -> Range<usize> {
+        let per = self.experts_per_rank();
+        self.shard.rank * per..(self.shard.rank + 1) * per
+    }
+
+    /// The expert shard this layer holds.
+    pub fn shard(&self) -> ExpertShard {
+        self.shard
+    }
+
+    /// The HF layer index, `i` of `model.layers.{i}.mlp` (the [`ExchangeKey`]'s layer).
+    pub fn layer(&self) -> usize {
+        self.layer
+    }
+
+    fn experts_per_rank(&self) -> usize {
+        self.n_routed() / self.shard.size
     }
 
     /// Sets the precision of the shared and routed experts ([`crate::precision`]), and under
@@ -425,6 +565,12 @@ impl<T: Real> MoeLayer<T> {
         }
     }
 
+    /// The experts' precision.
+    fn precision(&self) -> Precision {
+        let experts = self.shared_experts.iter().chain(&self.experts);
+        experts.map(|e| e.gate_proj.precision).next().unwrap_or_default()
+    }
+
     /// `x: [tokens, hidden]` as the shared and routed experts keep their input
     /// ([`crate::linear::Linear::cache_input`]); a borrowed `x` is copied only when kept
     /// as it is.
@@ -433,10 +579,8 @@ impl<T: Real> MoeLayer<T> {
         x: impl Into<Cow<'a, [T]>>,
         tokens: usize,
     ) -> Result<CachedActivation<T>, ModelError> {
-        let experts = self.shared_experts.iter().chain(&self.experts);
-        let precision = experts.map(|e| e.gate_proj.precision).next().unwrap_or_default();
         let what = format!("{}.experts input", self.prefix);
-        CachedActivation::new(precision, x, tokens, self.hidden, ScaleRounding::Exact, &what)
+        CachedActivation::new(self.precision(), x, tokens, self.hidden, ScaleRounding::Exact, &what)
     }
 
     /// Routed experts.
@@ -464,10 +608,167 @@ impl<T: Real> MoeLayer<T> {
         Ok(s)
     }
 
+    /// The format of dispatched rows kept in full: BF16 under bf16 (lossless: the BF16
+    /// GEMMs round their inputs to BF16 anyway), `T` itself otherwise. FP8-kept rows go as
+    /// they are ([`kept_wire`]).
+    fn dispatch_wire(&self) -> Wire {
+        if self.precision() == Precision::Bf16 { Wire::Bf16 } else { Wire::native::<T>() }
+    }
+
+    /// The format of Combine and of both backward exchanges: BF16 under bf16 and fp8 in a
+    /// group of more than one (as DeepSeek), `T` itself under fp32 and in a group of one.
+    fn reply_wire(&self) -> Wire {
+        if self.shard.size > 1 && self.precision() != Precision::Fp32 {
+            Wire::Bf16
+        } else {
+            Wire::native::<T>()
+        }
+    }
+
+    fn link(&self, phase: ExchangePhase, peer: usize, received: bool) -> Link<'_> {
+        Link { tensor: &self.prefix, phase, peer, received }
+    }
+
+    /// Checks that `exchange` is this layer's EP group seen from this layer's rank.
+    fn check_exchange(&self, exchange: &dyn ExpertExchange) -> Result<(), ModelError> {
+        let (rank, size) = (exchange.group_rank(), exchange.group_size());
+        if (rank, size) != (self.shard.rank, self.shard.size) {
+            return Err(ModelError::Tensor {
+                tensor: self.prefix.clone(),
+                detail: format!(
+                    "the expert exchange is EP rank {rank} of {size}, the layer holds expert shard {} of {}",
+                    self.shard.rank, self.shard.size
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// One exchange of this layer: `outgoing[p]` to group rank `p`; what every rank sent
+    /// here, by source.
+    fn exchange_with(
+        &self,
+        exchange: &mut dyn ExpertExchange,
+        phase: ExchangePhase,
+        outgoing: Vec<Vec<u8>>,
+    ) -> Result<Vec<Vec<u8>>, ModelError> {
+        let incoming = exchange.exchange(ExchangeKey { layer: self.layer, phase }, outgoing)?;
+        if incoming.len() != self.shard.size {
+            return Err(ModelError::Tensor {
+                tensor: self.prefix.clone(),
+                detail: format!(
+                    "{phase:?}: {} messages came back from a group of {}",
+                    incoming.len(),
+                    self.shard.size
+                ),
+            });
+        }
+        Ok(incoming)
+    }
+
+    /// Home → owners: to each group rank `p`, the rows of `p`'s experts in the dispatch
+    /// layout `offsets` (expert by expert, tokens in order), written by
+    /// `push(message, rows of the layout)`.
+    fn messages_to_owners(
+        &self,
+        phase: ExchangePhase,
+        offsets: &[usize],
+        wire: Wire,
+        mut push: impl FnMut(&mut Encoder<'_>, Range<usize>) -> Result<(), ModelError>,
+    ) -> Result<Vec<Vec<u8>>, ModelError> {
+        let per = self.experts_per_rank();
+        (0..self.shard.size)
+            .map(|p| {
+                let experts = p * per..(p + 1) * per;
+                let counts: Vec<usize> = experts.clone().map(|e| offsets[e + 1] - offsets[e]).collect();
+                let mut message = Encoder::new(self.link(phase, p, false), wire, &counts, self.hidden)?;
+                push(&mut message, offsets[experts.start]..offsets[experts.end])?;
+                message.finish()
+            })
+            .collect()
+    }
+
+    /// Owners → home: every owner's returned rows, concatenated by owner (so in the
+    /// dispatch layout `offsets`), `[rows, hidden]`; each message must hold the rows this
+    /// rank sent its owner.
+    fn rows_from_owners(
+        &self,
+        phase: ExchangePhase,
+        offsets: &[usize],
+        incoming: &[Vec<u8>],
+        wire: Wire,
+    ) -> Result<Vec<T>, ModelError> {
+        let per = self.experts_per_rank();
+        let mut out = Vec::with_capacity(offsets[self.n_routed()] * self.hidden);
+        for (p, bytes) in incoming.iter().enumerate() {
+            let link = self.link(phase, p, true);
+            let sent: Vec<usize> = (p * per..(p + 1) * per).map(|e| offsets[e + 1] - offsets[e]).collect();
+            let message = Message::parse(link, bytes, per, self.hidden, Some(wire))?;
+            message.expect_counts(link, &sent)?;
+            for j in 0..per {
+                message.append_values(link, j, &mut out)?;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Owner: every source's message, checked; with `expected` (`[local experts,
+    /// group_size]`, what forward received) each must hold those rows.
+    fn messages_from_homes<'a>(
+        &self,
+        phase: ExchangePhase,
+        incoming: &'a [Vec<u8>],
+        wire: Option<Wire>,
+        expected: Option<&[usize]>,
+    ) -> Result<Vec<Message<'a>>, ModelError> {
+        let (per, g) = (self.experts.len(), self.shard.size);
+        let messages = incoming.iter().enumerate().map(|(s, bytes)| {
+            let link = self.link(phase, s, true);
+            let message = Message::parse(link, bytes, per, self.hidden, wire)?;
+            if let Some(rows) = expected {
+                let sent: Vec<usize> = (0..per).map(|j| rows[j * g + s]).collect();
+                message.expect_counts(link, &sent)?;
+            }
+            Ok(message)
+        });
+        messages.collect()
+    }
+
+    /// Owner → homes: to each source, its rows of every local expert, in the order they
+    /// were received; `rows[j]` is local expert `j`'s `[received rows, hidden]` (sources in
+    /// order) and `received` is [`MoeCache::received_rows`].
+    fn messages_to_homes(
+        &self,
+        phase: ExchangePhase,
+        received: &[usize],
+        rows: &[Vec<T>],
+        wire: Wire,
+    ) -> Result<Vec<Vec<u8>>, ModelError> {
+        let (per, g, h) = (self.experts.len(), self.shard.size, self.hidden);
+        for (j, r) in rows.iter().enumerate() {
+            let expected: usize = received[j * g..(j + 1) * g].iter().sum();
+            check_len(&self.prefix, &format!("{phase:?} rows of local expert {j}"), expected * h, r.len())?;
+        }
+        let mut next = vec![0usize; per];
+        (0..g)
+            .map(|s| {
+                let counts: Vec<usize> = (0..per).map(|j| received[j * g + s]).collect();
+                let mut message = Encoder::new(self.link(phase, s, false), wire, &counts, h)?;
+                for (j, (&c, r)) in counts.iter().zip(rows).enumerate() {
+                    message.push_values(&r[next[j] * h..(next[j] + c) * h])?;
+                    next[j] += c;
+                }
+                message.finish()
+            })
+            .collect()
+    }
+
     /// `y = shared(x) + Σ_chosen w_e·expert_e(x)` for `x, y: [batch·seq_len, hidden]` (`y`
     /// overwritten), with the sequence-wise balance loss of weight `balance_alpha`
     /// (0: not computed); `experts_input` is `x` as [`MoeLayer::cache_input`] keeps it.
-    /// The cache carries the balance loss and the per-expert load.
+    /// Routed rows travel through `exchange` (Dispatch, then Combine) to the ranks that
+    /// own their experts, which are this layer's EP group ([`LocalExchange`] for a layer
+    /// with every expert). The cache carries the balance loss and the per-expert load.
     #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
@@ -478,6 +779,7 @@ impl<T: Real> MoeLayer<T> {
         balance_alpha: f64,
         y: &mut [T],
         threads: usize,
+        exchange: &mut dyn ExpertExchange,
     ) -> Result<MoeCache<T>, ModelError> {
         let (tokens, h, n) = (batch * seq_len, self.hidden, self.n_routed());
         check_len(&self.gate.name, "input", tokens * h, x.len())?;
@@ -489,6 +791,7 @@ impl<T: Real> MoeLayer<T> {
                 detail: format!("balance-loss weight α must be finite and ≥ 0, got {balance_alpha}"),
             });
         }
+        self.check_exchange(exchange)?;
         let scores = self.scores(x, tokens, threads)?;
         let routing = route(&self.routing, &scores, &self.e_score_correction_bias.value, tokens)?;
         let k = routing.top_k;
@@ -518,22 +821,56 @@ impl<T: Real> MoeLayer<T> {
                 None
             }
         };
-        let mut expert_outputs = vec![T::zero(); rows * h];
-        let mut expert_caches = Vec::with_capacity(n);
-        for (e, ffn) in self.experts.iter().enumerate() {
-            let (start, end) = (expert_offsets[e], expert_offsets[e + 1]);
-            if start == end {
+
+        // Dispatch (home): each owner gets the rows of its experts, as kept.
+        let wire = kept_wire(experts_input, self.dispatch_wire());
+        let outgoing =
+            self.messages_to_owners(ExchangePhase::Dispatch, &expert_offsets, wire, |message, rows| {
+                message.push_gathered(experts_input, &expert_tokens[rows])
+            })?;
+        let incoming = self.exchange_with(exchange, ExchangePhase::Dispatch, outgoing)?;
+
+        // Experts (owner): each local expert on what arrived for it, sources in order.
+        let messages = self.messages_from_homes(ExchangePhase::Dispatch, &incoming, None, None)?;
+        let (per, g) = (self.experts.len(), self.shard.size);
+        let mut received_rows = vec![0usize; per * g];
+        for (s, message) in messages.iter().enumerate() {
+            for (j, &c) in message.counts.iter().enumerate() {
+                received_rows[j * g + s] = c;
+            }
+        }
+        let (mut expert_inputs, mut expert_caches, mut outputs) =
+            (Vec::with_capacity(per), Vec::with_capacity(per), Vec::with_capacity(per));
+        for (j, ffn) in self.experts.iter().enumerate() {
+            let received: usize = received_rows[j * g..(j + 1) * g].iter().sum();
+            if received == 0 {
+                expert_inputs.push(None);
                 expert_caches.push(None);
+                outputs.push(Vec::new());
                 continue;
             }
-            let xe = experts_input.gather_rows(&expert_tokens[start..end], h)?;
-            let out = &mut expert_outputs[start * h..end * h];
-            expert_caches.push(Some(ffn.forward(&xe, end - start, out, threads)?));
-            for (r, o) in (start..end).zip(out.chunks_exact(h)) {
-                let (t, w) = (expert_tokens[r], routing.weights[expert_tokens[r] * k + expert_slots[r]]);
-                for (yv, &ov) in y[t * h..(t + 1) * h].iter_mut().zip(o) {
-                    *yv = *yv + w * ov;
-                }
+            let input = concat_rows(&messages, j, h, |s| self.link(ExchangePhase::Dispatch, s, true))?;
+            let mut out = vec![T::zero(); received * h];
+            expert_caches.push(Some(ffn.forward(&input, received, &mut out, threads)?));
+            expert_inputs.push(Some(input));
+            outputs.push(out);
+        }
+        drop(messages);
+        drop(incoming);
+
+        // Combine: the unweighted outputs go home, where w·out is added to y, experts in
+        // index order, tokens in order.
+        let wire = self.reply_wire();
+        let replies = self.messages_to_homes(ExchangePhase::Combine, &received_rows, &outputs, wire)?;
+        drop(outputs);
+        let returned = self.exchange_with(exchange, ExchangePhase::Combine, replies)?;
+        let expert_outputs =
+            self.rows_from_owners(ExchangePhase::Combine, &expert_offsets, &returned, wire)?;
+        drop(returned);
+        for (r, out) in expert_outputs.chunks_exact(h).enumerate() {
+            let (t, w) = (expert_tokens[r], routing.weights[expert_tokens[r] * k + expert_slots[r]]);
+            for (yv, &ov) in y[t * h..(t + 1) * h].iter_mut().zip(out) {
+                *yv = *yv + w * ov;
             }
         }
 
@@ -551,12 +888,15 @@ impl<T: Real> MoeLayer<T> {
             expert_tokens,
             expert_slots,
             expert_outputs,
-            expert_caches,
             shared,
             balance_alpha,
             seq_load,
             balance_loss,
             expert_load,
+            group_size: g,
+            received_rows,
+            expert_inputs,
+            expert_caches,
         })
     }
 
@@ -598,9 +938,31 @@ impl<T: Real> MoeLayer<T> {
         (seq_load, total * cast(alpha / batch as f64))
     }
 
+    /// Checks that `cache` came from this layer's forward in this EP group.
+    fn check_cache(&self, cache: &MoeCache<T>) -> Result<(), ModelError> {
+        let (tokens, n, k) = (cache.tokens(), self.n_routed(), cache.routing.top_k);
+        let (per, g, rows) = (self.experts.len(), self.shard.size, tokens * k);
+        let name = &self.gate.name;
+        check_len(name, "cached scores", tokens * n, cache.scores.len())?;
+        check_len(name, "cached routing weights", rows, cache.routing.weights.len())?;
+        check_len(name, "cached expert offsets", n + 1, cache.expert_offsets.len())?;
+        check_len(name, "cached dispatched rows", rows, cache.expert_offsets[n])?;
+        check_len(name, "cached dispatched tokens", rows, cache.expert_tokens.len())?;
+        check_len(name, "cached dispatched slots", rows, cache.expert_slots.len())?;
+        check_len(name, "cached expert outputs", rows * self.hidden, cache.expert_outputs.len())?;
+        check_len(name, "cached EP degree", g, cache.group_size)?;
+        check_len(name, "cached received rows", per * g, cache.received_rows.len())?;
+        check_len(name, "cached expert inputs", per, cache.expert_inputs.len())?;
+        check_len(name, "cached expert caches", per, cache.expert_caches.len())?;
+        Ok(())
+    }
+
     /// B: `dx` (overwritten, or accumulated with `accumulate`) from the output gradient
     /// `dy` and `balance_grad`, the gradient of the total loss with respect to the
-    /// balance loss the forward reported (normally 1; ignored when its α was 0).
+    /// balance loss the forward reported (normally 1; ignored when its α was 0). The
+    /// routed rows' gradients travel through `exchange` (BackwardDispatch, then
+    /// BackwardCombine), the same group as the forward's.
+    #[allow(clippy::too_many_arguments)]
     pub fn backward_input(
         &self,
         cache: &MoeCache<T>,
@@ -609,13 +971,14 @@ impl<T: Real> MoeLayer<T> {
         dx: &mut [T],
         accumulate: bool,
         threads: usize,
+        exchange: &mut dyn ExpertExchange,
     ) -> Result<MoeWeightGradInputs<T>, ModelError> {
         let (tokens, h, n) = (cache.tokens(), self.hidden, self.n_routed());
         let k = cache.routing.top_k;
         check_len(&self.gate.name, "output gradient", tokens * h, dy.len())?;
         check_len(&self.gate.name, "input gradient", tokens * h, dx.len())?;
-        check_len(&self.gate.name, "cached scores", tokens * n, cache.scores.len())?;
-        check_len(&self.gate.name, "cached expert outputs", tokens * k * h, cache.expert_outputs.len())?;
+        self.check_cache(cache)?;
+        self.check_exchange(exchange)?;
 
         let shared = match (&self.shared_experts, &cache.shared) {
             (Some(ffn), Some(c)) => Some(ffn.backward_input(c, dy, dx, accumulate, threads)?),
@@ -633,36 +996,60 @@ impl<T: Real> MoeLayer<T> {
             }
         };
 
-        // Routed experts: weighted dy per gathered row, dx scattered back; and
+        // Home: the weighted gradient w·dy of every dispatched row, and
         // dL/dw = ⟨dy_t, expert_e(x_t)⟩ per (token, slot).
         let mut dw = vec![T::zero(); tokens * k];
-        let mut experts = Vec::with_capacity(n);
-        for (e, ffn) in self.experts.iter().enumerate() {
-            let (start, end) = (cache.expert_offsets[e], cache.expert_offsets[e + 1]);
-            let Some(c) = &cache.expert_caches[e] else {
+        let mut dye = vec![T::zero(); tokens * k * h];
+        for (r, d) in dye.chunks_exact_mut(h).enumerate() {
+            let (t, slot) = (cache.expert_tokens[r], cache.expert_slots[r]);
+            let w = cache.routing.weights[t * k + slot];
+            let dyt = &dy[t * h..(t + 1) * h];
+            let out = &cache.expert_outputs[r * h..(r + 1) * h];
+            let mut dot = T::zero();
+            for ((dv, &g), &o) in d.iter_mut().zip(dyt).zip(out) {
+                *dv = w * g;
+                dot = dot + g * o;
+            }
+            dw[t * k + slot] = dot;
+        }
+        let wire = self.reply_wire();
+        let phase = ExchangePhase::BackwardDispatch;
+        let outgoing = self.messages_to_owners(phase, &cache.expert_offsets, wire, |m, rows| {
+            m.push_values(&dye[rows.start * h..rows.end * h])
+        })?;
+        drop(dye);
+        let incoming = self.exchange_with(exchange, phase, outgoing)?;
+
+        // Owner: each local expert's B on the gradients of the rows it ran.
+        let messages = self.messages_from_homes(phase, &incoming, Some(wire), Some(&cache.received_rows))?;
+        let (mut experts, mut dxs) = (Vec::with_capacity(self.experts.len()), Vec::new());
+        for (j, ffn) in self.experts.iter().enumerate() {
+            let Some(c) = &cache.expert_caches[j] else {
                 experts.push(None);
+                dxs.push(Vec::new());
                 continue;
             };
-            let mut dye = vec![T::zero(); (end - start) * h];
-            for (r, d) in (start..end).zip(dye.chunks_exact_mut(h)) {
-                let (t, slot) = (cache.expert_tokens[r], cache.expert_slots[r]);
-                let w = cache.routing.weights[t * k + slot];
-                let dyt = &dy[t * h..(t + 1) * h];
-                let out = &cache.expert_outputs[r * h..(r + 1) * h];
-                let mut dot = T::zero();
-                for ((dv, &g), &o) in d.iter_mut().zip(dyt).zip(out) {
-                    *dv = w * g;
-                    dot = dot + g * o;
-                }
-                dw[t * k + slot] = dot;
-            }
-            let mut dxe = vec![T::zero(); (end - start) * h];
+            let dye = concat_values(&messages, j, h, |s| self.link(phase, s, true))?;
+            let mut dxe = vec![T::zero(); c.rows * h];
             experts.push(Some(ffn.backward_input(c, &dye, &mut dxe, false, threads)?));
-            for (r, d) in (start..end).zip(dxe.chunks_exact(h)) {
-                let t = cache.expert_tokens[r];
-                for (xv, &dv) in dx[t * h..(t + 1) * h].iter_mut().zip(d) {
-                    *xv = *xv + dv;
-                }
+            dxs.push(dxe);
+        }
+        drop(messages);
+        drop(incoming);
+
+        // BackwardCombine: the input gradients go home and are added to dx, experts in
+        // index order, tokens in order.
+        let replies =
+            self.messages_to_homes(ExchangePhase::BackwardCombine, &cache.received_rows, &dxs, wire)?;
+        drop(dxs);
+        let returned = self.exchange_with(exchange, ExchangePhase::BackwardCombine, replies)?;
+        let dxe =
+            self.rows_from_owners(ExchangePhase::BackwardCombine, &cache.expert_offsets, &returned, wire)?;
+        drop(returned);
+        for (r, d) in dxe.chunks_exact(h).enumerate() {
+            let t = cache.expert_tokens[r];
+            for (xv, &dv) in dx[t * h..(t + 1) * h].iter_mut().zip(d) {
+                *xv = *xv + dv;
             }
         }
 
@@ -718,9 +1105,10 @@ impl<T: Real> MoeLayer<T> {
         Ok(MoeWeightGradInputs { shared, experts, du })
     }
 
-    /// W: accumulates the gradients of the gate weight (`duᵀ·x`) and of every expert that
-    /// got tokens; `x` and `experts_input` are the forward's (each expert's rows are
-    /// gathered from `experts_input` again). The bias gets none.
+    /// W: accumulates the gradients of the gate weight (`duᵀ·x`, `x` the forward's), of the
+    /// shared experts (from `experts_input`, the forward's) and of every local expert that
+    /// got rows (from the rows it received, kept in the cache). No exchange; the bias gets
+    /// no gradient.
     pub fn backward_weight(
         &mut self,
         cache: &MoeCache<T>,
@@ -733,13 +1121,14 @@ impl<T: Real> MoeLayer<T> {
         check_len(&self.gate.name, "input", tokens * h, x.len())?;
         check_len(&self.gate.name, "experts' input", tokens * h, experts_input.len())?;
         check_len(&self.gate.name, "logit gradient", tokens * n, grads.du.len())?;
+        self.check_cache(cache)?;
         if let (Some(ffn), Some(c), Some(g)) = (&mut self.shared_experts, &cache.shared, &grads.shared) {
             ffn.backward_weight(c, g, experts_input, threads)?;
         }
-        for (e, ffn) in self.experts.iter_mut().enumerate() {
-            if let (Some(c), Some(Some(g))) = (&cache.expert_caches[e], grads.experts.get(e)) {
-                let rows = &cache.expert_tokens[cache.expert_offsets[e]..cache.expert_offsets[e + 1]];
-                ffn.backward_weight(c, g, &experts_input.gather_rows(rows, h)?, threads)?;
+        for (j, ffn) in self.experts.iter_mut().enumerate() {
+            let kept = (&cache.expert_caches[j], &cache.expert_inputs[j], grads.experts.get(j));
+            if let (Some(c), Some(input), Some(Some(g))) = kept {
+                ffn.backward_weight(c, g, input, threads)?;
             }
         }
         matmul(
@@ -778,8 +1167,8 @@ impl<T: Real> MoeLayer<T> {
         Ok(())
     }
 
-    /// The parameters an optimizer updates: gate weight, shared experts, routed experts
-    /// (not the selection bias).
+    /// The parameters an optimizer updates: gate weight, shared experts, local routed
+    /// experts (not the selection bias).
     pub fn params_mut(&mut self) -> Vec<&mut Param<T>> {
         let mut out = vec![&mut self.gate];
         if let Some(ffn) = &mut self.shared_experts {
@@ -791,7 +1180,8 @@ impl<T: Real> MoeLayer<T> {
         out
     }
 
-    /// Every parameter a checkpoint holds, the selection bias included.
+    /// Every parameter a checkpoint holds, the selection bias included; of the routed
+    /// experts, the local ones.
     pub fn params(&self) -> Vec<&Param<T>> {
         let mut out = vec![&self.gate, &self.e_score_correction_bias];
         for ffn in self.shared_experts.iter().chain(&self.experts) {

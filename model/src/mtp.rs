@@ -58,6 +58,7 @@
 use crate::block::{Block, BlockCache, BlockWeightGradInputs};
 use crate::config::ModelConfig;
 use crate::linear::Linear;
+use crate::moe::{ExpertExchange, ExpertShard};
 use crate::norm::{RmsNorm, RmsNormCache};
 use crate::param::Param;
 use crate::precision::{CacheBytes, CachedActivation, Precision};
@@ -142,13 +143,27 @@ fn zeros<T: Real>(n: usize) -> Vec<T> {
 impl<T: Real> MtpModule<T> {
     /// Module `depth` (1-based, `1..=num_nextn_predict_layers`) of `config`, named
     /// `model.layers.{num_hidden_layers + depth − 1}`, sharing the rope table `rope`;
-    /// weights drawn by `(seed, name)`, norms at 1.
+    /// weights drawn by `(seed, name)`, norms at 1. An MoE block holds every routed
+    /// expert ([`MtpModule::new_sharded`] with [`ExpertShard::FULL`]).
     pub fn new(
         config: &ModelConfig,
         depth: usize,
         seed: u64,
         recompute: bool,
         rope: Arc<RopeTable<T>>,
+    ) -> Result<Self, ModelError> {
+        Self::new_sharded(config, depth, seed, recompute, rope, ExpertShard::FULL)
+    }
+
+    /// [`MtpModule::new`] whose block's MoE layer holds only the routed experts of `shard`
+    /// ([`Block::new_sharded`]).
+    pub fn new_sharded(
+        config: &ModelConfig,
+        depth: usize,
+        seed: u64,
+        recompute: bool,
+        rope: Arc<RopeTable<T>>,
+        shard: ExpertShard,
     ) -> Result<Self, ModelError> {
         if depth == 0 || depth > config.num_nextn_predict_layers {
             return Err(ModelError::Tensor {
@@ -163,7 +178,8 @@ impl<T: Real> MtpModule<T> {
         let prefix = format!("model.layers.{layer}");
         let name = |p: &str| format!("{prefix}.{p}");
         let (hidden, eps) = (config.hidden_size, config.rms_norm_eps);
-        let block = Block::new(config, layer, config.n_routed_experts > 0, seed, recompute, rope)?;
+        let moe = config.n_routed_experts > 0;
+        let block = Block::new_sharded(config, layer, moe, seed, recompute, rope, shard)?;
         Ok(MtpModule {
             enorm: RmsNorm::new(&name("enorm"), hidden, eps),
             hnorm: RmsNorm::new(&name("hnorm"), hidden, eps),
@@ -231,7 +247,8 @@ impl<T: Real> MtpModule<T> {
 
     /// `h^k` into `out` (`[batch·seq, hidden]`, overwritten) from the previous depth's
     /// hidden state `h_prev` and the embeddings `emb` of the tokens `t_{i+k}` (both
-    /// `[batch·seq, hidden]`), with the block's balance loss of weight `balance_alpha`.
+    /// `[batch·seq, hidden]`), with the block's balance loss of weight `balance_alpha`; an
+    /// MoE block moves its routed rows through `exchange` ([`Block::forward`]).
     #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
@@ -242,6 +259,7 @@ impl<T: Real> MtpModule<T> {
         balance_alpha: f64,
         out: &mut [T],
         threads: usize,
+        exchange: &mut dyn ExpertExchange,
     ) -> Result<MtpCache<T>, ModelError> {
         let rows = self.rows(batch, seq)?;
         let n = rows * self.hidden;
@@ -251,7 +269,7 @@ impl<T: Real> MtpModule<T> {
         let (concat, enorm, hnorm) = self.concat(h_prev, emb, rows)?;
         let mut block_input = zeros(n);
         self.eh_proj.forward_from(&concat, rows, &mut block_input, threads)?;
-        let block = self.block.forward(&block_input, batch, seq, balance_alpha, out, threads)?;
+        let block = self.block.forward(&block_input, batch, seq, balance_alpha, out, threads, exchange)?;
         let concat = (!self.recompute).then_some(concat);
         Ok(MtpCache { batch, seq, enorm, hnorm, concat, block_input, block })
     }
@@ -259,7 +277,7 @@ impl<T: Real> MtpModule<T> {
     /// B: from `d_out`, the gradient at `h^k`, writes (overwriting) the gradients at the
     /// inputs, `d_h_prev` and `d_emb` (`[batch·seq, hidden]`); `h_prev` and `emb` are the
     /// forward inputs, `balance_grad` the gradient of the total loss with respect to the
-    /// block's balance loss.
+    /// block's balance loss; an MoE block exchanges through `exchange` (the forward's group).
     #[allow(clippy::too_many_arguments)]
     pub fn backward_input(
         &self,
@@ -271,6 +289,7 @@ impl<T: Real> MtpModule<T> {
         d_h_prev: &mut [T],
         d_emb: &mut [T],
         threads: usize,
+        exchange: &mut dyn ExpertExchange,
     ) -> Result<MtpWeightGradInputs<T>, ModelError> {
         let rows = cache.rows();
         let h = self.hidden;
@@ -288,6 +307,7 @@ impl<T: Real> MtpModule<T> {
             balance_grad,
             &mut d_block_input,
             threads,
+            exchange,
         )?;
         let mut d_concat = zeros(2 * n);
         self.eh_proj.backward_input(&d_block_input, rows, &mut d_concat, false, threads)?;

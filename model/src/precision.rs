@@ -36,9 +36,11 @@
 //! - **MoE dispatch in FP8**: the MoE layer's input is quantized once per token (1×128
 //!   tiles), and each expert gathers its rows' codes and scales: the payload a
 //!   distributed dispatch sends, bit-identical to quantizing each expert's gathered rows.
+//!   Under expert parallelism those codes and scales are what travels
+//!   ([`crate::expert_parallel`]), and the combine returns BF16.
 //! - Not emulated: power-of-two scales for the dispatch payload and for the activation
-//!   gradient before the down-projections (the report uses them there too), FP8
-//!   communication, the limited-precision tensor-core accumulator
+//!   gradient before the down-projections (the report uses them there too), the
+//!   limited-precision tensor-core accumulator
 //!   ([`Accumulation::Limited`] exists in the kernels but training uses exact f32).
 //!
 //! ## Cached activations (report §3.3.3, "Low-Precision Storage")

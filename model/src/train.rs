@@ -112,6 +112,48 @@ pub struct TrainConfig {
     /// The bias update.
     #[serde(default)]
     pub balance: BalanceConfig,
+    /// Pipeline and expert parallelism (`flotilla run` across workers); absent: plain data
+    /// parallelism. Single-process training ignores it and computes the same step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parallel: Option<ParallelConfig>,
+}
+
+/// The `[parallel]` table of a run: the layout of a pipeline/expert-parallel job. The
+/// coordinator checks it against the cluster and the model (it owns the schedule kinds);
+/// workers obey the assignment it derives from it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParallelConfig {
+    /// Pipeline stages (layer groups).
+    pub pp: u32,
+    /// Expert-parallel degree: ranks sharing one copy of each layer's routed experts.
+    #[serde(default = "one")]
+    pub ep: u32,
+    /// Data-parallel replicas of each expert shard.
+    #[serde(default = "one")]
+    pub dp: u32,
+    /// The schedule: `dualpipe` (default), `dualpipev`, `1f1b` or `zb1p`.
+    #[serde(default = "default_schedule")]
+    pub schedule: String,
+    /// Micro-batches per pipeline per step.
+    pub micro_batches: u32,
+    /// Run the two chunks of DualPipe's overlapped forward&backward pairs on two threads,
+    /// so one's all-to-all waits while the other computes (default); `false` runs them one
+    /// after the other, for measuring what the overlap hides.
+    #[serde(default = "yes")]
+    pub overlap: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn default_schedule() -> String {
+    "dualpipe".into()
 }
 
 /// Errors of a training run.
@@ -353,41 +395,61 @@ impl Trainer {
         }
         self.step = step;
 
-        let ratios: Vec<f64> = stats.expert_loads.iter().map(|l| crate::moe::max_over_mean_load(l)).collect();
-        let tokens = (self.config.batch_size * self.config.seq_len) as f64;
-        Ok(StepRecord {
-            step,
-            loss: stats.loss,
-            main_ce: stats.main_ce,
-            mtp_ce: stats.mtp_ce.clone(),
-            balance_loss: stats.balance_loss,
-            lr: lr as f64,
-            grad_norm,
-            tokens_per_s: tokens / start.elapsed().as_secs_f64(),
-            max_expert_load: ratios.iter().copied().fold(0.0, f64::max),
-            mean_expert_load: if ratios.is_empty() {
-                0.0
-            } else {
-                ratios.iter().sum::<f64>() / ratios.len() as f64
-            },
-            expert_loads: stats
-                .moe_layers
-                .iter()
-                .zip(&stats.expert_loads)
-                .map(|(&layer, tokens)| LayerLoad { layer, tokens: tokens.clone() })
-                .collect(),
-        })
+        let tokens = self.config.batch_size * self.config.seq_len;
+        Ok(step_record(step, stats, lr, grad_norm, tokens, start.elapsed()))
     }
 
     /// Writes the weights in the HF DeepSeek-V3 layout (MTP layers repeat the embedding
     /// and head under their own names, as DeepSeek's checkpoints do).
     pub fn save(&self, dir: &Path, dtype: WeightDtype) -> Result<(), TrainError> {
-        let params = self.model.params();
-        let mut tensors: Vec<NamedTensor<'_>> =
-            params.iter().map(|p| NamedTensor { name: &p.name, shape: &p.shape, data: &p.value }).collect();
-        let copies = self.model.mtp_shared_copies();
-        tensors.extend(copies.iter().map(|(name, p)| NamedTensor { name, shape: &p.shape, data: &p.value }));
-        save_hf(dir, self.model.config(), &tensors, dtype)?;
-        Ok(())
+        save_model(&self.model, dir, dtype)
     }
+}
+
+/// The record of optimizer step `step` from the whole batch's statistics: `lr` the rate
+/// applied, `grad_norm` the global norm before clipping, `tokens` the positions of the
+/// global batch and `elapsed` the step's wall time (for tokens/s).
+pub fn step_record(
+    step: u64,
+    stats: &StepStats,
+    lr: f32,
+    grad_norm: f64,
+    tokens: usize,
+    elapsed: std::time::Duration,
+) -> StepRecord {
+    let ratios: Vec<f64> = stats.expert_loads.iter().map(|l| crate::moe::max_over_mean_load(l)).collect();
+    StepRecord {
+        step,
+        loss: stats.loss,
+        main_ce: stats.main_ce,
+        mtp_ce: stats.mtp_ce.clone(),
+        balance_loss: stats.balance_loss,
+        lr: lr as f64,
+        grad_norm,
+        tokens_per_s: tokens as f64 / elapsed.as_secs_f64(),
+        max_expert_load: ratios.iter().copied().fold(0.0, f64::max),
+        mean_expert_load: if ratios.is_empty() {
+            0.0
+        } else {
+            ratios.iter().sum::<f64>() / ratios.len() as f64
+        },
+        expert_loads: stats
+            .moe_layers
+            .iter()
+            .zip(&stats.expert_loads)
+            .map(|(&layer, tokens)| LayerLoad { layer, tokens: tokens.clone() })
+            .collect(),
+    }
+}
+
+/// Writes `model`'s weights in the HF DeepSeek-V3 layout (MTP layers repeat the embedding
+/// and head under their own names, as DeepSeek's checkpoints do).
+pub fn save_model(model: &Model<f32>, dir: &Path, dtype: WeightDtype) -> Result<(), TrainError> {
+    let params = model.params();
+    let mut tensors: Vec<NamedTensor<'_>> =
+        params.iter().map(|p| NamedTensor { name: &p.name, shape: &p.shape, data: &p.value }).collect();
+    let copies = model.mtp_shared_copies();
+    tensors.extend(copies.iter().map(|(name, p)| NamedTensor { name, shape: &p.shape, data: &p.value }));
+    save_hf(dir, model.config(), &tensors, dtype)?;
+    Ok(())
 }

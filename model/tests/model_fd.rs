@@ -9,7 +9,7 @@ mod common;
 
 use common::{check_gradient, random};
 use flotilla_model::norm::RmsNorm;
-use flotilla_model::{LossConfig, Model, ModelConfig, ModelError, Preset, StepStats};
+use flotilla_model::{LocalExchange, LossConfig, Model, ModelConfig, ModelError, Preset, StepStats};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -127,7 +127,7 @@ fn reference(model: &Model<f64>, windows: &[Vec<u32>], seq: usize, cfg: &LossCon
     let mut x = embed(&gather(0));
     for block in &model.layers {
         let mut y = vec![0.0; x.len()];
-        record(&block.forward(&x, batch, seq, cfg.balance_alpha, &mut y, 1).unwrap());
+        record(&block.forward(&x, batch, seq, cfg.balance_alpha, &mut y, 1, &mut LocalExchange).unwrap());
         x = y;
     }
     let main_ce = naive_ce(&x, &model.norm, head, &gather(1), hidden, vocab);
@@ -154,7 +154,12 @@ fn reference(model: &Model<f64>, windows: &[Vec<u32>], seq: usize, cfg: &LossCon
             }
         }
         let mut out = vec![0.0; rows * hidden];
-        record(&module.block.forward(&x, batch, seq, cfg.balance_alpha, &mut out, 1).unwrap());
+        record(
+            &module
+                .block
+                .forward(&x, batch, seq, cfg.balance_alpha, &mut out, 1, &mut LocalExchange)
+                .unwrap(),
+        );
         mtp_ce.push(naive_ce(&out, &module.shared_head_norm, head, &gather(k + 1), hidden, vocab));
         h_prev = out;
     }

@@ -8,7 +8,7 @@ mod common;
 use common::{check_gradient, project, random};
 use flotilla_model::ModelConfig;
 use flotilla_model::Preset;
-use flotilla_model::moe::{MoeCache, MoeLayer, RoutingConfig, max_over_mean_load, route};
+use flotilla_model::moe::{LocalExchange, MoeCache, MoeLayer, RoutingConfig, max_over_mean_load, route};
 use flotilla_model::precision::CachedActivation;
 use flotilla_model::{ModelError, Real};
 use std::collections::BTreeSet;
@@ -31,7 +31,7 @@ fn forward<T: Real>(
     y: &mut [T],
     threads: usize,
 ) -> Result<MoeCache<T>, ModelError> {
-    layer.forward(x, &kept(x), batch, seq_len, alpha, y, threads)
+    layer.forward(x, &kept(x), batch, seq_len, alpha, y, threads, &mut LocalExchange)
 }
 
 /// hidden 8, moe_inter 6, 8 routed experts in 4 groups (2 kept), `top_k`, 1 shared.
@@ -149,7 +149,7 @@ fn fd_check(top_k: usize, norm: bool, alpha: f64, seed: u64) {
     }
 
     let mut dx = vec![0.0; tokens * h];
-    let grads = layer.backward_input(&cache, &r, c, &mut dx, false, 1).unwrap();
+    let grads = layer.backward_input(&cache, &r, c, &mut dx, false, 1, &mut LocalExchange).unwrap();
     layer.backward_weight(&cache, &grads, &x, &kept(&x), 1).unwrap();
     assert!(layer.e_score_correction_bias.grad.iter().all(|&g| g == 0.0), "the bias gets no gradient");
 
@@ -431,7 +431,8 @@ fn results_do_not_depend_on_threads() {
         let mut y = vec![0.0f32; tokens * h];
         let cache = forward(&layer, &x, batch, seq_len, 0.1, &mut y, threads).unwrap();
         let mut dx = vec![0.0f32; tokens * h];
-        let grads = layer.backward_input(&cache, &dy, 1.0, &mut dx, false, threads).unwrap();
+        let grads =
+            layer.backward_input(&cache, &dy, 1.0, &mut dx, false, threads, &mut LocalExchange).unwrap();
         layer.backward_weight(&cache, &grads, &x, &kept(&x), threads).unwrap();
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
         let grads: Vec<Vec<u32>> = layer.params().iter().map(|p| bits(&p.grad)).collect();
@@ -464,7 +465,10 @@ fn names_shapes_and_errors() {
     let err = forward(&layer, &[0.0; 79], 2, 5, 0.0, &mut y, 1).unwrap_err().to_string();
     assert!(err.contains("model.layers.3.mlp.gate.weight") && err.contains("input"), "{err}");
     let cache = forward(&layer, &[0.1; 80], 2, 5, 0.0, &mut y, 1).unwrap();
-    let err = layer.backward_input(&cache, &[0.0; 8], 1.0, &mut y, false, 1).unwrap_err().to_string();
+    let err = layer
+        .backward_input(&cache, &[0.0; 8], 1.0, &mut y, false, 1, &mut LocalExchange)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("output gradient"), "{err}");
 
     cfg.n_shared_experts = 0;
@@ -473,7 +477,7 @@ fn names_shapes_and_errors() {
     let x = random(80, 3);
     let cache = forward(&layer, &x, 2, 5, 0.0, &mut y, 1).unwrap();
     let mut dx = vec![f64::NAN; 80];
-    layer.backward_input(&cache, &x, 1.0, &mut dx, false, 1).unwrap();
+    layer.backward_input(&cache, &x, 1.0, &mut dx, false, 1, &mut LocalExchange).unwrap();
     assert!(dx.iter().all(|v| v.is_finite()));
 
     cfg.num_experts_per_tok = 5; // only 2 groups × 2 experts reachable

@@ -15,7 +15,7 @@ use flotilla_model::linear::Linear;
 use flotilla_model::model::{LossConfig, Model};
 use flotilla_model::precision::{self, CachedActivation, FP8_ACCUMULATION, FP8_QUANT, Precision, WgradInput};
 use flotilla_model::train::{StepRecord, TrainConfig, Trainer};
-use flotilla_model::{ModelConfig, Preset};
+use flotilla_model::{LocalExchange, ModelConfig, Preset};
 use half::bf16;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -365,7 +365,7 @@ fn fp8_caches_are_kept_where_the_report_keeps_them() {
         let x = normal(batch * seq * hidden, 1.0, 11);
         let mut y = vec![0.0; x.len()];
         for block in model.layers.iter().take(2) {
-            let c = block.forward(&x, batch, seq, 1e-4, &mut y, 1).unwrap();
+            let c = block.forward(&x, batch, seq, 1e-4, &mut y, 1, &mut LocalExchange).unwrap();
             let kept =
                 |a: &CachedActivation<f32>, rounding| if fp8 { is_fp8(a, rounding) } else { !a.is_fp8() };
             assert!(kept(c.attn_input.as_ref().unwrap(), exact), "{precision} attention input");
@@ -390,7 +390,7 @@ fn fp8_caches_are_kept_where_the_report_keeps_them() {
         }
         let module = &model.mtp[0];
         let mut out = vec![0.0; x.len()];
-        let c = module.forward(&x, &x, batch, seq, 1e-4, &mut out, 1).unwrap();
+        let c = module.forward(&x, &x, batch, seq, 1e-4, &mut out, 1, &mut LocalExchange).unwrap();
         assert_eq!(c.concat.as_ref().unwrap().is_fp8(), fp8, "{precision} eh_proj input");
     }
 }

@@ -77,6 +77,7 @@ use tracing::{debug, info, warn};
 
 use crate::comm::{AbortHandle, CommError, Communicator, TcpCommunicator, TcpOptions, TcpRendezvous};
 use crate::dp::{self, TimedStep};
+use crate::pipeline::{PipelinePlan, PipelineStep, PipelineTrainer};
 
 /// How a worker finds the coordinator and presents itself.
 #[derive(Clone, Debug)]
@@ -106,6 +107,10 @@ pub struct WorkerOptions {
     pub rendezvous_timeout: Duration,
     /// Where relative paths in run configs (text data) start.
     pub config_base: PathBuf,
+    /// The memory this worker's model state may take (weights, gradients, optimizer
+    /// shard); `None`: the machine's available memory. An assignment that needs more is
+    /// refused.
+    pub memory_bytes: Option<u64>,
 }
 
 impl WorkerOptions {
@@ -125,6 +130,7 @@ impl WorkerOptions {
             connect_timeout: Duration::from_secs(5),
             rendezvous_timeout: Duration::from_secs(60),
             config_base: PathBuf::from("."),
+            memory_bytes: None,
         }
     }
 }
@@ -685,6 +691,7 @@ impl<'a> Session<'a> {
             cancel: cancel.clone(),
             events: self.events_tx.clone(),
             rendezvous_timeout: self.options.rendezvous_timeout,
+            memory_bytes: self.options.memory_bytes,
         };
         info!(job = %assignment.job_id, rank = assignment.dp_rank, world = assignment.dp_size, "assignment accepted");
         let task = tokio::spawn(job.run());
@@ -763,6 +770,8 @@ struct JobPlan {
     config: TrainConfig,
     model: ModelConfig,
     output_dir: Option<PathBuf>,
+    /// Pipeline/expert-parallel jobs: this rank's stages, shard and instruction stream.
+    pipeline: Option<PipelinePlan>,
 }
 
 impl JobPlan {
@@ -803,12 +812,30 @@ impl JobPlan {
         if let Some(threads) = options.threads {
             config.threads = Some(threads);
         }
-        if !config.batch_size.is_multiple_of(world) {
-            return Err(format!(
-                "`batch_size` {} cannot be split evenly over {world} data-parallel ranks",
-                config.batch_size
-            ));
-        }
+        let pipeline = match &a.pipeline {
+            Some(p) => {
+                // Every rank's node (this one's as it registered), for node-aware MoE traffic.
+                let mut nodes = vec![String::new(); world];
+                for peer in &a.peers {
+                    if let Some(slot) = nodes.get_mut(peer.rank as usize) {
+                        slot.clone_from(&peer.node_id);
+                    }
+                }
+                if nodes[rank].is_empty() {
+                    nodes[rank] = options.node_id.clone().unwrap_or_else(host_name);
+                }
+                Some(PipelinePlan::from_assignment(p, rank, world, &model)?.with_nodes(nodes)?)
+            }
+            None => {
+                if !config.batch_size.is_multiple_of(world) {
+                    return Err(format!(
+                        "`batch_size` {} cannot be split evenly over {world} data-parallel ranks",
+                        config.batch_size
+                    ));
+                }
+                None
+            }
+        };
         let output_dir = (!a.output_dir.is_empty()).then(|| PathBuf::from(&a.output_dir));
         Ok(JobPlan {
             job_id: a.job_id.clone(),
@@ -819,6 +846,7 @@ impl JobPlan {
             config,
             model,
             output_dir,
+            pipeline,
         })
     }
 }
@@ -834,6 +862,29 @@ struct Job {
     cancel: CancellationToken,
     events: mpsc::UnboundedSender<JobEvent>,
     rendezvous_timeout: Duration,
+    memory_bytes: Option<u64>,
+}
+
+/// What a job trains with: the whole model data-parallel, or this rank's pipeline stages.
+enum Training {
+    DataParallel(Box<Trainer>),
+    Pipeline(Box<PipelineTrainer>),
+}
+
+impl Training {
+    fn step(&self) -> u64 {
+        match self {
+            Training::DataParallel(t) => t.step(),
+            Training::Pipeline(t) => t.step(),
+        }
+    }
+
+    fn steps(&self) -> u64 {
+        match self {
+            Training::DataParallel(t) => t.config.steps,
+            Training::Pipeline(t) => t.config.steps,
+        }
+    }
 }
 
 /// Why a job task stopped early.
@@ -892,12 +943,23 @@ impl Job {
     }
 
     /// Builds the trainer, rendezvouses the data plane and opens the metrics file.
-    async fn start(&mut self) -> Result<(Trainer, TcpCommunicator, Option<Metrics>), Stop> {
+    async fn start(&mut self) -> Result<(Training, TcpCommunicator, Option<Metrics>), Stop> {
         let failed = |reason: String| Stop::Failed { step: 0, reason };
         // Not raced against the abort: the build cannot be interrupted, and a task left
         // to finish it would be nobody's.
-        let trainer = dp::run_blocking(|| Trainer::new(self.plan.config.clone(), &self.plan.model))
-            .map_err(|e| failed(format!("building the trainer: {e}")))?;
+        let trainer = match &self.plan.pipeline {
+            None => dp::run_blocking(|| Trainer::new(self.plan.config.clone(), &self.plan.model))
+                .map(|t| Training::DataParallel(Box::new(t)))
+                .map_err(|e| failed(format!("building the trainer: {e}")))?,
+            Some(plan) => {
+                let trainer = dp::run_blocking(|| {
+                    PipelineTrainer::new(self.plan.config.clone(), &self.plan.model, plan.clone())
+                })
+                .map_err(|e| failed(format!("building this rank's pipeline stages: {e}")))?;
+                check_capacity(&trainer, self.memory_bytes).map_err(failed)?;
+                Training::Pipeline(Box::new(trainer))
+            }
+        };
         if self.cancel.is_cancelled() {
             return Err(Stop::Aborted);
         }
@@ -934,11 +996,11 @@ impl Job {
     /// Runs `RunSteps` commands until the run's last step (`Ok`) or a stop.
     async fn serve(
         &mut self,
-        trainer: &mut Trainer,
+        trainer: &mut Training,
         comm: &TcpCommunicator,
         metrics: &mut Option<Metrics>,
     ) -> Result<(), Stop> {
-        let total = trainer.config.steps;
+        let total = trainer.steps();
         while trainer.step() < total {
             let (id, run) = tokio::select! {
                 _ = self.cancel.cancelled() => return Err(Stop::Aborted),
@@ -959,27 +1021,50 @@ impl Job {
             self.send(ack(id, ""));
             for _ in 0..run.count {
                 let step = trainer.step() + 1;
-                let timed = tokio::select! {
-                    biased;
-                    _ = self.cancel.cancelled() => return Err(Stop::Aborted),
-                    timed = dp::data_parallel_step_timed(trainer, comm) => timed,
-                };
-                let timed = match timed {
-                    Ok(timed) => timed,
-                    // An abort shows up here as the communicator's error.
-                    Err(_) if self.cancel.is_cancelled() => return Err(Stop::Aborted),
-                    Err(err) => return Err(Stop::Failed { step, reason: err.to_string() }),
+                let report = match trainer {
+                    Training::DataParallel(trainer) => {
+                        let timed = tokio::select! {
+                            biased;
+                            _ = self.cancel.cancelled() => return Err(Stop::Aborted),
+                            timed = dp::data_parallel_step_timed(trainer, comm) => timed,
+                        };
+                        match timed {
+                            Ok(timed) => dp_step_report(&self.plan, trainer, &timed),
+                            // An abort shows up here as the communicator's error.
+                            Err(_) if self.cancel.is_cancelled() => return Err(Stop::Aborted),
+                            Err(err) => return Err(Stop::Failed { step, reason: err.to_string() }),
+                        }
+                    }
+                    Training::Pipeline(trainer) => {
+                        // The whole step blocks this thread (the data plane's tasks and
+                        // the session run elsewhere); an abort fails its next transfer.
+                        let handle = tokio::runtime::Handle::current();
+                        match dp::run_blocking(|| trainer.run_step(comm, &handle)) {
+                            Ok(done) => pipeline_step_report(&self.plan, trainer, done),
+                            Err(_) if self.cancel.is_cancelled() => return Err(Stop::Aborted),
+                            Err(err) => return Err(Stop::Failed { step, reason: err.to_string() }),
+                        }
+                    }
                 };
                 if let Some(m) = metrics.as_mut() {
-                    m.append(&timed.record).map_err(|reason| Stop::Failed { step, reason })?;
+                    m.append(&report.0).map_err(|reason| Stop::Failed { step, reason })?;
                 }
-                self.send(step_report(&self.plan, trainer, &timed));
+                self.send(report.1);
             }
         }
-        if let (Some(dir), 0) = (&self.plan.output_dir, self.plan.rank) {
-            let step = trainer.step();
-            dp::run_blocking(|| trainer.save(dir, WeightDtype::F32))
-                .map_err(|e| Stop::Failed { step, reason: format!("saving the weights: {e}") })?;
+        let step = trainer.step();
+        match (trainer, &self.plan.output_dir) {
+            (Training::DataParallel(trainer), Some(dir)) if self.plan.rank == 0 => {
+                dp::run_blocking(|| trainer.save(dir, WeightDtype::F32))
+                    .map_err(|e| Stop::Failed { step, reason: format!("saving the weights: {e}") })?;
+            }
+            (Training::Pipeline(trainer), Some(dir)) => {
+                // Every rank sends the tensors it is first to hold; rank 0 writes them.
+                let handle = tokio::runtime::Handle::current();
+                dp::run_blocking(|| trainer.save(comm, &handle, dir, WeightDtype::F32))
+                    .map_err(|e| Stop::Failed { step, reason: format!("saving the weights: {e}") })?;
+            }
+            _ => {}
         }
         Ok(())
     }
@@ -990,10 +1075,68 @@ async fn resolve(addr: &str) -> Result<SocketAddr, String> {
     found.next().ok_or_else(|| "resolves to no address".to_string())
 }
 
-fn step_report(plan: &JobPlan, trainer: &Trainer, timed: &TimedStep) -> WorkerMessage {
-    let r = &timed.record;
+fn dp_step_report(plan: &JobPlan, trainer: &Trainer, timed: &TimedStep) -> (StepRecord, WorkerMessage) {
     let tokens = (trainer.config.batch_size * trainer.config.seq_len) as u64;
-    message(Report::StepReport(StepReport {
+    let report = step_report(plan, &timed.record, tokens, timed.compute, timed.communication);
+    (timed.record.clone(), message(Report::StepReport(report)))
+}
+
+fn pipeline_step_report(
+    plan: &JobPlan,
+    trainer: &PipelineTrainer,
+    done: PipelineStep,
+) -> (StepRecord, WorkerMessage) {
+    let tokens = (trainer.config.batch_size * trainer.config.seq_len) as u64;
+    let mut report = step_report(
+        plan,
+        &done.record,
+        tokens,
+        Duration::from_secs_f64(done.compute_seconds),
+        Duration::from_secs_f64(done.communication_seconds),
+    );
+    report.executed = done.executed;
+    report.bubble_fraction = done.bubble_fraction;
+    (done.record, message(Report::StepReport(report)))
+}
+
+/// Refuses an assignment whose stages and optimizer shard do not fit in `memory_bytes`
+/// (the machine's available memory when `None`).
+fn check_capacity(trainer: &PipelineTrainer, memory_bytes: Option<u64>) -> Result<(), String> {
+    let needed = trainer.state_bytes();
+    let (limit, what) = match memory_bytes {
+        Some(limit) => (limit, "the worker's memory limit"),
+        None => match available_memory() {
+            Some(limit) => (limit, "the machine's available memory"),
+            None => return Ok(()),
+        },
+    };
+    if needed > limit {
+        return Err(format!(
+            "this rank's stages {:?} need {:.1} MiB for weights, gradients and optimizer shard, above {what} of {:.1} MiB",
+            trainer.model.stages(),
+            needed as f64 / (1 << 20) as f64,
+            limit as f64 / (1 << 20) as f64
+        ));
+    }
+    Ok(())
+}
+
+/// `MemAvailable` from `/proc/meminfo` (Linux), in bytes.
+fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+fn step_report(
+    plan: &JobPlan,
+    r: &StepRecord,
+    tokens: u64,
+    compute: Duration,
+    communication: Duration,
+) -> StepReport {
+    StepReport {
         job_id: plan.job_id.clone(),
         step: r.step,
         loss: r.loss,
@@ -1003,8 +1146,8 @@ fn step_report(plan: &JobPlan, trainer: &Trainer, timed: &TimedStep) -> WorkerMe
         lr: r.lr,
         grad_norm: r.grad_norm,
         tokens,
-        compute_seconds: timed.compute.as_secs_f64(),
-        communication_seconds: timed.communication.as_secs_f64(),
+        compute_seconds: compute.as_secs_f64(),
+        communication_seconds: communication.as_secs_f64(),
         expert_loads: r
             .expert_loads
             .iter()
@@ -1013,7 +1156,8 @@ fn step_report(plan: &JobPlan, trainer: &Trainer, timed: &TimedStep) -> WorkerMe
                 tokens: l.tokens.clone(),
             })
             .collect(),
-    }))
+        ..StepReport::default()
+    }
 }
 
 /// Rank 0's `metrics.jsonl`: one `StepRecord` per line, as `flotilla train` writes it,

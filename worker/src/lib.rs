@@ -19,3 +19,5 @@
 pub mod agent;
 pub mod comm;
 pub mod dp;
+pub mod expert_exchange;
+pub mod pipeline;

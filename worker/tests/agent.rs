@@ -258,6 +258,7 @@ fn assignment(job: &str, rank: u32, peers: &[&str], toml: String, output_dir: &s
         config_toml: toml,
         output_dir: output_dir.into(),
         data_plane_session: session,
+        pipeline: None,
     })
 }
 

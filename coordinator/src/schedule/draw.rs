@@ -30,7 +30,7 @@ const DIGIT_EM: f64 = 0.62;
 
 /// How a compute box is colored: what it computes, independent of the micro-batch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum Part {
+pub(super) enum Part {
     Forward,
     BackwardInput,
     Backward,
@@ -52,7 +52,7 @@ impl Part {
     /// Direction 0 in the report's figure colors (orange forward, blue backward, green W);
     /// direction 1 in a second family (rose, purple, teal) so the two streams of DualPipe
     /// micro-batches stay apart where they cross.
-    fn color(self, direction: u32) -> &'static str {
+    pub(super) fn color(self, direction: u32) -> &'static str {
         match (direction, self) {
             (0, Part::Forward) => "#f5a142",
             (0, Part::BackwardInput) => "#7fb3e6",
@@ -64,10 +64,26 @@ impl Part {
             (_, Part::Weight) => "#3fb5a8",
         }
     }
+
+    /// The Chrome trace viewer's nearest named color (`cname` takes only the names of
+    /// catapult's palette) to [`Part::color`]: orange, light blue, blue, green for
+    /// direction 0; rose, mauve, purple, teal for direction 1.
+    pub(super) fn cname(self, direction: u32) -> &'static str {
+        match (direction, self) {
+            (0, Part::Forward) => "rail_idle",
+            (0, Part::BackwardInput) => "thread_state_runnable",
+            (0, Part::Backward) => "rail_response",
+            (0, Part::Weight) => "thread_state_running",
+            (_, Part::Forward) => "cq_build_failed",
+            (_, Part::BackwardInput) => "thread_state_uninterruptible",
+            (_, Part::Backward) => "detailed_memory_dump",
+            (_, Part::Weight) => "background_memory_dump",
+        }
+    }
 }
 
 /// A compute instruction's colored parts: one, or two halves for an overlapped F&B.
-fn parts(instruction: &Instruction) -> Option<Vec<(Part, Chunk)>> {
+pub(super) fn parts(instruction: &Instruction) -> Option<Vec<(Part, Chunk)>> {
     Some(match *instruction {
         Instruction::Forward { chunk } => vec![(Part::Forward, chunk)],
         Instruction::BackwardInput { chunk } => vec![(Part::BackwardInput, chunk)],
@@ -397,8 +413,11 @@ fn chunk_args(schedule: &Schedule, chunk: Chunk) -> Value {
 /// One cost unit is shown as one millisecond: `ts` and `dur` are the simulated times × 1000
 /// (the format counts microseconds). Each rank is a thread (`tid` = rank) named
 /// "rank r (stages a, b)"; each compute instruction is one complete event (`"ph": "X"`)
-/// named like "F mb 3 stage 1" with its kind label as `cat` and the micro-batch, stage and
-/// direction in `args` (an F&B names both chunks and carries `forward` and `backward`).
+/// named like "F mb 3 stage 1" with its kind label as `cat`, the micro-batch, stage and
+/// direction in `args` (an F&B names both chunks and carries `forward` and `backward`), and
+/// as `cname` the trace viewer's named color nearest to the SVG's fill for its kind and
+/// direction (an F&B takes its forward half's; `chrome://tracing` honours `cname`, Perfetto
+/// colors by name).
 /// Time a rank spends blocked in a receive is a "recv wait" event with `cat` "wait".
 pub fn chrome_trace(schedule: &Schedule, timeline: &Timeline) -> Value {
     const MICROS: f64 = 1000.0;
@@ -430,6 +449,9 @@ pub fn chrome_trace(schedule: &Schedule, timeline: &Timeline) -> Value {
             | Instruction::Backward { chunk } => json!({
                 "name": format!("{} mb {} stage {}", span.instruction.label(), chunk.micro_batch, chunk.stage),
                 "cat": span.instruction.label(),
+                "cname": parts(&span.instruction)
+                    .map_or(Part::Forward, |p| p[0].0)
+                    .cname(schedule.direction(chunk.micro_batch)),
                 "args": chunk_args(schedule, chunk),
             }),
             Instruction::OverlappedForwardBackward { forward, backward } => json!({
@@ -438,6 +460,7 @@ pub fn chrome_trace(schedule: &Schedule, timeline: &Timeline) -> Value {
                     forward.micro_batch, forward.stage, backward.micro_batch, backward.stage
                 ),
                 "cat": span.instruction.label(),
+                "cname": Part::Forward.cname(schedule.direction(forward.micro_batch)),
                 "args": { "forward": chunk_args(schedule, forward), "backward": chunk_args(schedule, backward) },
             }),
             Instruction::RecvActivation { chunk, peer } | Instruction::RecvGrad { chunk, peer }

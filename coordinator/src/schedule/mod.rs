@@ -19,15 +19,24 @@
 //! A rank may host several stages: DualPipe puts stages `r` and `PP−1−r` on rank `r` (the
 //! two directions), DualPipeV stages `r` and `2N−1−r` on rank `r` of `N`.
 //!
+//! Streams travel to workers as proto `ScheduledOp`s (`wire`: `From<Instruction>` and
+//! `TryFrom<ScheduledOp>`); what workers report they executed is measured (`measured`:
+//! [`rank_span`], [`bubble_fraction`]) and drawn ([`executed_chrome_trace`]) with the
+//! simulator's names and colors.
+//!
 //! Invariant: every [`Schedule`] returned by a generator passes [`validate`].
 
 mod draw;
 mod engine;
 mod generate;
+mod measured;
+mod wire;
 
 pub use draw::{Comparison, Outcome, Simulated, chrome_trace, compare, number, svg};
 pub use engine::{Costs, Report, Span, Timeline, simulate, simulate_with, validate};
 pub use generate::compile;
+pub use measured::{RankSpan, bubble_fraction, executed_chrome_trace, predicted_bubble_fraction, rank_span};
+pub use wire::InvalidOp;
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -71,6 +80,16 @@ impl ScheduleKind {
             ScheduleKind::Zb1p => "zb1p",
             ScheduleKind::DualPipe => "dualpipe",
             ScheduleKind::DualPipeV => "dualpipev",
+        }
+    }
+
+    /// The name people write: `1F1B`, `ZB1P`, `DualPipe`, `DualPipeV`.
+    pub fn title(self) -> &'static str {
+        match self {
+            ScheduleKind::OneFOneB => "1F1B",
+            ScheduleKind::Zb1p => "ZB1P",
+            ScheduleKind::DualPipe => "DualPipe",
+            ScheduleKind::DualPipeV => "DualPipeV",
         }
     }
 

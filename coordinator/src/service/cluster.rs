@@ -14,9 +14,17 @@
 //! # Scheduling
 //!
 //! Jobs wait in one FIFO queue. The head of the queue takes the idle workers (session
-//! open, no job) with the smallest ids once there are enough of them; ranks follow the
-//! worker ids, so a given set of workers always gets the same layout. The queue is strict:
+//! open, no job) with the smallest ids once there are enough of them (exactly its world
+//! size: a pipeline job's layout was checked against its worker count at submission);
+//! ranks follow the worker ids, so a given set of workers always gets the same layout (a
+//! pipeline job reorders them by node, local rank and id, see `job`). The queue is strict:
 //! a large job at its head is not overtaken by smaller ones, so it cannot starve.
+//!
+//! # Step timelines
+//!
+//! `GetStepTimeline` is forwarded to the job actor of a running job; an ended pipeline
+//! job's actor hands its timelines over with `JobEnded`, and the last few are answered
+//! from here (`super::timeline`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::hash::{BuildHasher, Hasher};
@@ -35,10 +43,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Status, Streaming};
 
-use super::job::{JobActor, JobControl, JobEnv, JobHandle, Launch, Member};
+use super::job::{JobActor, JobControl, JobEnv, JobHandle, JobPlacement, Launch, Member, TimelineAnswer};
 use super::records::{self, is_valid_id};
 use super::session::{ConnId, OUTBOUND_QUEUE, SessionActor, SessionHandle};
-use super::{CoordinatorConfig, JobSpec, ServiceError};
+use super::timeline::{EndedTimelines, JobTimelines};
+use super::{CoordinatorConfig, JobSpec, ServiceError, placement_of};
 use crate::store::StateStore;
 
 /// Requests waiting for the cluster actor; senders (gRPC handlers, sessions, jobs) wait
@@ -92,6 +101,15 @@ pub(crate) enum ClusterMsg {
     JobEnded {
         job_id: String,
         stuck: Vec<(String, String)>,
+        /// A pipeline job's executed timelines, kept a while for `GetStepTimeline`.
+        timelines: Option<JobTimelines>,
+    },
+    /// A step timeline: from the job actor while the job runs, from the ended jobs'
+    /// timelines afterwards, `JobNotFound` when neither has it.
+    StepTimeline {
+        job_id: String,
+        step: u64,
+        reply: Reply<TimelineAnswer>,
     },
     ListWorkers {
         reply: Reply<WorkersSnapshot>,
@@ -229,6 +247,7 @@ struct Cluster<S> {
     next_worker: u64,
     commands: Arc<AtomicU64>,
     latency: HeartbeatLatency,
+    ended_timelines: EndedTimelines,
 }
 
 /// Reads the jobs in the store, settles the ones the previous process was running (see
@@ -257,6 +276,7 @@ pub(crate) async fn start<S: StateStore + Clone + 'static>(
         next_worker: 1,
         commands: Arc::new(AtomicU64::new(1)),
         latency: HeartbeatLatency::new(),
+        ended_timelines: EndedTimelines::default(),
     };
     for (record, revision) in records::list_jobs(&store).await? {
         if let Some(n) = record.id.strip_prefix("job-").and_then(|n| n.parse::<u64>().ok()) {
@@ -265,7 +285,17 @@ pub(crate) async fn start<S: StateStore + Clone + 'static>(
         if record.state.is_terminal() {
             continue;
         }
-        let (handle, mut actor) = JobActor::new(store.clone(), record, revision, cluster.job_env());
+        // Only a pending job will start; the others are settled below. Its layout is placed
+        // again from its config (placement is not stored), under this coordinator's rules.
+        let placement: JobPlacement = if record.state == flotilla_proto::v1::JobState::Pending {
+            placement_of(&record.config_toml, record.workers)
+                .map(|p| p.map(Arc::new))
+                .map_err(|e| e.to_string())
+        } else {
+            Ok(None)
+        };
+        let (handle, mut actor) =
+            JobActor::new(store.clone(), record, revision, cluster.job_env(), placement);
         actor.settle_after_restart().await?;
         if !actor.state().is_terminal() {
             cluster.spawn_job(handle, actor, Launch::Resume);
@@ -337,7 +367,10 @@ impl<S: StateStore + Clone + 'static> Cluster<S> {
                     self.schedule();
                 }
             }
-            ClusterMsg::JobEnded { job_id, stuck } => {
+            ClusterMsg::JobEnded { job_id, stuck, timelines } => {
+                if let Some(timelines) = timelines {
+                    self.ended_timelines.keep(timelines);
+                }
                 for (worker_id, cause) in stuck {
                     if self.workers.get(&worker_id).is_some_and(|w| w.job.as_deref() == Some(job_id.as_str()))
                     {
@@ -346,6 +379,16 @@ impl<S: StateStore + Clone + 'static> Cluster<S> {
                 }
                 self.job_ended(&job_id);
             }
+            ClusterMsg::StepTimeline { job_id, step, reply } => match self.jobs.get(&job_id) {
+                Some(job) => job.handle.send(JobControl::Timeline { step, reply }),
+                None => {
+                    let answer = match self.ended_timelines.get(&job_id) {
+                        Some(timelines) => Ok(TimelineAnswer::Ended(timelines)),
+                        None => Err(ServiceError::JobNotFound { job_id }),
+                    };
+                    let _ = reply.send(answer);
+                }
+            },
             ClusterMsg::ListWorkers { reply } => {
                 let _ = reply.send(Ok(self.list_workers()));
             }
@@ -557,7 +600,8 @@ impl<S: StateStore + Clone + 'static> Cluster<S> {
         let job_id = format!("job-{:06}", self.next_job);
         self.next_job += 1;
         let record = JobActor::<S>::new_record(job_id, &spec);
-        let (handle, actor) = JobActor::new(self.store.clone(), record, 0, self.job_env());
+        let placement = Ok(spec.placement.clone());
+        let (handle, actor) = JobActor::new(self.store.clone(), record, 0, self.job_env(), placement);
         self.spawn_job(handle, actor, Launch::Create { reply });
     }
 

@@ -1,12 +1,17 @@
-//! The coordinator's settings and the validation of submitted jobs.
+//! The coordinator's settings and the validation of submitted jobs, their `[parallel]`
+//! layout included.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
+use flotilla_model::ModelConfig;
 use flotilla_proto::v1::SubmitJobRequest;
 
 use super::ServiceError;
+use crate::placement::{Parallel, Placement, PlacementError};
+use crate::schedule::{ScheduleError, ScheduleKind};
 
 /// How a coordinator runs.
 #[derive(Clone, Debug)]
@@ -107,6 +112,11 @@ pub const MAX_JOB_WORKERS: u32 = 1 << 16;
 const MAX_NAME_BYTES: usize = 256;
 const MAX_PATH_BYTES: usize = 4096;
 
+/// The most chunks (stages × micro-batches) one step of a pipeline job may have: far
+/// beyond a real step (DeepSeek-V3's is 16 × 120 = 1,920), small enough that the compiled
+/// streams fit in an assignment and the kept timelines stay small.
+pub const MAX_JOB_CHUNKS: u64 = 1 << 16;
+
 /// A job as submitted, validated.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct JobSpec {
@@ -116,17 +126,46 @@ pub struct JobSpec {
     pub output_dir: String,
     /// The config's `steps`.
     pub steps: u64,
+    /// A pipeline/expert-parallel job's placement (from its `[parallel]` table); `None`
+    /// for a plain data-parallel job.
+    pub placement: Option<Arc<Placement>>,
+}
+
+fn invalid<T>(field: &str, reason: String) -> Result<T, ServiceError> {
+    Err(ServiceError::InvalidArgument { field: field.into(), reason })
+}
+
+/// `table[key]` as an integer of at least 1 that fits in `T`; `field` names it in errors.
+fn positive<T: TryFrom<i64>>(table: &toml::Table, key: &str, field: &str) -> Result<Option<T>, ServiceError> {
+    match table.get(key) {
+        None => Ok(None),
+        Some(toml::Value::Integer(n)) if *n > 0 => match T::try_from(*n) {
+            Ok(n) => Ok(Some(n)),
+            Err(_) => invalid(field, format!("{n} is too large")),
+        },
+        Some(toml::Value::Integer(n)) => invalid(field, format!("must be at least 1, got {n}")),
+        Some(other) => invalid(field, format!("must be a positive integer, got a {}", other.type_str())),
+    }
+}
+
+fn required<T>(value: Option<T>, field: &str) -> Result<T, ServiceError> {
+    match value {
+        Some(value) => Ok(value),
+        None => invalid(field, "is missing".into()),
+    }
 }
 
 /// Validates a submit request: the worker count, the sizes of the strings, and the config,
-/// which must parse as TOML and have `steps` > 0 and a `batch_size` that the data-parallel
-/// workers split evenly. The error names the field (`workers`, `steps`, `batch_size`, …).
+/// which must parse as TOML and have `steps` > 0 and a positive `batch_size`. The error
+/// names the field (`workers`, `steps`, `batch_size`, `parallel.pp`, …).
+///
+/// Without a `[parallel]` table the job is plain data parallel, and `batch_size` must
+/// split evenly over the workers. With one, see [`placement_of`].
 ///
 /// The model's full configuration is checked by the workers when they build the trainer;
 /// this is what the coordinator itself needs to plan the job.
 pub fn validate_submit(request: &SubmitJobRequest) -> Result<JobSpec, ServiceError> {
-    let bad =
-        |field: &str, reason: String| Err(ServiceError::InvalidArgument { field: field.into(), reason });
+    let bad = invalid::<JobSpec>;
     if request.workers == 0 {
         return bad("workers", "must be at least 1".into());
     }
@@ -152,23 +191,10 @@ pub fn validate_submit(request: &SubmitJobRequest) -> Result<JobSpec, ServiceErr
         Ok(table) => table,
         Err(e) => return bad("config_toml", format!("not valid TOML: {}", e.to_string().trim_end())),
     };
-    let positive = |field: &str| -> Result<u64, ServiceError> {
-        match table.get(field) {
-            None => Err(ServiceError::InvalidArgument { field: field.into(), reason: "is missing".into() }),
-            Some(toml::Value::Integer(n)) if *n > 0 => Ok(*n as u64),
-            Some(toml::Value::Integer(n)) => Err(ServiceError::InvalidArgument {
-                field: field.into(),
-                reason: format!("must be at least 1, got {n}"),
-            }),
-            Some(other) => Err(ServiceError::InvalidArgument {
-                field: field.into(),
-                reason: format!("must be a positive integer, got a {}", other.type_str()),
-            }),
-        }
-    };
-    let steps = positive("steps")?;
-    let batch_size = positive("batch_size")?;
-    if !batch_size.is_multiple_of(u64::from(request.workers)) {
+    let steps: u64 = required(positive(&table, "steps", "steps")?, "steps")?;
+    let batch_size: u64 = required(positive(&table, "batch_size", "batch_size")?, "batch_size")?;
+    let placement = placement_in(&table, request.workers)?;
+    if placement.is_none() && !batch_size.is_multiple_of(u64::from(request.workers)) {
         return bad(
             "batch_size",
             format!("{batch_size} cannot be split evenly over {} data-parallel workers", request.workers),
@@ -180,5 +206,273 @@ pub fn validate_submit(request: &SubmitJobRequest) -> Result<JobSpec, ServiceErr
         workers: request.workers,
         output_dir: request.output_dir.clone(),
         steps,
+        placement: placement.map(Arc::new),
     })
+}
+
+/// The keys a `[parallel]` table may have.
+const PARALLEL_KEYS: [&str; 6] = ["pp", "ep", "dp", "schedule", "micro_batches", "overlap"];
+
+/// The placement of a job's run TOML on `workers` workers: `None` without a `[parallel]`
+/// table, else the layout validated, its stages cut and its schedule compiled. The error
+/// names the field at fault.
+///
+/// The `[parallel]` table: `pp` (pipeline stages, required), `ep` (expert-parallel
+/// degree, default 1), `dp` (replicas of each expert shard, default 1), `schedule`
+/// (`"dualpipe"` by default, `"dualpipev"`, `"1f1b"`, `"zb1p"`) and `micro_batches`
+/// (per pipeline per step, required); `overlap` (a boolean, the workers' business: whether
+/// DualPipe's overlapped pairs run on two threads). The rules, in the order they are
+/// checked:
+/// - no other keys; every number an integer ≥ 1; `pp = "auto"` is refused (the
+///   coordinator does not know the cluster `flotilla plan` searches over); DualPipe and
+///   DualPipeV need an even pp ≥ 2;
+/// - the `[model]` table loads (preset and overrides, validated) and `seq_len` ≥ 1;
+/// - `pp` ≤ the model's `num_hidden_layers` (each stage runs at least one layer);
+/// - `ep` divides `n_routed_experts` (1 for a model without routed experts);
+/// - `pp × micro_batches` ≤ [`MAX_JOB_CHUNKS`];
+/// - pipeline ranks × ep × dp = `workers`, where pipeline ranks are pp (pp / 2 under
+///   DualPipeV);
+/// - `batch_size` divisible by ep × dp × micro_batches: each of the ep × dp pipelines
+///   runs the same number of sequences in every micro-batch;
+/// - the schedule compiles (DualPipe: an even number of micro-batches ≥ 2·pp;
+///   DualPipeV: micro-batches ≥ pp; 1F1B and ZB1P: any).
+pub fn placement_of(config_toml: &str, workers: u32) -> Result<Option<Placement>, ServiceError> {
+    let table: toml::Table = match config_toml.parse() {
+        Ok(table) => table,
+        Err(e) => return invalid("config_toml", format!("not valid TOML: {}", e.to_string().trim_end())),
+    };
+    placement_in(&table, workers)
+}
+
+fn placement_in(table: &toml::Table, workers: u32) -> Result<Option<Placement>, ServiceError> {
+    let parallel = match table.get("parallel") {
+        None => return Ok(None),
+        Some(toml::Value::Table(parallel)) => parallel,
+        Some(other) => return invalid("parallel", format!("must be a table, got a {}", other.type_str())),
+    };
+    if let Some(key) = parallel.keys().find(|k| !PARALLEL_KEYS.contains(&k.as_str())) {
+        return invalid(
+            &format!("parallel.{key}"),
+            format!("is not a [parallel] key (expected {})", PARALLEL_KEYS.join(", ")),
+        );
+    }
+    if let Some(toml::Value::String(pp)) = parallel.get("pp") {
+        let reason = if pp == "auto" {
+            "\"auto\" is not supported when submitting a job: the coordinator does not know the \
+             cluster's GPUs, memory and links that `flotilla plan` searches over; run `flotilla plan` \
+             and give pp (and ep) as integers"
+                .to_string()
+        } else {
+            format!("must be a positive integer, got the string {pp:?}")
+        };
+        return invalid("parallel.pp", reason);
+    }
+    let pp: u32 = required(positive(parallel, "pp", "parallel.pp")?, "parallel.pp")?;
+    let ep: u32 = positive(parallel, "ep", "parallel.ep")?.unwrap_or(1);
+    let dp: u32 = positive(parallel, "dp", "parallel.dp")?.unwrap_or(1);
+    let micro_batches: u32 =
+        required(positive(parallel, "micro_batches", "parallel.micro_batches")?, "parallel.micro_batches")?;
+    if let Some(overlap) = parallel.get("overlap")
+        && !overlap.is_bool()
+    {
+        return invalid("parallel.overlap", format!("must be true or false, got a {}", overlap.type_str()));
+    }
+    let schedule = match parallel.get("schedule") {
+        None => ScheduleKind::DualPipe,
+        Some(toml::Value::String(name)) => match name.parse::<ScheduleKind>() {
+            Ok(kind) => kind,
+            Err(e) => return invalid("parallel.schedule", e.to_string()),
+        },
+        Some(other) => {
+            return invalid("parallel.schedule", format!("must be a string, got a {}", other.type_str()));
+        }
+    };
+    if matches!(schedule, ScheduleKind::DualPipe | ScheduleKind::DualPipeV)
+        && (pp < 2 || !pp.is_multiple_of(2))
+    {
+        return invalid(
+            "parallel.pp",
+            format!(
+                "{} needs an even pp ≥ 2 (each pipeline rank hosts two stages), got {pp}",
+                schedule.title()
+            ),
+        );
+    }
+    let parallel = Parallel { pp, ep, dp, schedule, micro_batches };
+
+    let model = model_of(table)?;
+    let seq_len: u32 = required(positive(table, "seq_len", "seq_len")?, "seq_len")?;
+    let layers = model.num_hidden_layers;
+    if pp as usize > layers {
+        return invalid(
+            "parallel.pp",
+            format!(
+                "{pp} stages need at least {pp} layers, but the model has {layers} (each stage runs one or more)"
+            ),
+        );
+    }
+    let experts = model.n_routed_experts;
+    if experts == 0 && ep > 1 {
+        return invalid("parallel.ep", format!("{ep} needs routed experts to split, but the model has none"));
+    }
+    if experts > 0 && !experts.is_multiple_of(ep as usize) {
+        return invalid(
+            "parallel.ep",
+            format!(
+                "{ep} does not divide the model's {experts} routed experts: every EP rank must hold as many"
+            ),
+        );
+    }
+    let chunks = u64::from(pp) * u64::from(micro_batches);
+    if chunks > MAX_JOB_CHUNKS {
+        return invalid(
+            "parallel.micro_batches",
+            format!(
+                "pp × micro_batches = {pp} × {micro_batches} = {chunks} is above the limit of {MAX_JOB_CHUNKS} chunks per step"
+            ),
+        );
+    }
+    let ranks = parallel.pipeline_ranks();
+    let world = parallel.world_size();
+    if world != u64::from(workers) {
+        return invalid(
+            "workers",
+            format!(
+                "{workers} workers, but [parallel] lays the job out on {ranks} pipeline ranks ({schedule} with pp = {pp}) × ep {ep} × dp {dp} = {world}"
+            ),
+        );
+    }
+    let batch_size: u64 = required(positive(table, "batch_size", "batch_size")?, "batch_size")?;
+    let pipelines = u64::from(ep) * u64::from(dp);
+    let per_step = pipelines * u64::from(micro_batches);
+    if !batch_size.is_multiple_of(per_step) {
+        return invalid(
+            "batch_size",
+            format!(
+                "{batch_size} cannot be split evenly into ep × dp = {pipelines} pipelines × {micro_batches} micro-batches = {per_step} equal micro-batches"
+            ),
+        );
+    }
+    match Placement::new(parallel, &model, seq_len) {
+        Ok(placement) => Ok(Some(placement)),
+        // pp was checked above, so what the compiler refuses is the micro-batch count.
+        Err(PlacementError::Schedule(ScheduleError::Spec(why))) => invalid("parallel.micro_batches", why),
+        Err(PlacementError::TooLarge(_)) => invalid("workers", format!("{workers} workers is too many")),
+        Err(e) => invalid("parallel", e.to_string()),
+    }
+}
+
+/// The run's `[model]` table, loaded as the workers load it (a preset and overrides,
+/// validated).
+fn model_of(table: &toml::Table) -> Result<ModelConfig, ServiceError> {
+    let model = match table.get("model") {
+        None => {
+            return invalid(
+                "model",
+                "is missing: a pipeline job's stages are cut from the model's layers".into(),
+            );
+        }
+        Some(toml::Value::Table(model)) => model,
+        Some(other) => return invalid("model", format!("must be a table, got a {}", other.type_str())),
+    };
+    let text = toml::to_string(model).map_err(|e| ServiceError::InvalidArgument {
+        field: "model".into(),
+        reason: format!("cannot be re-read: {e}"),
+    })?;
+    ModelConfig::from_toml(&text)
+        .map_err(|e| ServiceError::InvalidArgument { field: "model".into(), reason: e.to_string() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(workers: u32, batch_size: u64, parallel: &str) -> SubmitJobRequest {
+        SubmitJobRequest {
+            name: "t".into(),
+            config_toml: format!(
+                "steps = 2\nbatch_size = {batch_size}\nseq_len = 16\n{parallel}\n[model]\npreset = \"tiny\"\n"
+            ),
+            workers,
+            output_dir: String::new(),
+        }
+    }
+
+    /// The field and reason of a refused request.
+    fn refused(request: &SubmitJobRequest) -> (String, String) {
+        match validate_submit(request) {
+            Err(ServiceError::InvalidArgument { field, reason }) => (field, reason),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn without_parallel_the_job_is_data_parallel() {
+        let spec = validate_submit(&request(4, 8, "")).unwrap();
+        assert_eq!(spec.placement, None);
+        assert_eq!(refused(&request(3, 8, "")).0, "batch_size");
+    }
+
+    #[test]
+    fn a_parallel_table_is_placed() {
+        let parallel = "[parallel]\npp = 2\nep = 2\ndp = 2\nmicro_batches = 4\n";
+        let spec = validate_submit(&request(8, 16, parallel)).unwrap();
+        let placement = spec.placement.expect("a pipeline job");
+        assert_eq!(placement.world_size(), 8);
+        assert_eq!(placement.parallel().schedule, ScheduleKind::DualPipe);
+        assert_eq!(placement.stages().len(), 2);
+        // Data-parallel divisibility over the workers does not apply: 16 % 8 would, 20 % 8
+        // does not, but 20 is not a multiple of ep·dp·micro_batches = 16 either.
+        assert_eq!(refused(&request(8, 20, parallel)).0, "batch_size");
+        let v = "[parallel]\npp = 4\nschedule = \"dualpipev\"\nmicro_batches = 4\n";
+        assert_eq!(validate_submit(&request(2, 4, v)).unwrap().placement.unwrap().world_size(), 2);
+        let zb = "[parallel]\npp = 3\nschedule = \"zb1p\"\nmicro_batches = 3\n";
+        assert_eq!(validate_submit(&request(3, 3, zb)).unwrap().placement.unwrap().stages().len(), 3);
+    }
+
+    #[test]
+    fn parallel_errors_name_the_field() {
+        let cases: &[(u32, u64, &str, &str, &str)] = &[
+            (2, 4, "parallel = 3", "parallel", "must be a table"),
+            (2, 4, "[parallel]\npp = 2\nmicro_batches = 4\ntp = 2", "parallel.tp", "not a [parallel] key"),
+            (2, 4, "[parallel]\nmicro_batches = 4", "parallel.pp", "is missing"),
+            (2, 4, "[parallel]\npp = \"auto\"\nmicro_batches = 4", "parallel.pp", "flotilla plan"),
+            (2, 4, "[parallel]\npp = 0\nmicro_batches = 4", "parallel.pp", "at least 1"),
+            (2, 4, "[parallel]\npp = 2\nep = -1\nmicro_batches = 4", "parallel.ep", "at least 1"),
+            (2, 4, "[parallel]\npp = 2\ndp = 1.5\nmicro_batches = 4", "parallel.dp", "positive integer"),
+            (2, 4, "[parallel]\npp = 2", "parallel.micro_batches", "is missing"),
+            (
+                2,
+                4,
+                "[parallel]\npp = 2\nmicro_batches = 4\nschedule = \"gpipe\"",
+                "parallel.schedule",
+                "unknown schedule",
+            ),
+            (3, 6, "[parallel]\npp = 3\nmicro_batches = 6", "parallel.pp", "DualPipe needs an even pp"),
+            (2, 6, "[parallel]\npp = 2\nmicro_batches = 3", "parallel.micro_batches", "≥ 2·pp"),
+            (
+                6,
+                8,
+                "[parallel]\npp = 6\nschedule = \"1f1b\"\nmicro_batches = 8",
+                "parallel.pp",
+                "model has 4",
+            ),
+            (6, 8, "[parallel]\npp = 2\nep = 3\nmicro_batches = 4", "parallel.ep", "16 routed experts"),
+            (4, 8, "[parallel]\npp = 2\nmicro_batches = 4", "workers", "= 2"),
+            (2, 6, "[parallel]\npp = 2\nmicro_batches = 4", "batch_size", "equal micro-batches"),
+            (2, 4, "[parallel]\npp = 2\nmicro_batches = 40000", "parallel.micro_batches", "limit"),
+        ];
+        for &(workers, batch, parallel, field, reason) in cases {
+            let (f, r) = refused(&request(workers, batch, parallel));
+            assert_eq!(f, field, "{parallel}: {r}");
+            assert!(r.contains(reason), "{parallel}: {r:?} lacks {reason:?}");
+        }
+        // The model must load.
+        let mut bad_model = request(2, 4, "[parallel]\npp = 2\nmicro_batches = 4");
+        bad_model.config_toml = bad_model.config_toml.replace("preset = \"tiny\"", "preset = \"huge\"");
+        assert_eq!(refused(&bad_model).0, "model");
+        let mut no_model = request(2, 4, "[parallel]\npp = 2\nmicro_batches = 4");
+        no_model.config_toml = no_model.config_toml.replace("[model]\npreset = \"tiny\"\n", "");
+        assert_eq!(refused(&no_model).0, "model");
+    }
 }

@@ -28,6 +28,9 @@ pub enum ServiceError {
     /// `NOT_FOUND`.
     #[error("job {job_id:?} not found")]
     JobNotFound { job_id: String },
+    /// Something else a request names does not exist (`NOT_FOUND`); the message names it.
+    #[error("{0}")]
+    NotFound(String),
     /// The request does not fit the job's state (`FAILED_PRECONDITION`).
     #[error("{0}")]
     FailedPrecondition(String),
@@ -93,7 +96,7 @@ impl ServiceError {
             ServiceError::ProtocolMismatch { .. } => Code::FailedPrecondition,
             ServiceError::AlreadyExists(_) => Code::AlreadyExists,
             ServiceError::Unauthenticated(_) => Code::Unauthenticated,
-            ServiceError::JobNotFound { .. } => Code::NotFound,
+            ServiceError::JobNotFound { .. } | ServiceError::NotFound(_) => Code::NotFound,
             ServiceError::FailedPrecondition(_) => Code::FailedPrecondition,
             ServiceError::Compacted { .. } | ServiceError::FutureRevision { .. } => Code::OutOfRange,
             ServiceError::WatchLagged { .. } | ServiceError::Fenced { .. } => Code::Aborted,

@@ -6,15 +6,16 @@ use std::sync::Arc;
 use flotilla_proto::v1::coordinator_service_server::CoordinatorService;
 use flotilla_proto::v1::job_service_server::JobService;
 use flotilla_proto::v1::{
-    CancelJobRequest, GetJobRequest, Job, JobState, ListJobsRequest, ListJobsResponse, ListWorkersRequest,
-    ListWorkersResponse, Registration, SubmitJobRequest, WatchJobRequest, WorkerInfo, WorkerMessage,
-    worker_message,
+    CancelJobRequest, GetJobRequest, GetStepTimelineRequest, Job, JobState, ListJobsRequest,
+    ListJobsResponse, ListWorkersRequest, ListWorkersResponse, Registration, StepTimeline, SubmitJobRequest,
+    WatchJobRequest, WorkerInfo, WorkerMessage, worker_message,
 };
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::cluster::{ClusterHandle, ClusterMsg, SessionStream, validate_worker_info};
+use super::job::TimelineAnswer;
 use super::records::{is_valid_id, list_jobs, read_job};
 use super::watch::{EventStream, watch_job};
 use super::{CoordinatorConfig, ServiceError, validate_submit};
@@ -193,6 +194,55 @@ impl<S: StateStore + Clone + 'static> JobService for JobApi<S> {
         check_job_id(&job_id)?;
         let stream = watch_job(&self.store, &job_id, from_revision, self.cancel.clone()).await?;
         Ok(Response::new(stream))
+    }
+
+    /// Asks the cluster actor, which forwards to the job actor of a running job or answers
+    /// from the timelines of ended jobs; for a job it knows nothing about, the store says
+    /// whether the job exists.
+    async fn get_step_timeline(
+        &self,
+        request: Request<GetStepTimelineRequest>,
+    ) -> Result<Response<StepTimeline>, Status> {
+        let GetStepTimelineRequest { job_id, step } = request.into_inner();
+        check_job_id(&job_id)?;
+        let mut attempts = 0;
+        let answer = loop {
+            let id = job_id.clone();
+            match self.cluster.request(|reply| ClusterMsg::StepTimeline { job_id: id, step, reply }).await {
+                // The job actor ended between the request and its turn: its timelines are on
+                // their way to the cluster actor.
+                Err(ServiceError::ShuttingDown) if !self.cancel.is_cancelled() && attempts < 3 => {
+                    attempts += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+                other => break other,
+            }
+        };
+        let timeline = match answer {
+            Ok(TimelineAnswer::Step(timeline)) => timeline,
+            Ok(TimelineAnswer::Ended(timelines)) => timelines.step(step)?,
+            Err(ServiceError::JobNotFound { .. }) => {
+                let Some((record, _)) = read_job(&self.store, &job_id).await? else {
+                    return Err(ServiceError::JobNotFound { job_id }.into());
+                };
+                let pipeline = record
+                    .config_toml
+                    .parse::<toml::Table>()
+                    .is_ok_and(|table| table.contains_key("parallel"));
+                let why = if pipeline {
+                    "its timelines are no longer kept (only those of the last few ended jobs are, \
+                     and none across a coordinator restart)"
+                } else {
+                    "it is a data-parallel job (its config has no [parallel] table)"
+                };
+                return Err(ServiceError::NotFound(format!(
+                    "job {job_id} has no timeline of step {step}: {why}"
+                ))
+                .into());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        Ok(Response::new(timeline))
     }
 
     async fn list_workers(

@@ -6,7 +6,8 @@
 //!  Pending ────────▶ Rendezvous ──────────────────▶ Running ───────────────────▶ Succeeded
 //!                        │                           │  ▲  │
 //!         worker lost,   │               worker lost │  │  │ worker error, refusal,
-//!         refusal        │                           ▼  │  │ invalid report
+//!         refusal        │                           ▼  │  │ invalid report, stream
+//!                        │                                  │ deviation (pipeline jobs)
 //!                        │                       Recovering │
 //!                        │        no checkpoint (today) │   │
 //!                        └──────────▶ Failed ◀──────────┴───┘
@@ -21,6 +22,17 @@
 //! replacement workers, or straight to Running on the survivors, with `RunSteps` starting
 //! at the first step after the last committed checkpoint (the job already sends
 //! `first_step = steps_done + 1`).
+//!
+//! A pipeline job (one with a `[parallel]` table) is placed when it is submitted (see
+//! `crate::placement`): at rendezvous its workers are ordered into world ranks by (node,
+//! local rank, worker id), and each one's assignment carries the layout, every rank's
+//! coordinates, every stage and its pipeline rank's compiled stream (`dp_rank` and
+//! `dp_size` are then the world rank and size). Every step report of such a job must list
+//! exactly that stream as executed, op by op (kind, chunks, peer); the first difference,
+//! a missing tail or extra ops fail the job with a reason naming the world rank, the
+//! worker, the step, the instruction and both ops. What each rank executed is kept for
+//! `GetStepTimeline` (`super::timeline`), and each step's summary carries the bubble
+//! measured from the reported spans. A data-parallel job ignores `executed`.
 //!
 //! Steps are numbered from 1, as the trainer and `metrics.jsonl` number them: a job of
 //! `steps = S` runs steps 1..=S, and `steps_done = s` means steps 1..=s are summarized.
@@ -43,7 +55,7 @@ use std::time::Duration;
 
 use flotilla_proto::v1::{
     Abort, Ack, Assignment, CoordinatorMessage, Job, JobEvent, JobFinished, JobState, Peer, RunSteps,
-    StateChanged, StepReport, StepSummary, WorkerError, WorkerInfo, WorkerJoined, WorkerLost,
+    StateChanged, StepReport, StepSummary, StepTimeline, WorkerError, WorkerInfo, WorkerJoined, WorkerLost,
     coordinator_message, job_event, worker_message,
 };
 use tokio::sync::{mpsc, oneshot};
@@ -55,6 +67,9 @@ use super::ServiceError;
 use super::cluster::ClusterMsg;
 use super::records::{JobRecord, encode_event, event_key, job_key, unix_ms};
 use super::session::SessionHandle;
+use super::timeline::{JobTimelines, RankInfo};
+use crate::placement::{Placement, WorkerKey, world_order};
+use crate::schedule::{RankSpan, bubble_fraction, predicted_bubble_fraction, rank_span};
 use crate::store::StoreError;
 use crate::store::{Compare, CompareOp, Op, Revision, StateStore, Txn};
 
@@ -119,7 +134,24 @@ pub(crate) enum JobControl {
         reason: String,
         reply: oneshot::Sender<Result<Job, ServiceError>>,
     },
+    /// A step's executed timeline (pipeline jobs).
+    Timeline {
+        step: u64,
+        reply: oneshot::Sender<Result<TimelineAnswer, ServiceError>>,
+    },
 }
+
+/// Where a step timeline comes from: the job actor of a running job builds it; the cluster
+/// actor hands over an ended job's timelines for the gRPC handler to read.
+pub(crate) enum TimelineAnswer {
+    Step(StepTimeline),
+    Ended(Arc<JobTimelines>),
+}
+
+/// A job's placement as its actor gets it: `None` for a data-parallel job, or why the
+/// config cannot be placed (a job read at startup under other rules than it was submitted
+/// under).
+pub(crate) type JobPlacement = Result<Option<Arc<Placement>>, String>;
 
 /// What every job actor gets from the cluster actor that spawns it.
 #[derive(Clone, Debug)]
@@ -193,14 +225,24 @@ pub(crate) struct JobActor<S> {
     /// Aborts not yet acknowledged, by command id: the rank they went to and when.
     stopping: BTreeMap<u64, (usize, Instant)>,
     steps: StepTracker,
+    /// Pipeline jobs: the layout, stages and compiled streams every rank is held to.
+    placement: JobPlacement,
+    /// Pipeline jobs, once started: what each rank executed in the last steps.
+    timelines: Option<JobTimelines>,
 }
 
 impl<S: StateStore + Clone + 'static> JobActor<S> {
     /// A job actor for `record` at `revision` (0 for a job not yet written).
-    pub fn new(store: S, record: JobRecord, revision: Revision, env: JobEnv) -> (JobHandle, JobActor<S>) {
+    pub fn new(
+        store: S,
+        record: JobRecord,
+        revision: Revision,
+        env: JobEnv,
+        placement: JobPlacement,
+    ) -> (JobHandle, JobActor<S>) {
         let (control_tx, control) = mpsc::unbounded_channel();
         let (reports_tx, reports) = mpsc::channel(REPORT_MAILBOX);
-        let steps = StepTracker::new(&record, 0);
+        let steps = StepTracker::new(&record, 0, false);
         let actor = JobActor {
             store,
             record,
@@ -212,6 +254,8 @@ impl<S: StateStore + Clone + 'static> JobActor<S> {
             awaiting: HashMap::new(),
             stopping: BTreeMap::new(),
             steps,
+            placement,
+            timelines: None,
         };
         (JobHandle { control: control_tx, reports: reports_tx }, actor)
     }
@@ -353,6 +397,9 @@ impl<S: StateStore + Clone + 'static> JobActor<S> {
                     Some(JobControl::Cancel { reply, .. }) => {
                         let _ = reply.send(Err(ServiceError::JobNotFound { job_id: self.record.id.clone() }));
                     }
+                    Some(JobControl::Timeline { step, reply }) => {
+                        let _ = reply.send(self.timeline(step));
+                    }
                     Some(JobControl::Start(_)) => {}
                     None => return None,
                 },
@@ -372,7 +419,23 @@ impl<S: StateStore + Clone + 'static> JobActor<S> {
     /// Tells the cluster actor the job has ended, which releases its workers (and declares
     /// the `stuck` ones lost).
     async fn end(&mut self, stuck: Vec<(String, String)>) {
-        let _ = self.env.cluster.send(ClusterMsg::JobEnded { job_id: self.record.id.clone(), stuck }).await;
+        let timelines = self.timelines.take();
+        let ended = ClusterMsg::JobEnded { job_id: self.record.id.clone(), stuck, timelines };
+        let _ = self.env.cluster.send(ended).await;
+    }
+
+    /// A step's timeline, or `NOT_FOUND` saying why there is none.
+    fn timeline(&self, step: u64) -> Result<TimelineAnswer, ServiceError> {
+        let id = &self.record.id;
+        match (&self.placement, &self.timelines) {
+            (_, Some(timelines)) => timelines.step(step).map(TimelineAnswer::Step),
+            (Ok(None), None) => Err(ServiceError::NotFound(format!(
+                "job {id} has no step timelines: it is a data-parallel job (its config has no [parallel] table)"
+            ))),
+            (_, None) => Err(ServiceError::NotFound(format!(
+                "job {id} has no timeline of step {step}: it has not started running"
+            ))),
+        }
     }
 
     fn proto(&self) -> Job {
@@ -476,6 +539,10 @@ impl<S: StateStore + Clone + 'static> JobActor<S> {
         match message {
             JobControl::Start(members) => self.start(members).await,
             JobControl::WorkerLost { worker_id, cause } => self.on_worker_lost(worker_id, cause).await,
+            JobControl::Timeline { step, reply } => {
+                let _ = reply.send(self.timeline(step));
+                Ok(())
+            }
             JobControl::Cancel { reason, reply } => {
                 let reason = if reason.is_empty() { "cancelled by a client".to_string() } else { reason };
                 self.abort_crew(&reason);
@@ -494,12 +561,44 @@ impl<S: StateStore + Clone + 'static> JobActor<S> {
     }
 
     /// Rendezvous: records the workers, then sends each its assignment with every peer's
-    /// data-plane address.
+    /// data-plane address. A pipeline job orders its workers into world ranks by (node,
+    /// local rank, worker id) and ships each its place in the layout and its stream; a
+    /// data-parallel job keeps the cluster actor's order (worker ids).
     async fn start(&mut self, members: Vec<Member>) -> Result<(), ServiceError> {
         if self.record.state != JobState::Pending || !self.crew.is_empty() {
             // The cluster actor starts a job once; the workers are released when it ends.
             tracing::warn!(job = %self.record.id, "ignoring a second start");
             return Ok(());
+        }
+        let placement = match &self.placement {
+            Ok(placement) => placement.clone(),
+            Err(why) => {
+                // Nothing was sent to the workers: they are free again once the job ends.
+                let reason = format!("the job's [parallel] layout cannot be placed: {why}");
+                return self.transition(JobState::Failed, reason).await;
+            }
+        };
+        let mut members = members;
+        if let Some(placement) = &placement {
+            if members.len() != placement.world_size() as usize {
+                let reason = format!(
+                    "the layout needs {} workers, but the job was given {}",
+                    placement.world_size(),
+                    members.len()
+                );
+                return self.transition(JobState::Failed, reason).await;
+            }
+            let keys: Vec<WorkerKey<'_>> = members
+                .iter()
+                .map(|m| WorkerKey {
+                    node_id: if m.info.node_id.is_empty() { &m.info.host } else { &m.info.node_id },
+                    local_rank: m.info.local_rank,
+                    worker_id: &m.worker_id,
+                })
+                .collect();
+            let order = world_order(&keys);
+            let mut slots: Vec<Option<Member>> = members.into_iter().map(Some).collect();
+            members = order.into_iter().filter_map(|i| slots[i].take()).collect();
         }
         let n = members.len();
         let peers: Vec<(String, WorkerInfo)> =
@@ -515,7 +614,20 @@ impl<S: StateStore + Clone + 'static> JobActor<S> {
                 lost: false,
             })
             .collect();
-        self.steps = StepTracker::new(&self.record, n);
+        self.steps = StepTracker::new(&self.record, n, placement.is_some());
+        if let Some(placement) = &placement {
+            let ranks = self
+                .crew
+                .iter()
+                .enumerate()
+                .map(|(g, rank)| RankInfo {
+                    worker_id: rank.worker_id.clone(),
+                    coordinates: placement.coordinates(g as u32),
+                })
+                .collect();
+            let layout = placement.parallel().layout();
+            self.timelines = Some(JobTimelines::new(self.record.id.clone(), layout, ranks));
+        }
         self.transition(JobState::Rendezvous, format!("{n} workers assigned")).await?;
         for rank in 0..n {
             let joined = WorkerJoined {
@@ -538,7 +650,9 @@ impl<S: StateStore + Clone + 'static> JobActor<S> {
         // A fresh id per rendezvous: a peer left over from an earlier one is refused on
         // the data plane.
         let data_plane_session = super::cluster::random_u64();
+        let mut pipelines = placement.as_ref().map(|p| p.assignments().into_iter());
         for rank in 0..n {
+            // dp_rank and dp_size are the world rank and size: `peers` is by world rank.
             let assignment = Assignment {
                 job_id: self.record.id.clone(),
                 dp_rank: rank as u32,
@@ -547,6 +661,7 @@ impl<S: StateStore + Clone + 'static> JobActor<S> {
                 config_toml: self.record.config_toml.clone(),
                 output_dir: self.record.output_dir.clone(),
                 data_plane_session,
+                pipeline: pipelines.as_mut().and_then(Iterator::next),
             };
             self.command(
                 rank,
@@ -648,15 +763,44 @@ impl<S: StateStore + Clone + 'static> JobActor<S> {
         Ok(())
     }
 
-    async fn on_step(&mut self, rank: usize, report: StepReport) -> Result<(), ServiceError> {
+    /// Takes a rank's report of a step. A pipeline job's rank must have executed exactly
+    /// its compiled stream (op by op: kind, chunks, peer); any difference fails the job.
+    /// What it executed is kept for `GetStepTimeline`, a deviating stream included.
+    async fn on_step(&mut self, rank: usize, mut report: StepReport) -> Result<(), ServiceError> {
         if self.record.state != JobState::Running || !self.is_ours(&report.job_id, false) {
             return Ok(());
         }
-        if let Err(violation) = self.steps.accept(rank, report) {
+        let step = report.step;
+        // Taken out of every report: a data-parallel job ignores it, a pipeline job keeps it
+        // in its timelines rather than in the pending reports.
+        let executed = std::mem::take(&mut report.executed);
+        let (deviation, span) = match &self.placement {
+            Ok(Some(placement)) => {
+                (placement.check_executed(rank as u32, &executed).err(), rank_span(&executed))
+            }
+            _ => (None, None),
+        };
+        let reported_bubble = report.bubble_fraction;
+        if let Err(violation) = self.steps.accept(rank, report, span) {
             let worker = &self.crew[rank].worker_id;
             return self.fail(format!("worker {worker} sent an invalid step report: {violation}")).await;
         }
-        while let Some(summary) = self.steps.pop() {
+        if let Some(timelines) = &mut self.timelines {
+            timelines.record(step, rank, executed, reported_bubble);
+        }
+        if let Some(deviation) = deviation {
+            let worker = &self.crew[rank].worker_id;
+            let reason = format!("rank {rank} (worker {worker}) step {step}: {deviation}");
+            tracing::error!(job = %self.record.id, %reason, "pipeline stream deviation");
+            return self.fail(reason).await;
+        }
+        while let Some(mut summary) = self.steps.pop() {
+            if let (Ok(Some(placement)), Some(timelines)) = (&self.placement, &self.timelines)
+                && let Ok(timeline) = timelines.step(summary.step)
+            {
+                summary.predicted_bubble_fraction =
+                    predicted_bubble_fraction(placement.schedule(), &timeline).unwrap_or(0.0);
+            }
             let before = (self.record.steps_done, self.record.last_loss);
             self.record.steps_done = summary.step;
             self.record.last_loss = summary.loss;
@@ -710,6 +854,9 @@ fn store_still_ours(error: &ServiceError) -> bool {
     )
 }
 
+/// A rank's report of a step (a pipeline job's executed ops taken out) and their span.
+type Reported = (StepReport, Option<RankSpan>);
+
 /// Collects the ranks' step reports and releases one summary per step, in step order, once
 /// every rank has reported it.
 struct StepTracker {
@@ -720,7 +867,9 @@ struct StepTracker {
     /// One past the last step of the job.
     end: u64,
     ranks: usize,
-    pending: BTreeMap<u64, Vec<Option<StepReport>>>,
+    /// Whether the job is a pipeline job (its steps have a bubble).
+    pipeline: bool,
+    pending: BTreeMap<u64, Vec<Option<Reported>>>,
     /// When the previous step was summarized (or the steps started): the fallback for the
     /// step time when workers report none.
     last: Instant,
@@ -728,14 +877,22 @@ struct StepTracker {
 
 impl StepTracker {
     /// The steps left of `record`'s job, for `ranks` ranks.
-    fn new(record: &JobRecord, ranks: usize) -> StepTracker {
+    fn new(record: &JobRecord, ranks: usize, pipeline: bool) -> StepTracker {
         let next = record.steps_done.saturating_add(1);
         let end = record.total_steps.saturating_add(1).max(next);
-        StepTracker { first: next, next, end, ranks, pending: BTreeMap::new(), last: Instant::now() }
+        StepTracker {
+            first: next,
+            next,
+            end,
+            ranks,
+            pipeline,
+            pending: BTreeMap::new(),
+            last: Instant::now(),
+        }
     }
 
     /// Takes a report; an error describes a protocol violation.
-    fn accept(&mut self, rank: usize, report: StepReport) -> Result<(), String> {
+    fn accept(&mut self, rank: usize, report: StepReport, span: Option<RankSpan>) -> Result<(), String> {
         let step = report.step;
         if step >= self.end {
             return Err(format!("step {step} is past the job's last step {}", self.end.saturating_sub(1)));
@@ -757,7 +914,7 @@ impl StepTracker {
         if let Some(slot) = slots.get_mut(rank)
             && slot.is_none()
         {
-            *slot = Some(report);
+            *slot = Some((report, span));
         }
         Ok(())
     }
@@ -768,13 +925,30 @@ impl StepTracker {
         if slots.iter().any(Option::is_none) {
             return None;
         }
-        let reports: Vec<StepReport> = self.pending.remove(&self.next)?.into_iter().flatten().collect();
+        let (reports, spans): (Vec<StepReport>, Vec<Option<RankSpan>>) =
+            self.pending.remove(&self.next)?.into_iter().flatten().unzip();
         let now = Instant::now();
         let observed = now.duration_since(self.last).as_secs_f64();
         self.last = now;
         self.next += 1;
-        Some(summarize(&reports, observed))
+        let mut summary = summarize(&reports, observed);
+        if self.pipeline {
+            summary.bubble_fraction = measured_bubble(&reports, &spans);
+        }
+        Some(summary)
     }
+}
+
+/// A pipeline step's bubble: from the ranks' spans ([`bubble_fraction`]: the largest over
+/// ranks of 1 − busy / makespan), or, when the spans measure no time, the largest fraction
+/// the ranks reported (each clamped to [0, 1]; a non-finite one counts as 0).
+fn measured_bubble(reports: &[StepReport], spans: &[Option<RankSpan>]) -> f64 {
+    bubble_fraction(spans.iter().flatten().copied()).unwrap_or_else(|| {
+        reports
+            .iter()
+            .map(|r| if r.bubble_fraction.is_finite() { r.bubble_fraction.clamp(0.0, 1.0) } else { 0.0 })
+            .fold(0.0, f64::max)
+    })
 }
 
 /// One step of the job from every rank's report. Losses, tokens and expert loads are of
@@ -807,5 +981,7 @@ fn summarize(reports: &[StepReport], observed_seconds: f64) -> StepSummary {
         tokens_per_second,
         max_expert_load,
         mean_expert_load,
+        bubble_fraction: 0.0,
+        predicted_bubble_fraction: 0.0,
     }
 }

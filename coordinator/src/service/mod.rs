@@ -21,6 +21,8 @@
 //!   writer of its durable record and events; it decides what a failure means (today: abort
 //!   the step on the survivors and fail the job; with checkpoints: re-rendezvous and
 //!   resume).
+//!   A pipeline job holds each rank to its compiled instruction stream and keeps what the
+//!   ranks executed for `GetStepTimeline` (`timeline`).
 //! - The **history compactor** (`history`) keeps the store's watch history to the last
 //!   `history_retention` revisions, so the store's memory and log stay bounded.
 //!
@@ -81,9 +83,13 @@ mod history;
 mod job;
 mod records;
 mod session;
+mod timeline;
 mod watch;
 
-pub use config::{CoordinatorConfig, JobSpec, MAX_CONFIG_BYTES, MAX_JOB_WORKERS, validate_submit};
+pub use config::{
+    CoordinatorConfig, JobSpec, MAX_CONFIG_BYTES, MAX_JOB_CHUNKS, MAX_JOB_WORKERS, placement_of,
+    validate_submit,
+};
 pub use error::ServiceError;
 pub use job::may_transition;
 

@@ -31,8 +31,9 @@ pub(crate) type Outbound = mpsc::Sender<Result<CoordinatorMessage, Status>>;
 /// cluster and job actors), a handful of messages per job, and they must never wait on a
 /// session (see the module docs of `service`).
 pub(crate) enum SessionMsg {
-    /// Send this command to the worker.
-    Command(CoordinatorMessage),
+    /// Send this command to the worker (boxed: an assignment is large, the other
+    /// messages small).
+    Command(Box<CoordinatorMessage>),
     /// Forward job messages to this job from now on (`None`: to nobody).
     SetOwner(Option<JobRoute>),
     /// End the stream with this status; the cluster actor already forgot the worker.
@@ -50,7 +51,7 @@ impl SessionHandle {
     /// Queues a command. A session that has ended ignores it: the cluster actor learns of
     /// the end through its own message and declares the worker lost.
     pub fn send(&self, command: CoordinatorMessage) {
-        let _ = self.tx.send(SessionMsg::Command(command));
+        let _ = self.tx.send(SessionMsg::Command(Box::new(command)));
     }
 
     pub fn set_owner(&self, owner: Option<JobRoute>) {
@@ -99,7 +100,7 @@ impl SessionActor {
                 }
                 message = self.mailbox.recv() => match message {
                     Some(SessionMsg::Command(command)) => {
-                        if let Err(cause) = self.send(command) {
+                        if let Err(cause) = self.send(*command) {
                             break cause;
                         }
                     }

@@ -6,6 +6,8 @@
 //! connection per pair of ranks (CPU workers, tests); an NCCL implementation for GPU
 //! workers will sit beside it. The collective algorithms live in [`ring`], written against
 //! plain tagged send/receive, so every transport that has those shares them.
+//! [`Group`] ([`group`]) is a [`Communicator`] over a subset of a [`TcpCommunicator`]'s
+//! ranks, for collectives that involve only some of them (see *Groups* below).
 //!
 //! # Semantics every implementation keeps
 //!
@@ -16,13 +18,16 @@
 //!   receive; messages match by kind, micro-batch and stage, encoded by the caller in the
 //!   tag).
 //! - **Tags.** User tags are below [`COLLECTIVE_TAG_BIT`] (2⁶³); the upper half of the tag
-//!   space belongs to the collectives (see [`collective_tag`]), so a collective's messages
-//!   can never be taken by a user receive and vice versa.
-//! - **Collectives** are numbered per communicator in the order they are *called* (the
-//!   sequence number is taken when the method is called, not when its future is first
-//!   polled), and that number is part of every tag they use. Every rank must therefore call
-//!   the same collectives in the same order, as with MPI or NCCL; two collectives may be in
-//!   flight at once if every rank issued them in the same order.
+//!   space belongs to the collectives (see *Tags* below), so a collective's messages can
+//!   never be taken by a user receive and vice versa.
+//! - **Collectives** are numbered per communicator (per group, for a group) in the order
+//!   they are *called* (the sequence number is taken when the method is called, not when
+//!   its future is first polled), and that number is part of every tag they use. Every
+//!   rank must therefore call the same collectives of one communicator in the same order,
+//!   as with MPI or NCCL; two collectives may be in flight at once if every rank issued
+//!   them in the same order. A collective future must be driven to completion: one dropped
+//!   half-way leaves its peers waiting or its messages behind (abort instead; a group's
+//!   collective aborts its communicator itself when dropped unfinished, see *Groups*).
 //! - **Determinism.** [`Communicator::all_reduce_sum`] adds in an order fixed by the layout
 //!   alone (world size and chunk index), never by timing: see [`ring`] for the order and
 //!   [`ring_reference_sum`] for the same sums computed sequentially.
@@ -37,7 +42,86 @@
 //!   the connections, so peers stuck waiting on this rank fail too; it is terminal
 //!   (rendezvous again to continue).
 //! - **Errors** name the peer and tag at fault; nothing a peer sends can make a rank panic.
+//!
+//! # Groups
+//!
+//! Pipeline and expert parallelism reduce most tensors over a subset of the ranks (the
+//! data-parallel replicas of one stage, the ranks sharing an expert) and only a few over
+//! everyone. A [`Group`] is a view of a [`TcpCommunicator`] restricted to `members`, a
+//! sorted list of world ranks that includes the caller, and identified by a `group_id` in
+//! `1..=`[`MAX_GROUP_ID`]: `Group::new(comm, members, group_id)`, where `comm` is any
+//! handle to the communicator (`&TcpCommunicator` for a group built for one step,
+//! `Arc<TcpCommunicator>` for one shared between tasks). Building one is local: no
+//! messages, no new connections. It is itself a [`Communicator`], so code written against
+//! the trait runs unchanged on a world or on a group:
+//!
+//! - **Ranks.** Inside a group, ranks are *group ranks*: `rank()` is the caller's index in
+//!   `members` and `world_size()` is `members.len()`. Point-to-point messages go to
+//!   `members[peer]`, with the user's tag unchanged, so they share the world's user-tag
+//!   space (a message sent through a group can be received through the world communicator
+//!   under the sender's world rank, and vice versa).
+//! - **Collectives** run the [`ring`] algorithms over the members only, numbered by the
+//!   group's own sequence counter, in tags of their own (below), so they never meet the
+//!   world's collectives or another group's. The ordering rule above holds per group:
+//!   every member calls the group's collectives in the same order, while collectives of
+//!   *different* groups (the world included) may be issued in any relative order, as long
+//!   as each one is in flight until it completes. (A rank that *waits* for group A's
+//!   collective before issuing group B's, while another waits for B's before issuing A's,
+//!   deadlocks, as with MPI or NCCL.)
+//! - **Identity.** Every member must build the group with the same id and the same
+//!   members (nothing checks this across ranks: a mismatch is a protocol error, like
+//!   calling collectives in different orders). The groups one rank holds at the same time
+//!   need distinct ids, which the constructor enforces: it refuses an id held by a live
+//!   group of the same communicator on that rank. A group dropped and built again (for
+//!   every step, say) numbers its collectives from 0 again; that is sound because messages
+//!   with the same `(peer, tag)` pair up in the order they were sent and every collective
+//!   of the old group has completed on each rank before the new group exists there.
+//! - **Abandoned collectives.** A group collective whose future is dropped before it
+//!   completes (never polled, or cancelled half-way) aborts the communicator: its peers
+//!   would otherwise wait forever, and the messages it left behind would be taken by the
+//!   same-numbered collective of a rebuilt group.
+//! - **Determinism.** A group's all-reduce adds in the order [`ring`] fixes for a world of
+//!   `members.len()` ranks: bit for bit [`ring_reference_sum`] over the members' inputs in
+//!   group-rank order.
+//! - **Failure.** The underlying communicator is the failure domain. A broken link fails
+//!   every pending and later collective of the communicator and of all its groups (the
+//!   job is torn down and re-formed either way), and a group collective that fails aborts
+//!   the underlying communicator, so members waiting further round the group's ring fail
+//!   rather than hang, and so do the other groups and the world. Errors name *world* ranks
+//!   ([`CommError::peer`], [`CommError::culprit`]); only [`CommError::InvalidPeer`] from a
+//!   group's `send` or `recv`, which rejects the caller's argument, names the group rank
+//!   passed in. [`Communicator::abort`] on a group aborts the underlying communicator.
+//!
+//! # Tags
+//!
+//! A tag is 64 bits. User tags have bit 63 clear. Tags with bits 63 and 62 set are the
+//! transport's control frames. The rest, bit 63 set and bit 62 clear, are collectives':
+//!
+//! ```text
+//!  63  62  61 ........ 48  47 ........ 24  23 ........ 0
+//!   1   0   group id (14)   sequence (24)    step (24)
+//! ```
+//!
+//! - *group id*: 0 for the world communicator itself, the group's id (1..=[`MAX_GROUP_ID`])
+//!   for a [`Group`]; so no two groups', nor a group's and the world's, collectives
+//!   share a tag.
+//! - *sequence*: the collective's number within its group (or world), modulo 2²⁴. Members
+//!   count the same calls, so they agree on it. It wraps, which is safe as long as no rank
+//!   has two collectives of one group 2²⁴ calls apart in flight at once: messages with the
+//!   same `(peer, tag)` pair up in the order they were sent, so a rank running ahead into
+//!   a later collective with the same tags is harmless.
+//! - *step*: the message's step within the collective (a ring all-reduce over `n` ranks
+//!   takes `2·(n−1)` steps, which bounds [`MAX_WORLD_SIZE`]).
+//!
+//! Group id and sequence together form the collective's *number*, [`collective_number`];
+//! [`collective_tag`] places a number and a step into a tag. Since messages match by
+//! `(peer, tag)`, two live groups with the same id could only mix up messages exchanged
+//! between ranks that are members of both, and such a rank refuses to hold both: ids need
+//! only be distinct among the groups one rank holds at once. (Ids that are unique over the
+//! whole job, derived alike on every rank from what the group is for, are the simple way
+//! to get there.)
 
+pub mod group;
 pub mod ring;
 pub mod tcp;
 
@@ -49,6 +133,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use thiserror::Error;
 
+pub use group::Group;
 pub use ring::{RingElement, chunk_range, ring_reference_sum};
 pub use tcp::{AbortHandle, TcpCommunicator, TcpOptions, TcpRendezvous, loopback_group};
 
@@ -60,8 +145,12 @@ pub const MAX_USER_TAG: u64 = COLLECTIVE_TAG_BIT - 1;
 
 /// Bits of a collective tag that number the step inside one collective.
 const STEP_BITS: u32 = 24;
-/// Bits of a collective tag that hold the collective's sequence number (modulo 2³⁸).
-const SEQ_BITS: u32 = 38;
+/// Bits of a collective tag that hold the collective's number (group id and sequence).
+const NUMBER_BITS: u32 = 38;
+/// Bits of a collective's number that count the collectives of its group.
+const SEQUENCE_BITS: u32 = 24;
+/// Bits of a collective's number that hold its group's id.
+const GROUP_ID_BITS: u32 = NUMBER_BITS - SEQUENCE_BITS;
 /// Tags with both top bits set are the transport's own control frames, never a collective's.
 pub(crate) const CONTROL_TAG_BITS: u64 = 0b11 << 62;
 
@@ -69,15 +158,46 @@ pub(crate) const CONTROL_TAG_BITS: u64 = 0b11 << 62;
 /// (the ring all-reduce takes 2·(n−1) steps).
 pub const MAX_WORLD_SIZE: usize = 1 << (STEP_BITS - 2);
 
-/// The tag of step `step` of the collective numbered `seq`: bit 63 set, bit 62 clear,
-/// `seq mod 2³⁸` in bits 24..62, `step` in bits 0..24.
-///
-/// Sequence numbers wrap after 2³⁸ collectives; ranks stay in step because they all count
-/// the same calls, and two collectives 2³⁸ calls apart are never in flight together.
-pub fn collective_tag(seq: u64, step: u32) -> u64 {
-    let seq_field = (seq & ((1 << SEQ_BITS) - 1)) << STEP_BITS;
+/// The group id of a communicator's world collectives; groups have ids from 1.
+pub const WORLD_GROUP_ID: u32 = 0;
+
+/// The largest group id: ids live in a 14-bit field of collective tags.
+pub const MAX_GROUP_ID: u32 = (1 << GROUP_ID_BITS) - 1;
+
+/// Collectives of one group (or of the world) are numbered modulo this many (2²⁴).
+pub const SEQUENCE_PERIOD: u64 = 1 << SEQUENCE_BITS;
+
+/// The number of the `seq`-th collective (counting from 0) of group `group_id`
+/// ([`WORLD_GROUP_ID`] for the world communicator): `group_id` in bits 24..38, `seq mod
+/// 2²⁴` in bits 0..24. Ids above [`MAX_GROUP_ID`] are truncated to 14 bits; constructors
+/// refuse them.
+pub fn collective_number(group_id: u32, seq: u64) -> u64 {
+    let group_field = (u64::from(group_id) & u64::from(MAX_GROUP_ID)) << SEQUENCE_BITS;
+    group_field | (seq % SEQUENCE_PERIOD)
+}
+
+/// The group id and sequence number of a collective's number.
+pub(crate) fn split_collective_number(number: u64) -> (u32, u64) {
+    let group_id = (number >> SEQUENCE_BITS) & u64::from(MAX_GROUP_ID);
+    // Masked to 14 bits: fits u32.
+    (group_id as u32, number % SEQUENCE_PERIOD)
+}
+
+/// How errors and abort reasons name the collective numbered `number`.
+pub(crate) fn describe_collective(number: u64) -> String {
+    match split_collective_number(number) {
+        (WORLD_GROUP_ID, seq) => format!("collective #{seq}"),
+        (group_id, seq) => format!("group {group_id} collective #{seq}"),
+    }
+}
+
+/// The tag of step `step` of the collective numbered `number` (see [`collective_number`]):
+/// bit 63 set, bit 62 clear, `number mod 2³⁸` in bits 24..62, `step` in bits 0..24. The
+/// module documentation (*Tags*) has the layout and why sequence numbers may wrap.
+pub fn collective_tag(number: u64, step: u32) -> u64 {
+    let number_field = (number & ((1 << NUMBER_BITS) - 1)) << STEP_BITS;
     let step_field = u64::from(step) & ((1 << STEP_BITS) - 1);
-    COLLECTIVE_TAG_BIT | seq_field | step_field
+    COLLECTIVE_TAG_BIT | number_field | step_field
 }
 
 /// Everything the data plane can fail with. Cloneable because one broken link fails many
@@ -175,15 +295,19 @@ impl CommError {
 
 /// Point-to-point messaging and collectives among `world_size` ranks.
 ///
+/// The ranks are those of a whole communicator ([`TcpCommunicator`]) or the members of a
+/// group ([`Group`]), numbered `0..world_size()` either way: code written against this
+/// trait runs unchanged over a subset of the ranks (module documentation, *Groups*).
+///
 /// Methods take `&self` so that one task can wait in a collective while another sends,
 /// receives or aborts. Every returned future is `Send`. Collectives must be called in the
 /// same order on every rank (see the module documentation). On error, the contents of a
 /// buffer being reduced in place are unspecified.
 pub trait Communicator: Send + Sync {
-    /// This process's rank, in `0..world_size()`.
+    /// This process's rank, in `0..world_size()` (for a group: its index in the members).
     fn rank(&self) -> usize;
 
-    /// The number of ranks.
+    /// The number of ranks (for a group: of members).
     fn world_size(&self) -> usize;
 
     /// Queues `bytes` for `peer` under `tag` and returns once queued: it never waits for the

@@ -42,9 +42,11 @@
 //! pending and later collective with the first such error. A goodbye closes only the
 //! mailbox, with [`CommError::PeerClosed`]. A collective that fails for any reason but a
 //! local abort aborts the communicator, which closes every link after an abort frame, so a
-//! rank waiting on this one further round the ring fails instead of hanging.
+//! rank waiting on this one further round the ring fails instead of hanging. The
+//! collectives of a [`super::Group`] are this communicator's collectives as far as all
+//! of this goes: they watch the same failure token and abort the same communicator.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -62,7 +64,10 @@ use tokio::time::{Instant, sleep, sleep_until, timeout, timeout_at};
 use tokio_util::sync::CancellationToken;
 
 use super::ring::{self, RingElement, Transport};
-use super::{CONTROL_TAG_BITS, CommError, Communicator, MAX_USER_TAG, MAX_WORLD_SIZE};
+use super::{
+    CONTROL_TAG_BITS, CommError, Communicator, MAX_USER_TAG, MAX_WORLD_SIZE, WORLD_GROUP_ID,
+    collective_number, describe_collective,
+};
 
 const MAGIC: [u8; 8] = *b"FLOTILLA";
 const PROTOCOL_VERSION: u32 = 1;
@@ -599,7 +604,10 @@ pub struct TcpCommunicator {
     shared: Arc<Shared>,
     /// Writer queues by peer (`None` for this rank).
     outboxes: Vec<Option<mpsc::UnboundedSender<Outgoing>>>,
+    /// How many world collectives have been called.
     next_seq: AtomicU64,
+    /// The ids of this rank's live [`super::Group`]s over this communicator.
+    group_ids: Mutex<HashSet<u32>>,
     writers: Mutex<JoinSet<(usize, Result<(), CommError>)>>,
     readers: Mutex<JoinSet<()>>,
     linger: Duration,
@@ -654,6 +662,7 @@ impl TcpCommunicator {
             shared,
             outboxes,
             next_seq: AtomicU64::new(0),
+            group_ids: Mutex::new(HashSet::new()),
             writers: Mutex::new(writers),
             readers: Mutex::new(readers),
             linger: options.shutdown_linger,
@@ -805,16 +814,20 @@ impl TcpCommunicator {
         }
     }
 
+    /// The number of the next world collective: group [`WORLD_GROUP_ID`], sequence modulo
+    /// 2²⁴ (see [`collective_number`]).
     fn take_seq(&self) -> u64 {
-        self.next_seq.fetch_add(1, Ordering::Relaxed)
+        collective_number(WORLD_GROUP_ID, self.next_seq.fetch_add(1, Ordering::Relaxed))
     }
 
-    /// Runs one collective; if it fails other than by a local abort, aborts the
-    /// communicator so that ranks waiting on this one fail too instead of hanging.
-    async fn collective<T>(
+    /// Runs the collective numbered `number` (the world's or a group's); if it fails other
+    /// than by a local abort, aborts the communicator so that ranks waiting on this one fail
+    /// too instead of hanging. `run`'s errors must name world ranks: the abort blames
+    /// [`CommError::culprit`].
+    pub(crate) async fn collective<T>(
         &self,
         op: &'static str,
-        seq: u64,
+        number: u64,
         run: impl Future<Output = Result<T, CommError>>,
     ) -> Result<T, CommError> {
         self.check_abort()?;
@@ -822,10 +835,22 @@ impl TcpCommunicator {
         if let Err(err) = &result
             && !self.is_aborted()
         {
-            let reason = format!("rank {}: {op} (collective #{seq}) failed: {err}", self.shared.rank);
+            let reason =
+                format!("rank {}: {op} ({}) failed: {err}", self.shared.rank, describe_collective(number));
             self.shared.abort.abort(&reason, err.culprit());
         }
         result
+    }
+
+    /// Reserves `group_id` for a group being built on this rank; `false` if a live group
+    /// holds it already.
+    pub(crate) fn claim_group_id(&self, group_id: u32) -> bool {
+        self.group_ids.lock().unwrap_or_else(PoisonError::into_inner).insert(group_id)
+    }
+
+    /// Frees `group_id` when its group is dropped.
+    pub(crate) fn release_group_id(&self, group_id: u32) {
+        self.group_ids.lock().unwrap_or_else(PoisonError::into_inner).remove(&group_id);
     }
 
     fn all_reduce_generic<'a, T: RingElement>(
