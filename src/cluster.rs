@@ -665,6 +665,17 @@ async fn follow(
     let started = std::time::Instant::now();
     let mut last_loss = f64::NAN;
     let mut last_bubble = (0.0, 0.0);
+    // Pipeline jobs: each step's summary as the coordinator measured it, one JSON line per
+    // step (the bench scripts read it).
+    let mut pipeline_log = match config.parallel {
+        Some(_) => {
+            let path = out.join("pipeline.jsonl");
+            let file =
+                std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+            Some(std::io::BufWriter::new(file))
+        }
+        None => None,
+    };
     let mut check = tokio::time::interval(Duration::from_millis(200));
     let mut crashed: Option<(String, std::time::Instant)> = None;
     let ctrl_c = tokio::signal::ctrl_c();
@@ -680,6 +691,20 @@ async fn follow(
                     Some(Event::Step(s)) => {
                         last_loss = s.loss;
                         last_bubble = (s.bubble_fraction, s.predicted_bubble_fraction);
+                        if let Some(log) = pipeline_log.as_mut() {
+                            use std::io::Write;
+                            let line = serde_json::json!({
+                                "step": s.step,
+                                "step_seconds": if s.tokens_per_second > 0.0 { s.tokens as f64 / s.tokens_per_second } else { 0.0 },
+                                "bubble_fraction": s.bubble_fraction,
+                                "predicted_bubble_fraction": s.predicted_bubble_fraction,
+                                "exchange_bytes": s.exchange_bytes,
+                                "cross_node_bytes": s.cross_node_bytes,
+                                "cross_node_bytes_flat": s.cross_node_bytes_flat,
+                                "exchange_seconds": s.exchange_seconds,
+                            });
+                            writeln!(log, "{line}").and_then(|()| log.flush()).context("writing pipeline.jsonl")?;
+                        }
                         let (alive, _) = workers.poll();
                         let bubble = if config.parallel.is_some() { format!(" · bubble {:.0}%", 100.0 * s.bubble_fraction) } else { String::new() };
                         bar.set_message(format!("loss {:.4} · {:.0} tok/s{bubble} · {alive}/{worker_count} workers", s.loss, s.tokens_per_second));

@@ -542,6 +542,68 @@ fn run_with_data_parallel_workers_matches_single_process_training() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// `flotilla run examples/tiny-pp-ep.toml` (PP 2 × EP 2 under DualPipe, 4 worker
+/// processes) trains end to end like single-process `flotilla train` of the same file,
+/// writes the whole model's weights, a per-step pipeline log and a Chrome trace of the last
+/// step with one track per rank in which the bidirectional schedule shows: forward chunks
+/// of both directions and overlapped forward&backward pairs.
+#[test]
+fn run_trains_a_pipeline_expert_parallel_layout_and_traces_it() {
+    let dir = temp_dir("run-pp-ep");
+    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/tiny-pp-ep.toml");
+    let config = example.to_str().unwrap();
+    let single = dir.join("single");
+    let out = flotilla(&["train", config, "--steps", "4", "--out", single.to_str().unwrap()]);
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let reference = losses(&single.join("metrics.jsonl"));
+
+    let run_dir = dir.join("pp-ep");
+    let trace = dir.join("trace.json");
+    let args = [
+        "run",
+        config,
+        "--steps",
+        "4",
+        "--out",
+        run_dir.to_str().unwrap(),
+        "--trace",
+        trace.to_str().unwrap(),
+    ];
+    let out = flotilla(&args);
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("trained 4 steps on 4 workers"), "{stdout}");
+    assert!(stdout.contains("pipeline bubble at the last step"), "{stdout}");
+    let got = losses(&run_dir.join("metrics.jsonl"));
+    assert_eq!(got.len(), reference.len());
+    for (step, (a, b)) in got.iter().zip(&reference).enumerate() {
+        assert!((a - b).abs() <= 1e-5 * b.abs(), "step {}: {a} vs {b}", step + 1);
+    }
+    assert!(run_dir.join("model.safetensors").exists(), "the whole model's weights");
+    let log = std::fs::read_to_string(run_dir.join("pipeline.jsonl")).unwrap();
+    assert_eq!(log.lines().count(), 4, "{log}");
+    for line in log.lines() {
+        let row: serde_json::Value = serde_json::from_str(line).unwrap();
+        let bubble = row["bubble_fraction"].as_f64().unwrap();
+        assert!((0.0..1.0).contains(&bubble), "{line}");
+        assert!(row["exchange_bytes"].as_u64().unwrap() > 0, "MoE tokens crossed ranks: {line}");
+    }
+
+    let trace: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&trace).unwrap()).unwrap();
+    let events = trace["traceEvents"].as_array().unwrap();
+    let tracks: std::collections::BTreeSet<u64> =
+        events.iter().filter(|e| e["ph"] == "X").map(|e| e["pid"].as_u64().unwrap()).collect();
+    assert_eq!(tracks.len(), 4, "one track per worker");
+    let names: Vec<&str> =
+        events.iter().filter(|e| e["ph"] == "X").filter_map(|e| e["name"].as_str()).collect();
+    // DualPipe with 4 micro-batches: 0 and 1 enter at pipeline rank 0, 2 and 3 at rank 1,
+    // so every rank runs stage 0 forwards of one direction and stage 1 of the other.
+    assert!(names.iter().any(|n| n.starts_with("F mb 0 stage 0")), "{names:?}");
+    assert!(names.iter().any(|n| n.starts_with("F mb 2 stage 0")), "{names:?}");
+    assert!(names.iter().any(|n| n.starts_with("F&B")), "overlapped pairs: {names:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn run_refuses_bad_input_before_starting_anything() {
     let dir = temp_dir("run-bad");

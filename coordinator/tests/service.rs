@@ -434,6 +434,10 @@ fn step_message(behavior: Behavior, run: &mut Run) -> Next {
         expert_loads: vec![LayerLoad { layer: 1, tokens: vec![5, 3] }],
         executed,
         bubble_fraction: 0.25,
+        exchange_bytes: 1_000,
+        cross_node_bytes: 400,
+        cross_node_bytes_flat: 700,
+        exchange_seconds: 0.003,
     }))
 }
 
@@ -816,6 +820,10 @@ async fn pipeline_job_ships_streams_holds_workers_to_them_and_keeps_timelines() 
             s.step,
             s.bubble_fraction
         );
+        // The simulator's bubble for the measured costs, and the traffic summed over ranks.
+        assert!((0.0..1.0).contains(&s.predicted_bubble_fraction), "{}", s.predicted_bubble_fraction);
+        assert_eq!((s.exchange_bytes, s.cross_node_bytes, s.cross_node_bytes_flat), (4_000, 1_600, 2_800));
+        assert_eq!(s.exchange_seconds, 0.003);
     }
 
     // The ended job's timelines are still served.

@@ -34,6 +34,11 @@
 //! length against the counts, counts against what it expects where it knows them, FP8
 //! scales finite and positive and codes not NaN; a fault is a [`ModelError`] naming the
 //! layer, the phase and the source rank, never a panic.
+//!
+//! A transport that moves rows rather than messages (the worker's node-aware dispatch,
+//! which sends a token once per node however many of the node's experts chose it) cuts a
+//! message into its header and whole rows with [`split_payload`] (an FP8 row: its codes,
+//! then its scales) and rebuilds it byte for byte with [`join_payload`].
 
 use crate::config::ConfigError;
 use crate::precision::CachedActivation;
@@ -223,6 +228,150 @@ impl Wire {
 
 fn header_bytes(experts: usize) -> usize {
     1 + 4 * experts
+}
+
+/// Bytes of one row of `hidden` elements in the format `tag` (module docs): `4·hidden`
+/// (f32), `8·hidden` (f64), `2·hidden` (BF16), or `hidden + 4·⌈hidden/128⌉` (FP8: codes
+/// and the row's scales). `None` for an unknown tag or a size that overflows.
+pub fn payload_row_bytes(tag: u8, hidden: usize) -> Option<usize> {
+    match Wire::from_tag(tag)? {
+        Wire::F32 => hidden.checked_mul(4),
+        Wire::F64 => hidden.checked_mul(8),
+        Wire::Bf16 => hidden.checked_mul(2),
+        Wire::Fp8(_) => hidden.checked_add(hidden.div_ceil(TILE).checked_mul(4)?),
+    }
+}
+
+/// A non-empty message cut into its header and whole rows by [`split_payload`]: what a
+/// transport needs to move rows one by one (to deduplicate them, say) and rebuild the
+/// message byte for byte with [`join_payload`]. Only the framing is checked, not the
+/// values (FP8 codes and scales are the receiving layer's to check).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PayloadRows {
+    /// The format tag (module docs).
+    pub tag: u8,
+    /// Rows per owner-local expert, as the header gives them.
+    pub counts: Vec<u32>,
+    /// Bytes of one row ([`payload_row_bytes`]), at least 1.
+    pub row_bytes: usize,
+    /// The rows in message order, `row_bytes` each; an FP8 row is its `hidden` codes
+    /// followed by its `⌈hidden/128⌉` little-endian f32 scales (in the message the codes
+    /// of all rows come first, then all scales).
+    pub rows: Vec<u8>,
+}
+
+impl PayloadRows {
+    /// Rows held (`Σ counts`).
+    pub fn len(&self) -> usize {
+        self.rows.len() / self.row_bytes
+    }
+
+    /// Whether no row is held (a header with zero counts).
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// The rows in message order.
+    pub fn iter_rows(&self) -> std::slice::ChunksExact<'_, u8> {
+        self.rows.chunks_exact(self.row_bytes)
+    }
+}
+
+/// The FP8 part sizes of a row of `hidden` elements: (code bytes, scale bytes), or `None`
+/// when `tag` is not FP8.
+fn fp8_parts(tag: u8, hidden: usize) -> Option<(usize, usize)> {
+    match Wire::from_tag(tag)? {
+        Wire::Fp8(_) => Some((hidden, 4 * hidden.div_ceil(TILE))),
+        _ => None,
+    }
+}
+
+/// Cuts a message of `experts` owner-local experts and `hidden`-wide rows into its header
+/// and whole rows; `None` for the empty message. The error says what is wrong with the
+/// framing (unknown tag, a header or body of the wrong length), for the caller to place.
+pub fn split_payload(bytes: &[u8], experts: usize, hidden: usize) -> Result<Option<PayloadRows>, String> {
+    if bytes.is_empty() {
+        return Ok(None);
+    }
+    if hidden == 0 {
+        return Err("rows of width 0".into());
+    }
+    let header = experts.checked_mul(4).and_then(|b| b.checked_add(1)).ok_or("the header size overflows")?;
+    if bytes.len() < header {
+        return Err(format!("{} bytes, shorter than its {header}-byte header", bytes.len()));
+    }
+    let tag = bytes[0];
+    let row_bytes = payload_row_bytes(tag, hidden).ok_or_else(|| format!("unknown format tag {tag}"))?;
+    let counts: Vec<u32> =
+        bytes[1..header].chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    let rows =
+        counts.iter().try_fold(0usize, |a, &c| a.checked_add(c as usize)).ok_or("row counts overflow")?;
+    let body = &bytes[header..];
+    if Some(body.len()) != rows.checked_mul(row_bytes) {
+        return Err(format!("{} body bytes for {rows} rows of {row_bytes} bytes", body.len()));
+    }
+    let rows = match fp8_parts(tag, hidden) {
+        None => body.to_vec(),
+        Some((code_bytes, scale_bytes)) => {
+            let (codes, scales) = body.split_at(rows * code_bytes);
+            let mut out = Vec::with_capacity(body.len());
+            for (c, s) in codes.chunks_exact(code_bytes).zip(scales.chunks_exact(scale_bytes)) {
+                out.extend_from_slice(c);
+                out.extend_from_slice(s);
+            }
+            out
+        }
+    };
+    Ok(Some(PayloadRows { tag, counts, row_bytes, rows }))
+}
+
+/// Builds the message with format `tag`, header `counts` and `rows` (each a whole row of
+/// [`payload_row_bytes`] bytes, in message order, `Σ counts` of them): the inverse of
+/// [`split_payload`], byte for byte. The header is always written (the empty message is
+/// the caller's to make). The error says which row or count is wrong.
+pub fn join_payload<'r>(
+    tag: u8,
+    counts: &[u32],
+    hidden: usize,
+    rows: impl IntoIterator<Item = &'r [u8]>,
+) -> Result<Vec<u8>, String> {
+    if hidden == 0 {
+        return Err("rows of width 0".into());
+    }
+    let row_bytes = payload_row_bytes(tag, hidden).ok_or_else(|| format!("unknown format tag {tag}"))?;
+    let want =
+        counts.iter().try_fold(0usize, |a, &c| a.checked_add(c as usize)).ok_or("row counts overflow")?;
+    let size = want
+        .checked_mul(row_bytes)
+        .and_then(|b| b.checked_add(header_bytes(counts.len())))
+        .ok_or("the message size overflows")?;
+    let mut out = Vec::with_capacity(size);
+    out.push(tag);
+    counts.iter().for_each(|c| out.extend_from_slice(&c.to_le_bytes()));
+    let fp8 = fp8_parts(tag, hidden);
+    let mut scales = Vec::with_capacity(fp8.map_or(0, |(_, s)| want * s));
+    let mut got = 0usize;
+    for row in rows {
+        if row.len() != row_bytes {
+            return Err(format!("row {got} has {} bytes, not {row_bytes}", row.len()));
+        }
+        if got == want {
+            return Err(format!("more rows than the {want} the counts announce"));
+        }
+        match fp8 {
+            None => out.extend_from_slice(row),
+            Some((code_bytes, _)) => {
+                out.extend_from_slice(&row[..code_bytes]);
+                scales.extend_from_slice(&row[code_bytes..]);
+            }
+        }
+        got += 1;
+    }
+    if got != want {
+        return Err(format!("{got} rows where the counts announce {want}"));
+    }
+    out.append(&mut scales);
+    Ok(out)
 }
 
 /// One message's place, for errors: the layer's tensor name, the phase, and the peer
@@ -548,4 +697,87 @@ pub(crate) fn concat_values<'l, T: Real>(
         m.append_values(link(s), j, &mut out)?;
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Precision;
+
+    const LINK: Link<'static> =
+        Link { tensor: "model.layers.1.mlp", phase: ExchangePhase::Dispatch, peer: 1, received: false };
+
+    fn values(rows: usize, cols: usize) -> Vec<f32> {
+        (0..rows * cols).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013).collect()
+    }
+
+    #[test]
+    fn f32_and_bf16_messages_split_into_rows_and_join_back() {
+        let cols = 5;
+        let x = values(4, cols);
+        for wire in [Wire::F32, Wire::Bf16] {
+            let counts = [2, 0, 3];
+            let mut e = Encoder::new(LINK, wire, &counts, cols).unwrap();
+            for r in [3, 1, 0, 0, 2] {
+                e.push_values(&x[r * cols..(r + 1) * cols]).unwrap();
+            }
+            let message = e.finish().unwrap();
+            let split = split_payload(&message, 3, cols).unwrap().expect("rows");
+            assert_eq!((split.tag, split.counts.clone(), split.len()), (wire.tag(), vec![2, 0, 3], 5));
+            assert_eq!(split.row_bytes, payload_row_bytes(wire.tag(), cols).unwrap());
+            let rows: Vec<&[u8]> = split.iter_rows().collect();
+            assert_eq!(rows[2], rows[3], "row 0 pushed twice");
+            assert_eq!(join_payload(split.tag, &split.counts, cols, rows).unwrap(), message);
+        }
+    }
+
+    #[test]
+    fn fp8_rows_carry_their_codes_and_scales() {
+        // 200 columns: two 1×128 tiles, the second partial.
+        let (n, cols) = (3, 200);
+        let x = CachedActivation::new(Precision::Fp8, values(n, cols), n, cols, ScaleRounding::Exact, "x")
+            .unwrap();
+        let CachedActivation::Fp8 { matrix, .. } = &x else { panic!("fp8 keeps FP8") };
+        let order = [2, 0, 2, 1];
+        let mut e = Encoder::new(LINK, kept_wire(&x, Wire::F32), &[1, 3], cols).unwrap();
+        e.push_gathered(&x, &order).unwrap();
+        let message = e.finish().unwrap();
+        let split = split_payload(&message, 2, cols).unwrap().expect("rows");
+        assert_eq!((split.tag, split.row_bytes), (3, cols + 8));
+        for (row, &r) in split.iter_rows().zip(&order) {
+            assert_eq!(&row[..cols], &matrix.codes[r * cols..(r + 1) * cols]);
+            let scales: Vec<f32> =
+                row[cols..].chunks_exact(4).map(|s| f32::from_le_bytes([s[0], s[1], s[2], s[3]])).collect();
+            assert_eq!(scales, matrix.scales[r * 2..(r + 1) * 2]);
+        }
+        assert_eq!(join_payload(3, &split.counts, cols, split.iter_rows()).unwrap(), message);
+    }
+
+    #[test]
+    fn empty_and_header_only_messages_round_trip() {
+        assert_eq!(split_payload(&[], 4, 8).unwrap(), None);
+        let header_only = [0u8, 0, 0, 0, 0, 0, 0, 0, 0];
+        let split = split_payload(&header_only, 2, 8).unwrap().expect("a header");
+        assert!(split.is_empty() && split.counts == [0, 0]);
+        assert_eq!(join_payload(0, &split.counts, 8, split.iter_rows()).unwrap(), header_only);
+    }
+
+    #[test]
+    fn malformed_framing_is_an_error() {
+        let mut e = Encoder::new(LINK, Wire::F32, &[1, 1], 2).unwrap();
+        e.push_values(&[1.0f32, 2.0, 3.0, 4.0]).unwrap();
+        let message = e.finish().unwrap();
+        let err = |r: Result<Option<PayloadRows>, String>| r.expect_err("refused");
+        assert!(err(split_payload(&message[..message.len() - 1], 2, 2)).contains("body bytes"));
+        assert!(err(split_payload(&message[..5], 2, 2)).contains("header"));
+        let mut bad = message.clone();
+        bad[0] = 9;
+        assert!(err(split_payload(&bad, 2, 2)).contains("tag 9"));
+        assert!(err(split_payload(&message, 2, 0)).contains("width 0"));
+        let row = [0u8; 8];
+        assert!(join_payload(0, &[1, 1], 2, [&row[..]]).unwrap_err().contains("1 rows where"));
+        assert!(join_payload(0, &[1], 2, [&row[..], &row[..]]).unwrap_err().contains("more rows"));
+        assert!(join_payload(0, &[1], 2, [&row[..7]]).unwrap_err().contains("7 bytes"));
+        assert!(join_payload(7, &[1], 2, [&row[..]]).unwrap_err().contains("tag 7"));
+    }
 }

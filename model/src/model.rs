@@ -164,10 +164,40 @@ pub struct Model<T> {
 }
 
 /// One head's forward: the norm's cache and output, and (training) the logits gradient.
-struct HeadPass<T> {
-    norm: RmsNormCache<T>,
-    normed: Vec<T>,
-    dlogits: Vec<T>,
+pub(crate) struct HeadPass<T> {
+    pub(crate) norm: RmsNormCache<T>,
+    pub(crate) normed: Vec<T>,
+    pub(crate) dlogits: Vec<T>,
+}
+
+/// Applies `norm` and the head `w` (`[vocab, hidden]`) to `h` and scores `targets`; with
+/// `train`, the logits are overwritten by their gradient, scaled by `scale`. Returns the
+/// mean CE.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn head_pass<T: Real>(
+    w: &Param<T>,
+    norm: &RmsNorm<T>,
+    h: &[T],
+    rows: usize,
+    targets: &[u32],
+    scale: T,
+    train: bool,
+    threads: usize,
+) -> Result<(T, HeadPass<T>), ModelError> {
+    let vocab = w.shape[0];
+    let mut normed = zeros(h.len());
+    let norm_cache = norm.forward(h, rows, &mut normed)?;
+    let mut logits = zeros(rows * vocab);
+    head_forward(w, &normed, rows, &mut logits, threads)?;
+    let mut losses = zeros(rows);
+    let loss = if train {
+        cross_entropy_forward_backward_in_place(&mut logits, targets, rows, vocab, scale, &mut losses)?
+    } else {
+        let loss = cross_entropy_forward(&logits, targets, rows, vocab, &mut losses)?;
+        logits = Vec::new();
+        loss
+    };
+    Ok((loss, HeadPass { norm: norm_cache, normed, dlogits: logits }))
 }
 
 /// One MTP module's forward.
@@ -231,7 +261,7 @@ fn cast<T: Real>(v: f64, what: &str) -> Result<T, ModelError> {
 }
 
 /// `y = x·Wᵀ` with `W: [vocab, hidden]` (the head or the tied embedding).
-pub(crate) fn head_forward<T: Real>(
+fn head_forward<T: Real>(
     w: &Param<T>,
     x: &[T],
     rows: usize,
@@ -562,8 +592,6 @@ impl<T: Real> Model<T> {
         Ok((x, xs, caches))
     }
 
-    /// Applies `norm` and the head to `h` and scores `targets`; with `train`, the logits
-    /// are overwritten by their gradient, scaled by `scale`. Returns the mean CE.
     #[allow(clippy::too_many_arguments)]
     fn head_pass(
         &self,
@@ -575,20 +603,7 @@ impl<T: Real> Model<T> {
         train: bool,
         threads: usize,
     ) -> Result<(T, HeadPass<T>), ModelError> {
-        let vocab = self.config.vocab_size;
-        let mut normed = zeros(h.len());
-        let norm_cache = norm.forward(h, rows, &mut normed)?;
-        let mut logits = zeros(rows * vocab);
-        head_forward(self.head_weight(), &normed, rows, &mut logits, threads)?;
-        let mut losses = zeros(rows);
-        let loss = if train {
-            cross_entropy_forward_backward_in_place(&mut logits, targets, rows, vocab, scale, &mut losses)?
-        } else {
-            let loss = cross_entropy_forward(&logits, targets, rows, vocab, &mut losses)?;
-            logits = Vec::new();
-            loss
-        };
-        Ok((loss, HeadPass { norm: norm_cache, normed, dlogits: logits }))
+        head_pass(self.head_weight(), norm, h, rows, targets, scale, train, threads)
     }
 
     /// The forward pass over validated windows: statistics, and with `train` everything

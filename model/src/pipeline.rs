@@ -46,14 +46,13 @@ use crate::config::ModelConfig;
 use crate::embedding::Embedding;
 use crate::linear::{Linear, check_precision};
 use crate::mla::Mla;
-use crate::model::{LossConfig, head_backward_input, head_backward_weight, head_forward};
+use crate::model::{HeadPass, LossConfig, head_backward_input, head_backward_weight, head_pass};
 use crate::moe::{ExpertExchange, ExpertShard, MoeLayer};
 use crate::mtp::{MtpCache, MtpModule, MtpWeightGradInputs};
-use crate::norm::{RmsNorm, RmsNormCache};
+use crate::norm::RmsNorm;
 use crate::param::Param;
 use crate::precision::Precision;
 use crate::{ModelError, Real};
-use flotilla_kernels::loss::cross_entropy_forward_backward_in_place;
 
 /// Contiguous main-model layers per stage, in forward order.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -121,13 +120,6 @@ pub struct ChunkStats {
     pub moe_layers: Vec<usize>,
     /// Tokens of this micro-batch routed to each expert, per MoE layer.
     pub expert_loads: Vec<Vec<u64>>,
-}
-
-/// One head's forward (main or MTP): its norm's cache and output, the logits gradient.
-struct HeadPass<T> {
-    norm: RmsNormCache<T>,
-    normed: Vec<T>,
-    dlogits: Vec<T>,
 }
 
 /// One MTP module's forward.
@@ -480,7 +472,6 @@ impl<T: Real> RankModel<T> {
 
     /// Norm, head and fused cross-entropy of `h` against `targets`, the logits turned
     /// into their gradient scaled by `scale`. Returns the mean CE.
-    #[allow(clippy::too_many_arguments)]
     fn head_pass(
         &self,
         norm: &RmsNorm<T>,
@@ -490,15 +481,7 @@ impl<T: Real> RankModel<T> {
         scale: T,
         threads: usize,
     ) -> Result<(T, HeadPass<T>), ModelError> {
-        let vocab = self.config.vocab_size;
-        let mut normed = zeros(h.len());
-        let norm_cache = norm.forward(h, rows, &mut normed)?;
-        let mut logits = zeros(rows * vocab);
-        head_forward(self.head_weight()?, &normed, rows, &mut logits, threads)?;
-        let mut losses = zeros(rows);
-        let loss =
-            cross_entropy_forward_backward_in_place(&mut logits, targets, rows, vocab, scale, &mut losses)?;
-        Ok((loss, HeadPass { norm: norm_cache, normed, dlogits: logits }))
+        head_pass(self.head_weight()?, norm, h, rows, targets, scale, true, threads)
     }
 
     /// The forward of chunk (micro-batch of `windows`, `stage`): `input` is the previous

@@ -1096,6 +1096,10 @@ fn pipeline_step_report(
     );
     report.executed = done.executed;
     report.bubble_fraction = done.bubble_fraction;
+    report.exchange_bytes = done.exchange.bytes_sent;
+    report.cross_node_bytes = done.exchange.cross_node_bytes;
+    report.cross_node_bytes_flat = done.exchange.cross_node_bytes_flat;
+    report.exchange_seconds = done.exchange.wait_seconds;
     (done.record, message(Report::StepReport(report)))
 }
 

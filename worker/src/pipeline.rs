@@ -17,7 +17,7 @@
 //! `PP−1−s`; DualPipeV, rank `min(s, PP−1−s)`; 1F1B and ZB1P, rank `s`. A rank refuses a
 //! stream that computes a stage it does not host.
 //!
-//! # One step ([`PipelineTrainer::step`])
+//! # One step ([`PipelineTrainer::run_step`])
 //! 1. The stream runs in order. `F`, `B`, `W`, `BW` and the overlapped `F&B` call the
 //!    [`RankModel`] chunk functions; transfers move `[rows, hidden]` f32 tensors with
 //!    tags that encode (kind, micro-batch, producing stage), so a message can only be
@@ -64,7 +64,7 @@ use flotilla_proto::v1::{ExecutedOp, PipelineAssignment, ScheduledOp, scheduled_
 use tokio::runtime::Handle;
 
 use crate::comm::{CommError, Communicator, Group, TcpCommunicator, chunk_range};
-use crate::expert_exchange::{DataPlaneExchange, ExchangeStats};
+use crate::expert_exchange::{DataPlaneExchange, EpTopology, ExchangeStats};
 
 /// A schedule kind, as the assignment names it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -387,8 +387,14 @@ impl PipelinePlan {
 }
 
 /// The tag space of pipeline messages (user tags, below the collectives' half): bits
-/// 60..63 the kind, 36..56 the micro-batch, 24..36 the stage, 12..24 the MoE layer, 0..2
-/// the exchange phase.
+/// 60..63 the kind, 36..56 the micro-batch, 24..36 the stage, 12..24 the MoE layer, 2..12
+/// the source's EP rank (forwarded MoE messages only), 0..2 the exchange phase.
+///
+/// Kinds: 1 activation, 2 input gradient, 3 MoE message sent directly to its EP rank,
+/// 4 the weights sent to rank 0 when a job saves ([`SAVE_TAG`], no other bits), 5 a MoE
+/// node message (two-hop dispatch, first hop: a rank's rows for a whole node, to its
+/// gateway there), 6 a MoE message forwarded by a gateway (second hop; bits 2..12 name the
+/// EP rank whose message it is). See [`crate::expert_exchange`].
 pub(crate) mod tags {
     use super::Chunk;
     use flotilla_model::moe::{ExchangeKey, ExchangePhase};
@@ -396,6 +402,12 @@ pub(crate) mod tags {
     const ACTIVATION: u64 = 1;
     const GRADIENT: u64 = 2;
     const EXPERT: u64 = 3;
+    const EXPERT_NODE: u64 = 5;
+    const EXPERT_FORWARD: u64 = 6;
+
+    /// EP ranks a forwarded message's tag can name (bits 2..12); larger groups dispatch
+    /// flat.
+    pub const MAX_FORWARD_SOURCES: usize = 1 << 10;
 
     fn chunk_bits(kind: u64, c: Chunk) -> u64 {
         (kind << 60) | (u64::from(c.micro_batch & 0xF_FFFF) << 36) | (u64::from(c.stage & 0xFFF) << 24)
@@ -409,14 +421,29 @@ pub(crate) mod tags {
         chunk_bits(GRADIENT, c)
     }
 
-    pub fn expert(c: Chunk, key: ExchangeKey) -> u64 {
+    fn exchange_bits(kind: u64, c: Chunk, key: ExchangeKey) -> u64 {
         let phase = match key.phase {
             ExchangePhase::Dispatch => 0,
             ExchangePhase::Combine => 1,
             ExchangePhase::BackwardDispatch => 2,
             ExchangePhase::BackwardCombine => 3,
         };
-        chunk_bits(EXPERT, c) | ((key.layer as u64 & 0xFFF) << 12) | phase
+        chunk_bits(kind, c) | ((key.layer as u64 & 0xFFF) << 12) | phase
+    }
+
+    pub fn expert(c: Chunk, key: ExchangeKey) -> u64 {
+        exchange_bits(EXPERT, c, key)
+    }
+
+    /// A node message of a two-hop exchange (sender → gateway).
+    pub fn expert_node(c: Chunk, key: ExchangeKey) -> u64 {
+        exchange_bits(EXPERT_NODE, c, key)
+    }
+
+    /// EP rank `source`'s message, forwarded by a gateway (`source` below
+    /// [`MAX_FORWARD_SOURCES`]).
+    pub fn expert_forward(c: Chunk, key: ExchangeKey, source: usize) -> u64 {
+        exchange_bits(EXPERT_FORWARD, c, key) | ((source as u64 & 0x3FF) << 2)
     }
 }
 
@@ -459,7 +486,7 @@ pub struct PipelineStep {
     pub bubble_fraction: f64,
     /// Seconds in compute instructions.
     pub compute_seconds: f64,
-    /// Seconds in transfers, the gradient reduction and the parameter gather.
+    /// The rest of the step: transfers, waits, the gradient reduction and the update.
     pub communication_seconds: f64,
     /// What the MoE all-to-alls moved, and how long compute waited on them.
     pub exchange: ExchangeStats,
@@ -771,35 +798,38 @@ impl PipelineTrainer {
         self.model.zero_grad();
         let StreamRun { executed, tally, busy, seconds: stream_seconds, exchange } =
             self.run_stream(step, comm, handle)?;
-        let comm_start = Instant::now();
-        let (sumsq, stats) = self.reduce(step, comm, handle, tally)?;
+        // One data-plane group per holder group for the whole step, so its all-reduce and
+        // its all-gather are collectives #0 and #1 of the group.
+        let groups = self
+            .groups
+            .iter()
+            .map(|g| {
+                (g.members.len() > 1).then(|| Group::new(comm, g.members.clone(), g.id)).transpose().map_err(
+                    |source| PipelineError::Comm { step, what: format!("gradient group {}", g.id), source },
+                )
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let (sumsq, stats) = self.reduce(step, &groups, comm, handle, tally)?;
         if !stats.loss.is_finite() {
             return Err(PipelineError::Step { step, detail: format!("diverged: loss {}", stats.loss) });
         }
         let grad_norm = sumsq.sqrt();
         let lr = self.config.optimizer.schedule.lr_at(step);
         let scale = clip_scale(grad_norm, self.config.optimizer.clip);
-        let update_start = Instant::now();
-        self.update(step, comm, handle, lr, scale)?;
+        self.update(step, &groups, handle, lr, scale)?;
         if self.config.balance.bias_gamma > 0.0 {
             for (layer, moe) in self.model.moe_layers_mut() {
                 let j = self.moe_layers.iter().position(|&l| l == layer).expect("every MoE layer is listed");
-                moe.update_bias(&stats.expert_loads[j], self.config.balance.bias_gamma).map_err(
-                    |source| PipelineError::Model {
-                        step,
-                        index: self.plan.stream.len(),
-                        op: "bias update".into(),
-                        source,
-                    },
-                )?;
+                moe.update_bias(&stats.expert_loads[j], self.config.balance.bias_gamma).map_err(|e| {
+                    PipelineError::Step { step, detail: format!("bias update of MoE layer {layer}: {e}") }
+                })?;
             }
         }
         self.step = step;
         let tokens = self.config.batch_size * self.config.seq_len;
         let record = step_record(step, &stats, lr, grad_norm, tokens, start.elapsed());
         let compute_seconds = busy;
-        let communication_seconds =
-            (stream_seconds - busy).max(0.0) + (update_start - comm_start).as_secs_f64();
+        let communication_seconds = (start.elapsed().as_secs_f64() - busy).max(0.0);
         let bubble_fraction = if stream_seconds > 0.0 { (1.0 - busy / stream_seconds).max(0.0) } else { 0.0 };
         Ok(PipelineStep {
             record,
@@ -822,7 +852,11 @@ impl PipelineTrainer {
         let plan = &self.plan;
         let me = plan.me();
         let ep_group = plan.ep_group();
-        let ep_remote: Vec<bool> = ep_group.iter().map(|&g| !plan.same_node(plan.rank, g)).collect();
+        let ep_topology = EpTopology::new(
+            ep_group.iter().map(|&g| plan.nodes.get(g).map_or("", String::as_str)),
+            self.model.config().n_routed_experts / ep_group.len(),
+            self.model.config().hidden_size,
+        );
         let overlap = self.config.parallel.as_ref().is_none_or(|p| p.overlap);
         let mut xstats = ExchangeStats::default();
         let last = plan.pp - 1;
@@ -850,7 +884,7 @@ impl PipelineTrainer {
                 handle,
                 group: &ep_group,
                 me: me.ep_rank as usize,
-                remote: &ep_remote,
+                topology: &ep_topology,
                 chunk,
                 stats: ExchangeStats::default(),
             };
@@ -1064,6 +1098,7 @@ impl PipelineTrainer {
     fn reduce(
         &mut self,
         step: u64,
+        groups: &[Option<Group<&TcpCommunicator>>],
         comm: &TcpCommunicator,
         handle: &Handle,
         tally: Tally,
@@ -1071,16 +1106,13 @@ impl PipelineTrainer {
         let divisor = self.global_micro_batches() as f32;
         let rank = self.plan.rank;
         let mut sumsq = 0.0f64;
-        for g in &self.groups {
+        for (g, group) in self.groups.iter().zip(groups) {
             let mut params = self.model.trainable_params_mut();
             let mut flat = Vec::with_capacity(g.len);
             for &i in &g.params {
                 flat.extend_from_slice(&params[i].grad);
             }
-            if g.members.len() > 1 {
-                let group = Group::new(comm, g.members.clone(), g.id).map_err(|source| {
-                    PipelineError::Comm { step, what: format!("gradient group {}", g.id), source }
-                })?;
+            if let Some(group) = group {
                 handle.block_on(group.all_reduce_sum(&mut flat)).map_err(|source| PipelineError::Comm {
                     step,
                     what: format!("all-reduce of gradient group {} over world ranks {:?}", g.id, g.members),
@@ -1149,14 +1181,14 @@ impl PipelineTrainer {
     fn update(
         &mut self,
         step: u64,
-        comm: &TcpCommunicator,
+        groups: &[Option<Group<&TcpCommunicator>>],
         handle: &Handle,
         lr: f32,
         scale: f32,
     ) -> Result<(), PipelineError> {
         let rank = self.plan.rank;
         let adamw = self.config.optimizer.adamw;
-        for g in &mut self.groups {
+        for (g, group) in self.groups.iter_mut().zip(groups) {
             let mut params = self.model.trainable_params_mut();
             let index = g.members.iter().position(|&r| r == rank).expect("a member of its own groups");
             let part = chunk_range(g.len, g.members.len(), index);
@@ -1187,22 +1219,10 @@ impl PipelineTrainer {
                     &adamw,
                     decay,
                 )
-                .map_err(|e| PipelineError::Model {
-                    step,
-                    index: usize::MAX,
-                    op: "AdamW".into(),
-                    source: ModelError::Kernel(e),
-                })?;
+                .map_err(|e| PipelineError::Step { step, detail: format!("AdamW on {}: {e}", p.name) })?;
                 updated.extend_from_slice(&p.value[a..b]);
             }
-            if g.members.len() == 1 {
-                continue;
-            }
-            let group = Group::new(comm, g.members.clone(), g.id).map_err(|source| PipelineError::Comm {
-                step,
-                what: format!("parameter group {}", g.id),
-                source,
-            })?;
+            let Some(group) = group else { continue };
             let parts = handle.block_on(group.all_gather(encode_f32(&updated))).map_err(|source| {
                 PipelineError::Comm { step, what: format!("all-gather of parameter group {}", g.id), source }
             })?;

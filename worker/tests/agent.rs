@@ -13,6 +13,8 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use flotilla_coordinator::placement::{Parallel, Placement};
+use flotilla_coordinator::schedule::ScheduleKind;
 use flotilla_model::train::{StepRecord, TrainConfig, Trainer};
 use flotilla_proto::PROTOCOL_VERSION;
 use flotilla_proto::v1::coordinator_message::Body as Command;
@@ -486,6 +488,46 @@ async fn bad_assignments_and_commands_are_refused_with_the_reason() {
             session.heartbeats.push((beat.sequence, Instant::now()));
         }
     }
+    token.cancel();
+    finished(task).await.expect("a clean exit");
+}
+
+/// A pipeline assignment is refused, with the reason, when the rank's state does not fit
+/// the worker's memory or when its stream computes a stage the rank does not host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipeline_assignments_beyond_capacity_or_off_layout_are_refused() {
+    let mut fake = Fake::start("127.0.0.1:0".parse().unwrap(), PROTOCOL_VERSION);
+    let mut small = options(fake.url());
+    small.memory_bytes = Some(1 << 20);
+    let (token, task) = spawn_worker(small);
+    let info = fake.registration().await;
+    let mut session = fake.opened_session().await;
+    let me = info.data_plane_address.as_str();
+
+    // One pipeline rank hosting the whole tiny model under 1F1B.
+    let toml = format!("{}\n[parallel]\npp = 1\nschedule = \"1f1b\"\nmicro_batches = 2\n", config(2));
+    let (_, model) = TrainConfig::from_toml(&toml, std::path::Path::new(".")).unwrap();
+    let layout = Parallel { pp: 1, ep: 1, dp: 1, schedule: ScheduleKind::OneFOneB, micro_batches: 2 };
+    let placement = Placement::new(layout, &model, 32).unwrap();
+    let mut command = assignment("job-big", 0, &[me], toml.clone(), "", 1);
+    if let Command::Assignment(a) = &mut command {
+        a.pipeline = Some(placement.assignment(0));
+    }
+    let id = session.command(command);
+    let refusal = session.ack(id).await.error;
+    assert!(refusal.contains("the worker's memory limit of 1.0 MiB"), "{refusal}");
+    assert!(matches!(session.next().await, Report::Error(_)));
+
+    let mut command = assignment("job-off", 0, &[me], toml, "", 1);
+    if let Command::Assignment(a) = &mut command {
+        let mut pipeline = placement.assignment(0);
+        pipeline.stream[0].stage = 3;
+        a.pipeline = Some(pipeline);
+    }
+    let id = session.command(command);
+    let refusal = session.ack(id).await.error;
+    assert!(refusal.contains("pipeline.stream[0]") && refusal.contains("stage 3"), "{refusal}");
+    assert!(matches!(session.next().await, Report::Error(_)));
     token.cancel();
     finished(task).await.expect("a clean exit");
 }

@@ -2,7 +2,9 @@
 //! under several (pp, ep, dp) layouts and schedules, every rank a thread with its own TCP
 //! data plane on loopback, gives step by step the losses and final weights of
 //! `Trainer::train_step` on the same global batch, and repeats itself bit for bit. Each
-//! rank's executed stream is checked against the coordinator's compiled one.
+//! rank's executed stream is checked against the coordinator's compiled one. With node ids
+//! that split the EP groups over simulated nodes, the two-hop (node-aware) dispatch gives
+//! the flat exchange's results bit for bit while fewer bytes cross nodes.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -12,6 +14,7 @@ use flotilla_coordinator::schedule::ScheduleKind;
 use flotilla_model::ModelConfig;
 use flotilla_model::train::{StepRecord, TrainConfig, Trainer};
 use flotilla_worker::comm::{TcpOptions, loopback_group};
+use flotilla_worker::expert_exchange::ExchangeStats;
 use flotilla_worker::pipeline::{PipelinePlan, PipelineTrainer};
 
 const STEPS: u64 = 3;
@@ -53,10 +56,13 @@ struct RankRun {
     records: Vec<StepRecord>,
     params: HashMap<String, Vec<f32>>,
     bubble: Vec<f64>,
+    /// Each step's MoE exchange statistics.
+    exchange: Vec<ExchangeStats>,
 }
 
-/// Trains `STEPS` steps under `parallel` with one thread per rank.
-fn run_layout(toml: &str, parallel: Parallel) -> Vec<RankRun> {
+/// Trains `STEPS` steps under `parallel` with one thread per rank, world rank `g` on node
+/// `nodes[g]` (no node ids when empty: one node).
+fn run_layout(toml: &str, parallel: Parallel, nodes: &[String]) -> Vec<RankRun> {
     let (config, model) = parse(toml);
     let placement = Placement::new(parallel, &model, config.seq_len as u32).expect("the layout places");
     let world = placement.world_size() as usize;
@@ -71,10 +77,13 @@ fn run_layout(toml: &str, parallel: Parallel) -> Vec<RankRun> {
                 let (config, model, placement, handle) = (config.clone(), &model, &placement, handle.clone());
                 scope.spawn(move || {
                     let assignment = placement.assignment(g as u32);
-                    let plan =
+                    let mut plan =
                         PipelinePlan::from_assignment(&assignment, g, world, model).expect("a valid plan");
+                    if !nodes.is_empty() {
+                        plan = plan.with_nodes(nodes.to_vec()).expect("a node id per rank");
+                    }
                     let mut trainer = PipelineTrainer::new(config, model, plan).expect("the rank builds");
-                    let (mut records, mut bubble) = (Vec::new(), Vec::new());
+                    let (mut records, mut bubble, mut exchange) = (Vec::new(), Vec::new(), Vec::new());
                     for _ in 0..STEPS {
                         let step =
                             trainer.run_step(comm, &handle).unwrap_or_else(|e| panic!("rank {g}: {e}"));
@@ -83,6 +92,7 @@ fn run_layout(toml: &str, parallel: Parallel) -> Vec<RankRun> {
                             .unwrap_or_else(|e| panic!("rank {g} deviated from its stream: {e}"));
                         records.push(step.record);
                         bubble.push(step.bubble_fraction);
+                        exchange.push(step.exchange);
                     }
                     let params = trainer
                         .model
@@ -90,7 +100,7 @@ fn run_layout(toml: &str, parallel: Parallel) -> Vec<RankRun> {
                         .into_iter()
                         .map(|p| (p.name.clone(), p.value.clone()))
                         .collect();
-                    RankRun { records, params, bubble }
+                    RankRun { records, params, bubble, exchange }
                 })
             })
             .collect();
@@ -181,9 +191,11 @@ fn layouts_train_like_one_process() {
         (ScheduleKind::DualPipe, 4, 2, 1),
         (ScheduleKind::DualPipe, 2, 2, 2),
         (ScheduleKind::OneFOneB, 2, 2, 1),
+        (ScheduleKind::Zb1p, 2, 1, 1),
+        (ScheduleKind::DualPipeV, 4, 1, 1),
     ] {
         eprintln!("{schedule} pp {pp} ep {ep} dp {dp}");
-        let runs = run_layout(&toml, parallel(schedule, pp, ep, dp));
+        let runs = run_layout(&toml, parallel(schedule, pp, ep, dp), &[]);
         assert_matches(&runs, &want, 1e-5, 1e-3);
         for run in &runs {
             assert!(run.bubble.iter().all(|b| (0.0..1.0).contains(b)), "bubble fractions {:?}", run.bubble);
@@ -195,12 +207,21 @@ fn layouts_train_like_one_process() {
 fn a_layout_repeats_bit_for_bit() {
     let toml = run_toml("fp32");
     let layout = parallel(ScheduleKind::DualPipe, 2, 2, 1);
-    let (a, b) = (run_layout(&toml, layout), run_layout(&toml, layout));
-    for (g, (x, y)) in a.iter().zip(&b).enumerate() {
+    let (a, b) = (run_layout(&toml, layout, &[]), run_layout(&toml, layout, &[]));
+    assert_bit_identical(&a, &b);
+}
+
+/// Every rank's losses, gradient norms and weights equal bit for bit.
+fn assert_bit_identical(a: &[RankRun], b: &[RankRun]) {
+    assert_eq!(a.len(), b.len());
+    for (g, (x, y)) in a.iter().zip(b).enumerate() {
+        assert_eq!(x.records.len(), y.records.len());
         for (r, s) in x.records.iter().zip(&y.records) {
             assert_eq!(r.loss.to_bits(), s.loss.to_bits(), "rank {g} step {}", r.step);
             assert_eq!(r.grad_norm.to_bits(), s.grad_norm.to_bits(), "rank {g} step {}", r.step);
+            assert_eq!(r.expert_loads, s.expert_loads, "rank {g} step {}", r.step);
         }
+        assert_eq!(x.params.len(), y.params.len(), "rank {g}");
         for (name, value) in &x.params {
             let other = &y.params[name];
             assert!(
@@ -211,11 +232,69 @@ fn a_layout_repeats_bit_for_bit() {
     }
 }
 
+/// The node-aware (two-hop) dispatch against the flat one, pp 2, ep 4, dp 1 (8 ranks;
+/// world rank `g` is EP rank `g % 4` of pipeline rank `g / 4`, so the EP groups are ranks
+/// 0–3 and 4–7):
+/// - "2 nodes": node `(g / 2) % 2`, by EP rank a, a, b, b: EP ranks 0, 1 of both EP
+///   groups on node a, EP ranks 2, 3 on node b. Each EP group spans both nodes, two ranks
+///   on each (each rank the gateway of its same-index peer), and each pipeline (one EP
+///   rank's two pipeline ranks) stays inside one node.
+/// - "3 nodes": by EP rank a, b, b, c, uneven: a gateway takes the node messages of
+///   several senders, and the modulo pairs indices across nodes of unequal size.
+///
+/// The losses, loads and weights must equal the flat run's bit for bit (every destination
+/// gets the flat bytes), and fewer bytes must cross nodes than a flat dispatch would have
+/// sent (summed over ranks and steps; Combine and the backward exchanges stay flat, so the
+/// ratio covers all four exchanges).
+#[test]
+fn node_aware_dispatch_is_bit_identical_to_flat_and_crosses_less() {
+    // The node of world rank `g` is `by_ep_rank[g % 4]`.
+    let layouts = [
+        ("2 nodes", ["node-a", "node-a", "node-b", "node-b"]),
+        ("3 nodes", ["node-a", "node-b", "node-b", "node-c"]),
+    ];
+    let layout = parallel(ScheduleKind::DualPipe, 2, 4, 1);
+    for precision in ["fp32", "fp8"] {
+        let toml = run_toml(precision);
+        let flat = run_layout(&toml, layout, &[]);
+        let flat_stats: Vec<&ExchangeStats> = flat.iter().flat_map(|r| &r.exchange).collect();
+        assert!(flat_stats.iter().all(|s| s.cross_node_bytes == 0 && s.cross_node_bytes_flat == 0));
+        for (name, by_ep_rank) in layouts {
+            let nodes: Vec<String> = (0..8).map(|g| by_ep_rank[g % 4].to_string()).collect();
+            let runs = run_layout(&toml, layout, &nodes);
+            assert_bit_identical(&flat, &runs);
+            let (mut total, mut flat_total) = (ExchangeStats::default(), ExchangeStats::default());
+            runs.iter().flat_map(|r| &r.exchange).for_each(|s| total.add(s));
+            flat.iter().flat_map(|r| &r.exchange).for_each(|s| flat_total.add(s));
+            assert_eq!(total.exchanges, flat_total.exchanges);
+            let (crossed, would) = (total.cross_node_bytes, total.cross_node_bytes_flat);
+            eprintln!(
+                "{precision}, {name}: {crossed} bytes crossed nodes where flat would send {would} ({:.3}); \
+                 {} bytes sent in all, {} flat",
+                crossed as f64 / would as f64,
+                total.bytes_sent,
+                flat_total.bytes_sent
+            );
+            assert!(0 < crossed && crossed < would, "{precision}, {name}: {crossed} vs {would}");
+        }
+    }
+}
+
 #[test]
 fn fp8_runs_end_to_end_with_fp8_dispatch() {
     let toml = run_toml("fp8");
-    let runs = run_layout(&toml, parallel(ScheduleKind::DualPipe, 2, 2, 1));
+    let layout = parallel(ScheduleKind::DualPipe, 2, 2, 1);
+    let runs = run_layout(&toml, layout, &[]);
     let want = reference(&toml);
+    // The same steps' all-to-all in fp32 moves f32 in all four exchanges; fp8 moves FP8
+    // codes with 1×128 scales (1.03 bytes per element) in the dispatch and BF16 in the
+    // other three: (1.03 + 3 × 2) / (4 × 4) ≈ 0.44 of the bytes.
+    let fp32 = run_layout(&run_toml("fp32"), layout, &[]);
+    let bytes =
+        |runs: &[RankRun]| -> u64 { runs.iter().flat_map(|r| &r.exchange).map(|x| x.bytes_sent).sum() };
+    let ratio = bytes(&runs) as f64 / bytes(&fp32) as f64;
+    eprintln!("fp8 / fp32 all-to-all bytes: {ratio:.3}");
+    assert!((0.40..0.48).contains(&ratio), "fp8 / fp32 all-to-all bytes {ratio}");
     for run in &runs {
         for (got, want) in run.records.iter().zip(&want.records) {
             // Close, not equal: the combine rounds expert outputs to BF16 under fp8 (as

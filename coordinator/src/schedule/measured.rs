@@ -378,4 +378,32 @@ mod tests {
         let empty = StepTimeline::default();
         assert_eq!(executed_chrome_trace(&empty)["traceEvents"].as_array().unwrap().len(), 0);
     }
+
+    /// Spans taken from a simulation under some costs give back that simulation's bubble:
+    /// the prediction reads the costs off the spans and simulates the same streams.
+    #[test]
+    fn the_prediction_of_simulated_spans_is_the_simulated_bubble() {
+        use crate::schedule::{Costs, simulate};
+        for (kind, pp, micro_batches) in
+            [(ScheduleKind::OneFOneB, 4, 8), (ScheduleKind::DualPipe, 4, 8), (ScheduleKind::Zb1p, 4, 8)]
+        {
+            let schedule = compile(&ScheduleSpec { kind, pp, micro_batches }).unwrap();
+            let costs =
+                Costs { forward: 100.0, backward: 220.0, weight: 90.0, overlapped: 290.0, latency: 0.0 };
+            let simulated = simulate(&schedule, &costs).unwrap();
+            let mut ranks = vec![RankTimeline::default(); pp as usize];
+            for span in simulated.spans.iter().filter(|s| s.instruction.is_compute()) {
+                ranks[span.rank as usize].ops.push(op(span.instruction, span.start as u64, span.end as u64));
+            }
+            let timeline = StepTimeline { ranks, ..StepTimeline::default() };
+            let want = simulated.idle.iter().map(|i| i / simulated.makespan).fold(0.0, f64::max);
+            let got = predicted_bubble_fraction(&schedule, &timeline).unwrap();
+            assert!((got - want).abs() < 1e-9, "{kind}: predicted {got}, simulated {want}");
+            assert!(got > 0.0);
+        }
+        // A timeline missing an instruction kind the schedule needs predicts nothing.
+        let schedule =
+            compile(&ScheduleSpec { kind: ScheduleKind::OneFOneB, pp: 2, micro_batches: 2 }).unwrap();
+        assert_eq!(predicted_bubble_fraction(&schedule, &StepTimeline::default()), None);
+    }
 }

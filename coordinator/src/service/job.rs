@@ -983,5 +983,9 @@ fn summarize(reports: &[StepReport], observed_seconds: f64) -> StepSummary {
         mean_expert_load,
         bubble_fraction: 0.0,
         predicted_bubble_fraction: 0.0,
+        exchange_bytes: reports.iter().map(|r| r.exchange_bytes).fold(0, u64::saturating_add),
+        cross_node_bytes: reports.iter().map(|r| r.cross_node_bytes).fold(0, u64::saturating_add),
+        cross_node_bytes_flat: reports.iter().map(|r| r.cross_node_bytes_flat).fold(0, u64::saturating_add),
+        exchange_seconds: reports.iter().map(|r| r.exchange_seconds).fold(0.0, f64::max),
     }
 }
