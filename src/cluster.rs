@@ -83,9 +83,9 @@ pub struct SubmitArgs {
     /// The coordinator's URL.
     #[arg(long, default_value = DEFAULT_COORDINATOR)]
     coordinator: String,
-    /// Data-parallel workers.
-    #[arg(long, default_value_t = 1)]
-    workers: u32,
+    /// Workers. Default: as many as the config's `[parallel]` layout needs, else 1.
+    #[arg(long)]
+    workers: Option<u32>,
     /// The job's name (default: the config's file name).
     #[arg(long)]
     name: Option<String>,
@@ -242,6 +242,15 @@ fn read_config(path: &Path, steps: Option<u64>) -> Result<(String, TrainConfig)>
     Ok((text, config))
 }
 
+/// The workers a config's `[parallel]` layout needs (pipeline ranks × ep × dp), if it has
+/// one; the coordinator checks the layout itself.
+fn layout_workers(config: &TrainConfig) -> Option<u64> {
+    config.parallel.as_ref().map(|p| {
+        let pipeline_ranks = if p.schedule.eq_ignore_ascii_case("dualpipev") { p.pp / 2 } else { p.pp };
+        u64::from(pipeline_ranks) * u64::from(p.ep) * u64::from(p.dp)
+    })
+}
+
 fn job_name(path: &Path) -> String {
     path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "run".into())
 }
@@ -251,7 +260,12 @@ fn absolute(path: &Path) -> Result<PathBuf> {
 }
 
 pub fn submit(args: SubmitArgs) -> Result<()> {
-    let (text, _) = read_config(&args.config, None)?;
+    let (text, config) = read_config(&args.config, None)?;
+    let workers = match (args.workers, layout_workers(&config)) {
+        (Some(n), _) => n,
+        (None, Some(needed)) => u32::try_from(needed).unwrap_or(u32::MAX),
+        (None, None) => 1,
+    };
     runtime()?.block_on(async {
         let mut client = jobs_client(&args.coordinator).await?;
         let output_dir = match &args.out {
@@ -262,7 +276,7 @@ pub fn submit(args: SubmitArgs) -> Result<()> {
             .submit_job(SubmitJobRequest {
                 name: args.name.unwrap_or_else(|| job_name(&args.config)),
                 config_toml: text,
-                workers: args.workers,
+                workers,
                 output_dir,
             })
             .await
@@ -561,15 +575,11 @@ impl Workers {
 
 pub fn run(args: RunArgs) -> Result<()> {
     let (text, config) = read_config(&args.config, args.steps)?;
-    let layout_workers = config.parallel.as_ref().map(|p| {
-        let pipeline_ranks = if p.schedule.eq_ignore_ascii_case("dualpipev") { p.pp / 2 } else { p.pp };
-        u64::from(pipeline_ranks) * u64::from(p.ep) * u64::from(p.dp)
-    });
     anyhow::ensure!(
         args.trace.is_none() || config.parallel.is_some(),
         "--trace records pipeline instructions: the config needs a [parallel] layout"
     );
-    let workers = match (args.workers, layout_workers) {
+    let workers = match (args.workers, layout_workers(&config)) {
         (Some(n), Some(needed)) if u64::from(n) != needed => bail!(
             "--workers {n}: the config's [parallel] layout needs {needed} workers (pipeline ranks × ep × dp)"
         ),

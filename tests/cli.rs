@@ -613,10 +613,17 @@ fn run_refuses_bad_input_before_starting_anything() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("batch_size 4 must divide evenly"), "{stderr}");
+    let out = flotilla(&["run", config.to_str().unwrap(), "--trace", "t.json"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("needs a [parallel] layout"), "{stderr}");
     std::fs::write(&config, SHORT_RUN.replace("seq_len = 32", "seq_len = 0")).unwrap();
     let out = flotilla(&["run", config.to_str().unwrap()]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("seq_len"), "{stderr}");
+    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/tiny-pp-ep.toml");
+    let out = flotilla(&["run", example.to_str().unwrap(), "--workers", "3"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("layout needs 4 workers"), "{stderr}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
