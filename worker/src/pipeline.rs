@@ -32,10 +32,12 @@
 //!    add (layer, phase) to the chunk's, so two chunks' exchanges can be in flight at once.
 //! 3. Gradients: each trainable tensor belongs to a *holder group*: the ranks that hold
 //!    it (the hosts of its stage in every pipeline; for routed experts, only the pipelines
-//!    of the owning EP rank). Each group's gradients are summed in one all-reduce over its
-//!    members and divided by the number of micro-batches in the global batch.
-//! 4. One world all-reduce in f64 carries the gradients' sum of squares (each tensor
-//!    counted by its group's first member), the token-weighted losses and the expert
+//!    of the owning EP rank). Each group's gradients are flattened and reduce-scattered over
+//!    its members (member `i` ends with the sums of the `i`-th equal part, the same bits an
+//!    all-reduce would give it) and divided by the number of micro-batches in the global
+//!    batch; the other parts are zeroed.
+//! 4. One world all-reduce in f64 carries the gradients' sum of squares (each element
+//!    counted by the member whose part holds it), the token-weighted losses and the expert
 //!    loads; every rank then knows the global norm, the step's losses and the global
 //!    loads, so the clipping factor and the selection-bias updates agree everywhere.
 //! 5. ZeRO-1: within each holder group, member `i` keeps the AdamW moments of the `i`-th
@@ -1112,26 +1114,32 @@ impl PipelineTrainer {
             for &i in &g.params {
                 flat.extend_from_slice(&params[i].grad);
             }
+            // ZeRO-1 needs only this member's part of the summed gradients.
             if let Some(group) = group {
-                handle.block_on(group.all_reduce_sum(&mut flat)).map_err(|source| PipelineError::Comm {
-                    step,
-                    what: format!("all-reduce of gradient group {} over world ranks {:?}", g.id, g.members),
-                    source,
+                handle.block_on(group.reduce_scatter_sum(&mut flat)).map_err(|source| {
+                    PipelineError::Comm {
+                        step,
+                        what: format!(
+                            "reduce-scatter of gradient group {} over world ranks {:?}",
+                            g.id, g.members
+                        ),
+                        source,
+                    }
                 })?;
             }
-            let mut rest = flat.as_slice();
+            let index = g.members.iter().position(|&r| r == rank).expect("a member of its own groups");
+            let part = chunk_range(g.len, g.members.len(), index);
+            // This member's part, divided; the rest (other members' parts, unreduced here)
+            // zeroed, so no tensor holds a gradient that is not the step's.
+            let mut offset = 0;
             for &i in &g.params {
-                let (mine, tail) = rest.split_at(params[i].grad.len());
-                for (dst, &s) in params[i].grad.iter_mut().zip(mine) {
-                    *dst = s / divisor;
+                for (j, dst) in params[i].grad.iter_mut().enumerate() {
+                    *dst = if part.contains(&(offset + j)) { flat[offset + j] / divisor } else { 0.0 };
                 }
-                rest = tail;
+                offset += params[i].grad.len();
             }
-            if g.members[0] == rank {
-                for &i in &g.params {
-                    sumsq += params[i].grad.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>();
-                }
-            }
+            // Each element of the group is counted by the one member whose part holds it.
+            sumsq += flat[part].iter().map(|&x| f64::from(x / divisor).powi(2)).sum::<f64>();
         }
 
         // [sumsq, tokens, main_ce·t, balance·t, mtp_ce·t.., loads..]

@@ -343,6 +343,14 @@ impl<C: Deref<Target = TcpCommunicator> + Send + Sync> Communicator for Group<C>
         self.all_reduce_generic(data)
     }
 
+    fn reduce_scatter_sum<'a>(
+        &'a self,
+        data: &'a mut [f32],
+    ) -> impl Future<Output = Result<(), CommError>> + Send + 'a {
+        let number = self.take_seq();
+        self.collective("reduce_scatter_sum", number, ring::reduce_scatter(self, number, data))
+    }
+
     fn all_to_all_v(
         &self,
         buffers: Vec<Bytes>,

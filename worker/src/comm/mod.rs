@@ -332,6 +332,15 @@ pub trait Communicator: Send + Sync {
         data: &'a mut [f64],
     ) -> impl Future<Output = Result<(), CommError>> + Send + 'a;
 
+    /// The reduce-scatter half of [`Communicator::all_reduce_sum`]: afterwards this rank's
+    /// chunk [`chunk_range`]`(len, world_size, rank)` holds the sums, the same bits the
+    /// all-reduce leaves there; the rest of `data` is unspecified. Half the all-reduce's
+    /// traffic (ZeRO-1 needs only each rank's own part of the gradients).
+    fn reduce_scatter_sum<'a>(
+        &'a self,
+        data: &'a mut [f32],
+    ) -> impl Future<Output = Result<(), CommError>> + Send + 'a;
+
     /// Sends `buffers[p]` to rank `p` (one buffer per rank, this rank's own included, any
     /// sizes, empty allowed) and returns what each rank sent here, indexed by source rank.
     fn all_to_all_v(&self, buffers: Vec<Bytes>)

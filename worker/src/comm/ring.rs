@@ -274,15 +274,28 @@ pub(crate) async fn all_reduce<T: RingElement, C: Transport>(
     seq: u64,
     data: &mut [T],
 ) -> Result<(), CommError> {
-    all_reduce_in_segments(comm, seq, data, (SEGMENT_BYTES / T::BYTES).max(1)).await
+    all_reduce_in_segments(comm, seq, data, (SEGMENT_BYTES / T::BYTES).max(1), true).await
 }
 
-/// [`all_reduce`] with `per` elements per segment (tests use tiny segments).
+/// The reduce-scatter half of [`all_reduce`]: afterwards this rank's chunk
+/// `chunk_range(len, n, rank)` holds the sums, bit for bit what [`all_reduce`] leaves there;
+/// the rest of `data` holds partial sums. Half the all-reduce's traffic.
+pub(crate) async fn reduce_scatter<T: RingElement, C: Transport>(
+    comm: &C,
+    seq: u64,
+    data: &mut [T],
+) -> Result<(), CommError> {
+    all_reduce_in_segments(comm, seq, data, (SEGMENT_BYTES / T::BYTES).max(1), false).await
+}
+
+/// [`all_reduce`] with `per` elements per segment (tests use tiny segments); without
+/// `gather`, only its reduce-scatter.
 async fn all_reduce_in_segments<T: RingElement, C: Transport>(
     comm: &C,
     seq: u64,
     data: &mut [T],
     per: usize,
+    gather: bool,
 ) -> Result<(), CommError> {
     let n = comm.world_size();
     let r = comm.rank();
@@ -335,6 +348,10 @@ async fn all_reduce_in_segments<T: RingElement, C: Transport>(
         for next in unsent.by_ref() {
             originate(data, &first, next, step_tag(seq, 0))?;
         }
+    }
+
+    if !gather {
+        return Ok(());
     }
 
     // All-gather: circulate the completed chunks; a received segment is forwarded as the
@@ -543,11 +560,21 @@ mod tests {
             let group = mem_group(n);
             let mut buffers = data.clone();
             let results = run(futures::future::join_all(
-                group.iter().zip(buffers.iter_mut()).map(|(m, buf)| all_reduce_in_segments(m, 3, buf.as_mut_slice(), per)),
+                group.iter().zip(buffers.iter_mut()).map(|(m, buf)| all_reduce_in_segments(m, 3, buf.as_mut_slice(), per, true)),
             ));
             prop_assert!(results.iter().all(Result::is_ok));
             for buf in &buffers {
                 prop_assert_eq!(buf.iter().map(|x| x.to_bits()).collect::<Vec<u32>>(), expected.clone());
+            }
+            // The reduce-scatter alone leaves each rank its own chunk of the same sums.
+            let mut scattered = data.clone();
+            let results = run(futures::future::join_all(
+                group.iter().zip(scattered.iter_mut()).map(|(m, buf)| all_reduce_in_segments(m, 4, buf.as_mut_slice(), per, false)),
+            ));
+            prop_assert!(results.iter().all(Result::is_ok));
+            for (r, buf) in scattered.iter().enumerate() {
+                let own = chunk_range(len, n, r);
+                prop_assert_eq!(buf[own.clone()].iter().map(|x| x.to_bits()).collect::<Vec<u32>>(), expected[own].to_vec());
             }
         }
 

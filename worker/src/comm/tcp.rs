@@ -927,6 +927,14 @@ impl Communicator for TcpCommunicator {
         self.all_reduce_generic(data)
     }
 
+    fn reduce_scatter_sum<'a>(
+        &'a self,
+        data: &'a mut [f32],
+    ) -> impl Future<Output = Result<(), CommError>> + Send + 'a {
+        let seq = self.take_seq();
+        async move { self.collective("reduce_scatter_sum", seq, ring::reduce_scatter(self, seq, data)).await }
+    }
+
     fn all_to_all_v(
         &self,
         buffers: Vec<Bytes>,
