@@ -443,7 +443,8 @@ struct RunningJob {
     commands: mpsc::Sender<(u64, RunSteps)>,
     cancel: CancellationToken,
     abort: Option<AbortHandle>,
-    /// The job sent `JobFinished`: its task is ending and owns nothing more.
+    /// The job sent its last word (`JobFinished`, or the `WorkerError` of a failed job):
+    /// its task is ending and owns nothing more.
     finished: bool,
     task: JoinHandle<()>,
 }
@@ -587,7 +588,8 @@ impl<'a> Session<'a> {
     fn on_event(&mut self, event: JobEvent) -> Flow {
         match event {
             JobEvent::Send(msg) => {
-                if let (Some(Report::Finished(_)), Some(job)) = (&msg.body, &mut self.job) {
+                if let (Some(Report::Finished(_) | Report::Error(_)), Some(job)) = (&msg.body, &mut self.job)
+                {
                     job.finished = true;
                 }
                 self.send(msg)
