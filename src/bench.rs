@@ -1,6 +1,6 @@
 //! `flotilla bench …`: quick timings of the kernels on this machine, for checking a node and
 //! for `tools/bench_openblas.py`, which interleaves them with OpenBLAS so that both sides
-//! see the same machine noise. The criterion suite (`cargo bench`) is the thorough version.
+//! see the same machine noise; the control plane under load; and what a checkpoint costs. The criterion suite (`cargo bench`) is the thorough version.
 
 use anyhow::{Context, Result, ensure};
 use clap::{Args, Subcommand, ValueEnum};
@@ -11,6 +11,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::time::Instant;
 
+mod checkpoint;
 mod control_plane;
 
 #[derive(Subcommand)]
@@ -20,6 +21,9 @@ pub enum Bench {
     /// One coordinator (a child process) against many simulated workers over gRPC on
     /// loopback: its CPU, heartbeat handling latency, memory, and failure detection time.
     ControlPlane(control_plane::ControlPlaneArgs),
+    /// A checkpoint's cost: shard write throughput against `dd` on the same disk, and the
+    /// training step's stall from the snapshot and the background write.
+    Checkpoint(checkpoint::CheckpointArgs),
 }
 
 #[derive(Args)]
@@ -71,6 +75,7 @@ pub fn run(bench: Bench) -> Result<()> {
     match bench {
         Bench::Gemm(args) => gemm(args),
         Bench::ControlPlane(args) => control_plane::run(args),
+        Bench::Checkpoint(args) => checkpoint::run(args),
     }
 }
 

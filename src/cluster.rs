@@ -89,9 +89,13 @@ pub struct SubmitArgs {
     /// The job's name (default: the config's file name).
     #[arg(long)]
     name: Option<String>,
-    /// Where rank 0 writes metrics.jsonl and the weights (empty: nowhere).
+    /// Where rank 0 writes metrics.jsonl and the weights, and the workers their checkpoints
+    /// (empty: nowhere).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Start from this committed checkpoint (a directory holding a manifest.json).
+    #[arg(long, value_name = "CHECKPOINT")]
+    resume: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -148,10 +152,15 @@ pub struct RunArgs {
     /// ran them, to this file as a Chrome trace (open in Perfetto or chrome://tracing).
     #[arg(long)]
     trace: Option<PathBuf>,
-    /// Output directory for metrics.jsonl, the weights and the coordinator's state
-    /// (default: `runs/<config name>`).
+    /// Output directory for metrics.jsonl, the weights, the checkpoints and the
+    /// coordinator's state (default: `runs/<config name>`).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Start from a committed checkpoint: its directory, or, with no value, the newest one
+    /// under the output directory's `checkpoints/`. The steps continue after its step, with
+    /// the losses of a run that never stopped (the layout may differ from the saving run's).
+    #[arg(long, num_args = 0..=1, default_missing_value = "latest", value_name = "CHECKPOINT")]
+    resume: Option<String>,
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -278,6 +287,10 @@ pub fn submit(args: SubmitArgs) -> Result<()> {
                 config_toml: text,
                 workers,
                 output_dir,
+                resume_from: match &args.resume {
+                    Some(dir) => absolute(dir)?.display().to_string(),
+                    None => String::new(),
+                },
             })
             .await
             .map_err(status)?
@@ -426,6 +439,9 @@ fn job_json(job: &Job) -> serde_json::Value {
         "created_unix_ms": job.created_unix_ms,
         "updated_unix_ms": job.updated_unix_ms,
         "output_dir": job.output_dir,
+        "checkpoint_step": job.checkpoint_step,
+        "checkpoint_dir": job.checkpoint_dir,
+        "restarts": job.restarts,
     })
 }
 
@@ -453,6 +469,18 @@ fn event_json(event: &JobEvent) -> serde_json::Value {
         }),
         Some(Event::WorkerJoined(w)) => serde_json::json!({
             "type": "worker_joined", "worker_id": w.worker_id, "rank": w.rank, "host": w.host,
+        }),
+        Some(Event::CheckpointCommitted(c)) => serde_json::json!({
+            "type": "checkpoint_committed", "step": c.step, "dir": c.dir, "shards": c.shards, "bytes": c.bytes,
+            "snapshot_seconds": c.snapshot_seconds, "write_seconds": c.write_seconds, "deleted_steps": c.deleted_steps,
+        }),
+        Some(Event::Recovery(r)) => serde_json::json!({
+            "type": "recovery", "cause": r.cause, "restart": r.restart, "from_step": r.from_step,
+            "steps_redone": r.steps_redone, "detected_unix_ms": r.detected_unix_ms,
+            "restart_seconds": r.restart_seconds, "abort_seconds": r.abort_seconds,
+            "replace_seconds": r.replace_seconds, "reload_seconds": r.reload_seconds,
+            "recompute_seconds": r.recompute_seconds,
+            "skipped_checkpoints": r.skipped_checkpoints, "replay_mismatches": r.replay_mismatches,
         }),
         Some(Event::WorkerLost(w)) => serde_json::json!({
             "type": "worker_lost", "worker_id": w.worker_id, "reason": w.reason,
@@ -483,87 +511,200 @@ fn describe(event: &JobEvent) -> String {
             format!("worker {} joined as rank {} ({})", w.worker_id, w.rank, w.host)
         }
         Some(Event::WorkerLost(w)) => format!("worker {} lost: {}", w.worker_id, w.reason),
+        Some(Event::CheckpointCommitted(c)) => format!(
+            "checkpoint at step {} committed: {} shards, {:.1} MiB ({}); snapshot {:.1} ms, write {:.1} ms",
+            c.step,
+            c.shards,
+            c.bytes as f64 / (1 << 20) as f64,
+            c.dir,
+            1e3 * c.snapshot_seconds,
+            1e3 * c.write_seconds
+        ),
+        Some(Event::Recovery(r)) => {
+            let skipped = if r.skipped_checkpoints.is_empty() {
+                String::new()
+            } else {
+                format!("; skipped unloadable checkpoints {}", r.skipped_checkpoints.join(", "))
+            };
+            let replay = if r.replay_mismatches == 0 {
+                "the redone steps' losses equal the first run's".to_string()
+            } else {
+                format!("{} redone steps' losses DIFFER from the first run's", r.replay_mismatches)
+            };
+            format!(
+                "recovered (restart {}) from: {}; resumed from step {}, {} steps redone; restart {:.2} s (abort {:.2}, replace {:.2}, reload {:.2}), recompute {:.2} s; {replay}{skipped}",
+                r.restart,
+                r.cause,
+                r.from_step,
+                r.steps_redone,
+                r.restart_seconds,
+                r.abort_seconds,
+                r.replace_seconds,
+                r.reload_seconds,
+                r.recompute_seconds
+            )
+        }
         None => "an event this client does not know".into(),
     };
     format!("#{} {what}", event.revision)
 }
 
-/// Child worker processes, killed and reaped when dropped so that no process outlives
-/// the run, whatever way it ends.
-struct Workers {
-    children: Vec<tokio::process::Child>,
+/// How the launcher starts a worker process.
+struct WorkerSpawn {
+    exe: PathBuf,
+    coordinator: SocketAddr,
+    config_base: PathBuf,
+    threads: usize,
+    count: u32,
+    nodes: u32,
+}
+
+impl WorkerSpawn {
+    /// Starts worker `rank` (`count / nodes` consecutive workers per node id).
+    fn start(&self, rank: u32) -> Result<tokio::process::Child> {
+        let per_node = (self.count / self.nodes.max(1)).max(1);
+        let mut command = tokio::process::Command::new(&self.exe);
+        command
+            .arg("worker")
+            .args(["--coordinator", &format!("http://{}", self.coordinator)])
+            .args(["--worker-id", &worker_id(rank)])
+            .args(["--local-rank", &(rank % per_node).to_string()]);
+        if self.nodes > 1 {
+            command.args(["--node-id", &format!("node-{}", rank / per_node)]);
+        }
+        command
+            .args(["--threads", &self.threads.to_string()])
+            .arg("--config-base")
+            .arg(&self.config_base)
+            .arg("--exit-with-stdin")
+            .stdin(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting worker {rank} ({})", self.exe.display()))
+    }
+}
+
+/// The id `flotilla run` gives its worker `rank`.
+fn worker_id(rank: u32) -> String {
+    format!("worker-{rank}")
+}
+
+/// One worker process slot: the running child, or when it is due to start again.
+struct Slot {
+    child: Option<tokio::process::Child>,
     /// Kept apart: a child that has been reaped no longer tells its pid.
-    pids: Vec<u32>,
+    pid: u32,
+    /// Times the process was started again.
+    restarts: u32,
+    /// After an exit: when the next start is due.
+    restart_at: Option<std::time::Instant>,
+}
+
+/// The local launcher: child worker processes, started again when they die while the job
+/// runs (the coordinator then recovers the job onto them), killed and reaped when dropped
+/// so that no process outlives the run, whatever way it ends.
+struct Workers {
+    spawn: WorkerSpawn,
+    slots: Vec<Slot>,
+    /// Restarts allowed per worker (the job's `recovery.max_restarts`) and the first
+    /// backoff, doubling per restart of the same worker.
+    max_restarts: u32,
+    backoff: Duration,
+}
+
+/// What the launcher saw happen to its processes.
+enum LauncherEvent {
+    /// A worker process ended; it will be started again after `after`.
+    Exited {
+        rank: u32,
+        pid: u32,
+        how: String,
+        after: Duration,
+    },
+    /// A worker process ended with no restarts left.
+    GaveUp {
+        rank: u32,
+        pid: u32,
+        how: String,
+    },
+    Restarted {
+        rank: u32,
+        pid: u32,
+    },
 }
 
 impl Workers {
-    /// Starts `count` workers on `nodes` simulated nodes (`count / nodes` consecutive
-    /// workers per node id).
-    fn spawn(
-        count: u32,
-        nodes: u32,
-        coordinator: SocketAddr,
-        config_base: &Path,
-        threads: usize,
-    ) -> Result<Workers> {
-        let exe = std::env::current_exe().context("locating the flotilla binary to start workers")?;
-        let mut children = Vec::new();
-        let mut pids = Vec::new();
-        let per_node = (count / nodes.max(1)).max(1);
-        for rank in 0..count {
-            let mut command = tokio::process::Command::new(&exe);
-            command
-                .arg("worker")
-                .args(["--coordinator", &format!("http://{coordinator}")])
-                .args(["--worker-id", &format!("worker-{rank}")])
-                .args(["--local-rank", &(rank % per_node).to_string()]);
-            if nodes > 1 {
-                command.args(["--node-id", &format!("node-{}", rank / per_node)]);
-            }
-            let child = command
-                .args(["--threads", &threads.to_string()])
-                .arg("--config-base")
-                .arg(config_base)
-                .arg("--exit-with-stdin")
-                .stdin(Stdio::piped())
-                .kill_on_drop(true)
-                .spawn()
-                .with_context(|| format!("starting worker {rank} ({})", exe.display()))?;
-            pids.push(child.id().unwrap_or_default());
-            children.push(child);
+    fn spawn(spawn: WorkerSpawn, max_restarts: u32, backoff: Duration) -> Result<Workers> {
+        let mut slots = Vec::new();
+        for rank in 0..spawn.count {
+            let child = spawn.start(rank)?;
+            slots.push(Slot {
+                pid: child.id().unwrap_or_default(),
+                child: Some(child),
+                restarts: 0,
+                restart_at: None,
+            });
         }
-        Ok(Workers { children, pids })
+        Ok(Workers { spawn, slots, max_restarts, backoff })
     }
 
-    /// How many are still running; the first that exited with a failure, if any.
-    fn poll(&mut self) -> (usize, Option<String>) {
-        let mut alive = 0;
-        let mut failure = None;
-        for (rank, child) in self.children.iter_mut().enumerate() {
-            match child.try_wait() {
-                Ok(None) => alive += 1,
-                Ok(Some(code)) if !code.success() => {
-                    failure.get_or_insert_with(|| {
-                        format!("worker {rank} (pid {}) exited: {code}", self.pids[rank])
-                    });
+    fn alive(&self) -> usize {
+        self.slots.iter().filter(|s| s.child.is_some()).count()
+    }
+
+    /// Notices exits, and starts again the workers whose backoff has passed.
+    fn supervise(&mut self) -> Result<Vec<LauncherEvent>> {
+        let mut events = Vec::new();
+        let now = std::time::Instant::now();
+        for (rank, slot) in self.slots.iter_mut().enumerate() {
+            let rank = rank as u32;
+            if let Some(child) = &mut slot.child {
+                let how = match child.try_wait() {
+                    Ok(None) => continue,
+                    Ok(Some(code)) => code.to_string(),
+                    Err(e) => e.to_string(),
+                };
+                slot.child = None;
+                if slot.restarts >= self.max_restarts {
+                    events.push(LauncherEvent::GaveUp { rank, pid: slot.pid, how });
+                    continue;
                 }
-                Ok(Some(_)) => {}
-                Err(e) => {
-                    failure.get_or_insert_with(|| format!("worker {rank}: {e}"));
-                }
+                let after = self.backoff.saturating_mul(1 << slot.restarts.min(20));
+                slot.restart_at = Some(now + after);
+                events.push(LauncherEvent::Exited { rank, pid: slot.pid, how, after });
+            } else if slot.restart_at.is_some_and(|at| at <= now) {
+                let child = self.spawn.start(rank)?;
+                slot.pid = child.id().unwrap_or_default();
+                slot.child = Some(child);
+                slot.restarts += 1;
+                slot.restart_at = None;
+                events.push(LauncherEvent::Restarted { rank, pid: slot.pid });
             }
         }
-        (alive, failure)
+        Ok(events)
+    }
+
+    /// Kills worker `worker_id`'s process if it still runs: the coordinator declared it
+    /// lost (silent, or hung: a stopped process does not exit by itself), so it is replaced.
+    fn kill_lost(&mut self, worker_id: &str) -> Option<u32> {
+        let rank = (0..self.slots.len() as u32).find(|&r| self::worker_id(r) == worker_id)?;
+        let slot = &mut self.slots[rank as usize];
+        let child = slot.child.as_mut()?;
+        if matches!(child.try_wait(), Ok(None)) {
+            let _ = child.start_kill();
+            return Some(slot.pid);
+        }
+        None
     }
 
     /// Stops every child: each has `grace` to exit on its own (the coordinator has asked
     /// them to shut down, and their stdin closes now), then it is killed. All are reaped.
     async fn stop(mut self, grace: Duration) {
-        for child in &mut self.children {
+        for child in self.slots.iter_mut().filter_map(|s| s.child.as_mut()) {
             drop(child.stdin.take());
         }
         let deadline = tokio::time::Instant::now() + grace;
-        for child in &mut self.children {
+        for child in self.slots.iter_mut().filter_map(|s| s.child.as_mut()) {
             if tokio::time::timeout_at(deadline, child.wait()).await.is_err() {
                 // Already-exited children make kill fail harmlessly; waiting reaps them.
                 let _ = child.start_kill();
@@ -607,6 +748,10 @@ pub fn run(args: RunArgs) -> Result<()> {
         absolute(&args.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(job_name(&args.config))))?;
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let config_base = absolute(args.config.parent().unwrap_or(Path::new(".")))?;
+    let resume_from = match &args.resume {
+        None => String::new(),
+        Some(which) => resume_source(&out, which)?.display().to_string(),
+    };
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let threads = (cores / workers as usize).max(1);
 
@@ -618,11 +763,19 @@ pub fn run(args: RunArgs) -> Result<()> {
                 .with_context(|| format!("clearing {}", state_dir.display()))?;
         }
         let coordinator_config = CoordinatorConfig::new(&state_dir);
-        let lost_within = coordinator_config.heartbeat_timeout;
         let coordinator = bind_and_serve(coordinator_config).await?;
         let addr = coordinator.local_addr();
-        let mut children = Workers::spawn(workers, args.nodes, addr, &config_base, threads)?;
-        let outcome = follow(&args, workers, &text, &config, &out, addr, &mut children, lost_within).await;
+        let spawn = WorkerSpawn {
+            exe: std::env::current_exe().context("locating the flotilla binary to start workers")?,
+            coordinator: addr,
+            config_base,
+            threads,
+            count: workers,
+            nodes: args.nodes,
+        };
+        let backoff = Duration::from_millis(config.recovery.backoff_ms);
+        let mut children = Workers::spawn(spawn, config.recovery.max_restarts, backoff)?;
+        let outcome = follow(&args, workers, &text, &config, &out, &resume_from, addr, &mut children).await;
         if let Err(e) = coordinator.shutdown_workers("the run is over").await {
             tracing::warn!(error = %e, "asking the workers to shut down");
         }
@@ -635,10 +788,42 @@ pub fn run(args: RunArgs) -> Result<()> {
 /// How long workers have to exit after the run before they are killed.
 const WORKER_EXIT_GRACE: Duration = Duration::from_secs(5);
 
-/// Submits the run and follows its events until it ends or Ctrl-C. When a worker process
-/// dies, the job is followed for up to `lost_within` (the heartbeat timeout) and a little
-/// more, so that the error says both how the process ended and what the coordinator made
-/// of it.
+/// The checkpoint `--resume` names: the newest committed one under `out/checkpoints` for
+/// `latest`, else the directory given.
+fn resume_source(out: &Path, which: &str) -> Result<PathBuf> {
+    if which != "latest" {
+        return absolute(Path::new(which));
+    }
+    use flotilla_coordinator::checkpoint::{find_committed, verify};
+    let committed = find_committed(out)
+        .with_context(|| format!("--resume: looking for checkpoints under {}", out.display()))?;
+    anyhow::ensure!(
+        !committed.is_empty(),
+        "--resume: no committed checkpoint under {}",
+        out.join("checkpoints").display()
+    );
+    // Newest first; one whose shards fail their checksums is skipped for the one before.
+    for candidate in committed.iter().rev() {
+        let dir = &candidate.dir;
+        let problems: Vec<String> = match verify(dir) {
+            Ok(checks) => {
+                checks.into_iter().filter(|c| !c.ok).map(|c| format!("{}: {}", c.file, c.detail)).collect()
+            }
+            Err(e) => vec![e.to_string()],
+        };
+        if problems.is_empty() {
+            return Ok(dir.clone());
+        }
+        eprintln!("--resume: skipping the checkpoint {}: {}", dir.display(), problems.join("; "));
+    }
+    bail!("--resume: none of the {} committed checkpoints under {} verifies", committed.len(), out.display())
+}
+
+/// Submits the run and follows its events until it ends or Ctrl-C, supervising the worker
+/// processes meanwhile: one that dies is started again after a backoff (the coordinator
+/// recovers the job onto it from the last committed checkpoint), one the coordinator
+/// declares lost while its process still runs (stopped, hung) is killed and started again.
+/// A worker out of restarts cancels the job.
 #[allow(clippy::too_many_arguments)]
 async fn follow(
     args: &RunArgs,
@@ -646,9 +831,9 @@ async fn follow(
     text: &str,
     config: &TrainConfig,
     out: &Path,
+    resume_from: &str,
     coordinator: SocketAddr,
     workers: &mut Workers,
-    lost_within: Duration,
 ) -> Result<()> {
     let mut client = jobs_client(&coordinator.to_string()).await?;
     let job = client
@@ -657,6 +842,7 @@ async fn follow(
             config_toml: text.to_string(),
             workers: worker_count,
             output_dir: out.display().to_string(),
+            resume_from: resume_from.to_string(),
         })
         .await
         .map_err(status)?
@@ -686,8 +872,15 @@ async fn follow(
         }
         None => None,
     };
+    // Every job event as one JSON line (`flotilla watch --json`'s format), for scripts: the
+    // coordinator lives only as long as this run.
+    let events_path = out.join("events.jsonl");
+    let mut events_log = std::io::BufWriter::new(
+        std::fs::File::create(&events_path).with_context(|| format!("creating {}", events_path.display()))?,
+    );
     let mut check = tokio::time::interval(Duration::from_millis(200));
-    let mut crashed: Option<(String, std::time::Instant)> = None;
+    // Why the launcher cancelled the job: a worker out of restarts.
+    let mut gave_up: Option<String> = None;
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
     let end = loop {
@@ -697,6 +890,12 @@ async fn follow(
                     // The stream ends when the job does; read its final state.
                     break client.get_job(GetJobRequest { job_id: job.job_id.clone() }).await.map_err(status)?.into_inner();
                 };
+                {
+                    use std::io::Write;
+                    writeln!(events_log, "{}", event_json(&event))
+                        .and_then(|()| events_log.flush())
+                        .with_context(|| format!("writing {}", events_path.display()))?;
+                }
                 match &event.event {
                     Some(Event::Step(s)) => {
                         last_loss = s.loss;
@@ -715,32 +914,45 @@ async fn follow(
                             });
                             writeln!(log, "{line}").and_then(|()| log.flush()).context("writing pipeline.jsonl")?;
                         }
-                        let (alive, _) = workers.poll();
+                        let alive = workers.alive();
                         let bubble = if config.parallel.is_some() { format!(" · bubble {:.0}%", 100.0 * s.bubble_fraction) } else { String::new() };
                         bar.set_message(format!("loss {:.4} · {:.0} tok/s{bubble} · {alive}/{worker_count} workers", s.loss, s.tokens_per_second));
                         bar.set_position(s.step);
                     }
-                    Some(Event::StateChanged(_)) | Some(Event::WorkerLost(_)) => bar.println(describe(&event)),
+                    Some(Event::WorkerLost(lost)) => {
+                        bar.println(describe(&event));
+                        if let Some(pid) = workers.kill_lost(&lost.worker_id) {
+                            bar.println(format!("killed {} (pid {pid}), which the coordinator declared lost, to start it again", lost.worker_id));
+                        }
+                    }
+                    Some(Event::StateChanged(_) | Event::Recovery(_) | Event::CheckpointCommitted(_)) => bar.println(describe(&event)),
                     _ => {}
                 }
             }
-            _ = check.tick() => match &crashed {
-                None => {
-                    let (alive, failure) = workers.poll();
-                    if failure.is_some() || alive < workers.children.len() {
-                        let why = failure.unwrap_or_else(|| format!("{} of {} workers exited", workers.children.len() - alive, workers.children.len()));
-                        bar.println(format!("{why} before the job ended"));
-                        crashed = Some((why, std::time::Instant::now()));
+            _ = check.tick() => {
+                for happened in workers.supervise()? {
+                    match happened {
+                        LauncherEvent::Exited { rank, pid, how, after } => bar.println(format!(
+                            "worker {rank} (pid {pid}) exited: {how}; starting it again in {after:?}"
+                        )),
+                        LauncherEvent::Restarted { rank, pid } => {
+                            bar.println(format!("worker {rank} started again (pid {pid})"));
+                        }
+                        LauncherEvent::GaveUp { rank, pid, how } => {
+                            let why = format!(
+                                "worker {rank} (pid {pid}) exited: {how}, with no restarts left (recovery.max_restarts = {})",
+                                config.recovery.max_restarts
+                            );
+                            bar.println(format!("{why}; cancelling the job"));
+                            let cancel = CancelJobRequest { job_id: job.job_id.clone(), reason: why.clone() };
+                            if let Err(e) = client.cancel_job(cancel).await {
+                                tracing::warn!(error = %e.message(), "cancelling the job");
+                            }
+                            gave_up.get_or_insert(why);
+                        }
                     }
                 }
-                Some((why, since)) => {
-                    let patience = lost_within + Duration::from_secs(2);
-                    if since.elapsed() > patience {
-                        bar.abandon();
-                        bail!("{why} before the job ended, and the coordinator did not end the job within {patience:?}");
-                    }
-                }
-            },
+            }
             _ = &mut ctrl_c => {
                 bar.abandon();
                 let _ = client.cancel_job(CancelJobRequest { job_id: job.job_id.clone(), reason: "Ctrl-C".into() }).await;
@@ -756,6 +968,12 @@ async fn follow(
                 "trained {} steps on {worker_count} workers in {elapsed:.1} s; final loss {last_loss:.4}",
                 end.steps_done
             );
+            if end.restarts > 0 {
+                println!("recovered from {} failure(s) on the way", end.restarts);
+            }
+            if end.checkpoint_step > 0 {
+                println!("last checkpoint: step {} ({})", end.checkpoint_step, end.checkpoint_dir);
+            }
             if config.parallel.is_some() {
                 println!(
                     "pipeline bubble at the last step: {:.1}% measured, {:.1}% simulated for the measured costs",
@@ -782,9 +1000,7 @@ async fn follow(
             Ok(())
         }
         state => {
-            // The coordinator may have ended the job before the next poll saw the process.
-            let crash = crashed.map(|(why, _)| why).or_else(|| workers.poll().1);
-            let cause = crash.map(|why| format!("{why}; ")).unwrap_or_default();
+            let cause = gave_up.map(|why| format!("{why}; ")).unwrap_or_default();
             bail!("{cause}job {} ended {}: {}", end.job_id, state_name(state), end.reason)
         }
     }

@@ -2,6 +2,7 @@
 //! Nothing here computes; see ARCHITECTURE.md for where each thing lives.
 
 mod bench;
+mod checkpoint;
 mod cluster;
 mod model_info;
 mod plan;
@@ -62,6 +63,11 @@ enum Command {
     Workers(cluster::WorkersArgs),
     /// Compile, validate, simulate and draw a pipeline schedule (DualPipe, DualPipeV, 1F1B, ZB1P).
     Schedule(schedule::ScheduleArgs),
+    /// List, verify and export the checkpoints a run committed under RUN_DIR/checkpoints.
+    Checkpoint {
+        #[command(subcommand)]
+        command: checkpoint::CheckpointCommand,
+    },
 }
 
 fn main() -> ExitCode {
@@ -96,5 +102,6 @@ fn run(cli: Cli) -> Result<()> {
         Command::Jobs(args) => cluster::jobs(args),
         Command::Watch(args) => cluster::watch(args),
         Command::Workers(args) => cluster::workers(args),
+        Command::Checkpoint { command } => checkpoint::run(command),
     }
 }

@@ -30,6 +30,9 @@ pub struct TrainArgs {
 enum Dtype {
     F32,
     Bf16,
+    /// DeepSeek's released form: E4M3 linear weights with a `weight_scale_inv` per 128×128
+    /// block; the rest BF16.
+    Fp8,
 }
 
 pub fn train(args: TrainArgs) -> Result<()> {
@@ -74,6 +77,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
     let dtype = match args.dtype {
         Dtype::F32 => WeightDtype::F32,
         Dtype::Bf16 => WeightDtype::Bf16,
+        Dtype::Fp8 => WeightDtype::Fp8,
     };
     trainer.save(&out, dtype)?;
 

@@ -17,6 +17,7 @@
 //! pipeline/expert-parallel job out on its workers (world ranks, stages, the compiled
 //! stream each rank is shipped and held to).
 
+pub mod checkpoint;
 pub mod placement;
 pub mod plan;
 pub mod schedule;

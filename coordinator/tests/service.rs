@@ -20,10 +20,11 @@ use flotilla_proto::PROTOCOL_VERSION;
 use flotilla_proto::v1::coordinator_service_client::CoordinatorServiceClient;
 use flotilla_proto::v1::job_service_client::JobServiceClient;
 use flotilla_proto::v1::{
-    Ack, CancelJobRequest, CoordinatorMessage, ExecutedOp, GetJobRequest, GetStepTimelineRequest, Heartbeat,
-    Job, JobEvent, JobFinished, JobState, LayerLoad, ListJobsRequest, ListWorkersRequest,
-    ListWorkersResponse, Registration, ScheduledOp, SessionOpen, StepReport, SubmitJobRequest,
-    WatchJobRequest, WorkerError, WorkerInfo, WorkerMessage, coordinator_message, job_event, worker_message,
+    Ack, CancelJobRequest, CheckpointShard, CoordinatorMessage, ExecutedOp, GetJobRequest,
+    GetStepTimelineRequest, Heartbeat, Job, JobEvent, JobFinished, JobState, LayerLoad, ListJobsRequest,
+    ListWorkersRequest, ListWorkersResponse, Registration, ScheduledOp, SessionOpen, StepReport,
+    SubmitJobRequest, WatchJobRequest, WorkerError, WorkerInfo, WorkerMessage, coordinator_message,
+    job_event, worker_message,
 };
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -79,8 +80,12 @@ fn info(worker_id: &str) -> WorkerInfo {
     }
 }
 
+/// A data-parallel job that fails at its first failure (`max_restarts = 0`); the recovery
+/// tests set their own policy.
 fn job_config(steps: u64) -> String {
-    format!("seed = 0\nsteps = {steps}\nbatch_size = 12\nseq_len = 16\n\n[model]\npreset = \"tiny\"\n")
+    format!(
+        "seed = 0\nsteps = {steps}\nbatch_size = 12\nseq_len = 16\n\n[model]\npreset = \"tiny\"\n\n[recovery]\nmax_restarts = 0\n"
+    )
 }
 
 async fn submit(client: &mut JobServiceClient<Channel>, workers: u32, steps: u64) -> Job {
@@ -90,6 +95,7 @@ async fn submit(client: &mut JobServiceClient<Channel>, workers: u32, steps: u64
             config_toml: job_config(steps),
             workers,
             output_dir: "/tmp/out".into(),
+            resume_from: String::new(),
         })
         .await
         .expect("the job is accepted")
@@ -291,7 +297,7 @@ struct Flags {
 }
 
 fn ack(command_id: u64) -> WorkerMessage {
-    WorkerMessage { body: Some(worker_message::Body::Ack(Ack { command_id, error: String::new() })) }
+    WorkerMessage { body: Some(worker_message::Body::Ack(Ack { command_id, ..Ack::default() })) }
 }
 
 struct Run {
@@ -301,6 +307,33 @@ struct Run {
     at: tokio::time::Instant,
     /// A pipeline job's compiled stream, which the worker reports it executed.
     stream: Vec<ScheduledOp>,
+    /// Where the assignment said checkpoints go, and this worker's rank: a fake shard is
+    /// written and reported after every [`FAKE_CHECKPOINT_INTERVAL`]th step.
+    checkpoint_root: Option<std::path::PathBuf>,
+    rank: u32,
+}
+
+/// How often fake workers with a checkpoint root write a shard.
+const FAKE_CHECKPOINT_INTERVAL: u64 = 2;
+
+/// Writes rank `rank`'s (fake, 64-byte) shard of step `step`'s checkpoint and says so.
+fn write_fake_shard(root: &Path, job_id: &str, rank: u32, step: u64) -> WorkerMessage {
+    let dir = root.join(format!("step-{step:08}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = format!("shard-{rank:05}.safetensors");
+    let bytes = vec![rank as u8 ^ step as u8; 64];
+    std::fs::write(dir.join(&file), &bytes).unwrap();
+    let shard = CheckpointShard {
+        job_id: job_id.to_string(),
+        step,
+        file,
+        bytes: bytes.len() as u64,
+        crc32: crc32fast::hash(&bytes),
+        snapshot_seconds: 0.001,
+        write_seconds: 0.002,
+        error: String::new(),
+    };
+    WorkerMessage { body: Some(worker_message::Body::CheckpointShard(shard)) }
 }
 
 async fn run_worker(
@@ -317,6 +350,8 @@ async fn run_worker(
     let mut run: Option<Run> = None;
     let mut held_aborts = Vec::new();
     let mut stream = Vec::new();
+    let mut checkpoint_root = None;
+    let mut rank = 0;
     loop {
         let next_step = run.as_ref().map(|r| r.at);
         tokio::select! {
@@ -341,6 +376,9 @@ async fn run_worker(
                 match command.body {
                     Some(coordinator_message::Body::Assignment(assignment)) => {
                         stream = assignment.pipeline.map(|p| p.stream).unwrap_or_default();
+                        checkpoint_root = (!assignment.checkpoint_root.is_empty())
+                            .then(|| std::path::PathBuf::from(&assignment.checkpoint_root));
+                        rank = assignment.dp_rank;
                         let _ = tx.send(ack(command.command_id)).await;
                     }
                     Some(coordinator_message::Body::RunSteps(r)) => {
@@ -350,6 +388,8 @@ async fn run_worker(
                             end: r.first_step + r.count,
                             at: tokio::time::Instant::now(),
                             stream: stream.clone(),
+                            checkpoint_root: checkpoint_root.clone(),
+                            rank,
                         });
                     }
                     Some(coordinator_message::Body::Abort(_)) => {
@@ -373,8 +413,19 @@ async fn run_worker(
                 if stop {
                     run = None;
                 }
+                let reported = match &body {
+                    Some(worker_message::Body::StepReport(report)) => Some(report.step),
+                    _ => None,
+                };
                 if let Some(body) = body
                     && tx.send(WorkerMessage { body: Some(body) }).await.is_err()
+                {
+                    return;
+                }
+                if let (Some(step), Some(r)) = (reported, run.as_ref())
+                    && let Some(root) = &r.checkpoint_root
+                    && step % FAKE_CHECKPOINT_INTERVAL == 0
+                    && tx.send(write_fake_shard(root, &r.job_id, r.rank, step)).await.is_err()
                 {
                     return;
                 }
@@ -709,7 +760,7 @@ async fn two_worker_job_runs_to_success_with_step_summaries() {
 /// A DualPipe job on pp 2 × ep 2 = 4 workers, 4 micro-batches of 4 sequences per step.
 fn pipeline_config(steps: u64) -> String {
     format!(
-        "seed = 0\nsteps = {steps}\nbatch_size = 16\nseq_len = 16\n\n[parallel]\npp = 2\nep = 2\nmicro_batches = 4\n\n[model]\npreset = \"tiny\"\n"
+        "seed = 0\nsteps = {steps}\nbatch_size = 16\nseq_len = 16\n\n[parallel]\npp = 2\nep = 2\nmicro_batches = 4\n\n[model]\npreset = \"tiny\"\n\n[recovery]\nmax_restarts = 0\n"
     )
 }
 
@@ -719,6 +770,7 @@ async fn submit_pipeline(client: &mut JobServiceClient<Channel>, steps: u64) -> 
         config_toml: pipeline_config(steps),
         workers: 4,
         output_dir: String::new(),
+        resume_from: String::new(),
     };
     client.submit_job(request).await.expect("the pipeline job is accepted").into_inner()
 }
@@ -956,7 +1008,8 @@ async fn worker_error_fails_the_job_and_aborts_the_others() {
     let mut events = watch(&mut client, &job.job_id, 0).await;
     let events = rest(&mut events).await;
     let (from, to, reason) = state_change(events.last().unwrap()).unwrap();
-    assert_eq!((from, to), (JobState::Running, JobState::Failed));
+    // Detected (Recovering), then failed: the job allows no restart.
+    assert_eq!((from, to), (JobState::Recovering, JobState::Failed));
     assert_eq!(reason, "worker w-b failed at step 1: boom: NaN in the gradients");
     let abort = a
         .expect_command(|body| match body {
@@ -1596,8 +1649,7 @@ async fn invalid_submit_names_the_field() {
         (2, format!("steps = 1\nbatch_size = 2\n#{}\n", "x".repeat(2 << 20)), "invalid config_toml: "),
     ];
     for (workers, config_toml, expected) in cases {
-        let request =
-            SubmitJobRequest { name: "bad".into(), config_toml, workers, output_dir: String::new() };
+        let request = SubmitJobRequest { name: "bad".into(), config_toml, workers, ..Default::default() };
         let status = client.submit_job(request).await.unwrap_err();
         assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
         assert!(
@@ -1664,4 +1716,227 @@ async fn listening_beyond_loopback_needs_allow_remote() {
     let bad = CoordinatorConfig { heartbeat_timeout: INTERVAL, ..config(dir.path()) };
     let refused = bind_and_serve(bad).await.unwrap_err();
     assert!(refused.to_string().contains("heartbeat_timeout"), "{refused}");
+}
+
+// ---------------------------------------------------------------------------------------
+// Recovery
+
+/// A data-parallel job that checkpoints every `interval` steps (0: never; the fake workers
+/// write every [`FAKE_CHECKPOINT_INTERVAL`]th) and restarts up to `max_restarts` times.
+fn recovering_config(steps: u64, interval: u64, max_restarts: u32, extra: &str) -> String {
+    format!(
+        "seed = 0\nsteps = {steps}\nbatch_size = 12\nseq_len = 16\n\n[model]\npreset = \"tiny\"\n\n\
+         [checkpoint]\ninterval = {interval}\nkeep = 2\n\n\
+         [recovery]\nmax_restarts = {max_restarts}\nbackoff_ms = 10\n{extra}"
+    )
+}
+
+async fn submit_config(
+    client: &mut JobServiceClient<Channel>,
+    workers: u32,
+    config_toml: String,
+    out: &Path,
+) -> Job {
+    let request = SubmitJobRequest {
+        name: "recovering".into(),
+        config_toml,
+        workers,
+        output_dir: out.display().to_string(),
+        resume_from: String::new(),
+    };
+    client.submit_job(request).await.expect("the job is accepted").into_inner()
+}
+
+fn committed_steps(events: &[JobEvent]) -> Vec<u64> {
+    events
+        .iter()
+        .filter_map(|e| match &e.event {
+            Some(job_event::Event::CheckpointCommitted(c)) => Some(c.step),
+            _ => None,
+        })
+        .collect()
+}
+
+fn summarized_steps(events: &[JobEvent]) -> Vec<u64> {
+    events
+        .iter()
+        .filter_map(|e| match &e.event {
+            Some(job_event::Event::Step(s)) => Some(s.step),
+            _ => None,
+        })
+        .collect()
+}
+
+fn recoveries(events: &[JobEvent]) -> Vec<flotilla_proto::v1::Recovery> {
+    events
+        .iter()
+        .filter_map(|e| match &e.event {
+            Some(job_event::Event::Recovery(r)) => Some(r.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_lost_worker_is_replaced_and_the_job_resumes_from_its_newest_committed_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let coordinator = start(config(dir.path())).await;
+    let addr = coordinator.local_addr();
+    let mut client = jobs(addr).await;
+    let complete = Behavior::Complete { step_time: Duration::from_millis(10) };
+    let mut a = FakeWorker::start(addr, "w-a", complete).await;
+    let b = FakeWorker::start(addr, "w-b", complete).await;
+    let job =
+        submit_config(&mut client, 2, recovering_config(30, FAKE_CHECKPOINT_INTERVAL, 2, ""), out.path())
+            .await;
+    let mut stream = watch(&mut client, &job.job_id, 0).await;
+    let mut events =
+        until(&mut stream, |e| matches!(&e.event, Some(job_event::Event::Step(s)) if s.step == 9)).await;
+
+    b.kill().await;
+    events.extend(until(&mut stream, |e| !lost_workers(std::slice::from_ref(e)).is_empty()).await);
+    // The replacement registers under the same id, as a restarted process does.
+    let _b = FakeWorker::start(addr, "w-b", complete).await;
+    events.extend(rest(&mut stream).await);
+
+    let recovering = events
+        .iter()
+        .position(|e| state_change(e).is_some_and(|(_, to, _)| to == JobState::Recovering))
+        .unwrap();
+    let before =
+        *committed_steps(&events[..recovering]).last().expect("a checkpoint committed before the loss");
+    assert!(before >= 4, "step 9 was summarized, so step 8's or an earlier checkpoint: {before}");
+    assert_eq!(
+        states(&events[recovering..]),
+        [JobState::Recovering, JobState::Rendezvous, JobState::Running, JobState::Succeeded]
+    );
+    let (_, _, cause) = state_change(&events[recovering]).unwrap();
+    assert!(cause.starts_with("worker w-b lost: "), "{cause}");
+    let (_, _, rendezvous) = events[recovering..]
+        .iter()
+        .filter_map(state_change)
+        .find(|(_, to, _)| *to == JobState::Rendezvous)
+        .unwrap();
+    assert!(rendezvous.contains(&format!("resuming from the checkpoint at step {before}")), "{rendezvous}");
+
+    // The survivor was aborted, then assigned the checkpoint and the steps after it.
+    a.expect_command(|body| matches!(body, coordinator_message::Body::Abort(_)).then_some(())).await;
+    let resume = a
+        .expect_command(|body| match body {
+            coordinator_message::Body::Assignment(assignment) => assignment.resume.clone(),
+            _ => None,
+        })
+        .await;
+    assert_eq!(resume.step, before);
+    assert!(resume.dir.ends_with(&format!("step-{before:08}")), "{}", resume.dir);
+    assert_eq!(resume.shards.len(), 2);
+    let run = a
+        .expect_command(|body| match body {
+            coordinator_message::Body::RunSteps(run) => Some(run.clone()),
+            _ => None,
+        })
+        .await;
+    assert_eq!((run.first_step, run.first_step + run.count), (before + 1, 31));
+
+    // Every step is published once; the redone ones reproduced their losses.
+    assert_eq!(summarized_steps(&events), (1..=30).collect::<Vec<u64>>());
+    let recovery = recoveries(&events);
+    assert_eq!(recovery.len(), 1, "{recovery:?}");
+    let r = &recovery[0];
+    assert_eq!((r.restart, r.from_step, r.replay_mismatches), (1, before, 0));
+    assert!(r.steps_redone >= 9 - before, "{r:?}");
+    assert!(r.cause.starts_with("worker w-b lost: "), "{r:?}");
+    assert!(r.restart_seconds > 0.0 && r.recompute_seconds >= 0.0, "{r:?}");
+
+    // The newest two committed checkpoints are kept; the job's record names the newest.
+    let kept = flotilla_coordinator::checkpoint::find_committed(out.path()).unwrap();
+    let kept: Vec<u64> = kept.iter().map(|c| c.manifest.step).collect();
+    assert_eq!(kept, [28, 30]);
+    let done = get(&mut client, &job.job_id).await;
+    assert_eq!((done.checkpoint_step, done.restarts, done.steps_done), (30, 1, 30));
+    coordinator.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_step_that_hangs_is_a_failure_and_restarts_run_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let coordinator = start(config(dir.path())).await;
+    let addr = coordinator.local_addr();
+    let mut client = jobs(addr).await;
+    let _a = FakeWorker::start(addr, "w-a", Behavior::Complete { step_time: Duration::from_millis(5) }).await;
+    // Heartbeats flow, but its steps stop at step 3, every time.
+    let _b = FakeWorker::start(addr, "w-b", Behavior::StallAfter(3)).await;
+    let config_toml = recovering_config(20, 0, 1, "step_timeout_s = 0.3\n");
+    let job = submit_config(&mut client, 2, config_toml, out.path()).await;
+    let mut stream = watch(&mut client, &job.job_id, 0).await;
+    let events = rest(&mut stream).await;
+
+    let hang = "step 3 did not complete within 0.3 s (recovery.step_timeout_s); not reported by rank 1 (w-b)";
+    let changes: Vec<(JobState, JobState, String)> =
+        events.iter().filter_map(state_change).map(|(f, t, r)| (f, t, r.to_string())).skip(3).collect();
+    assert_eq!(
+        changes.iter().map(|(f, t, _)| (*f, *t)).collect::<Vec<_>>(),
+        [
+            (JobState::Running, JobState::Recovering),
+            (JobState::Recovering, JobState::Rendezvous),
+            (JobState::Rendezvous, JobState::Running),
+            (JobState::Running, JobState::Recovering),
+            (JobState::Recovering, JobState::Failed),
+        ]
+    );
+    assert_eq!(changes[0].2, hang);
+    assert!(changes[1].2.ends_with("restarting from the seeded initialization"), "{}", changes[1].2);
+    assert_eq!(changes[4].2, format!("{hang}; giving up after 1 restarts (recovery.max_restarts)"));
+    let failed = get(&mut client, &job.job_id).await;
+    assert_eq!((failed.state(), failed.restarts), (JobState::Failed, 1));
+    coordinator.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_restarted_coordinator_resumes_a_running_job_from_its_newest_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let coordinator = start(config(dir.path())).await;
+    let addr = coordinator.local_addr();
+    let mut client = jobs(addr).await;
+    let complete = Behavior::Complete { step_time: Duration::from_millis(10) };
+    let a = FakeWorker::start(addr, "w-a", complete).await;
+    let b = FakeWorker::start(addr, "w-b", complete).await;
+    let job =
+        submit_config(&mut client, 2, recovering_config(20, FAKE_CHECKPOINT_INTERVAL, 2, ""), out.path())
+            .await;
+    let mut stream = watch(&mut client, &job.job_id, 0).await;
+    let events =
+        until(&mut stream, |e| matches!(&e.event, Some(job_event::Event::Step(s)) if s.step == 7)).await;
+    let before = *committed_steps(&events).last().expect("a committed checkpoint");
+    drop(stream);
+    drop(client);
+    coordinator.shutdown().await.unwrap();
+    a.kill().await;
+    b.kill().await;
+
+    // The same state directory; the workers come back (as real ones re-register).
+    let coordinator = start(config(dir.path())).await;
+    let addr = coordinator.local_addr();
+    let mut client = jobs(addr).await;
+    let mut a = FakeWorker::start(addr, "w-a", complete).await;
+    let _b = FakeWorker::start(addr, "w-b", complete).await;
+    let done = wait_for_state(&mut client, &job.job_id, JobState::Succeeded).await;
+    assert_eq!(done.restarts, 1);
+    let resume = a
+        .expect_command(|body| match body {
+            coordinator_message::Body::Assignment(assignment) => assignment.resume.clone(),
+            _ => None,
+        })
+        .await;
+    assert!(resume.step >= before, "resumed from {} with step {before} committed", resume.step);
+    let mut stream = watch(&mut client, &job.job_id, 0).await;
+    let events = rest(&mut stream).await;
+    let recovery = recoveries(&events);
+    assert_eq!(recovery.len(), 1, "{recovery:?}");
+    assert_eq!((recovery[0].cause.as_str(), recovery[0].from_step), ("coordinator restarted", resume.step));
+    assert_eq!(summarized_steps(&events), (1..=20).collect::<Vec<u64>>());
+    coordinator.shutdown().await.unwrap();
 }

@@ -541,7 +541,7 @@ fn body(body: worker_message::Body) -> WorkerMessage {
 }
 
 fn ack(command_id: u64, error: impl Into<String>) -> WorkerMessage {
-    body(worker_message::Body::Ack(Ack { command_id, error: error.into() }))
+    body(worker_message::Body::Ack(Ack { command_id, error: error.into(), ..Ack::default() }))
 }
 
 struct SimWorker {
@@ -777,7 +777,7 @@ async fn must<T>(
 
 fn job_config(workers: u32, steps: u64) -> String {
     format!(
-        "seed = 0\nsteps = {steps}\nbatch_size = {}\nseq_len = 16\n\n[model]\npreset = \"tiny\"\n",
+        "seed = 0\nsteps = {steps}\nbatch_size = {}\nseq_len = 16\n\n[model]\npreset = \"tiny\"\n\n[recovery]\nmax_restarts = 0\n",
         workers * 4
     )
 }
@@ -788,6 +788,7 @@ async fn submit(jobs: &mut Jobs, workers: u32, steps: u64) -> Result<Job, String
         config_toml: job_config(workers, steps),
         workers,
         output_dir: "/sim/out".into(),
+        resume_from: String::new(),
     };
     must("SubmitJob", jobs.submit_job(request)).await
 }
@@ -1087,6 +1088,13 @@ fn check_job(job: &Job, events: &[JobEvent], cancelled: bool, ledger: &Shared) -
                 steps_done = step.step;
             }
             Some(job_event::Event::WorkerLost(l)) => lost.push(l.worker_id.clone()),
+            // These jobs take no checkpoints and do not restart.
+            Some(job_event::Event::CheckpointCommitted(_) | job_event::Event::Recovery(_)) => {
+                return Err(format!(
+                    "an unexpected checkpoint or recovery event at revision {}",
+                    event.revision
+                ));
+            }
             None => return Err(format!("an empty event at revision {}", event.revision)),
         }
     }
@@ -1163,6 +1171,8 @@ fn trace_job(job: &Job, events: &[JobEvent]) -> String {
             Some(job_event::Event::WorkerLost(l)) => {
                 format!("{}:lost {} ({})", e.revision, l.worker_id, l.reason)
             }
+            Some(job_event::Event::CheckpointCommitted(c)) => format!("{}:checkpoint {}", e.revision, c.step),
+            Some(job_event::Event::Recovery(r)) => format!("{}:recovered ({})", e.revision, r.cause),
             None => format!("{}:empty", e.revision),
         })
         .collect();

@@ -2,9 +2,17 @@
 //! and one or more `*.safetensors` files whose tensors carry HF names
 //! (`model.layers.3.mlp.experts.7.gate_proj.weight`, …).
 //!
-//! Writing stores f32 or BF16. Reading accepts f32, BF16, and DeepSeek's released FP8
-//! form: an `F8_E4M3` weight with a `{name}_scale_inv` f32 tensor holding one scale per
-//! 128×128 block (`w = code · scale_inv[row / 128, col / 128]`), dequantized on load.
+//! Writing stores f32, BF16, or DeepSeek's released FP8 form ([`WeightDtype::Fp8`]).
+//! Reading accepts all three: an `F8_E4M3` weight with a `{name}_scale_inv` f32 tensor
+//! holding one scale per 128×128 block (`w = code · scale_inv[row / 128, col / 128]`) is
+//! dequantized on load.
+//!
+//! The FP8 form quantizes every 2-D linear weight except the embedding
+//! (`model.embed_tokens.weight`), the output head (`lm_head.weight`), the MoE gates
+//! (`….mlp.gate.weight`) and the MTP modules' copies of the embedding and head
+//! (`model.layers.{L+k}.embed_tokens.weight`, `….shared_head.head.weight`)
+//! ([`is_fp8_weight`]); those and every 1-D tensor (norms, selection biases) are BF16, and
+//! `config.json` carries DeepSeek's `quantization_config`.
 //!
 //! Invariant: [`fill_params`] either fills every parameter it is given or changes none
 //! and names the first tensor that is missing, mis-shaped or of an unsupported type.
@@ -12,6 +20,7 @@
 use crate::config::{ConfigError, ModelConfig};
 use crate::param::Param;
 use flotilla_kernels::fp8::E4M3_TO_F32;
+use flotilla_kernels::quant::{Granularity, QuantConfig, quantize};
 use half::bf16;
 use safetensors::SafeTensors;
 use safetensors::tensor::{Dtype, TensorView};
@@ -66,6 +75,33 @@ pub enum WeightDtype {
     F32,
     /// 2 bytes per value, rounded to nearest even.
     Bf16,
+    /// DeepSeek's released form: the linear weights of [`is_fp8_weight`] as `F8_E4M3` codes
+    /// with a `{name}_scale_inv` F32 tensor `[⌈rows/128⌉, ⌈cols/128⌉]` (one dequantization
+    /// scale per 128×128 block, `w ≈ code · scale_inv`), everything else BF16.
+    Fp8,
+}
+
+/// Whether [`WeightDtype::Fp8`] stores the tensor `name` of `shape` in FP8: every 2-D
+/// weight except the embedding, the output head, the MoE gates and the MTP modules' copies
+/// of the embedding and head (as DeepSeek's released checkpoint).
+pub fn is_fp8_weight(name: &str, shape: &[usize]) -> bool {
+    shape.len() == 2
+        && name.ends_with(".weight")
+        && name != "model.embed_tokens.weight"
+        && name != "lm_head.weight"
+        && !name.ends_with(".mlp.gate.weight")
+        && !name.ends_with(".embed_tokens.weight")
+        && !name.ends_with(".shared_head.head.weight")
+}
+
+/// DeepSeek-V3's `quantization_config`, as its released `config.json` has it.
+fn fp8_quantization_config() -> serde_json::Value {
+    serde_json::json!({
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "activation_scheme": "dynamic",
+        "weight_block_size": [128, 128],
+    })
 }
 
 /// A tensor to write: its HF name, shape and f32 values.
@@ -82,7 +118,9 @@ pub struct NamedTensor<'a> {
 /// The file name flotilla writes weights to.
 pub const WEIGHTS_FILE: &str = "model.safetensors";
 
-/// Writes `config.json` and `model.safetensors` into `dir` (created if needed).
+/// Writes `config.json` and `model.safetensors` into `dir` (created if needed). Under
+/// [`WeightDtype::Fp8`] the quantized weights get their `{name}_scale_inv` tensors and
+/// `config.json` DeepSeek's `quantization_config`.
 pub fn save_hf(
     dir: &Path,
     config: &ModelConfig,
@@ -94,25 +132,39 @@ pub fn save_hf(
         move |error| CheckpointError::Io { path, error }
     };
     std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let mut bytes: BTreeMap<&str, (Dtype, Vec<usize>, Vec<u8>)> = BTreeMap::new();
+    let mut bytes: BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)> = BTreeMap::new();
     for t in tensors {
+        let bad = |detail: String| CheckpointError::Tensor { tensor: t.name.to_string(), detail };
         if t.shape.iter().product::<usize>() != t.data.len() {
-            return Err(CheckpointError::Tensor {
-                tensor: t.name.to_string(),
-                detail: format!("shape {:?} does not match its {} values", t.shape, t.data.len()),
-            });
+            return Err(bad(format!("shape {:?} does not match its {} values", t.shape, t.data.len())));
         }
-        let (dt, raw) = match dtype {
-            WeightDtype::F32 => (Dtype::F32, t.data.iter().flat_map(|v| v.to_le_bytes()).collect()),
+        let bf16_bytes = || t.data.iter().flat_map(|&v| bf16::from_f32(v).to_le_bytes()).collect();
+        let mut entries = Vec::with_capacity(2);
+        match dtype {
+            WeightDtype::F32 => entries.push((
+                t.name.to_string(),
+                (Dtype::F32, t.shape.to_vec(), t.data.iter().flat_map(|v| v.to_le_bytes()).collect()),
+            )),
             WeightDtype::Bf16 => {
-                (Dtype::BF16, t.data.iter().flat_map(|&v| bf16::from_f32(v).to_le_bytes()).collect())
+                entries.push((t.name.to_string(), (Dtype::BF16, t.shape.to_vec(), bf16_bytes())))
             }
-        };
-        if bytes.insert(t.name, (dt, t.shape.to_vec(), raw)).is_some() {
-            return Err(CheckpointError::Tensor {
-                tensor: t.name.to_string(),
-                detail: "written twice".into(),
-            });
+            WeightDtype::Fp8 if is_fp8_weight(t.name, t.shape) => {
+                let (rows, cols) = (t.shape[0], t.shape[1]);
+                let q = quantize(t.data, rows, cols, Granularity::Block128x128, &QuantConfig::default())
+                    .map_err(|e| bad(format!("cannot be quantized to FP8: {e}")))?;
+                let (sr, sc) = q.scale_shape();
+                let scales = q.scales.iter().flat_map(|s| s.to_le_bytes()).collect();
+                entries.push((t.name.to_string(), (Dtype::F8_E4M3, t.shape.to_vec(), q.codes)));
+                entries.push((format!("{}_scale_inv", t.name), (Dtype::F32, vec![sr, sc], scales)));
+            }
+            WeightDtype::Fp8 => {
+                entries.push((t.name.to_string(), (Dtype::BF16, t.shape.to_vec(), bf16_bytes())))
+            }
+        }
+        for (name, entry) in entries {
+            if bytes.insert(name.clone(), entry).is_some() {
+                return Err(CheckpointError::Tensor { tensor: name, detail: "written twice".into() });
+            }
         }
     }
     let weights_path = dir.join(WEIGHTS_FILE);
@@ -120,7 +172,7 @@ pub fn save_hf(
         .iter()
         .map(|(name, (dt, shape, raw))| {
             TensorView::new(*dt, shape.clone(), raw)
-                .map(|v| (*name, v))
+                .map(|v| (name.as_str(), v))
                 .map_err(|e| CheckpointError::Tensor { tensor: name.to_string(), detail: e.to_string() })
         })
         .collect::<Result<_, _>>()?;
@@ -128,7 +180,22 @@ pub fn save_hf(
     safetensors::serialize_to_file(views, Some(metadata), &weights_path)
         .map_err(|e| CheckpointError::Format { path: weights_path.clone(), detail: e.to_string() })?;
     let config_path = dir.join("config.json");
-    std::fs::write(&config_path, config.to_hf_json()).map_err(io(&config_path))?;
+    let mut json = config.to_hf_json();
+    if dtype == WeightDtype::Fp8 {
+        let mut value: serde_json::Value =
+            serde_json::from_str(&json).map_err(|e| CheckpointError::Format {
+                path: config_path.clone(),
+                detail: format!("cannot re-read the generated config: {e}"),
+            })?;
+        if let serde_json::Value::Object(map) = &mut value {
+            map.insert("quantization_config".into(), fp8_quantization_config());
+        }
+        json = serde_json::to_string_pretty(&value).map_err(|e| CheckpointError::Format {
+            path: config_path.clone(),
+            detail: format!("cannot write the config: {e}"),
+        })?;
+    }
+    std::fs::write(&config_path, json).map_err(io(&config_path))?;
     Ok(())
 }
 

@@ -6,7 +6,10 @@
 //!   and without MTP ([`ParameterCounts`]).
 //! - [`param`]: named parameters (HF names) with gradients, initialized per `(seed, name)`.
 //! - [`checkpoint`]: weights in the HF DeepSeek-V3 layout (config.json + safetensors;
-//!   f32, BF16, and FP8 with 128×128 `weight_scale_inv` on load).
+//!   f32, BF16, and DeepSeek's FP8 with 128×128 `weight_scale_inv`, written and read).
+//! - [`shard`]: layout-free training checkpoints: each rank's shard of FP32 values and
+//!   BF16 AdamW moments as pieces of globally named tensors, checksummed, readable under
+//!   any other layout ([`shard::CheckpointReader`]).
 //! - [`train`]: the run configuration (TOML), AdamW with BF16 moments, the step loop and
 //!   its metrics records, saving in the HF layout.
 //! - [`data`]: byte tokenizer, the synthetic corpus, batches drawn from `(seed, step)`.
@@ -56,6 +59,7 @@ pub mod param;
 pub mod params;
 pub mod pipeline;
 pub mod precision;
+pub mod shard;
 pub mod train;
 
 pub use block::Block;

@@ -12,6 +12,7 @@ use crate::config::{ConfigError, ModelConfig};
 use crate::data::{BYTE_VOCAB, Sampler, encode_bytes, synthetic_corpus};
 use crate::model::{LossConfig, Model, StepStats};
 use crate::precision::Precision;
+use crate::shard::{CheckpointReader, Piece, PieceData, PieceKind, ShardError, ShardHeader, Snapshot};
 use flotilla_kernels::optim::{AdamWConfig, LrSchedule, adamw_step, clip_scale, global_grad_norm};
 use half::bf16;
 use serde::{Deserialize, Serialize};
@@ -116,6 +117,85 @@ pub struct TrainConfig {
     /// parallelism. Single-process training ignores it and computes the same step.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parallel: Option<ParallelConfig>,
+    /// When workers take checkpoints and how many are kept (`flotilla run`; single-process
+    /// training ignores it).
+    #[serde(default)]
+    pub checkpoint: CheckpointConfig,
+    /// What the coordinator does when a worker fails (`flotilla run`).
+    #[serde(default)]
+    pub recovery: RecoveryConfig,
+}
+
+/// The `[checkpoint]` table: every `interval` steps each worker snapshots its state and
+/// writes its shard in the background; the coordinator commits the checkpoint once every
+/// shard is durable and keeps the newest `keep` committed ones.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointConfig {
+    /// Steps between checkpoints; 0 takes none (a recovery then restarts from the seeded
+    /// initialization).
+    #[serde(default)]
+    pub interval: u64,
+    /// Committed checkpoints kept; older ones are deleted once a newer one commits.
+    #[serde(default = "default_keep")]
+    pub keep: u32,
+}
+
+fn default_keep() -> u32 {
+    3
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        CheckpointConfig { interval: 0, keep: default_keep() }
+    }
+}
+
+impl CheckpointConfig {
+    /// Whether the state after `step` is checkpointed.
+    pub fn due(&self, step: u64) -> bool {
+        self.interval > 0 && step > 0 && step.is_multiple_of(self.interval)
+    }
+}
+
+/// The `[recovery]` table: how often and how patiently the coordinator restarts a job
+/// whose worker failed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecoveryConfig {
+    /// Recoveries allowed per job; the next failure fails the job.
+    #[serde(default = "default_max_restarts")]
+    pub max_restarts: u32,
+    /// The wait before the first restart, in milliseconds; it doubles with each restart.
+    #[serde(default = "default_backoff_ms")]
+    pub backoff_ms: u64,
+    /// A step that does not complete on every rank within this many seconds of the previous
+    /// one (or of the start) is a failure, like a lost worker: it catches a worker hung in
+    /// compute or in a collective while its heartbeats still flow. 0 disables.
+    #[serde(default = "default_step_timeout_s")]
+    pub step_timeout_s: f64,
+}
+
+fn default_max_restarts() -> u32 {
+    3
+}
+
+fn default_backoff_ms() -> u64 {
+    500
+}
+
+fn default_step_timeout_s() -> f64 {
+    600.0
+}
+
+impl Default for RecoveryConfig {
+    fn default() -> Self {
+        RecoveryConfig {
+            max_restarts: default_max_restarts(),
+            backoff_ms: default_backoff_ms(),
+            step_timeout_s: default_step_timeout_s(),
+        }
+    }
 }
 
 /// The `[parallel]` table of a run: the layout of a pipeline/expert-parallel job. The
@@ -179,6 +259,12 @@ pub enum TrainError {
     /// Writing the weights failed.
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
+    /// Reading a checkpoint's shards failed, or they do not fit this model.
+    #[error(transparent)]
+    Shard(#[from] ShardError),
+    /// A checkpoint cannot resume this run.
+    #[error("cannot restore the checkpoint: {0}")]
+    Restore(String),
     /// The loss became NaN or infinite.
     #[error("the loss is not finite at step {step} ({loss})")]
     Diverged {
@@ -240,6 +326,22 @@ impl TrainConfig {
         self.optimizer.adamw.validate().map_err(|e| TrainError::Config(e.to_string()))?;
         self.optimizer.schedule.validate().map_err(|e| TrainError::Config(e.to_string()))?;
         self.loss.validate().map_err(|e| TrainError::Config(e.to_string()))?;
+        if self.checkpoint.keep == 0 {
+            return bad("checkpoint.keep", "must be at least 1".into());
+        }
+        let timeout = self.recovery.step_timeout_s;
+        if !(timeout.is_finite() && (0.0..=1e7).contains(&timeout)) {
+            return bad(
+                "recovery.step_timeout_s",
+                format!("must be between 0 and 1e7 seconds, got {timeout}"),
+            );
+        }
+        if self.recovery.backoff_ms > 3_600_000 {
+            return bad(
+                "recovery.backoff_ms",
+                format!("must be at most one hour (3600000), got {}", self.recovery.backoff_ms),
+            );
+        }
         Ok(())
     }
 
@@ -307,6 +409,9 @@ pub struct Trainer {
     pub model: Model<f32>,
     sampler: Sampler,
     state: AdamState,
+    /// For each of `model.params()`, its index in `state` (the order of
+    /// `model.trainable_params_mut()`), `None` for the selection biases.
+    state_index: Vec<Option<usize>>,
     threads: usize,
     step: u64,
 }
@@ -323,10 +428,13 @@ impl Trainer {
             m: params.iter().map(|p| vec![bf16::ZERO; p.len()]).collect(),
             v: params.iter().map(|p| vec![bf16::ZERO; p.len()]).collect(),
         };
+        let trainable: Vec<String> = params.iter().map(|p| p.name.clone()).collect();
+        let state_index =
+            state_indices(&model.params().iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), &trainable)?;
         let threads = config
             .threads
             .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
-        Ok(Trainer { config, model, sampler, state, threads, step: 0 })
+        Ok(Trainer { config, model, sampler, state, state_index, threads, step: 0 })
     }
 
     /// Steps taken so far.
@@ -399,10 +507,130 @@ impl Trainer {
         Ok(step_record(step, stats, lr, grad_norm, tokens, start.elapsed()))
     }
 
+    /// This rank's share of the state after the last step, for a checkpoint shard: the
+    /// tensors of `model.params()` (selection biases included) are dealt to the `world`
+    /// ranks whole, each to the rank with the fewest bytes so far (the lowest such rank on a
+    /// tie) in `params()` order — deterministic, so the ranks' shares are disjoint and cover
+    /// the model — each with its AdamW moments if it is trainable. `rank ≥ world` (or
+    /// `world = 0`) gets no tensor.
+    pub fn snapshot(&self, rank: usize, world: usize) -> Snapshot {
+        let mut loads = vec![0u64; world];
+        let mut pieces = Vec::new();
+        for (p, &slot) in self.model.params().into_iter().zip(&self.state_index) {
+            let Some((owner, load)) = loads.iter_mut().enumerate().min_by_key(|(r, load)| (**load, *r))
+            else {
+                break;
+            };
+            let moments = slot.map(|i| (&self.state.m[i], &self.state.v[i]));
+            *load += 4 * p.len() as u64 + moments.map_or(0, |_| 4 * p.len() as u64);
+            if owner != rank {
+                continue;
+            }
+            pieces.push(Piece {
+                name: p.name.clone(),
+                kind: PieceKind::Value,
+                start: 0,
+                shape: p.shape.clone(),
+                data: PieceData::F32(p.value.clone()),
+            });
+            if let Some((m, v)) = moments {
+                for (kind, data) in [(PieceKind::ExpAvg, m), (PieceKind::ExpAvgSq, v)] {
+                    pieces.push(Piece {
+                        name: p.name.clone(),
+                        kind,
+                        start: 0,
+                        shape: p.shape.clone(),
+                        data: PieceData::Bf16(data.clone()),
+                    });
+                }
+            }
+        }
+        Snapshot {
+            header: ShardHeader {
+                step: self.step,
+                rank: u32::try_from(rank).unwrap_or(u32::MAX),
+                world: u32::try_from(world).unwrap_or(u32::MAX),
+                seed: self.config.seed,
+                model: self.model.config().clone(),
+            },
+            pieces,
+        }
+    }
+
+    /// Restores the values (selection biases included), the AdamW moments and the step
+    /// from a checkpoint, whatever layout wrote it. The checkpoint must come from this
+    /// model (checked first, naming the first differing field) and this run's `seed` (the
+    /// data position is the step: batches are a function of `(seed, step, index)`, and there
+    /// is no other random state), and hold every tensor of the model and no other. All or
+    /// nothing: on error the trainer is unchanged.
+    pub fn restore(&mut self, reader: &CheckpointReader) -> Result<(), TrainError> {
+        reader.check_model(self.model.config())?;
+        if reader.seed() != self.config.seed {
+            return Err(TrainError::Restore(format!(
+                "it was written by a run with `seed` = {}, this run's `seed` is {} (initialization and batches depend on it)",
+                reader.seed(),
+                self.config.seed
+            )));
+        }
+        let params = self.model.params();
+        let names: std::collections::BTreeSet<&str> = params.iter().map(|p| p.name.as_str()).collect();
+        if let Some(extra) = reader.value_names().into_iter().find(|n| !names.contains(n.as_str())) {
+            return Err(TrainError::Restore(format!("tensor `{extra}` is not a parameter of this model")));
+        }
+        let mut values = Vec::with_capacity(params.len());
+        let mut moments = Vec::with_capacity(self.state.m.len());
+        for (p, slot) in params.iter().zip(&self.state_index) {
+            if let Some(shape) = reader.shape(&p.name)
+                && shape != p.shape.as_slice()
+            {
+                return Err(TrainError::Restore(format!(
+                    "tensor `{}` has shape {shape:?} in the checkpoint, the model needs {:?}",
+                    p.name, p.shape
+                )));
+            }
+            values.push(reader.values(&p.name, p.len())?);
+            if slot.is_some() {
+                moments.push(reader.moments(&p.name, p.len())?);
+            }
+        }
+        drop(params);
+        for (p, value) in self.model.params_mut().into_iter().zip(values) {
+            p.value = value;
+        }
+        for ((m, v), (new_m, new_v)) in self.state.m.iter_mut().zip(&mut self.state.v).zip(moments) {
+            *m = new_m;
+            *v = new_v;
+        }
+        self.step = reader.step();
+        Ok(())
+    }
+
     /// Writes the weights in the HF DeepSeek-V3 layout (MTP layers repeat the embedding
     /// and head under their own names, as DeepSeek's checkpoints do).
     pub fn save(&self, dir: &Path, dtype: WeightDtype) -> Result<(), TrainError> {
         save_model(&self.model, dir, dtype)
+    }
+}
+
+/// For each of `params` (names in `Model::params` order), its index among `trainable` (the
+/// `Model::trainable_params_mut` order, a subsequence of it), or `None` when it is not
+/// trainable.
+fn state_indices(params: &[&str], trainable: &[String]) -> Result<Vec<Option<usize>>, TrainError> {
+    let mut next = 0;
+    let indices = params
+        .iter()
+        .map(|name| {
+            let hit = trainable.get(next).is_some_and(|t| t == name);
+            next += usize::from(hit);
+            hit.then_some(next - 1)
+        })
+        .collect();
+    match trainable.get(next) {
+        None => Ok(indices),
+        Some(name) => Err(TrainError::Compute(ModelError::Tensor {
+            tensor: name.clone(),
+            detail: "trainable but out of the parameters' order".into(),
+        })),
     }
 }
 

@@ -44,6 +44,7 @@ fn f32_and_bf16_round_trip() {
             let expected: Vec<f32> = match dtype {
                 WeightDtype::F32 => a.value.clone(),
                 WeightDtype::Bf16 => a.value.iter().map(|&v| bf16::from_f32(v).to_f32()).collect(),
+                WeightDtype::Fp8 => unreachable!("FP8 export is tested in tests/shard.rs"),
             };
             assert_eq!(b.value, expected, "{}", a.name);
         }

@@ -504,7 +504,7 @@ async fn heartbeat_loop(
             }
             command = inbound.message() => match command {
                 Ok(Some(command)) => {
-                    let ack = Ack { command_id: command.command_id, error: String::new() };
+                    let ack = Ack { command_id: command.command_id, ..Ack::default() };
                     if tx.try_send(WorkerMessage { body: Some(worker_message::Body::Ack(ack)) }).is_err() {
                         break "the request stream is full or closed".to_string();
                     }

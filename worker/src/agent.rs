@@ -12,20 +12,49 @@
 //! 2. **Hold the session.** Open the bidirectional `Session` stream, `SessionOpen` first,
 //!    then heartbeat at the interval the `Registration` gave while executing commands:
 //!    - `Assignment`: parse and check the run TOML (a bad one is refused at once with an
-//!      `Ack` naming the field, plus a `WorkerError`), then start the job on its own task,
-//!      which builds the trainer, rendezvouses the data plane with the peers' addresses
-//!      under the assignment's `data_plane_session`, and only then acknowledges.
+//!      `Ack` naming the field, plus a `WorkerError`; so is a `resume` past the run's
+//!      `steps`), then start the job on its own task, which builds the trainer, restores
+//!      the checkpoint in `resume` if there is one (below), rendezvouses the data plane
+//!      with the peers' addresses under the assignment's `data_plane_session`, and only
+//!      then acknowledges.
+//!    - **Resume.** `Assignment.resume` names a committed checkpoint: its directory, its
+//!      step and every shard with its size and CRC-32. The job opens them all
+//!      ([`flotilla_model::shard::CheckpointReader`], which checks sizes and checksums
+//!      and assembles tensors by their global names, so any layout reads what any other
+//!      wrote), checks the model and the seed, and loads what this rank holds
+//!      (`Trainer::restore`, [`PipelineTrainer::restore`]); the steps then continue at
+//!      `resume.step + 1` (at `resume.step = steps` only the final save is left). A
+//!      checkpoint that cannot be loaded refuses the assignment: the `Ack`'s `error`
+//!      names the directory and the shard or tensor, and `bad_checkpoint` the directory
+//!      (the coordinator then falls back to the checkpoint before it), plus a
+//!      `WorkerError`. Rank 0 keeps the records of steps up to `resume.step` in
+//!      `metrics.jsonl` (a torn last line and the lost steps' records are dropped) and
+//!      appends after them.
 //!    - `RunSteps`: handed to the job, which acknowledges, runs the steps with
-//!      [`crate::dp::data_parallel_step_timed`] and reports each in a `StepReport`; rank 0
-//!      appends each step's record to `output_dir/metrics.jsonl` (the format of `flotilla
-//!      train`) and, after the run's last step, saves the weights there; then every rank
-//!      sends `JobFinished`.
+//!      [`crate::dp::data_parallel_step_timed`] (or [`PipelineTrainer::run_step`]) and
+//!      reports each in a `StepReport`; rank 0 appends each step's record to
+//!      `output_dir/metrics.jsonl` (the format of `flotilla train`) and, after the run's
+//!      last step, saves the weights there; then every rank sends `JobFinished`.
+//!    - **Checkpoints.** With `Assignment.checkpoint_root` set, after every step `s` that
+//!      the run's `[checkpoint]` table makes due, the job copies this rank's shard of the
+//!      state (`Trainer::snapshot(rank, world)`, [`PipelineTrainer::snapshot`]: the
+//!      ZeRO-1 parts' values and moments, named by global tensor names) on its blocking
+//!      section, and hands the copy to a `checkpoint-writer` thread, which writes it to
+//!      `checkpoint_root/step-{s:08}/` (temporary file, fsync, rename, fsync of the
+//!      directory) and reports a `CheckpointShard` with the file's name, size and CRC-32
+//!      and the seconds of the copy and of the write. Training goes on meanwhile: only
+//!      the copy is on the step's critical path. At most one write is in flight per job;
+//!      a step whose checkpoint is due first waits for the previous write (normally done
+//!      long before; the wait is then part of that step). A failed write is reported in
+//!      the `CheckpointShard`'s `error` and does not fail the job (the coordinator just
+//!      does not commit that checkpoint).
 //!    - `Abort`: aborts the job's communicator at once (so a collective waiting on this
 //!      rank, here or at a peer, returns), stops the job, and acknowledges once it stopped.
 //!    - `Shutdown`: acknowledges, stops any job, closes the session and returns `Ok`.
 //! 3. **Lose the session** (the stream breaks or ends, the coordinator stops reading): any
-//!    running job is aborted locally — resuming it is the checkpoint issue's — and the
-//!    worker goes back to step 1 and registers again, with the same data-plane address.
+//!    running job is aborted locally (the coordinator resumes it from its last committed
+//!    checkpoint, with a new assignment) and the worker goes back to step 1 and registers
+//!    again, with the same data-plane address.
 //!
 //! # Invariants
 //!
@@ -35,6 +64,11 @@
 //! - **Every task is owned.** The job task's handle lives in the session; every path out
 //!   of a session (shutdown, loss, abort) cancels the job, aborts its communicator and
 //!   awaits the task before going on. The gRPC connection's own tasks end with the channel.
+//!   The job task owns its checkpoint writer thread and joins it on every way out of the
+//!   job (finished, aborted, failed), so a rank's last `CheckpointShard` always precedes
+//!   its `JobFinished` or `WorkerError`, and no write outlives its job.
+//! - **A checkpoint shard is reported once durable,** never before: the coordinator may
+//!   commit the checkpoint on it. A resume restores all of a rank's state or none of it.
 //! - **Heartbeats keep flowing during a step.** Training runs on the job task, whose compute
 //!   sits in `block_in_place` (see [`crate::dp`]), so the session loop stays responsive.
 //!   That needs tokio's multi-threaded runtime; `run_worker` refuses the current-thread one.
@@ -47,7 +81,8 @@
 //!   port; then the worker binds a fresh port and registers again).
 //!
 //! Steps are 1-based as in `metrics.jsonl`: `RunSteps { first_step, count }` runs steps
-//! `first_step .. first_step + count`, and `first_step` must be the trainer's next step.
+//! `first_step .. first_step + count`, and `first_step` must be the trainer's next step
+//! (after a resume, `resume.step + 1`).
 
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
@@ -57,14 +92,16 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use flotilla_model::checkpoint::WeightDtype;
 use flotilla_model::config::ModelConfig;
+use flotilla_model::shard::{self, CheckpointReader, Snapshot, step_dir, write_shard};
 use flotilla_model::train::{StepRecord, TrainConfig, Trainer};
 use flotilla_proto::PROTOCOL_VERSION;
 use flotilla_proto::v1::coordinator_message::Body as Command;
 use flotilla_proto::v1::coordinator_service_client::CoordinatorServiceClient;
 use flotilla_proto::v1::worker_message::Body as Report;
 use flotilla_proto::v1::{
-    Abort, Ack, Assignment, CoordinatorMessage, Device, Heartbeat, JobFinished, LayerLoad, Registration,
-    RunSteps, SessionOpen, StepReport, WorkerError as WorkerErrorMsg, WorkerInfo, WorkerMessage,
+    Abort, Ack, Assignment, CheckpointShard, CoordinatorMessage, Device, Heartbeat, JobFinished, LayerLoad,
+    Registration, ResumeFrom, RunSteps, SessionOpen, StepReport, WorkerError as WorkerErrorMsg, WorkerInfo,
+    WorkerMessage,
 };
 use tokio::sync::mpsc;
 use tokio::task::{JoinError, JoinHandle};
@@ -78,6 +115,10 @@ use tracing::{debug, info, warn};
 use crate::comm::{AbortHandle, CommError, Communicator, TcpCommunicator, TcpOptions, TcpRendezvous};
 use crate::dp::{self, TimedStep};
 use crate::pipeline::{PipelinePlan, PipelineStep, PipelineTrainer};
+
+/// The file whose presence in a checkpoint's directory is its commit (the coordinator's
+/// `checkpoint::MANIFEST_FILE`; the worker does not depend on the coordinator crate).
+const COMMITTED_MANIFEST: &str = "manifest.json";
 
 /// How a worker finds the coordinator and presents itself.
 #[derive(Clone, Debug)]
@@ -414,7 +455,12 @@ fn message(body: Report) -> WorkerMessage {
 }
 
 fn ack(command_id: u64, error: impl Into<String>) -> WorkerMessage {
-    message(Report::Ack(Ack { command_id, error: error.into() }))
+    message(Report::Ack(Ack { command_id, error: error.into(), bad_checkpoint: String::new() }))
+}
+
+/// Refuses an assignment because the checkpoint in `dir` cannot be loaded.
+fn ack_bad_checkpoint(command_id: u64, error: impl Into<String>, dir: impl Into<String>) -> WorkerMessage {
+    message(Report::Ack(Ack { command_id, error: error.into(), bad_checkpoint: dir.into() }))
 }
 
 fn worker_error(job_id: &str, step: u64, text: impl Into<String>) -> WorkerMessage {
@@ -694,6 +740,7 @@ impl<'a> Session<'a> {
             events: self.events_tx.clone(),
             rendezvous_timeout: self.options.rendezvous_timeout,
             memory_bytes: self.options.memory_bytes,
+            writer: None,
         };
         info!(job = %assignment.job_id, rank = assignment.dp_rank, world = assignment.dp_size, "assignment accepted");
         let task = tokio::spawn(job.run());
@@ -774,6 +821,11 @@ struct JobPlan {
     output_dir: Option<PathBuf>,
     /// Pipeline/expert-parallel jobs: this rank's stages, shard and instruction stream.
     pipeline: Option<PipelinePlan>,
+    /// Where this rank writes its checkpoint shards (`step-{s:08}/` below it); `None`:
+    /// the job takes no checkpoints.
+    checkpoint_root: Option<PathBuf>,
+    /// The committed checkpoint to restore before acknowledging.
+    resume: Option<ResumeFrom>,
 }
 
 impl JobPlan {
@@ -839,6 +891,22 @@ impl JobPlan {
             }
         };
         let output_dir = (!a.output_dir.is_empty()).then(|| PathBuf::from(&a.output_dir));
+        let checkpoint_root = (!a.checkpoint_root.is_empty()).then(|| PathBuf::from(&a.checkpoint_root));
+        if let Some(resume) = &a.resume {
+            if resume.dir.is_empty() {
+                return Err("resume.dir is empty: the checkpoint to resume from has no directory".into());
+            }
+            if resume.shards.is_empty() {
+                return Err(format!("resume.shards is empty: checkpoint {} lists no shard", resume.dir));
+            }
+            // At `steps` exactly, nothing is left to run but saving and finishing.
+            if resume.step > config.steps {
+                return Err(format!(
+                    "cannot resume from checkpoint {} at step {}: the run has only `steps` = {}",
+                    resume.dir, resume.step, config.steps
+                ));
+            }
+        }
         Ok(JobPlan {
             job_id: a.job_id.clone(),
             rank,
@@ -849,6 +917,8 @@ impl JobPlan {
             model,
             output_dir,
             pipeline,
+            checkpoint_root,
+            resume: a.resume.clone(),
         })
     }
 }
@@ -865,6 +935,15 @@ struct Job {
     events: mpsc::UnboundedSender<JobEvent>,
     rendezvous_timeout: Duration,
     memory_bytes: Option<u64>,
+    /// The checkpoint write in flight, if any: at most one per job, joined before the next
+    /// starts and on every way out of the job.
+    writer: Option<Writer>,
+}
+
+/// A background write of this rank's checkpoint shard.
+struct Writer {
+    step: u64,
+    thread: std::thread::JoinHandle<()>,
 }
 
 /// What a job trains with: the whole model data-parallel, or this rank's pipeline stages.
@@ -881,11 +960,46 @@ impl Training {
         }
     }
 
-    fn steps(&self) -> u64 {
+    fn config(&self) -> &TrainConfig {
         match self {
-            Training::DataParallel(t) => t.config.steps,
-            Training::Pipeline(t) => t.config.steps,
+            Training::DataParallel(t) => &t.config,
+            Training::Pipeline(t) => &t.config,
         }
+    }
+
+    fn steps(&self) -> u64 {
+        self.config().steps
+    }
+
+    /// This rank's shard of a checkpoint of the current state (a copy).
+    fn snapshot(&self, rank: usize, world: usize) -> Snapshot {
+        match self {
+            Training::DataParallel(t) => t.snapshot(rank, world),
+            Training::Pipeline(t) => t.snapshot(),
+        }
+    }
+
+    /// Loads the committed checkpoint `resume`: every shard's size and checksum checked,
+    /// the model and seed checked, then the state this rank holds (all or nothing).
+    /// Blocking. The error names the checkpoint's directory, and the shard or the tensor.
+    fn restore(&mut self, resume: &ResumeFrom) -> Result<(), String> {
+        let shards: Vec<shard::ShardFile> = resume
+            .shards
+            .iter()
+            .map(|s| shard::ShardFile { file: s.file.clone(), bytes: s.bytes, crc32: s.crc32 })
+            .collect();
+        let restored = (|| {
+            let reader =
+                CheckpointReader::open(Path::new(&resume.dir), &shards).map_err(|e| e.to_string())?;
+            if reader.step() != resume.step {
+                return Err(format!("its shards hold step {}, not step {}", reader.step(), resume.step));
+            }
+            match self {
+                Training::DataParallel(t) => t.restore(&reader).map_err(|e| e.to_string()),
+                Training::Pipeline(t) => t.restore(&reader),
+            }
+        })();
+        restored.map_err(|e| format!("restoring checkpoint {} (step {}): {e}", resume.dir, resume.step))
     }
 }
 
@@ -895,6 +1009,9 @@ enum Stop {
     Aborted,
     /// Failed: reported as a `WorkerError` at this step.
     Failed { step: u64, reason: String },
+    /// The checkpoint to resume from cannot be loaded: the assignment is refused with an
+    /// `Ack` naming the checkpoint's directory in `bad_checkpoint` (and a `WorkerError`).
+    BadCheckpoint { dir: String, reason: String },
 }
 
 impl Job {
@@ -917,10 +1034,24 @@ impl Job {
                 self.send(worker_error(&job_id, 0, reason));
                 return;
             }
+            Err(Stop::BadCheckpoint { dir, reason }) => {
+                warn!(job = %job_id, checkpoint = %dir, %reason, "assignment refused: bad checkpoint");
+                self.send(ack_bad_checkpoint(ack_id, reason.clone(), dir));
+                self.send(worker_error(&job_id, 0, reason));
+                return;
+            }
         };
         self.send(ack(ack_id, ""));
         let mut metrics = metrics;
-        match self.serve(&mut trainer, &comm, &mut metrics).await {
+        let served = self.serve(&mut trainer, &comm, &mut metrics).await;
+        if let Err(Stop::Failed { reason, .. }) = &served {
+            // Peers learn of the failure before this rank waits for its checkpoint write.
+            comm.abort(&format!("rank {} failed: {reason}", self.plan.rank));
+        }
+        // Every way out joins the checkpoint writer, so that its report comes before the
+        // job's last word (`JobFinished` or `WorkerError`) and nothing outlives the task.
+        self.join_writer();
+        match served {
             Ok(()) => {
                 // Flush and say goodbye first, so that the task ends right after
                 // `JobFinished` and the next assignment finds the worker free; unless told
@@ -938,10 +1069,99 @@ impl Job {
             Err(Stop::Aborted) => info!(job = %job_id, "job aborted"),
             Err(Stop::Failed { step, reason }) => {
                 warn!(job = %job_id, step, %reason, "job failed");
-                comm.abort(&format!("rank {} failed: {reason}", self.plan.rank));
                 self.send(worker_error(&job_id, step, reason));
             }
+            // Only `start` refuses a checkpoint.
+            Err(Stop::BadCheckpoint { reason, .. }) => {
+                comm.abort(&format!("rank {} failed: {reason}", self.plan.rank));
+                self.send(worker_error(&job_id, 0, reason));
+            }
         }
+    }
+
+    /// After step `step`: if a checkpoint is due, waits for the previous write (if still
+    /// running: that wait is part of this step), copies this rank's shard of the state on
+    /// this thread (the step's only checkpoint cost, `snapshot_seconds`) and hands it to a
+    /// `checkpoint-writer` thread, which writes it under `step_dir(root, step)` and reports
+    /// a `CheckpointShard` (with `error` set if the write failed: the job goes on, and the
+    /// coordinator does not commit that checkpoint).
+    fn checkpoint(&mut self, trainer: &Training, step: u64) {
+        let Some(root) = self.plan.checkpoint_root.clone() else { return };
+        if !trainer.config().checkpoint.due(step) {
+            return;
+        }
+        // Committed already (this run passes the step again after resuming from an older
+        // checkpoint): training is deterministic, so it holds exactly this state, and
+        // rewriting its shards under its manifest would only risk it.
+        if flotilla_model::shard::step_dir(&root, step).join(COMMITTED_MANIFEST).exists() {
+            return;
+        }
+        let waited = self.join_writer();
+        if waited > Duration::from_millis(10) {
+            info!(
+                job = %self.plan.job_id,
+                step,
+                waited_s = waited.as_secs_f64(),
+                "waited for the previous checkpoint write"
+            );
+        }
+        let started = std::time::Instant::now();
+        let (rank, world) = (self.plan.rank, self.plan.world);
+        let snapshot = dp::run_blocking(|| trainer.snapshot(rank, world));
+        let snapshot_seconds = started.elapsed().as_secs_f64();
+        let events = self.events.clone();
+        let job_id = self.plan.job_id.clone();
+        let spawned = std::thread::Builder::new().name("checkpoint-writer".into()).spawn(move || {
+            let started = std::time::Instant::now();
+            let written = write_checkpoint(&root, step, &snapshot);
+            drop(snapshot);
+            let mut report = CheckpointShard {
+                job_id,
+                step,
+                snapshot_seconds,
+                write_seconds: started.elapsed().as_secs_f64(),
+                ..CheckpointShard::default()
+            };
+            match written {
+                Ok(file) => {
+                    report.file = file.file;
+                    report.bytes = file.bytes;
+                    report.crc32 = file.crc32;
+                }
+                Err(error) => {
+                    warn!(job = %report.job_id, step, %error, "checkpoint shard not written");
+                    report.error = error;
+                }
+            }
+            // The session outlives its job tasks; if it is gone, so is the stream.
+            let _ = events.send(JobEvent::Send(message(Report::CheckpointShard(report))));
+        });
+        match spawned {
+            Ok(thread) => self.writer = Some(Writer { step, thread }),
+            Err(err) => self.send(message(Report::CheckpointShard(CheckpointShard {
+                job_id: self.plan.job_id.clone(),
+                step,
+                snapshot_seconds,
+                error: format!("starting the checkpoint writer: {err}"),
+                ..CheckpointShard::default()
+            }))),
+        }
+    }
+
+    /// Waits for the checkpoint write in flight, if any; returns how long it waited. A
+    /// writer that panicked has not reported: its failure is reported for it.
+    fn join_writer(&mut self) -> Duration {
+        let Some(writer) = self.writer.take() else { return Duration::ZERO };
+        let started = std::time::Instant::now();
+        if dp::run_blocking(|| writer.thread.join()).is_err() {
+            self.send(message(Report::CheckpointShard(CheckpointShard {
+                job_id: self.plan.job_id.clone(),
+                step: writer.step,
+                error: "the checkpoint writer panicked".into(),
+                ..CheckpointShard::default()
+            })));
+        }
+        started.elapsed()
     }
 
     /// Builds the trainer, rendezvouses the data plane and opens the metrics file.
@@ -962,6 +1182,12 @@ impl Job {
                 Training::Pipeline(Box::new(trainer))
             }
         };
+        let mut trainer = trainer;
+        if let Some(resume) = &self.plan.resume {
+            dp::run_blocking(|| trainer.restore(resume))
+                .map_err(|reason| Stop::BadCheckpoint { dir: resume.dir.clone(), reason })?;
+            info!(job = %self.plan.job_id, checkpoint = %resume.dir, step = resume.step, "checkpoint restored");
+        }
         if self.cancel.is_cancelled() {
             return Err(Stop::Aborted);
         }
@@ -989,7 +1215,13 @@ impl Job {
         };
         let _ = self.events.send(JobEvent::DataPlane(comm.abort_handle()));
         let metrics = match (&self.plan.output_dir, self.plan.rank) {
-            (Some(dir), 0) => Some(Metrics::create(dir).map_err(failed)?),
+            (Some(dir), 0) => Some(
+                match &self.plan.resume {
+                    Some(resume) => Metrics::resume(dir, resume.step),
+                    None => Metrics::create(dir),
+                }
+                .map_err(failed)?,
+            ),
             _ => None,
         };
         Ok((trainer, comm, metrics))
@@ -1052,6 +1284,7 @@ impl Job {
                     m.append(&report.0).map_err(|reason| Stop::Failed { step, reason })?;
                 }
                 self.send(report.1);
+                self.checkpoint(trainer, step);
             }
         }
         let step = trainer.step();
@@ -1070,6 +1303,13 @@ impl Job {
         }
         Ok(())
     }
+}
+
+/// Writes `snapshot` as this rank's shard of the checkpoint at `step` under `root`.
+fn write_checkpoint(root: &Path, step: u64, snapshot: &Snapshot) -> Result<shard::ShardFile, String> {
+    let dir = step_dir(root, step);
+    std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    write_shard(&dir, snapshot).map_err(|e| format!("writing a shard to {}: {e}", dir.display()))
 }
 
 async fn resolve(addr: &str) -> Result<SocketAddr, String> {
@@ -1178,6 +1418,38 @@ impl Metrics {
         std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
         let path = dir.join("metrics.jsonl");
         let file = std::fs::File::create(&path).map_err(|e| format!("creating {}: {e}", path.display()))?;
+        Ok(Metrics { path, file: std::io::BufWriter::new(file) })
+    }
+
+    /// Continues a resumed run's file: keeps the records of steps up to `step` (the
+    /// checkpoint's), drops later ones (the lost steps, run again) and any line that is
+    /// not a whole record (a torn last line), and appends after them. The kept lines go to
+    /// a temporary file renamed over the old one, so a crash leaves one or the other.
+    fn resume(dir: &Path, step: u64) -> Result<Metrics, String> {
+        use std::io::Write;
+        std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        let path = dir.join("metrics.jsonl");
+        let old = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(format!("reading {}: {e}", path.display())),
+        };
+        let mut kept = Vec::with_capacity(old.len());
+        for line in old.split(|&b| b == b'\n') {
+            if serde_json::from_slice::<StepRecord>(line).is_ok_and(|r| r.step <= step) {
+                kept.extend_from_slice(line);
+                kept.push(b'\n');
+            }
+        }
+        let tmp = dir.join("metrics.jsonl.tmp");
+        let written = std::fs::File::create(&tmp)
+            .and_then(|mut f| f.write_all(&kept).and_then(|()| f.sync_all()))
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        written.map_err(|e| format!("rewriting {}: {e}", path.display()))?;
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(|e| format!("opening {}: {e}", path.display()))?;
         Ok(Metrics { path, file: std::io::BufWriter::new(file) })
     }
 

@@ -12,9 +12,12 @@
 //!   the same optimizer step, bit for bit.
 //! - [`agent`], the worker actor: registers with the coordinator over gRPC (retrying with
 //!   backoff), holds the session (heartbeats, commands, step reports), runs assigned jobs
-//!   with [`dp`], and reconnects when the coordinator goes away.
-//!
-//! The model stages and the pipeline executor arrive with the pipeline.
+//!   with [`dp`] or [`pipeline`], writes their checkpoint shards in the background and
+//!   resumes jobs from committed checkpoints, and reconnects when the coordinator goes
+//!   away.
+//! - [`pipeline`], pipeline- and expert-parallel training on one rank (the stages it
+//!   hosts, the executor of its instruction stream, ZeRO-1, its checkpoint shard), and
+//!   [`expert_exchange`], the MoE all-to-all over the data plane.
 
 pub mod agent;
 pub mod comm;

@@ -45,6 +45,18 @@
 //!    all-gathers the updated values. Element-wise AdamW makes this bit-identical to every
 //!    member updating everything.
 //!
+//! # Checkpoints
+//! [`PipelineTrainer::snapshot`] copies what this rank alone knows plus its share of what
+//! it knows with others: for every holder group, the values and the BF16 moments of its
+//! ZeRO-1 part (the values are current on every member after the all-gather, so the part
+//! is as good as any), cut at tensor boundaries into pieces named by the tensors' global
+//! names and start elements; and the selection biases whole, by their first holder. Over
+//! the job's ranks the pieces cover every element of the model once, so the shards
+//! together are the whole state, in a form any layout can read
+//! ([`flotilla_model::shard::CheckpointReader`] assembles whole tensors by name).
+//! [`PipelineTrainer::restore`] reads every held tensor and this member's part of each
+//! group's moments from such a checkpoint, whatever layout wrote it.
+//!
 //! # Determinism
 //! Every sum runs in an order fixed by the layout (the ring all-reduce over a group sums
 //! in the group's rank order; the MoE combine adds experts in index order), so a layout
@@ -52,6 +64,7 @@
 //! results differ by rounding only (micro-batches' gradients are summed in another order).
 
 use std::collections::{BTreeMap, HashMap};
+use std::ops::Range;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -61,6 +74,7 @@ use flotilla_model::config::ModelConfig;
 use flotilla_model::data::Sampler;
 use flotilla_model::moe::ExpertShard;
 use flotilla_model::pipeline::{ChunkCache, ChunkStats, ChunkWeightGrads, RankModel, StageLayout};
+use flotilla_model::shard::{CheckpointReader, Piece, PieceData, PieceKind, ShardHeader, Snapshot};
 use flotilla_model::train::{StepRecord, TrainConfig, step_record};
 use flotilla_proto::v1::{ExecutedOp, PipelineAssignment, ScheduledOp, scheduled_op::Kind as OpKind};
 use tokio::runtime::Handle;
@@ -528,6 +542,12 @@ pub struct PipelineTrainer {
     pub plan: PipelinePlan,
     sampler: Sampler,
     groups: Vec<HolderGroup>,
+    /// `trainable_at[i]`: the index in `RankModel::params` of trainable tensor `i`
+    /// (`RankModel::trainable_params_mut` order).
+    trainable_at: Vec<usize>,
+    /// Indices in `RankModel::params` of the untrainable tensors (selection biases) this
+    /// rank is the first holder of.
+    untrainable_first: Vec<usize>,
     /// `(HF layer, n_routed)` of every MoE layer of the model, in the statistics' order.
     moe_layers: Vec<usize>,
     threads: usize,
@@ -757,6 +777,37 @@ impl PipelineTrainer {
             });
         }
         groups.sort_by_key(|g| g.id);
+        // Both lists are in the model's order, the trainable one without selection biases.
+        let trainable_at = {
+            let names: Vec<String> = model.trainable_params_mut().iter().map(|p| p.name.clone()).collect();
+            let all = model.params();
+            let mut at = Vec::with_capacity(names.len());
+            let mut next = 0;
+            for name in &names {
+                let j = (next..all.len())
+                    .find(|&j| all[j].name == *name)
+                    .ok_or_else(|| format!("the trainable tensor {name} is not among the held ones"))?;
+                at.push(j);
+                next = j + 1;
+            }
+            at
+        };
+        // The tensors no optimizer updates (selection biases) that this rank is the first
+        // holder of: what it writes of them to a checkpoint.
+        let untrainable_first = {
+            let all = model.params();
+            let mut out = Vec::new();
+            for (j, p) in all.iter().enumerate() {
+                if trainable_at.binary_search(&j).is_ok() {
+                    continue;
+                }
+                let members = HolderKey::of(&p.name, &plan, model_config)?.members(&plan, model_config);
+                if members.first() == Some(&plan.rank) {
+                    out.push(j);
+                }
+            }
+            out
+        };
 
         let mut moe_layers: Vec<usize> =
             (0..model_config.num_hidden_layers).filter(|&l| model_config.is_moe_layer(l)).collect();
@@ -767,7 +818,18 @@ impl PipelineTrainer {
         let threads = config
             .threads
             .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
-        Ok(PipelineTrainer { config, model, plan, sampler, groups, moe_layers, threads, step: 0 })
+        Ok(PipelineTrainer {
+            config,
+            model,
+            plan,
+            sampler,
+            groups,
+            trainable_at,
+            untrainable_first,
+            moe_layers,
+            threads,
+            step: 0,
+        })
     }
 
     /// Steps taken.
@@ -1259,6 +1321,156 @@ impl PipelineTrainer {
         }
         Ok(())
     }
+}
+
+impl PipelineTrainer {
+    /// This rank's shard of a checkpoint of the state after step [`PipelineTrainer::step`]
+    /// (see *Checkpoints* in the module docs): for every holder group, the values and the
+    /// AdamW moments of this member's ZeRO-1 part, cut at tensor boundaries into pieces
+    /// named by the tensors' global names; and, whole, the untrainable tensors (selection
+    /// biases) this rank is the first holder of. Across the job's ranks the pieces cover
+    /// every element of the model exactly once. A copy: training may go on while it is
+    /// written.
+    pub fn snapshot(&self) -> Snapshot {
+        let params = self.model.params();
+        let rank = self.plan.rank;
+        let mut pieces = Vec::new();
+        for g in &self.groups {
+            let index = g.members.iter().position(|&r| r == rank).expect("a member of its own groups");
+            let part = chunk_range(g.len, g.members.len(), index);
+            let mut offset = 0;
+            for &i in &g.params {
+                let p = params[self.trainable_at[i]];
+                let range = offset..offset + p.len();
+                offset = range.end;
+                let Some((tensor, moments)) = overlap(&range, &part) else { continue };
+                let piece = |kind, data| Piece {
+                    name: p.name.clone(),
+                    kind,
+                    start: tensor.start,
+                    shape: p.shape.clone(),
+                    data,
+                };
+                pieces.push(piece(PieceKind::Value, PieceData::F32(p.value[tensor.clone()].to_vec())));
+                pieces.push(piece(PieceKind::ExpAvg, PieceData::Bf16(g.m[moments.clone()].to_vec())));
+                pieces.push(piece(PieceKind::ExpAvgSq, PieceData::Bf16(g.v[moments].to_vec())));
+            }
+        }
+        for &j in &self.untrainable_first {
+            let p = params[j];
+            pieces.push(Piece {
+                name: p.name.clone(),
+                kind: PieceKind::Value,
+                start: 0,
+                shape: p.shape.clone(),
+                data: PieceData::F32(p.value.clone()),
+            });
+        }
+        Snapshot {
+            header: ShardHeader {
+                step: self.step,
+                rank: rank as u32,
+                world: self.plan.coordinates.len() as u32,
+                seed: self.config.seed,
+                model: self.model.config().clone(),
+            },
+            pieces,
+        }
+    }
+
+    /// Loads a checkpoint written by any layout (a pipeline job's ranks or single-process
+    /// [`flotilla_model::train::Trainer::snapshot`]s): the model must be this one's and its
+    /// seed the run's `seed`; then every held tensor's value and, for every holder group,
+    /// this member's part of the AdamW moments, and the step. All or nothing: everything is
+    /// read and checked before anything is assigned, so on an error the trainer is as it
+    /// was.
+    pub fn restore(&mut self, reader: &CheckpointReader) -> Result<(), String> {
+        reader.check_model(self.model.config()).map_err(|e| e.to_string())?;
+        if reader.seed() != self.config.seed {
+            return Err(format!(
+                "the checkpoint was trained with seed {}, the run's `seed` is {}",
+                reader.seed(),
+                self.config.seed
+            ));
+        }
+        let biases: std::collections::HashSet<String> = self
+            .model
+            .moe_layers_mut()
+            .into_iter()
+            .map(|(_, moe)| moe.e_score_correction_bias.name.clone())
+            .collect();
+        let params = self.model.params();
+        let mut values = Vec::with_capacity(params.len());
+        let mut index_of = HashMap::with_capacity(params.len());
+        for (j, p) in params.iter().enumerate() {
+            if self.trainable_at.binary_search(&j).is_err() && !biases.contains(&p.name) {
+                return Err(format!(
+                    "{} is neither trained nor a selection bias: it cannot be restored",
+                    p.name
+                ));
+            }
+            if let Some(shape) = reader.shape(&p.name).filter(|&shape| shape != p.shape.as_slice()) {
+                return Err(format!(
+                    "tensor `{}` has shape {shape:?} in the checkpoint, this rank holds it as {:?}",
+                    p.name, p.shape
+                ));
+            }
+            values.push(reader.values(&p.name, p.len()).map_err(|e| e.to_string())?);
+            index_of.insert(p.name.clone(), j);
+        }
+        let rank = self.plan.rank;
+        let mut moments = Vec::with_capacity(self.groups.len());
+        for g in &self.groups {
+            let index = g.members.iter().position(|&r| r == rank).expect("a member of its own groups");
+            let part = chunk_range(g.len, g.members.len(), index);
+            let (mut m, mut v) = (Vec::with_capacity(part.len()), Vec::with_capacity(part.len()));
+            let mut offset = 0;
+            for &i in &g.params {
+                let p = params[self.trainable_at[i]];
+                let range = offset..offset + p.len();
+                offset = range.end;
+                let Some((tensor, _)) = overlap(&range, &part) else { continue };
+                let (pm, pv) = reader.moments(&p.name, p.len()).map_err(|e| e.to_string())?;
+                if pm.len() != p.len() || pv.len() != p.len() {
+                    return Err(format!(
+                        "{}: the checkpoint's moments have {} and {} elements, the tensor {}",
+                        p.name,
+                        pm.len(),
+                        pv.len(),
+                        p.len()
+                    ));
+                }
+                m.extend_from_slice(&pm[tensor.clone()]);
+                v.extend_from_slice(&pv[tensor]);
+            }
+            moments.push((m, v));
+        }
+        drop(params);
+
+        // Everything read: assign.
+        for (i, p) in self.model.trainable_params_mut().into_iter().enumerate() {
+            p.value = std::mem::take(&mut values[self.trainable_at[i]]);
+        }
+        for (_, moe) in self.model.moe_layers_mut() {
+            let bias = &mut moe.e_score_correction_bias;
+            if let Some(&j) = index_of.get(&bias.name) {
+                bias.value = std::mem::take(&mut values[j]);
+            }
+        }
+        for (g, (m, v)) in self.groups.iter_mut().zip(moments) {
+            g.m = m;
+            g.v = v;
+        }
+        self.step = reader.step();
+        Ok(())
+    }
+}
+
+/// Where the tensor at `range` of a holder group's flattened tensors meets the part
+/// `part`: the overlap as a range of the tensor's elements and as a range of the part's.
+fn overlap(range: &Range<usize>, part: &Range<usize>) -> Option<(Range<usize>, Range<usize>)> {
+    let (lo, hi) = (range.start.max(part.start), range.end.min(part.end));
+    (lo < hi).then(|| (lo - range.start..hi - range.start, lo - part.start..hi - part.start))
 }
 
 /// Tag of the tensors sent to rank 0 when a pipeline job saves its weights.

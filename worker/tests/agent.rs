@@ -21,8 +21,8 @@ use flotilla_proto::v1::coordinator_message::Body as Command;
 use flotilla_proto::v1::coordinator_service_server::{CoordinatorService, CoordinatorServiceServer};
 use flotilla_proto::v1::worker_message::Body as Report;
 use flotilla_proto::v1::{
-    Abort, Ack, Assignment, CoordinatorMessage, Peer, Registration, RunSteps, Shutdown, StepReport,
-    WorkerInfo, WorkerMessage,
+    Abort, Ack, Assignment, CheckpointShard, CoordinatorMessage, Peer, Registration, ResumeFrom, RunSteps,
+    ShardFile, Shutdown, StepReport, WorkerInfo, WorkerMessage,
 };
 use flotilla_worker::agent::{AgentError, WorkerOptions, run_worker};
 use flotilla_worker::comm::{Communicator, TcpOptions, TcpRendezvous};
@@ -261,6 +261,8 @@ fn assignment(job: &str, rank: u32, peers: &[&str], toml: String, output_dir: &s
         output_dir: output_dir.into(),
         data_plane_session: session,
         pipeline: None,
+        checkpoint_root: String::new(),
+        resume: None,
     })
 }
 
@@ -770,6 +772,141 @@ async fn a_lost_coordinator_aborts_the_running_job_and_the_worker_comes_back() {
     let id = session.command(run_steps("job-y", 1, 1));
     assert_eq!(session.ack(id).await.error, "");
     reports_then_finished(&mut session, "job-y", 1).await;
+    token.cancel();
+    finished(task).await.expect("a clean exit");
+}
+
+/// Messages up to and including `JobFinished` (heartbeats skipped).
+async fn until_finished(session: &mut FakeSession) -> Vec<Report> {
+    let mut got = Vec::new();
+    loop {
+        let report = session.next().await;
+        let done = matches!(report, Report::Finished(_));
+        got.push(report);
+        if done {
+            return got;
+        }
+    }
+}
+
+/// The step reports and checkpoint shards among `reports`, each shard after its step's
+/// report, `JobFinished` last.
+fn steps_and_shards(reports: &[Report]) -> (Vec<StepReport>, Vec<CheckpointShard>) {
+    let (mut steps, mut shards) = (Vec::new(), Vec::new());
+    for report in reports {
+        match report {
+            Report::StepReport(r) => steps.push(r.clone()),
+            Report::CheckpointShard(c) => {
+                assert!(steps.iter().any(|r| r.step == c.step), "shard of step {} before its report", c.step);
+                shards.push(c.clone());
+            }
+            Report::Finished(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(matches!(reports.last(), Some(Report::Finished(_))), "JobFinished last");
+    (steps, shards)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_checkpoints_in_the_background_and_resumes_from_its_shards() {
+    let mut fake = Fake::start("127.0.0.1:0".parse().unwrap(), PROTOCOL_VERSION);
+    let (token, task) = spawn_worker(options(fake.url()));
+    let info = fake.registration().await;
+    let mut session = fake.opened_session().await;
+    let me = info.data_plane_address.as_str();
+    let tmp = tempfile::tempdir().expect("a temporary directory");
+    let (out, root) = (tmp.path().join("run"), tmp.path().join("checkpoints"));
+    let toml = format!("{}\n[checkpoint]\ninterval = 1\n", config(3));
+    let with_checkpoints = |job: &str, session: u64, resume: Option<ResumeFrom>| {
+        let mut command = assignment(job, 0, &[me], toml.clone(), out.to_str().unwrap(), session);
+        if let Command::Assignment(a) = &mut command {
+            a.checkpoint_root = root.to_str().unwrap().into();
+            a.resume = resume;
+        }
+        command
+    };
+
+    // Three steps, a checkpoint after each, every shard reported after its step's report
+    // and before JobFinished.
+    let id = session.command(with_checkpoints("job-1", 1, None));
+    assert_eq!(session.ack(id).await.error, "");
+    let id = session.command(run_steps("job-1", 1, 3));
+    assert_eq!(session.ack(id).await.error, "");
+    let (first, shards) = steps_and_shards(&until_finished(&mut session).await);
+    assert_eq!(first.len(), 3);
+    assert_eq!(shards.iter().map(|c| c.step).collect::<Vec<_>>(), [1, 2, 3]);
+    for c in &shards {
+        assert_eq!((c.job_id.as_str(), c.error.as_str()), ("job-1", ""));
+        assert!(c.snapshot_seconds >= 0.0 && c.write_seconds > 0.0, "{c:?}");
+        let path = root.join(format!("step-{:08}", c.step)).join(&c.file);
+        assert_eq!(std::fs::metadata(&path).expect("the shard is on disk").len(), c.bytes);
+    }
+
+    // A crash after step 3 left a torn line; the job resumes from the checkpoint of step 1.
+    let metrics = out.join("metrics.jsonl");
+    let mut text = std::fs::read_to_string(&metrics).expect("metrics.jsonl");
+    assert_eq!(text.lines().count(), 3);
+    text.push_str("{\"step\": 4, \"lo");
+    std::fs::write(&metrics, text).unwrap();
+    let checkpoint = |c: &CheckpointShard| ResumeFrom {
+        dir: root.join(format!("step-{:08}", c.step)).to_str().unwrap().into(),
+        step: c.step,
+        shards: vec![ShardFile { file: c.file.clone(), bytes: c.bytes, crc32: c.crc32 }],
+    };
+    let id = session.command(with_checkpoints("job-2", 2, Some(checkpoint(&shards[0]))));
+    assert_eq!(session.ack(id).await.error, "");
+    let id = session.command(run_steps("job-2", 1, 2));
+    assert!(session.ack(id).await.error.contains("next step is 2"), "steps go on after the checkpoint's");
+    let id = session.command(run_steps("job-2", 2, 2));
+    assert_eq!(session.ack(id).await.error, "");
+    let (again, shards_again) = steps_and_shards(&until_finished(&mut session).await);
+    assert_eq!(shards_again.iter().map(|c| c.step).collect::<Vec<_>>(), [2, 3]);
+    for (r, s) in again.iter().zip(&first[1..]) {
+        // One rank is one process, and the restore is exact: the same bits.
+        assert_eq!(
+            (r.step, r.loss.to_bits(), r.grad_norm.to_bits()),
+            (s.step, s.loss.to_bits(), s.grad_norm.to_bits())
+        );
+    }
+    let steps: Vec<u64> = std::fs::read_to_string(&metrics)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str::<StepRecord>(line).expect("whole records only").step)
+        .collect();
+    assert_eq!(steps, [1, 2, 3], "the records of step 1 kept, 2 and 3 written again, the torn line gone");
+
+    // (Job 2 wrote the checkpoints of steps 2 and 3 again: those are the current ones.)
+    // A shard failing its checksum refuses the assignment, naming the checkpoint.
+    let mut corrupt = checkpoint(&shards_again[0]);
+    corrupt.shards[0].crc32 ^= 1;
+    let dir = corrupt.dir.clone();
+    let id = session.command(with_checkpoints("job-3", 3, Some(corrupt)));
+    let refused = session.ack(id).await;
+    assert_eq!(refused.bad_checkpoint, dir);
+    assert!(
+        refused.error.contains(&dir) && refused.error.contains(&shards_again[0].file),
+        "{}",
+        refused.error
+    );
+    assert!(matches!(session.next().await, Report::Error(e) if e.job_id == "job-3"));
+
+    // A checkpoint past the run's steps is refused, but is not a bad checkpoint.
+    let mut beyond = checkpoint(&shards_again[1]);
+    beyond.step = 4;
+    let id = session.command(with_checkpoints("job-4", 4, Some(beyond)));
+    let refused = session.ack(id).await;
+    assert!(refused.error.contains("`steps` = 3") && refused.bad_checkpoint.is_empty(), "{refused:?}");
+    assert!(matches!(session.next().await, Report::Error(_)));
+
+    // At the run's last step, only the save is left.
+    let id = session.command(with_checkpoints("job-5", 5, Some(checkpoint(&shards_again[1]))));
+    assert_eq!(session.ack(id).await.error, "");
+    match session.next().await {
+        Report::Finished(done) => assert_eq!((done.job_id.as_str(), done.steps), ("job-5", 3)),
+        other => panic!("expected JobFinished, got {other:?}"),
+    }
+
     token.cancel();
     finished(task).await.expect("a clean exit");
 }

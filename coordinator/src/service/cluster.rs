@@ -104,6 +104,13 @@ pub(crate) enum ClusterMsg {
         /// A pipeline job's executed timelines, kept a while for `GetStepTimeline`.
         timelines: Option<JobTimelines>,
     },
+    /// A recovering job gives its workers back (declaring the `stuck` ones lost: they did
+    /// not confirm that they stopped its step) and asks for a crew again, ahead of every
+    /// queued job.
+    JobRecovering {
+        job_id: String,
+        stuck: Vec<(String, String)>,
+    },
     /// A step timeline: from the job actor while the job runs, from the ended jobs'
     /// timelines afterwards, `JobNotFound` when neither has it.
     StepTimeline {
@@ -285,15 +292,12 @@ pub(crate) async fn start<S: StateStore + Clone + 'static>(
         if record.state.is_terminal() {
             continue;
         }
-        // Only a pending job will start; the others are settled below. Its layout is placed
-        // again from its config (placement is not stored), under this coordinator's rules.
-        let placement: JobPlacement = if record.state == flotilla_proto::v1::JobState::Pending {
-            placement_of(&record.config_toml, record.workers)
-                .map(|p| p.map(Arc::new))
-                .map_err(|e| e.to_string())
-        } else {
-            Ok(None)
-        };
+        // Pending jobs start, and running ones recover (see `settle_after_restart`). The
+        // layout is placed again from the config (placement is not stored), under this
+        // coordinator's rules.
+        let placement: JobPlacement = placement_of(&record.config_toml, record.workers)
+            .map(|p| p.map(Arc::new))
+            .map_err(|e| e.to_string());
         let (handle, mut actor) =
             JobActor::new(store.clone(), record, revision, cluster.job_env(), placement);
         actor.settle_after_restart().await?;
@@ -378,6 +382,19 @@ impl<S: StateStore + Clone + 'static> Cluster<S> {
                     }
                 }
                 self.job_ended(&job_id);
+            }
+            ClusterMsg::JobRecovering { job_id, stuck } => {
+                for (worker_id, cause) in stuck {
+                    if self.workers.get(&worker_id).is_some_and(|w| w.job.as_deref() == Some(job_id.as_str()))
+                    {
+                        self.lose(&worker_id, cause);
+                    }
+                }
+                self.release_workers(&job_id);
+                if self.jobs.contains_key(&job_id) && !self.queue.contains(&job_id) {
+                    self.queue.push_front(job_id);
+                }
+                self.schedule();
             }
             ClusterMsg::StepTimeline { job_id, step, reply } => match self.jobs.get(&job_id) {
                 Some(job) => job.handle.send(JobControl::Timeline { step, reply }),
@@ -648,6 +665,12 @@ impl<S: StateStore + Clone + 'static> Cluster<S> {
             return;
         }
         self.queue.retain(|queued| queued != job_id);
+        self.release_workers(job_id);
+        self.schedule();
+    }
+
+    /// Frees the job's workers for scheduling.
+    fn release_workers(&mut self, job_id: &str) {
         for worker in self.workers.values_mut() {
             if worker.job.as_deref() == Some(job_id) {
                 worker.job = None;
@@ -656,7 +679,6 @@ impl<S: StateStore + Clone + 'static> Cluster<S> {
                 }
             }
         }
-        self.schedule();
     }
 
     fn job_task_done(&mut self, done: Result<(tokio::task::Id, ()), tokio::task::JoinError>) {

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flotilla_model::ModelConfig;
+use flotilla_model::train::{CheckpointConfig, RecoveryConfig};
 use flotilla_proto::v1::SubmitJobRequest;
 
 use super::ServiceError;
@@ -129,6 +130,59 @@ pub struct JobSpec {
     /// A pipeline/expert-parallel job's placement (from its `[parallel]` table); `None`
     /// for a plain data-parallel job.
     pub placement: Option<Arc<Placement>>,
+    /// A committed checkpoint's directory to start from (empty: none).
+    pub resume_from: String,
+}
+
+/// What a job does about checkpoints and failures: its config's `[checkpoint]` and
+/// `[recovery]` tables (defaults where absent).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct JobPolicy {
+    pub checkpoint: CheckpointConfig,
+    pub recovery: RecoveryConfig,
+}
+
+/// The `[checkpoint]` and `[recovery]` tables of a run's TOML, checked; the error names the
+/// field (`checkpoint.keep`, `recovery.step_timeout_s`, …).
+pub fn job_policy(config_toml: &str) -> Result<JobPolicy, ServiceError> {
+    let table: toml::Table = match config_toml.parse() {
+        Ok(table) => table,
+        Err(e) => return invalid("config_toml", format!("not valid TOML: {}", e.to_string().trim_end())),
+    };
+    policy_in(&table)
+}
+
+fn policy_in(table: &toml::Table) -> Result<JobPolicy, ServiceError> {
+    fn section<T: serde::de::DeserializeOwned + Default>(
+        table: &toml::Table,
+        key: &str,
+    ) -> Result<T, ServiceError> {
+        match table.get(key) {
+            None => Ok(T::default()),
+            Some(value) => value.clone().try_into().or_else(|e: toml::de::Error| {
+                invalid(key, format!("invalid [{key}] table: {}", e.message().trim_end()))
+            }),
+        }
+    }
+    let policy =
+        JobPolicy { checkpoint: section(table, "checkpoint")?, recovery: section(table, "recovery")? };
+    if policy.checkpoint.keep == 0 {
+        return invalid("checkpoint.keep", "must be at least 1".into());
+    }
+    let timeout = policy.recovery.step_timeout_s;
+    if !(timeout.is_finite() && (0.0..=1e7).contains(&timeout)) {
+        return invalid(
+            "recovery.step_timeout_s",
+            format!("must be between 0 and 1e7 seconds, got {timeout}"),
+        );
+    }
+    if policy.recovery.backoff_ms > 3_600_000 {
+        return invalid(
+            "recovery.backoff_ms",
+            format!("must be at most one hour (3600000), got {}", policy.recovery.backoff_ms),
+        );
+    }
+    Ok(policy)
 }
 
 fn invalid<T>(field: &str, reason: String) -> Result<T, ServiceError> {
@@ -194,6 +248,18 @@ pub fn validate_submit(request: &SubmitJobRequest) -> Result<JobSpec, ServiceErr
     let steps: u64 = required(positive(&table, "steps", "steps")?, "steps")?;
     let batch_size: u64 = required(positive(&table, "batch_size", "batch_size")?, "batch_size")?;
     let placement = placement_in(&table, request.workers)?;
+    policy_in(&table)?;
+    if !request.resume_from.is_empty() {
+        let dir = std::path::Path::new(&request.resume_from);
+        let manifest = crate::checkpoint::read_manifest(dir)
+            .or_else(|e| invalid("resume_from", format!("not a committed checkpoint: {e}")))?;
+        if manifest.step > steps {
+            return bad(
+                "resume_from",
+                format!("the checkpoint is at step {}, past the run's {steps} steps", manifest.step),
+            );
+        }
+    }
     if placement.is_none() && !batch_size.is_multiple_of(u64::from(request.workers)) {
         return bad(
             "batch_size",
@@ -207,6 +273,7 @@ pub fn validate_submit(request: &SubmitJobRequest) -> Result<JobSpec, ServiceErr
         output_dir: request.output_dir.clone(),
         steps,
         placement: placement.map(Arc::new),
+        resume_from: request.resume_from.clone(),
     })
 }
 
@@ -394,7 +461,7 @@ mod tests {
                 "steps = 2\nbatch_size = {batch_size}\nseq_len = 16\n{parallel}\n[model]\npreset = \"tiny\"\n"
             ),
             workers,
-            output_dir: String::new(),
+            ..SubmitJobRequest::default()
         }
     }
 

@@ -44,6 +44,7 @@ fn kind(message: &WorkerMessage) -> &'static str {
         Some(worker_message::Body::StepReport(_)) => "step_report",
         Some(worker_message::Body::Error(_)) => "error",
         Some(worker_message::Body::Finished(_)) => "finished",
+        Some(worker_message::Body::CheckpointShard(_)) => "checkpoint_shard",
     }
 }
 

@@ -1,27 +1,63 @@
 //! The job actor: one per active job, owning the job's state machine, its workers (the
-//! "crew", by DP rank) while it runs, and the only writer of its record and events.
+//! "crew", by DP rank) while it runs, its checkpoints' commits, its recoveries, and the
+//! only writer of its record and events.
 //!
 //! ```text
 //!            start           all assignments acked         every rank finished
 //!  Pending ────────▶ Rendezvous ──────────────────▶ Running ───────────────────▶ Succeeded
-//!                        │                           │  ▲  │
-//!         worker lost,   │               worker lost │  │  │ worker error, refusal,
-//!         refusal        │                           ▼  │  │ invalid report, stream
-//!                        │                                  │ deviation (pipeline jobs)
-//!                        │                       Recovering │
-//!                        │        no checkpoint (today) │   │
-//!                        └──────────▶ Failed ◀──────────┴───┘
+//!                     ▲   │                          │  ▲
+//!    a crew again,    │   │ worker lost, bad         │  │ all acked (state restored)
+//!    resuming from    │   │ checkpoint               │  │
+//!    a checkpoint     │   ▼                          ▼  │
+//!                    Recovering ◀──── worker lost, worker error, step timeout
+//!                         │
+//!                         └──▶ Failed (no restarts left; also: refusals, invalid reports,
+//!                              stream deviations, from Rendezvous / Running)
 //!
 //!  any non-terminal state ── cancel ──▶ Cancelled
-//!  Recovering ──▶ Rendezvous | Running: resuming from a checkpoint (the checkpoint issue)
 //! ```
 //!
-//! Recovering is where the job decides what a lost worker means. With no checkpoint to
-//! resume from (today), it fails the job with the loss as the reason. The checkpoint issue
-//! adds the other exits, already allowed by [`may_transition`]: back to Rendezvous with
-//! replacement workers, or straight to Running on the survivors, with `RunSteps` starting
-//! at the first step after the last committed checkpoint (the job already sends
-//! `first_step = steps_done + 1`).
+//! # Checkpoints
+//!
+//! With a `[checkpoint]` interval and an output directory, each assignment names the run's
+//! checkpoint root (`output_dir/checkpoints/<run id>`, see `crate::checkpoint`); every rank
+//! writes its shard of step s's state there in the background and reports it durable
+//! (`CheckpointShard`). Once every rank's shard of a step is in, the actor commits the
+//! checkpoint: writes its manifest atomically, deletes the ones beyond `checkpoint.keep`,
+//! and publishes `CheckpointCommitted`. A shard that could not be written leaves that
+//! checkpoint uncommitted; training goes on.
+//!
+//! # Recovery
+//!
+//! A lost worker (broken stream, missed heartbeats), a worker's error, or a step not
+//! completed within `recovery.step_timeout_s` (a hang, heartbeats flowing) starts a
+//! recovery, if `recovery.max_restarts` allows one more: the step is aborted on every
+//! survivor (their communicators fail every collective, so none stays blocked), and once
+//! each has confirmed (or is declared stuck and lost after the stop timeout) and the
+//! backoff (`recovery.backoff_ms`, doubling per restart) has passed, the crew goes back to
+//! the cluster actor and the job asks for workers again ahead of every queued job. The
+//! failed worker's replacement (the launcher restarts its process, or a cluster manager
+//! starts another, which registers) joins the survivors; the job rendezvouses anew with
+//! every assignment carrying the newest committed checkpoint (`ResumeFrom`), and
+//! `RunSteps` starts right after it. Without one it restarts from the seeded
+//! initialization, which is a checkpoint too: training is deterministic.
+//!
+//! Steps up to the point the job had reached are redone; their summaries are not published
+//! again (every step appears once on `WatchJob`) but their losses are compared with the
+//! first run's. When the first step past that point completes, a `Recovery` event gives the
+//! cause, when it was detected, the restart and recompute times, the checkpoint resumed
+//! from, the steps redone, the checkpoints skipped and the replay mismatches (0: the
+//! trajectory replayed exactly).
+//!
+//! A worker that cannot load the checkpoint (a shard missing or failing its checksum, a
+//! different model) refuses its assignment naming it: that checkpoint is never tried again
+//! and the job rendezvouses from the one before (not counted as a restart). A job submitted
+//! with `resume_from` fails instead if that checkpoint cannot be loaded: starting over
+//! would silently discard it.
+//!
+//! A coordinator restarted on the same state settles a job it finds past Pending the same
+//! way (`settle_after_restart`): Recovering, then a crew from the workers that register
+//! again, resuming from the newest committed checkpoint.
 //!
 //! A pipeline job (one with a `[parallel]` table) is placed when it is submitted (see
 //! `crate::placement`): at rendezvous its workers are ordered into world ranks by (node,
@@ -44,9 +80,10 @@
 //!
 //! A job that aborted its workers keeps them until each acknowledges the abort, which a
 //! worker does once its job has stopped: only then does the cluster actor give them to
-//! another job, so a worker is never assigned work while it is still winding down the last
-//! one. A worker that does not confirm within the heartbeat timeout (stuck in compute, or
-//! in a collective that the abort failed to break) is reported stuck and declared lost.
+//! another job (or back to this one, recovering), so a worker is never assigned work while
+//! it is still winding down the last one. A worker that does not confirm within the
+//! heartbeat timeout (stuck in compute, or in a collective that the abort failed to break)
+//! is reported stuck and declared lost.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -54,20 +91,22 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use flotilla_proto::v1::{
-    Abort, Ack, Assignment, CoordinatorMessage, Job, JobEvent, JobFinished, JobState, Peer, RunSteps,
-    StateChanged, StepReport, StepSummary, StepTimeline, WorkerError, WorkerInfo, WorkerJoined, WorkerLost,
-    coordinator_message, job_event, worker_message,
+    Abort, Ack, Assignment, CheckpointCommitted, CheckpointShard, CoordinatorMessage, Job, JobEvent,
+    JobFinished, JobState, Peer, Recovery, ResumeFrom, RunSteps, ShardFile, StateChanged, StepReport,
+    StepSummary, StepTimeline, WorkerError, WorkerInfo, WorkerJoined, WorkerLost, coordinator_message,
+    job_event, worker_message,
 };
 use tokio::sync::{mpsc, oneshot};
 // Tokio's clock, so that paused-time tests and simulations see the timeouts they set.
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::ServiceError;
 use super::cluster::ClusterMsg;
 use super::records::{JobRecord, encode_event, event_key, job_key, unix_ms};
 use super::session::SessionHandle;
 use super::timeline::{JobTimelines, RankInfo};
+use super::{JobPolicy, ServiceError};
+use crate::checkpoint::{self as ckpt, Manifest, ShardEntry};
 use crate::placement::{Placement, WorkerKey, world_order};
 use crate::schedule::{RankSpan, bubble_fraction, predicted_bubble_fraction, rank_span};
 use crate::store::StoreError;
@@ -92,7 +131,8 @@ pub fn may_transition(from: JobState, to: JobState) -> bool {
     match (from, to) {
         (Unspecified, Pending) => true,
         (Pending, Rendezvous | Failed | Cancelled) => true,
-        (Rendezvous, Running | Failed | Cancelled) => true,
+        // Recovering from a rendezvous: a worker lost, or a checkpoint that cannot be loaded.
+        (Rendezvous, Running | Recovering | Failed | Cancelled) => true,
         (Running, Recovering | Succeeded | Failed | Cancelled) => true,
         // Resuming from a checkpoint (re-rendezvous, or on the survivors), or giving up.
         (Recovering, Rendezvous | Running | Failed | Cancelled) => true,
@@ -229,8 +269,53 @@ pub(crate) struct JobActor<S> {
     placement: JobPlacement,
     /// Pipeline jobs, once started: what each rank executed in the last steps.
     timelines: Option<JobTimelines>,
+    /// The config's `[checkpoint]` and `[recovery]` tables.
+    policy: JobPolicy,
+    /// Checkpoints whose shards are being reported, by step.
+    shards: BTreeMap<u64, PendingCheckpoint>,
+    /// Committed checkpoints a worker could not load; never tried again.
+    bad_checkpoints: Vec<String>,
+    /// The checkpoint this attempt resumed from (step 0: the seeded initialization).
+    resumed_from: u64,
+    /// The recovery under way, from detection until a step past the failure completes.
+    recovery: Option<RecoveryProgress>,
+    /// Workers that did not confirm their abort in time during a recovery: declared lost
+    /// when the job asks for workers again.
+    stuck: Vec<(String, String)>,
+    /// The loss of every step this coordinator summarized, as bits: redone steps must
+    /// reproduce them.
+    losses: BTreeMap<u64, u64>,
 }
 
+/// A checkpoint's shards as the ranks report them durable.
+#[derive(Default)]
+struct PendingCheckpoint {
+    shards: Vec<Option<CheckpointShard>>,
+    /// A rank could not write its shard: the checkpoint will not be committed.
+    failed: bool,
+}
+
+/// A recovery from its detection to the first step past the failure.
+struct RecoveryProgress {
+    cause: String,
+    restart: u32,
+    detected: Instant,
+    detected_unix_ms: u64,
+    /// `steps_done` when the failure struck: the recovery ends when a step past it (or the
+    /// job's last step) completes.
+    reached: u64,
+    /// The restart backoff: workers are not asked for before this.
+    not_before: Instant,
+    /// Whether the job has given its workers back and asked the cluster for a crew, and
+    /// when; when the cluster gave it one.
+    requeued: bool,
+    requeued_at: Option<Instant>,
+    crew_at: Option<Instant>,
+    /// When every rank of the new crew had loaded the checkpoint.
+    rendezvous_done: Option<Instant>,
+    skipped: Vec<String>,
+    mismatches: u32,
+}
 impl<S: StateStore + Clone + 'static> JobActor<S> {
     /// A job actor for `record` at `revision` (0 for a job not yet written).
     pub fn new(
@@ -242,7 +327,12 @@ impl<S: StateStore + Clone + 'static> JobActor<S> {
     ) -> (JobHandle, JobActor<S>) {
         let (control_tx, control) = mpsc::unbounded_channel();
         let (reports_tx, reports) = mpsc::channel(REPORT_MAILBOX);
-        let steps = StepTracker::new(&record, 0, false);
+        let steps = StepTracker::new(&record, record.steps_done + 1, 0, false);
+        // Checked at submission; a job read at startup under other rules keeps the defaults.
+        let policy = super::job_policy(&record.config_toml).unwrap_or_else(|e| {
+            tracing::warn!(job = %record.id, error = %e, "the job's [checkpoint]/[recovery] tables; using defaults");
+            JobPolicy::default()
+        });
         let actor = JobActor {
             store,
             record,
@@ -256,6 +346,13 @@ impl<S: StateStore + Clone + 'static> JobActor<S> {
             steps,
             placement,
             timelines: None,
+            policy,
+            shards: BTreeMap::new(),
+            bad_checkpoints: Vec::new(),
+            resumed_from: 0,
+            recovery: None,
+            stuck: Vec::new(),
+            losses: BTreeMap::new(),
         };
         (JobHandle { control: control_tx, reports: reports_tx }, actor)
     }
@@ -277,6 +374,10 @@ impl<S: StateStore + Clone + 'static> JobActor<S> {
             last_loss: 0.0,
             output_dir: spec.output_dir.clone(),
             next_event: 0,
+            resume_from: spec.resume_from.clone(),
+            checkpoint_step: 0,
+            checkpoint_dir: String::new(),
+            restarts: 0,
         }
     }
 
@@ -293,17 +394,14 @@ impl<S: StateStore + Clone + 'static> JobActor<S> {
     }
 
     /// Settles a job read at startup: its workers' sessions died with the previous
-    /// process, so a job past Pending cannot continue. Running goes through Recovering,
-    /// where the checkpoint issue will resume it; today every such job fails with
-    /// [`RESTART_REASON`]. A pending job stays pending.
+    /// process. A job past Pending recovers as from a lost worker (this uses one of its
+    /// restarts): it goes to Recovering and, once enough workers have registered again,
+    /// resumes from its newest committed checkpoint. With no restarts left it fails with
+    /// [`RESTART_REASON`] in the reason. A pending job stays pending.
     pub async fn settle_after_restart(&mut self) -> Result<(), ServiceError> {
         match self.record.state {
-            JobState::Running => {
-                self.transition(JobState::Recovering, RESTART_REASON.into()).await?;
-                self.recover(RESTART_REASON.into()).await
-            }
-            JobState::Rendezvous | JobState::Recovering => {
-                self.transition(JobState::Failed, RESTART_REASON.into()).await
+            JobState::Running | JobState::Rendezvous | JobState::Recovering => {
+                self.begin_recovery(RESTART_REASON.into(), true).await
             }
             _ => Ok(()),
         }
@@ -330,6 +428,9 @@ impl<S: StateStore + Clone + 'static> JobActor<S> {
             }
         }
         while !self.record.state.is_terminal() {
+            let stop_deadline = self.stopping.values().map(|&(_, sent)| sent + self.env.stop_timeout).min();
+            let step_deadline = self.step_deadline();
+            let requeue_at = self.requeue_at();
             let handled = tokio::select! {
                 biased;
                 // Shutdown: stop without writing, so the store looks as after a crash.
@@ -339,6 +440,17 @@ impl<S: StateStore + Clone + 'static> JobActor<S> {
                     None => return,
                 },
                 Some(report) = self.reports.recv() => self.on_report(report).await,
+                _ = tokio::time::sleep_until(stop_deadline.unwrap_or_else(Instant::now)), if stop_deadline.is_some() => {
+                    let late = self.take_late_stops();
+                    self.stuck.extend(late);
+                    Ok(())
+                }
+                _ = tokio::time::sleep_until(step_deadline.unwrap_or_else(Instant::now)), if step_deadline.is_some() => {
+                    self.on_step_timeout().await
+                }
+                _ = tokio::time::sleep_until(requeue_at.unwrap_or_else(Instant::now)), if requeue_at.is_some() => {
+                    self.requeue().await
+                }
             };
             if let Err(e) = handled {
                 tracing::error!(job = %self.record.id, error = %e, "job actor stopping");
@@ -362,32 +474,15 @@ impl<S: StateStore + Clone + 'static> JobActor<S> {
     /// Waits until every aborted worker has confirmed that it stopped, or the stop timeout
     /// has passed; returns the workers that did not, with the cause. `None`: shutdown.
     async fn await_stopped(&mut self) -> Option<Vec<(String, String)>> {
-        let mut stuck = Vec::new();
+        let mut stuck = std::mem::take(&mut self.stuck);
         while let Some(sent) = self.stopping.values().map(|&(_, sent)| sent).min() {
             let deadline = sent + self.env.stop_timeout;
             tokio::select! {
                 biased;
                 _ = self.env.cancel.cancelled() => return None,
                 _ = tokio::time::sleep_until(deadline) => {
-                    let timeout = self.env.stop_timeout;
-                    let now = Instant::now();
-                    let late: Vec<u64> = self
-                        .stopping
-                        .iter()
-                        .filter(|(_, (_, sent))| now.duration_since(*sent) >= timeout)
-                        .map(|(&id, _)| id)
-                        .collect();
-                    for id in late {
-                        let Some((rank, _)) = self.stopping.remove(&id) else { continue };
-                        let worker = self.crew[rank].worker_id.clone();
-                        tracing::warn!(job = %self.record.id, %worker, "worker did not stop in time");
-                        let cause = format!(
-                            "it did not confirm stopping job {} within {} ms of its abort",
-                            self.record.id,
-                            timeout.as_millis()
-                        );
-                        stuck.push((worker, cause));
-                    }
+                    let late = self.take_late_stops();
+                    stuck.extend(late);
                 }
                 message = self.control.recv() => match message {
                     Some(JobControl::WorkerLost { worker_id, .. }) => {
@@ -414,6 +509,32 @@ impl<S: StateStore + Clone + 'static> JobActor<S> {
             }
         }
         Some(stuck)
+    }
+
+    /// Removes the aborts unconfirmed for the stop timeout; returns their workers, with the
+    /// cause, to be declared lost.
+    fn take_late_stops(&mut self) -> Vec<(String, String)> {
+        let timeout = self.env.stop_timeout;
+        let now = Instant::now();
+        let late: Vec<u64> = self
+            .stopping
+            .iter()
+            .filter(|(_, (_, sent))| now.duration_since(*sent) >= timeout)
+            .map(|(&id, _)| id)
+            .collect();
+        let mut stuck = Vec::new();
+        for id in late {
+            let Some((rank, _)) = self.stopping.remove(&id) else { continue };
+            let worker = self.crew[rank].worker_id.clone();
+            tracing::warn!(job = %self.record.id, %worker, "worker did not stop in time");
+            let cause = format!(
+                "it did not confirm stopping job {} within {} ms of its abort",
+                self.record.id,
+                timeout.as_millis()
+            );
+            stuck.push((worker, cause));
+        }
+        stuck
     }
 
     /// Tells the cluster actor the job has ended, which releases its workers (and declares
@@ -565,8 +686,14 @@ impl<S: StateStore + Clone + 'static> JobActor<S> {
     /// local rank, worker id) and ships each its place in the layout and its stream; a
     /// data-parallel job keeps the cluster actor's order (worker ids).
     async fn start(&mut self, members: Vec<Member>) -> Result<(), ServiceError> {
-        if self.record.state != JobState::Pending || !self.crew.is_empty() {
-            // The cluster actor starts a job once; the workers are released when it ends.
+        let recovering =
+            self.record.state == JobState::Recovering && self.recovery.as_ref().is_some_and(|r| r.requeued);
+        if recovering && let Some(recovery) = &mut self.recovery {
+            recovery.crew_at = Some(Instant::now());
+        }
+        if !(self.record.state == JobState::Pending || recovering) || !self.crew.is_empty() {
+            // The cluster actor starts a job once per request; the workers are released
+            // when it ends.
             tracing::warn!(job = %self.record.id, "ignoring a second start");
             return Ok(());
         }
@@ -614,7 +741,17 @@ impl<S: StateStore + Clone + 'static> JobActor<S> {
                 lost: false,
             })
             .collect();
-        self.steps = StepTracker::new(&self.record, n, placement.is_some());
+        let resume = match self.choose_checkpoint().await {
+            Ok(resume) => resume,
+            // Nothing was sent to the workers: they are free again once the job ends.
+            Err(reason) => return self.transition(JobState::Failed, reason).await,
+        };
+        let from = resume.as_ref().map_or(0, |r| r.step);
+        self.resumed_from = from;
+        // Steps up to the checkpoint's are done (by this job before a failure, or by the run
+        // it resumes); after a recovery, those past it are redone and checked.
+        self.record.steps_done = self.record.steps_done.max(from);
+        self.steps = StepTracker::new(&self.record, from + 1, n, placement.is_some());
         if let Some(placement) = &placement {
             let ranks = self
                 .crew
@@ -628,7 +765,14 @@ impl<S: StateStore + Clone + 'static> JobActor<S> {
             let layout = placement.parallel().layout();
             self.timelines = Some(JobTimelines::new(self.record.id.clone(), layout, ranks));
         }
-        self.transition(JobState::Rendezvous, format!("{n} workers assigned")).await?;
+        let assigned = match &resume {
+            Some(resume) => {
+                format!("{n} workers assigned; resuming from the checkpoint at step {from} ({})", resume.dir)
+            }
+            None if recovering => format!("{n} workers assigned; restarting from the seeded initialization"),
+            None => format!("{n} workers assigned"),
+        };
+        self.transition(JobState::Rendezvous, assigned).await?;
         for rank in 0..n {
             let joined = WorkerJoined {
                 worker_id: self.crew[rank].worker_id.clone(),
@@ -651,6 +795,10 @@ impl<S: StateStore + Clone + 'static> JobActor<S> {
         // the data plane.
         let data_plane_session = super::cluster::random_u64();
         let mut pipelines = placement.as_ref().map(|p| p.assignments().into_iter());
+        let checkpoint_root = match self.checkpoint_root() {
+            Some(root) if self.policy.checkpoint.interval > 0 => root.display().to_string(),
+            _ => String::new(),
+        };
         for rank in 0..n {
             // dp_rank and dp_size are the world rank and size: `peers` is by world rank.
             let assignment = Assignment {
@@ -662,6 +810,8 @@ impl<S: StateStore + Clone + 'static> JobActor<S> {
                 output_dir: self.record.output_dir.clone(),
                 data_plane_session,
                 pipeline: pipelines.as_mut().and_then(Iterator::next),
+                checkpoint_root: checkpoint_root.clone(),
+                resume: resume.clone(),
             };
             self.command(
                 rank,
@@ -675,7 +825,14 @@ impl<S: StateStore + Clone + 'static> JobActor<S> {
     /// Every rank accepted its assignment: run the steps.
     async fn run_steps(&mut self) -> Result<(), ServiceError> {
         let n = self.crew.len();
-        self.transition(JobState::Running, format!("all {n} workers ready")).await?;
+        let ready = match &mut self.recovery {
+            Some(recovery) => {
+                recovery.rendezvous_done = Some(Instant::now());
+                format!("all {n} workers ready; running again from step {}", self.steps.next)
+            }
+            None => format!("all {n} workers ready"),
+        };
+        self.transition(JobState::Running, ready).await?;
         self.steps.last = Instant::now();
         let first_step = self.steps.next;
         let count = self.steps.end - first_step;
@@ -694,25 +851,329 @@ impl<S: StateStore + Clone + 'static> JobActor<S> {
         self.stopping.retain(|_, (r, _)| *r != rank);
         let lost = WorkerLost { worker_id: worker_id.clone(), reason: cause.clone() };
         self.append(job_event::Event::WorkerLost(lost)).await?;
-        let reason = format!("worker {worker_id} lost: {cause}");
         match self.record.state {
-            JobState::Running => {
-                self.transition(JobState::Recovering, reason.clone()).await?;
-                // The step in flight cannot complete without the lost rank.
-                self.abort_crew(&reason);
-                self.recover(reason).await
+            // The step in flight (or the rendezvous) cannot complete without the lost rank.
+            JobState::Running | JobState::Rendezvous => {
+                self.begin_recovery(format!("worker {worker_id} lost: {cause}"), true).await
             }
-            JobState::Rendezvous => self.fail(reason).await,
             _ => Ok(()),
         }
     }
 
-    /// Decides how a Recovering job continues. There are no checkpoints yet, so it cannot
-    /// resume: it fails with `reason`. The checkpoint issue replaces this with a re-
-    /// rendezvous (replacement workers from the cluster actor) and `RunSteps` from the step
-    /// after the last committed checkpoint.
-    async fn recover(&mut self, reason: String) -> Result<(), ServiceError> {
-        self.transition(JobState::Failed, reason).await
+    // ---------------------------------------------------------------------------------
+    // Recovery
+
+    /// Starts a recovery (or restarts one under way) from `cause`: aborts the step on every
+    /// survivor and goes to Recovering. Once every survivor has confirmed its abort (or the
+    /// stop timeout declared it stuck) and the backoff has passed, [`Self::requeue`] gives
+    /// the workers back and asks the cluster for a crew; [`Self::start`] then resumes from
+    /// the newest loadable committed checkpoint. `counts`: whether this uses one of
+    /// `recovery.max_restarts` (a failure does; falling back from a checkpoint that cannot
+    /// be loaded does not, and cannot loop: each is tried once). With none left the job
+    /// fails, naming the cause.
+    async fn begin_recovery(&mut self, cause: String, counts: bool) -> Result<(), ServiceError> {
+        let max = self.policy.recovery.max_restarts;
+        if counts && self.record.restarts >= max {
+            // The history still shows the failure detected (Recovering), then the decision.
+            if matches!(self.record.state, JobState::Running | JobState::Rendezvous) {
+                self.transition(JobState::Recovering, cause.clone()).await?;
+            }
+            let reason = if max == 0 {
+                cause
+            } else {
+                format!("{cause}; giving up after {max} restarts (recovery.max_restarts)")
+            };
+            return self.fail(reason).await;
+        }
+        tracing::warn!(job = %self.record.id, %cause, restarts = self.record.restarts, "recovering");
+        self.abort_crew(&cause);
+        // Shards reported so far belong to an attempt that is over; its workers' reports
+        // after the abort are dropped, so such a checkpoint could never complete.
+        self.shards.clear();
+        let now = Instant::now();
+        let mut backoff = Duration::ZERO;
+        if counts {
+            let doublings = self.record.restarts.min(20);
+            backoff = Duration::from_millis(self.policy.recovery.backoff_ms).saturating_mul(1 << doublings);
+            self.record.restarts += 1;
+        }
+        let previous = self.recovery.take();
+        let reached = self.record.steps_done.max(previous.as_ref().map_or(0, |p| p.reached));
+        self.recovery = Some(RecoveryProgress {
+            cause: cause.clone(),
+            restart: self.record.restarts,
+            detected: now,
+            detected_unix_ms: unix_ms(),
+            reached,
+            not_before: now + backoff,
+            requeued: false,
+            requeued_at: None,
+            crew_at: None,
+            rendezvous_done: None,
+            skipped: previous.map(|p| p.skipped).unwrap_or_default(),
+            mismatches: 0,
+        });
+        if self.record.state != JobState::Recovering {
+            self.transition(JobState::Recovering, cause).await?;
+        }
+        Ok(())
+    }
+
+    /// When a recovering job asks for workers again: once its aborts are settled and its
+    /// backoff has passed, if it has not asked yet.
+    fn requeue_at(&self) -> Option<Instant> {
+        let recovery = self.recovery.as_ref()?;
+        let ready =
+            self.record.state == JobState::Recovering && !recovery.requeued && self.stopping.is_empty();
+        ready.then_some(recovery.not_before)
+    }
+
+    /// Gives the crew back to the cluster actor (the stuck ones to be declared lost) and
+    /// asks for a crew again, ahead of queued jobs.
+    async fn requeue(&mut self) -> Result<(), ServiceError> {
+        let stuck = std::mem::take(&mut self.stuck);
+        self.crew.clear();
+        self.awaiting.clear();
+        if let Some(recovery) = &mut self.recovery {
+            recovery.requeued = true;
+            recovery.requeued_at = Some(Instant::now());
+        }
+        let message = ClusterMsg::JobRecovering { job_id: self.record.id.clone(), stuck };
+        self.env.cluster.send(message).await.map_err(|_| ServiceError::ShuttingDown)
+    }
+
+    /// While running, with a step timeout: when the next step is overdue.
+    fn step_deadline(&self) -> Option<Instant> {
+        let timeout = self.policy.recovery.step_timeout_s;
+        (self.record.state == JobState::Running && timeout > 0.0)
+            .then(|| self.steps.last + Duration::from_secs_f64(timeout))
+    }
+
+    /// The next step did not complete in time: a rank is hung (in compute, or in a
+    /// collective whose peer is) though its heartbeats flow. Recovers, naming the ranks
+    /// that had not reported the step.
+    async fn on_step_timeout(&mut self) -> Result<(), ServiceError> {
+        let step = self.steps.next;
+        let missing: Vec<String> = self
+            .steps
+            .missing(step)
+            .into_iter()
+            .filter_map(|rank| self.crew.get(rank).map(|r| format!("rank {rank} ({})", r.worker_id)))
+            .collect();
+        let timeout = self.policy.recovery.step_timeout_s;
+        let cause = format!(
+            "step {step} did not complete within {timeout} s (recovery.step_timeout_s); not reported by {}",
+            missing.join(", ")
+        );
+        self.begin_recovery(cause, true).await
+    }
+
+    /// Where this run's checkpoints go: `output_dir/checkpoints/<run id>`; none without an
+    /// output directory.
+    fn checkpoint_root(&self) -> Option<std::path::PathBuf> {
+        let dir = &self.record.output_dir;
+        (!dir.is_empty()).then(|| ckpt::run_root(std::path::Path::new(dir), &self.record.run_id()))
+    }
+
+    /// The checkpoint to start from: this run's newest committed one that no worker failed
+    /// to load, else the one the job was submitted to resume from, else none (the seeded
+    /// initialization, which every layout reproduces). The error says why the job cannot
+    /// start: the checkpoint it was submitted with cannot be loaded.
+    async fn choose_checkpoint(&self) -> Result<Option<ResumeFrom>, String> {
+        let root = self.checkpoint_root();
+        let resume_from = self.record.resume_from.clone();
+        let bad = self.bad_checkpoints.clone();
+        let found = tokio::task::spawn_blocking(move || -> Result<Option<ckpt::Committed>, String> {
+            if let Some(root) = root {
+                match ckpt::list_committed(&root) {
+                    Ok(committed) => {
+                        let usable =
+                            committed.into_iter().rev().find(|c| !bad.contains(&c.dir.display().to_string()));
+                        if usable.is_some() {
+                            return Ok(usable);
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "listing the job's checkpoints"),
+                }
+            }
+            if resume_from.is_empty() {
+                return Ok(None);
+            }
+            if bad.contains(&resume_from) {
+                return Err(format!("the checkpoint the job resumes from, {resume_from}, cannot be loaded"));
+            }
+            let dir = std::path::PathBuf::from(&resume_from);
+            let manifest =
+                ckpt::read_manifest(&dir).map_err(|e| format!("cannot resume from {resume_from}: {e}"))?;
+            Ok(Some(ckpt::Committed { dir, manifest }))
+        })
+        .await
+        .map_err(|e| format!("looking for checkpoints: {e}"))??;
+        Ok(found.map(|c| ResumeFrom {
+            dir: c.dir.display().to_string(),
+            step: c.manifest.step,
+            shards: c
+                .manifest
+                .shards
+                .iter()
+                .map(|s| ShardFile { file: s.file.clone(), bytes: s.bytes, crc32: s.crc32 })
+                .collect(),
+        }))
+    }
+
+    /// Ends the recovery under way once `step` is past the point the job had reached (or is
+    /// its last step): publishes it with its figures.
+    async fn finish_recovery(&mut self, step: u64) -> Result<(), ServiceError> {
+        let Some(recovery) = &self.recovery else { return Ok(()) };
+        let Some(resumed) = recovery.rendezvous_done else { return Ok(()) };
+        if step < (recovery.reached + 1).min(self.record.total_steps) {
+            return Ok(());
+        }
+        let Some(recovery) = self.recovery.take() else { return Ok(()) };
+        let now = Instant::now();
+        let requeued = recovery.requeued_at.unwrap_or(resumed);
+        let crew = recovery.crew_at.unwrap_or(resumed);
+        let event = Recovery {
+            abort_seconds: requeued.duration_since(recovery.detected).as_secs_f64(),
+            replace_seconds: crew.duration_since(requeued).as_secs_f64(),
+            reload_seconds: resumed.duration_since(crew).as_secs_f64(),
+            cause: recovery.cause,
+            restart: recovery.restart,
+            from_step: self.resumed_from,
+            steps_redone: recovery.reached.saturating_sub(self.resumed_from),
+            detected_unix_ms: recovery.detected_unix_ms,
+            restart_seconds: resumed.duration_since(recovery.detected).as_secs_f64(),
+            recompute_seconds: now.duration_since(resumed).as_secs_f64(),
+            skipped_checkpoints: recovery.skipped,
+            replay_mismatches: recovery.mismatches,
+        };
+        tracing::info!(job = %self.record.id, ?event, "recovered");
+        self.append(job_event::Event::Recovery(event)).await.map(|_| ())
+    }
+
+    // ---------------------------------------------------------------------------------
+    // Checkpoints
+
+    /// A rank's shard of a checkpoint is durable (or failed). Once every rank's is, the
+    /// checkpoint is committed: its manifest written atomically, older ones beyond
+    /// `checkpoint.keep` deleted, and the commit published.
+    async fn on_checkpoint_shard(&mut self, rank: usize, shard: CheckpointShard) -> Result<(), ServiceError> {
+        if self.record.state != JobState::Running || !self.is_ours(&shard.job_id, false) {
+            return Ok(());
+        }
+        let step = shard.step;
+        if step <= self.record.checkpoint_step || step > self.record.total_steps {
+            // Redone after a recovery and committed already, or nonsense.
+            return Ok(());
+        }
+        let n = self.crew.len();
+        let worker = self.crew[rank].worker_id.clone();
+        let pending = self
+            .shards
+            .entry(step)
+            .or_insert_with(|| PendingCheckpoint { shards: vec![None; n], failed: false });
+        if !shard.error.is_empty() {
+            tracing::warn!(job = %self.record.id, step, %worker, error = %shard.error, "a checkpoint shard could not be written; the checkpoint will not be committed");
+            pending.failed = true;
+            return Ok(());
+        }
+        if let Some(slot) = pending.shards.get_mut(rank) {
+            *slot = Some(shard);
+        }
+        if pending.failed || pending.shards.iter().any(Option::is_none) {
+            return Ok(());
+        }
+        let Some(complete) = self.shards.remove(&step) else { return Ok(()) };
+        // Each rank writes its checkpoints in order: none will complete an older one now.
+        self.shards.retain(|&s, _| s > step);
+        let shards: Vec<CheckpointShard> = complete.shards.into_iter().flatten().collect();
+        self.commit_checkpoint(step, shards).await
+    }
+
+    async fn commit_checkpoint(
+        &mut self,
+        step: u64,
+        shards: Vec<CheckpointShard>,
+    ) -> Result<(), ServiceError> {
+        let Some(root) = self.checkpoint_root() else { return Ok(()) };
+        let dir = flotilla_model::shard::step_dir(&root, step);
+        let bytes = shards.iter().map(|s| s.bytes).fold(0, u64::saturating_add);
+        let snapshot_seconds = shards.iter().map(|s| s.snapshot_seconds).fold(0.0, f64::max);
+        let write_seconds = shards.iter().map(|s| s.write_seconds).fold(0.0, f64::max);
+        let manifest = Manifest {
+            format: ckpt::MANIFEST_FORMAT.into(),
+            job_id: self.record.id.clone(),
+            run_id: self.record.run_id(),
+            step,
+            created_unix_ms: self.record.created_unix_ms,
+            workers: shards.len() as u32,
+            layout: self.layout_name(),
+            config_toml: self.record.config_toml.clone(),
+            shards: shards
+                .iter()
+                .enumerate()
+                .map(|(rank, s)| ShardEntry {
+                    rank: rank as u32,
+                    file: s.file.clone(),
+                    bytes: s.bytes,
+                    crc32: s.crc32,
+                })
+                .collect(),
+            bytes,
+        };
+        let keep = self.policy.checkpoint.keep as usize;
+        let commit_dir = dir.clone();
+        let committed = tokio::task::spawn_blocking(move || {
+            ckpt::commit(&commit_dir, &manifest).map_err(|e| e.to_string())?;
+            // The commit stands even if clean-up fails; the next commit tries again.
+            Ok::<_, String>(ckpt::retain(&root, keep).unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "deleting old checkpoints");
+                Vec::new()
+            }))
+        })
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r);
+        let deleted_steps = match committed {
+            Ok(deleted) => deleted,
+            Err(e) => {
+                // Training goes on: the previous committed checkpoint still stands.
+                tracing::error!(job = %self.record.id, step, error = %e, "committing a checkpoint");
+                return Ok(());
+            }
+        };
+        let before = (self.record.checkpoint_step, std::mem::take(&mut self.record.checkpoint_dir));
+        self.record.checkpoint_step = step;
+        self.record.checkpoint_dir = dir.display().to_string();
+        let event = CheckpointCommitted {
+            step,
+            dir: self.record.checkpoint_dir.clone(),
+            shards: shards.len() as u32,
+            bytes,
+            snapshot_seconds,
+            write_seconds,
+            deleted_steps,
+        };
+        if let Err(e) = self.append(job_event::Event::CheckpointCommitted(event)).await {
+            (self.record.checkpoint_step, self.record.checkpoint_dir) = before;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// The job's layout in a manifest: "pp 2 ep 2 dp 1 dualpipe, 4 micro-batches" or
+    /// "data-parallel 2".
+    fn layout_name(&self) -> String {
+        match &self.placement {
+            Ok(Some(placement)) => {
+                let l = placement.parallel().layout();
+                format!(
+                    "pp {} ep {} dp {} {}, {} micro-batches",
+                    l.pp, l.ep, l.dp, l.schedule, l.micro_batches
+                )
+            }
+            _ => format!("data-parallel {}", self.crew.len()),
+        }
     }
 
     // ---------------------------------------------------------------------------------
@@ -729,6 +1190,7 @@ impl<S: StateStore + Clone + 'static> JobActor<S> {
             Body::StepReport(step) => self.on_step(rank, step).await,
             Body::Error(error) => self.on_worker_error(rank, error).await,
             Body::Finished(finished) => self.on_finished(rank, finished).await,
+            Body::CheckpointShard(shard) => self.on_checkpoint_shard(rank, shard).await,
             // Sessions handle these themselves.
             Body::Open(_) | Body::Heartbeat(_) => Ok(()),
         }
@@ -741,11 +1203,22 @@ impl<S: StateStore + Clone + 'static> JobActor<S> {
     }
 
     async fn on_ack(&mut self, rank: usize, ack: Ack) -> Result<(), ServiceError> {
+        if self.stopping.get(&ack.command_id).is_some_and(|&(owner, _)| owner == rank) {
+            // The rank stopped the aborted step.
+            self.stopping.remove(&ack.command_id);
+            return Ok(());
+        }
         let Some(&(owner, kind)) = self.awaiting.get(&ack.command_id) else { return Ok(()) };
         if owner != rank {
             return Ok(());
         }
         self.awaiting.remove(&ack.command_id);
+        if !ack.error.is_empty()
+            && !ack.bad_checkpoint.is_empty()
+            && self.record.state == JobState::Rendezvous
+        {
+            return self.on_bad_checkpoint(rank, ack).await;
+        }
         if !ack.error.is_empty() {
             let worker = &self.crew[rank].worker_id;
             let kind = match kind {
@@ -759,6 +1232,32 @@ impl<S: StateStore + Clone + 'static> JobActor<S> {
             if self.record.state == JobState::Rendezvous && self.crew.iter().all(|r| r.ready) {
                 return self.run_steps().await;
             }
+        }
+        Ok(())
+    }
+
+    /// A rank could not load the checkpoint it was assigned (a shard missing, truncated or
+    /// failing its checksum, or from another model): it is never tried again, and the job
+    /// rendezvouses anew from the committed checkpoint before it. A job submitted to resume
+    /// from that very checkpoint fails instead: starting over would silently drop it.
+    async fn on_bad_checkpoint(&mut self, rank: usize, ack: Ack) -> Result<(), ServiceError> {
+        let worker = self.crew[rank].worker_id.clone();
+        let dir = ack.bad_checkpoint;
+        tracing::warn!(job = %self.record.id, %worker, checkpoint = %dir, error = %ack.error, "a checkpoint cannot be loaded");
+        if !self.bad_checkpoints.contains(&dir) {
+            self.bad_checkpoints.push(dir.clone());
+        }
+        if dir == self.record.resume_from && self.recovery.is_none() {
+            return self
+                .fail(format!("worker {worker} cannot load the checkpoint to resume from: {}", ack.error))
+                .await;
+        }
+        let cause = format!("worker {worker} cannot load the checkpoint {dir}: {}", ack.error);
+        self.begin_recovery(cause, false).await?;
+        if let Some(recovery) = &mut self.recovery
+            && !recovery.skipped.contains(&dir)
+        {
+            recovery.skipped.push(dir);
         }
         Ok(())
     }
@@ -801,14 +1300,30 @@ impl<S: StateStore + Clone + 'static> JobActor<S> {
                 summary.predicted_bubble_fraction =
                     predicted_bubble_fraction(placement.schedule(), &timeline).unwrap_or(0.0);
             }
-            let before = (self.record.steps_done, self.record.last_loss);
-            self.record.steps_done = summary.step;
-            self.record.last_loss = summary.loss;
-            if let Err(e) = self.append(job_event::Event::Step(summary)).await {
-                // Memory follows the store: the step was not recorded.
-                (self.record.steps_done, self.record.last_loss) = before;
-                return Err(e);
+            let step = summary.step;
+            if step <= self.record.steps_done {
+                // Redone after a recovery: published before, and it must reproduce the loss.
+                if let Some(&bits) = self.losses.get(&step)
+                    && bits != summary.loss.to_bits()
+                {
+                    tracing::warn!(job = %self.record.id, step, before = f64::from_bits(bits), now = summary.loss, "a redone step's loss differs");
+                    if let Some(recovery) = &mut self.recovery {
+                        recovery.mismatches += 1;
+                    }
+                }
+            } else {
+                let before = (self.record.steps_done, self.record.last_loss);
+                self.record.steps_done = step;
+                self.record.last_loss = summary.loss;
+                let loss = summary.loss.to_bits();
+                if let Err(e) = self.append(job_event::Event::Step(summary)).await {
+                    // Memory follows the store: the step was not recorded.
+                    (self.record.steps_done, self.record.last_loss) = before;
+                    return Err(e);
+                }
+                self.losses.insert(step, loss);
             }
+            self.finish_recovery(step).await?;
         }
         Ok(())
     }
@@ -819,7 +1334,12 @@ impl<S: StateStore + Clone + 'static> JobActor<S> {
         }
         let worker = &self.crew[rank].worker_id;
         let reason = format!("worker {worker} failed at step {}: {}", error.step, error.message);
-        self.fail(reason).await
+        match self.record.state {
+            // Its peers' errors (their collectives failing) follow; the recovery ignores them.
+            JobState::Running => self.begin_recovery(reason, true).await,
+            JobState::Rendezvous => self.fail(reason).await,
+            _ => Ok(()),
+        }
     }
 
     async fn on_finished(&mut self, rank: usize, finished: JobFinished) -> Result<(), ServiceError> {
@@ -876,9 +1396,8 @@ struct StepTracker {
 }
 
 impl StepTracker {
-    /// The steps left of `record`'s job, for `ranks` ranks.
-    fn new(record: &JobRecord, ranks: usize, pipeline: bool) -> StepTracker {
-        let next = record.steps_done.saturating_add(1);
+    /// The steps of `record`'s job from `next` on, for `ranks` ranks.
+    fn new(record: &JobRecord, next: u64, ranks: usize, pipeline: bool) -> StepTracker {
         let end = record.total_steps.saturating_add(1).max(next);
         StepTracker {
             first: next,
@@ -917,6 +1436,16 @@ impl StepTracker {
             *slot = Some((report, span));
         }
         Ok(())
+    }
+
+    /// The ranks that have not reported `step`.
+    fn missing(&self, step: u64) -> Vec<usize> {
+        match self.pending.get(&step) {
+            Some(slots) => {
+                slots.iter().enumerate().filter(|(_, s)| s.is_none()).map(|(rank, _)| rank).collect()
+            }
+            None => (0..self.ranks).collect(),
+        }
     }
 
     /// The next step every rank has reported, summarized.

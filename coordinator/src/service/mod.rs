@@ -63,9 +63,10 @@
 //!
 //! On start the coordinator reads every job: pending jobs wait for workers again; a job
 //! that was in Rendezvous, Running or Recovering lost its workers' sessions with the old
-//! process and is failed with the reason "coordinator restarted" (Running goes through
-//! Recovering). The checkpoint issue will resume such jobs from their last checkpoint
-//! instead.
+//! process and recovers with the cause "coordinator restarted": once enough workers have
+//! registered again (workers re-register by themselves when their session breaks), it
+//! resumes from its newest committed checkpoint (see `job`). With no restarts left it
+//! fails with that reason.
 //!
 //! # Invariants
 //!
@@ -87,8 +88,8 @@ mod timeline;
 mod watch;
 
 pub use config::{
-    CoordinatorConfig, JobSpec, MAX_CONFIG_BYTES, MAX_JOB_CHUNKS, MAX_JOB_WORKERS, placement_of,
-    validate_submit,
+    CoordinatorConfig, JobPolicy, JobSpec, MAX_CONFIG_BYTES, MAX_JOB_CHUNKS, MAX_JOB_WORKERS, job_policy,
+    placement_of, validate_submit,
 };
 pub use error::ServiceError;
 pub use job::may_transition;

@@ -57,6 +57,17 @@ pub(crate) struct JobRecord {
     pub output_dir: String,
     /// The `seq` of the next event.
     pub next_event: u64,
+    /// The committed checkpoint the job was submitted to start from (empty: none).
+    #[serde(default)]
+    pub resume_from: String,
+    /// The newest committed checkpoint of this job: its step (0: none) and directory.
+    #[serde(default)]
+    pub checkpoint_step: u64,
+    #[serde(default)]
+    pub checkpoint_dir: String,
+    /// Recoveries so far.
+    #[serde(default)]
+    pub restarts: u32,
 }
 
 impl JobRecord {
@@ -75,7 +86,16 @@ impl JobRecord {
             revision,
             last_loss: self.last_loss,
             output_dir: self.output_dir.clone(),
+            checkpoint_step: self.checkpoint_step,
+            checkpoint_dir: self.checkpoint_dir.clone(),
+            restarts: self.restarts,
         }
+    }
+
+    /// Names this run's checkpoints apart from other runs' in the same output directory
+    /// (job ids repeat across coordinators with fresh state).
+    pub fn run_id(&self) -> String {
+        format!("{}-{}", self.id, self.created_unix_ms)
     }
 
     pub fn encode(&self) -> Vec<u8> {

@@ -171,7 +171,11 @@ impl SessionActor {
                 };
                 self.cluster.send(heartbeat).await.map_err(|_| "the coordinator is shutting down".to_string())
             }
-            body @ (Body::Ack(_) | Body::StepReport(_) | Body::Error(_) | Body::Finished(_)) => {
+            body @ (Body::Ack(_)
+            | Body::StepReport(_)
+            | Body::Error(_)
+            | Body::Finished(_)
+            | Body::CheckpointShard(_)) => {
                 let Some(owner) = &self.owner else {
                     tracing::debug!(worker = %self.worker_id, "dropping a job message: the worker has no job");
                     return Ok(());
