@@ -184,7 +184,7 @@ enum Fault {
     /// SIGSTOP: the process freezes (heartbeats stop); the coordinator must declare it lost
     /// and the launcher replace it.
     Stop,
-    /// Flip a byte of the newest committed checkpoint's first shard, then SIGKILL: the
+    /// SIGSTOP, flip a byte of the newest committed checkpoint's first shard, SIGKILL: the
     /// recovery must detect the corruption and resume from the checkpoint before.
     CorruptThenKill,
 }
@@ -258,7 +258,14 @@ fn run_with_faults(
             continue;
         };
         let corrupted = match injection.fault {
-            Fault::CorruptThenKill => corrupt_newest_checkpoint(&out),
+            Fault::CorruptThenKill => {
+                // Frozen first, so that no newer checkpoint can commit (it needs this rank's
+                // shard) once the shard reports already sent have been taken in.
+                let frozen = Command::new("kill").args(["-STOP", &pid.to_string()]).status().unwrap();
+                assert!(frozen.success(), "kill -STOP {pid}");
+                std::thread::sleep(Duration::from_millis(300));
+                corrupt_newest_checkpoint(&out)
+            }
             _ => None,
         };
         let signal = if injection.fault == Fault::Stop { "-STOP" } else { "-KILL" };
