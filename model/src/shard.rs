@@ -154,6 +154,19 @@ pub struct Piece {
     pub data: PieceData,
 }
 
+impl Piece {
+    /// The whole f32 value of `param`, as one piece.
+    pub fn value_of(param: &crate::param::Param<f32>) -> Piece {
+        Piece {
+            name: param.name.clone(),
+            kind: PieceKind::Value,
+            start: 0,
+            shape: param.shape.clone(),
+            data: PieceData::F32(param.value.clone()),
+        }
+    }
+}
+
 /// What every shard of a checkpoint records about the run.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ShardHeader {

@@ -158,6 +158,29 @@ impl CheckpointConfig {
     }
 }
 
+/// Checks the `[checkpoint]` and `[recovery]` tables; the error is the field at fault
+/// (`checkpoint.keep`, …) and why. The coordinator, which enforces them, checks them with
+/// this too.
+pub fn validate_policy(
+    checkpoint: &CheckpointConfig,
+    recovery: &RecoveryConfig,
+) -> Result<(), (&'static str, String)> {
+    if checkpoint.keep == 0 {
+        return Err(("checkpoint.keep", "must be at least 1".into()));
+    }
+    let timeout = recovery.step_timeout_s;
+    if !(timeout.is_finite() && (0.0..=1e7).contains(&timeout)) {
+        return Err(("recovery.step_timeout_s", format!("must be between 0 and 1e7 seconds, got {timeout}")));
+    }
+    if recovery.backoff_ms > 3_600_000 {
+        return Err((
+            "recovery.backoff_ms",
+            format!("must be at most one hour (3600000), got {}", recovery.backoff_ms),
+        ));
+    }
+    Ok(())
+}
+
 /// The `[recovery]` table: how often and how patiently the coordinator restarts a job
 /// whose worker failed.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -326,21 +349,8 @@ impl TrainConfig {
         self.optimizer.adamw.validate().map_err(|e| TrainError::Config(e.to_string()))?;
         self.optimizer.schedule.validate().map_err(|e| TrainError::Config(e.to_string()))?;
         self.loss.validate().map_err(|e| TrainError::Config(e.to_string()))?;
-        if self.checkpoint.keep == 0 {
-            return bad("checkpoint.keep", "must be at least 1".into());
-        }
-        let timeout = self.recovery.step_timeout_s;
-        if !(timeout.is_finite() && (0.0..=1e7).contains(&timeout)) {
-            return bad(
-                "recovery.step_timeout_s",
-                format!("must be between 0 and 1e7 seconds, got {timeout}"),
-            );
-        }
-        if self.recovery.backoff_ms > 3_600_000 {
-            return bad(
-                "recovery.backoff_ms",
-                format!("must be at most one hour (3600000), got {}", self.recovery.backoff_ms),
-            );
+        if let Err((field, reason)) = validate_policy(&self.checkpoint, &self.recovery) {
+            return bad(field, reason);
         }
         Ok(())
     }
@@ -526,13 +536,7 @@ impl Trainer {
             if owner != rank {
                 continue;
             }
-            pieces.push(Piece {
-                name: p.name.clone(),
-                kind: PieceKind::Value,
-                start: 0,
-                shape: p.shape.clone(),
-                data: PieceData::F32(p.value.clone()),
-            });
+            pieces.push(Piece::value_of(p));
             if let Some((m, v)) = moments {
                 for (kind, data) in [(PieceKind::ExpAvg, m), (PieceKind::ExpAvgSq, v)] {
                     pieces.push(Piece {

@@ -1357,14 +1357,7 @@ impl PipelineTrainer {
             }
         }
         for &j in &self.untrainable_first {
-            let p = params[j];
-            pieces.push(Piece {
-                name: p.name.clone(),
-                kind: PieceKind::Value,
-                start: 0,
-                shape: p.shape.clone(),
-                data: PieceData::F32(p.value.clone()),
-            });
+            pieces.push(Piece::value_of(params[j]));
         }
         Snapshot {
             header: ShardHeader {

@@ -12,6 +12,7 @@
 //! - With data-parallel replicas (pp 2, ep 2, dp 2) the shards still make up the whole
 //!   state, and a checkpoint of another seed or model is refused, changing nothing.
 
+mod common;
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -32,30 +33,7 @@ const TOLERANCE: f64 = 1e-5;
 
 /// `tests/pipeline.rs`'s configuration: the tiny model, 16 windows of 16 tokens per step.
 fn run_toml() -> String {
-    format!(
-        r#"
-seed = 11
-steps = {STEPS}
-batch_size = 16
-seq_len = 16
-threads = 1
-precision = "fp32"
-
-[model]
-preset = "tiny"
-
-[data]
-kind = "synthetic"
-tokens = 65536
-
-[optimizer]
-peak_lr = 3e-3
-warmup_steps = 1
-constant_steps = 10
-decay_steps = 0
-final_lr = 3e-3
-"#
-    )
+    common::tiny_run(11, STEPS, 16, 16, "fp32", 1)
 }
 
 fn parse(toml: &str) -> (TrainConfig, ModelConfig) {

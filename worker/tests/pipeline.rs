@@ -6,6 +6,7 @@
 //! that split the EP groups over simulated nodes, the two-hop (node-aware) dispatch gives
 //! the flat exchange's results bit for bit while fewer bytes cross nodes.
 
+mod common;
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -21,30 +22,7 @@ const STEPS: u64 = 3;
 
 /// The tiny model, 16 windows of 16 tokens per step, in `precision`.
 fn run_toml(precision: &str) -> String {
-    format!(
-        r#"
-seed = 11
-steps = {STEPS}
-batch_size = 16
-seq_len = 16
-threads = 1
-precision = "{precision}"
-
-[model]
-preset = "tiny"
-
-[data]
-kind = "synthetic"
-tokens = 65536
-
-[optimizer]
-peak_lr = 3e-3
-warmup_steps = 1
-constant_steps = 10
-decay_steps = 0
-final_lr = 3e-3
-"#
-    )
+    common::tiny_run(11, STEPS, 16, 16, precision, 1)
 }
 
 fn parse(toml: &str) -> (TrainConfig, ModelConfig) {

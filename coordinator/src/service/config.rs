@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flotilla_model::ModelConfig;
-use flotilla_model::train::{CheckpointConfig, RecoveryConfig};
+use flotilla_model::train::{CheckpointConfig, RecoveryConfig, validate_policy};
 use flotilla_proto::v1::SubmitJobRequest;
 
 use super::ServiceError;
@@ -166,22 +166,8 @@ fn policy_in(table: &toml::Table) -> Result<JobPolicy, ServiceError> {
     }
     let policy =
         JobPolicy { checkpoint: section(table, "checkpoint")?, recovery: section(table, "recovery")? };
-    if policy.checkpoint.keep == 0 {
-        return invalid("checkpoint.keep", "must be at least 1".into());
-    }
-    let timeout = policy.recovery.step_timeout_s;
-    if !(timeout.is_finite() && (0.0..=1e7).contains(&timeout)) {
-        return invalid(
-            "recovery.step_timeout_s",
-            format!("must be between 0 and 1e7 seconds, got {timeout}"),
-        );
-    }
-    if policy.recovery.backoff_ms > 3_600_000 {
-        return invalid(
-            "recovery.backoff_ms",
-            format!("must be at most one hour (3600000), got {}", policy.recovery.backoff_ms),
-        );
-    }
+    validate_policy(&policy.checkpoint, &policy.recovery)
+        .or_else(|(field, reason)| invalid(field, reason))?;
     Ok(policy)
 }
 
