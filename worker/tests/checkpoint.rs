@@ -21,7 +21,6 @@ use flotilla_coordinator::schedule::ScheduleKind;
 use flotilla_model::ModelConfig;
 use flotilla_model::shard::{CheckpointReader, ShardFile, step_dir, write_shard};
 use flotilla_model::train::{StepRecord, TrainConfig, Trainer};
-use flotilla_worker::comm::{TcpOptions, loopback_group};
 use flotilla_worker::pipeline::{PipelinePlan, PipelineTrainer};
 
 /// Steps of the whole run.
@@ -36,9 +35,7 @@ fn run_toml() -> String {
     common::tiny_run(11, STEPS, 16, 16, "fp32", 1)
 }
 
-fn parse(toml: &str) -> (TrainConfig, ModelConfig) {
-    TrainConfig::from_toml(toml, Path::new(".")).expect("the test config parses")
-}
+use common::parse;
 
 fn parallel(pp: u32, ep: u32, dp: u32) -> Parallel {
     Parallel { pp, ep, dp, schedule: ScheduleKind::DualPipe, micro_batches: 2 * pp }
@@ -71,48 +68,32 @@ fn run_layout(
     resume: Option<(&Path, &[ShardFile])>,
     root: Option<&Path>,
 ) -> Vec<RankRun> {
-    let (config, model) = parse(toml);
-    let placement = Placement::new(layout, &model, config.seq_len as u32).expect("the layout places");
-    let world = placement.world_size() as usize;
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let comms = runtime.block_on(loopback_group(world, TcpOptions::new(7))).expect("loopback data plane");
-    let handle = runtime.handle().clone();
-    std::thread::scope(|scope| {
-        let runs: Vec<_> = comms
-            .iter()
-            .enumerate()
-            .map(|(g, comm)| {
-                let (config, model, placement, handle) = (config.clone(), &model, &placement, handle.clone());
-                scope.spawn(move || {
-                    let assignment = placement.assignment(g as u32);
-                    let plan =
-                        PipelinePlan::from_assignment(&assignment, g, world, model).expect("a valid plan");
-                    let mut trainer = PipelineTrainer::new(config, model, plan).expect("the rank builds");
-                    let restored = resume.map(|(dir, files)| {
-                        let reader = CheckpointReader::open(dir, files).expect("the checkpoint opens");
-                        trainer.restore(&reader).unwrap_or_else(|e| panic!("rank {g} restores: {e}"));
-                        assert_eq!(trainer.step(), reader.step());
-                        params_of(&trainer)
-                    });
-                    let (mut records, mut written) = (Vec::new(), None);
-                    while trainer.step() < STEPS {
-                        let step =
-                            trainer.run_step(comm, &handle).unwrap_or_else(|e| panic!("rank {g}: {e}"));
-                        records.push(step.record);
-                        if let Some(root) = root.filter(|_| trainer.step() == CUT) {
-                            let snapshot = trainer.snapshot();
-                            assert_eq!((snapshot.header.step, snapshot.header.rank), (CUT, g as u32));
-                            let file =
-                                write_shard(&step_dir(root, CUT), &snapshot).expect("the shard is written");
-                            written = Some((file, params_of(&trainer)));
-                        }
-                    }
-                    RankRun { records, restored, written, last: params_of(&trainer) }
-                })
-            })
-            .collect();
-        runs.into_iter().map(|h| h.join().expect("a rank panicked")).collect()
-    })
+    common::run_ranks(
+        toml,
+        layout,
+        |_, plan| plan,
+        |rank| {
+            let common::Rank { g, mut trainer, comm, handle, .. } = rank;
+            let restored = resume.map(|(dir, files)| {
+                let reader = CheckpointReader::open(dir, files).expect("the checkpoint opens");
+                trainer.restore(&reader).unwrap_or_else(|e| panic!("rank {g} restores: {e}"));
+                assert_eq!(trainer.step(), reader.step());
+                params_of(&trainer)
+            });
+            let (mut records, mut written) = (Vec::new(), None);
+            while trainer.step() < STEPS {
+                let step = trainer.run_step(comm, &handle).unwrap_or_else(|e| panic!("rank {g}: {e}"));
+                records.push(step.record);
+                if let Some(root) = root.filter(|_| trainer.step() == CUT) {
+                    let snapshot = trainer.snapshot();
+                    assert_eq!((snapshot.header.step, snapshot.header.rank), (CUT, g as u32));
+                    let file = write_shard(&step_dir(root, CUT), &snapshot).expect("the shard is written");
+                    written = Some((file, params_of(&trainer)));
+                }
+            }
+            RankRun { records, restored, written, last: params_of(&trainer) }
+        },
+    )
 }
 
 fn rel(a: f64, b: f64) -> f64 {

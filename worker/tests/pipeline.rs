@@ -8,15 +8,12 @@
 
 mod common;
 use std::collections::HashMap;
-use std::path::Path;
 
-use flotilla_coordinator::placement::{Parallel, Placement};
+use flotilla_coordinator::placement::Parallel;
 use flotilla_coordinator::schedule::ScheduleKind;
-use flotilla_model::ModelConfig;
-use flotilla_model::train::{StepRecord, TrainConfig, Trainer};
-use flotilla_worker::comm::{TcpOptions, loopback_group};
+use flotilla_model::train::{StepRecord, Trainer};
 use flotilla_worker::expert_exchange::ExchangeStats;
-use flotilla_worker::pipeline::{PipelinePlan, PipelineTrainer};
+use flotilla_worker::pipeline::PipelinePlan;
 
 const STEPS: u64 = 3;
 
@@ -25,9 +22,7 @@ fn run_toml(precision: &str) -> String {
     common::tiny_run(11, STEPS, 16, 16, precision, 1)
 }
 
-fn parse(toml: &str) -> (TrainConfig, ModelConfig) {
-    TrainConfig::from_toml(toml, Path::new(".")).expect("the test config parses")
-}
+use common::parse;
 
 /// One rank's outcome: its records and its tensors by name.
 struct RankRun {
@@ -41,48 +36,23 @@ struct RankRun {
 /// Trains `STEPS` steps under `parallel` with one thread per rank, world rank `g` on node
 /// `nodes[g]` (no node ids when empty: one node).
 fn run_layout(toml: &str, parallel: Parallel, nodes: &[String]) -> Vec<RankRun> {
-    let (config, model) = parse(toml);
-    let placement = Placement::new(parallel, &model, config.seq_len as u32).expect("the layout places");
-    let world = placement.world_size() as usize;
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let comms = runtime.block_on(loopback_group(world, TcpOptions::new(7))).expect("loopback data plane");
-    let handle = runtime.handle().clone();
-    std::thread::scope(|scope| {
-        let runs: Vec<_> = comms
-            .iter()
-            .enumerate()
-            .map(|(g, comm)| {
-                let (config, model, placement, handle) = (config.clone(), &model, &placement, handle.clone());
-                scope.spawn(move || {
-                    let assignment = placement.assignment(g as u32);
-                    let mut plan =
-                        PipelinePlan::from_assignment(&assignment, g, world, model).expect("a valid plan");
-                    if !nodes.is_empty() {
-                        plan = plan.with_nodes(nodes.to_vec()).expect("a node id per rank");
-                    }
-                    let mut trainer = PipelineTrainer::new(config, model, plan).expect("the rank builds");
-                    let (mut records, mut bubble, mut exchange) = (Vec::new(), Vec::new(), Vec::new());
-                    for _ in 0..STEPS {
-                        let step =
-                            trainer.run_step(comm, &handle).unwrap_or_else(|e| panic!("rank {g}: {e}"));
-                        placement
-                            .check_executed(g as u32, &step.executed)
-                            .unwrap_or_else(|e| panic!("rank {g} deviated from its stream: {e}"));
-                        records.push(step.record);
-                        bubble.push(step.bubble_fraction);
-                        exchange.push(step.exchange);
-                    }
-                    let params = trainer
-                        .model
-                        .params()
-                        .into_iter()
-                        .map(|p| (p.name.clone(), p.value.clone()))
-                        .collect();
-                    RankRun { records, params, bubble, exchange }
-                })
-            })
-            .collect();
-        runs.into_iter().map(|h| h.join().expect("a rank panicked")).collect()
+    let adjust = |_: usize, plan: PipelinePlan| {
+        if nodes.is_empty() { plan } else { plan.with_nodes(nodes.to_vec()).expect("a node id per rank") }
+    };
+    common::run_ranks(toml, parallel, adjust, |rank| {
+        let common::Rank { g, mut trainer, comm, handle, placement } = rank;
+        let (mut records, mut bubble, mut exchange) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..STEPS {
+            let step = trainer.run_step(comm, &handle).unwrap_or_else(|e| panic!("rank {g}: {e}"));
+            placement
+                .check_executed(g as u32, &step.executed)
+                .unwrap_or_else(|e| panic!("rank {g} deviated from its stream: {e}"));
+            records.push(step.record);
+            bubble.push(step.bubble_fraction);
+            exchange.push(step.exchange);
+        }
+        let params = trainer.model.params().into_iter().map(|p| (p.name.clone(), p.value.clone())).collect();
+        RankRun { records, params, bubble, exchange }
     })
 }
 
