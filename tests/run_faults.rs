@@ -354,6 +354,8 @@ fn a_corrupted_checkpoint_is_detected_and_the_one_before_it_resumes() {
     let skipped: Vec<&str> =
         recovery["skipped_checkpoints"].as_array().unwrap().iter().filter_map(Value::as_str).collect();
     assert_eq!(skipped, [corrupted.as_str()], "{recovery}");
+    // The fallback is part of the recovery from the kill: its cause is the kill's.
+    assert!(recovery["cause"].as_str().unwrap().contains("worker-1"), "{recovery}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

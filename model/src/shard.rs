@@ -437,7 +437,7 @@ fn header(snapshot: &Snapshot) -> Result<(Vec<u8>, Vec<usize>), ShardError> {
 /// reusable buffer (one copy, no whole-file image in memory); returns the bytes written and
 /// their CRC-32.
 fn stream(snapshot: &Snapshot, out: &mut impl Write) -> Result<(u64, u32), std::io::Error> {
-    const CHUNK: usize = 1 << 18;
+    const CHUNK: usize = 1 << 20;
     let (header, order) = header(snapshot).map_err(std::io::Error::other)?;
     let mut crc = crc32fast::Hasher::new();
     let mut written = 0u64;
@@ -448,21 +448,27 @@ fn stream(snapshot: &Snapshot, out: &mut impl Write) -> Result<(u64, u32), std::
     };
     emit(&(header.len() as u64).to_le_bytes(), out)?;
     emit(&header, out)?;
-    let mut buffer = Vec::with_capacity(4 * CHUNK);
+    let mut buffer = vec![0u8; 4 * CHUNK];
     for i in order {
+        // Fixed-width copies into a sized buffer (the compiler turns them into plain
+        // moves); an iterator of byte arrays would not be.
         match &snapshot.pieces[i].data {
             PieceData::F32(values) => {
                 for chunk in values.chunks(CHUNK) {
-                    buffer.clear();
-                    buffer.extend(chunk.iter().flat_map(|x| x.to_le_bytes()));
-                    emit(&buffer, out)?;
+                    let bytes = &mut buffer[..4 * chunk.len()];
+                    for (dst, x) in bytes.chunks_exact_mut(4).zip(chunk) {
+                        dst.copy_from_slice(&x.to_le_bytes());
+                    }
+                    emit(bytes, out)?;
                 }
             }
             PieceData::Bf16(values) => {
                 for chunk in values.chunks(CHUNK) {
-                    buffer.clear();
-                    buffer.extend(chunk.iter().flat_map(|x| x.to_le_bytes()));
-                    emit(&buffer, out)?;
+                    let bytes = &mut buffer[..2 * chunk.len()];
+                    for (dst, x) in bytes.chunks_exact_mut(2).zip(chunk) {
+                        dst.copy_from_slice(&x.to_le_bytes());
+                    }
+                    emit(bytes, out)?;
                 }
             }
         }

@@ -899,7 +899,7 @@ impl<S: StateStore + Clone + 'static> JobActor<S> {
         }
         let previous = self.recovery.take();
         let reached = self.record.steps_done.max(previous.as_ref().map_or(0, |p| p.reached));
-        self.recovery = Some(RecoveryProgress {
+        let mut recovery = RecoveryProgress {
             cause: cause.clone(),
             restart: self.record.restarts,
             detected: now,
@@ -910,9 +910,20 @@ impl<S: StateStore + Clone + 'static> JobActor<S> {
             requeued_at: None,
             crew_at: None,
             rendezvous_done: None,
-            skipped: previous.map(|p| p.skipped).unwrap_or_default(),
+            skipped: Vec::new(),
             mismatches: 0,
-        });
+        };
+        if let Some(previous) = previous {
+            recovery.skipped = previous.skipped;
+            if !counts {
+                // Falling back to an older checkpoint is part of the recovery under way: it
+                // keeps that failure's cause and detection time.
+                recovery.cause = previous.cause;
+                recovery.detected = previous.detected;
+                recovery.detected_unix_ms = previous.detected_unix_ms;
+            }
+        }
+        self.recovery = Some(recovery);
         if self.record.state != JobState::Recovering {
             self.transition(JobState::Recovering, cause).await?;
         }
