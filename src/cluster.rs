@@ -879,8 +879,11 @@ async fn follow(
         std::fs::File::create(&events_path).with_context(|| format!("creating {}", events_path.display()))?,
     );
     let mut check = tokio::time::interval(Duration::from_millis(200));
-    // Why the launcher cancelled the job: a worker out of restarts.
+    // Why the launcher cancelled the job: a worker out of restarts (unless the job may go
+    // on with fewer workers).
     let mut gave_up: Option<String> = None;
+    let min_workers = config.recovery.min_workers;
+    let elastic = config.parallel.is_none() && min_workers > 0 && min_workers < worker_count;
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
     let end = loop {
@@ -938,6 +941,11 @@ async fn follow(
                         LauncherEvent::Restarted { rank, pid } => {
                             bar.println(format!("worker {rank} started again (pid {pid})"));
                         }
+                        LauncherEvent::GaveUp { rank, pid, how } if elastic => bar.println(format!(
+                            "worker {rank} (pid {pid}) exited: {how}, with no restarts left; the job goes on without it \
+                             (down to recovery.min_workers = {}) once recovery.replace_timeout_s passes",
+                            config.recovery.min_workers
+                        )),
                         LauncherEvent::GaveUp { rank, pid, how } => {
                             let why = format!(
                                 "worker {rank} (pid {pid}) exited: {how}, with no restarts left (recovery.max_restarts = {})",

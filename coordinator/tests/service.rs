@@ -1647,7 +1647,45 @@ async fn invalid_submit_names_the_field() {
             "invalid batch_size: 8 cannot be split evenly over 3",
         ),
         (2, format!("steps = 1\nbatch_size = 2\n#{}\n", "x".repeat(2 << 20)), "invalid config_toml: "),
+        (
+            2,
+            "steps = 10\nbatch_size = 8\n[checkpoint]\nkeep = 0\n".to_string(),
+            "invalid checkpoint.keep: must be at least 1",
+        ),
+        (
+            2,
+            "steps = 10\nbatch_size = 8\n[recovery]\nstep_timeout_s = -1.0\n".to_string(),
+            "invalid recovery.step_timeout_s: must be between 0 and 1e7 seconds, got -1",
+        ),
+        (
+            2,
+            "steps = 10\nbatch_size = 8\n[recovery]\nretries = 3\n".to_string(),
+            "invalid recovery: invalid [recovery] table: unknown field `retries`",
+        ),
+        (
+            4,
+            format!(
+                "{}[recovery]\nmin_workers = 2\n",
+                pipeline_config(3).replace("[recovery]\nmax_restarts = 0\n", "")
+            ),
+            "invalid recovery.min_workers: applies to data-parallel jobs only",
+        ),
     ];
+    let not_a_checkpoint = tempfile::tempdir().unwrap();
+    let resume = SubmitJobRequest {
+        name: "bad".into(),
+        config_toml: job_config(3),
+        workers: 2,
+        resume_from: not_a_checkpoint.path().display().to_string(),
+        ..Default::default()
+    };
+    let status = client.submit_job(resume).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().starts_with("invalid resume_from: not a committed checkpoint: "),
+        "{}",
+        status.message()
+    );
     for (workers, config_toml, expected) in cases {
         let request = SubmitJobRequest { name: "bad".into(), config_toml, workers, ..Default::default() };
         let status = client.submit_job(request).await.unwrap_err();
@@ -1938,5 +1976,53 @@ async fn a_restarted_coordinator_resumes_a_running_job_from_its_newest_checkpoin
     assert_eq!(recovery.len(), 1, "{recovery:?}");
     assert_eq!((recovery[0].cause.as_str(), recovery[0].from_step), ("coordinator restarted", resume.step));
     assert_eq!(summarized_steps(&events), (1..=20).collect::<Vec<u64>>());
+    coordinator.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_data_parallel_job_whose_worker_does_not_come_back_continues_on_fewer() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let coordinator = start(config(dir.path())).await;
+    let addr = coordinator.local_addr();
+    let mut client = jobs(addr).await;
+    let complete = Behavior::Complete { step_time: Duration::from_millis(10) };
+    let mut a = FakeWorker::start(addr, "w-a", complete).await;
+    let _b = FakeWorker::start(addr, "w-b", complete).await;
+    let c = FakeWorker::start(addr, "w-c", complete).await;
+    // batch_size 12: 3 workers, or 2 (4 does not divide it, 1 is below min_workers).
+    let config_toml =
+        recovering_config(20, FAKE_CHECKPOINT_INTERVAL, 2, "min_workers = 2\nreplace_timeout_s = 0.2\n");
+    let job = submit_config(&mut client, 3, config_toml, out.path()).await;
+    let mut stream = watch(&mut client, &job.job_id, 0).await;
+    until(&mut stream, |e| matches!(&e.event, Some(job_event::Event::Step(s)) if s.step == 6)).await;
+    c.kill().await;
+    let events = rest(&mut stream).await;
+
+    let rendezvous: Vec<String> = events
+        .iter()
+        .filter_map(state_change)
+        .filter(|(_, to, _)| *to == JobState::Rendezvous)
+        .map(|(_, _, reason)| reason.to_string())
+        .collect();
+    assert_eq!(rendezvous.len(), 1, "{rendezvous:?}");
+    assert!(
+        rendezvous[0].starts_with("2 workers assigned; resuming from the checkpoint at step "),
+        "{}",
+        rendezvous[0]
+    );
+    assert!(rendezvous[0].ends_with("1 fewer than before (recovery.min_workers = 2)"), "{}", rendezvous[0]);
+    let assignment = a
+        .expect_command(|body| match body {
+            coordinator_message::Body::Assignment(assignment) if assignment.resume.is_some() => {
+                Some(assignment.clone())
+            }
+            _ => None,
+        })
+        .await;
+    assert_eq!((assignment.dp_rank, assignment.dp_size), (0, 2));
+    assert_eq!(summarized_steps(&events).last(), Some(&20));
+    let done = get(&mut client, &job.job_id).await;
+    assert_eq!((done.state(), done.workers, done.restarts), (JobState::Succeeded, 2, 1));
     coordinator.shutdown().await.unwrap();
 }

@@ -172,6 +172,13 @@ pub fn validate_policy(
     if !(timeout.is_finite() && (0.0..=1e7).contains(&timeout)) {
         return Err(("recovery.step_timeout_s", format!("must be between 0 and 1e7 seconds, got {timeout}")));
     }
+    let replace = recovery.replace_timeout_s;
+    if !(replace.is_finite() && (0.0..=1e7).contains(&replace)) {
+        return Err((
+            "recovery.replace_timeout_s",
+            format!("must be between 0 and 1e7 seconds, got {replace}"),
+        ));
+    }
     if recovery.backoff_ms > 3_600_000 {
         return Err((
             "recovery.backoff_ms",
@@ -197,6 +204,20 @@ pub struct RecoveryConfig {
     /// compute or in a collective while its heartbeats still flow. 0 disables.
     #[serde(default = "default_step_timeout_s")]
     pub step_timeout_s: f64,
+    /// Data-parallel jobs (no `[parallel]` table): the fewest workers the job may continue
+    /// on when a failed worker does not come back within `replace_timeout_s` (the world
+    /// shrinks to the largest size at least this that divides `batch_size` and that the
+    /// idle workers can fill; losses then equal the full run's to rounding, not bits).
+    /// 0 (the default): never shrink.
+    #[serde(default)]
+    pub min_workers: u32,
+    /// How long a recovering job waits for a replacement before shrinking, in seconds.
+    #[serde(default = "default_replace_timeout_s")]
+    pub replace_timeout_s: f64,
+}
+
+fn default_replace_timeout_s() -> f64 {
+    60.0
 }
 
 fn default_max_restarts() -> u32 {
@@ -217,6 +238,8 @@ impl Default for RecoveryConfig {
             max_restarts: default_max_restarts(),
             backoff_ms: default_backoff_ms(),
             step_timeout_s: default_step_timeout_s(),
+            min_workers: 0,
+            replace_timeout_s: default_replace_timeout_s(),
         }
     }
 }

@@ -111,6 +111,12 @@ pub(crate) enum ClusterMsg {
         job_id: String,
         stuck: Vec<(String, String)>,
     },
+    /// A recovering data-parallel job whose replacement did not come in time accepts any
+    /// of these smaller world sizes (largest first) the idle workers can fill.
+    JobShrink {
+        job_id: String,
+        sizes: Vec<u32>,
+    },
     /// A step timeline: from the job actor while the job runs, from the ended jobs'
     /// timelines afterwards, `JobNotFound` when neither has it.
     StepTimeline {
@@ -233,6 +239,9 @@ impl HeartbeatLatency {
 struct ActiveJob {
     handle: JobHandle,
     workers: u32,
+    /// Smaller world sizes a recovering data-parallel job accepts when the idle workers
+    /// cannot fill `workers` (largest first); empty: exactly `workers`.
+    shrink_to: Vec<u32>,
 }
 
 struct Cluster<S> {
@@ -395,6 +404,12 @@ impl<S: StateStore + Clone + 'static> Cluster<S> {
                     self.queue.push_front(job_id);
                 }
                 self.schedule();
+            }
+            ClusterMsg::JobShrink { job_id, sizes } => {
+                if let Some(job) = self.jobs.get_mut(&job_id) {
+                    job.shrink_to = sizes;
+                    self.schedule();
+                }
             }
             ClusterMsg::StepTimeline { job_id, step, reply } => match self.jobs.get(&job_id) {
                 Some(job) => job.handle.send(JobControl::Timeline { step, reply }),
@@ -610,7 +625,7 @@ impl<S: StateStore + Clone + 'static> Cluster<S> {
         let workers = actor.workers_needed();
         let task = self.job_tasks.spawn(actor.run(launch));
         self.task_jobs.insert(task.id(), job_id.clone());
-        self.jobs.insert(job_id, ActiveJob { handle, workers });
+        self.jobs.insert(job_id, ActiveJob { handle, workers, shrink_to: Vec::new() });
     }
 
     fn submit(&mut self, spec: JobSpec, reply: oneshot::Sender<Result<Job, ServiceError>>) {
@@ -629,7 +644,15 @@ impl<S: StateStore + Clone + 'static> Cluster<S> {
                 self.queue.pop_front();
                 continue;
             };
-            let needed = job.workers as usize;
+            let available = self.workers.values().filter(|w| w.session.is_some() && w.job.is_none()).count();
+            let needed = if available >= job.workers as usize {
+                job.workers as usize
+            } else {
+                match job.shrink_to.iter().find(|&&size| size as usize <= available) {
+                    Some(&size) => size as usize,
+                    None => return,
+                }
+            };
             let idle: Vec<String> = self
                 .workers
                 .iter()
@@ -637,12 +660,13 @@ impl<S: StateStore + Clone + 'static> Cluster<S> {
                 .map(|(id, _)| id.clone())
                 .take(needed)
                 .collect();
-            if idle.len() < needed {
-                return;
-            }
             let route = job.handle.route();
             let handle = job.handle.clone();
             let job_id = job_id.clone();
+            if let Some(job) = self.jobs.get_mut(&job_id) {
+                job.workers = needed as u32;
+                job.shrink_to.clear();
+            }
             self.queue.pop_front();
             let mut members = Vec::with_capacity(needed);
             for worker_id in idle {

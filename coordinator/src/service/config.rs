@@ -234,7 +234,13 @@ pub fn validate_submit(request: &SubmitJobRequest) -> Result<JobSpec, ServiceErr
     let steps: u64 = required(positive(&table, "steps", "steps")?, "steps")?;
     let batch_size: u64 = required(positive(&table, "batch_size", "batch_size")?, "batch_size")?;
     let placement = placement_in(&table, request.workers)?;
-    policy_in(&table)?;
+    let policy = policy_in(&table)?;
+    if placement.is_some() && policy.recovery.min_workers > 0 {
+        return bad(
+            "recovery.min_workers",
+            "applies to data-parallel jobs only: a [parallel] layout needs exactly its workers".into(),
+        );
+    }
     if !request.resume_from.is_empty() {
         let dir = std::path::Path::new(&request.resume_from);
         let manifest = crate::checkpoint::read_manifest(dir)

@@ -49,6 +49,13 @@
 //! from, the steps redone, the checkpoints skipped and the replay mismatches (0: the
 //! trajectory replayed exactly).
 //!
+//! A data-parallel job with `recovery.min_workers` below its size does not wait forever
+//! for a replacement: `recovery.replace_timeout_s` after asking for a crew it offers the
+//! cluster actor every smaller world size down to `min_workers` that divides `batch_size`,
+//! and goes on from the same checkpoint on the largest one the idle workers fill (the
+//! checkpoint loads under any world size; the losses then equal the full world's to
+//! rounding). Its record's `workers` follows.
+//!
 //! A worker that cannot load the checkpoint (a shard missing or failing its checksum, a
 //! different model) refuses its assignment naming it: that checkpoint is never tried again
 //! and the job rendezvouses from the one before (not counted as a restart). A job submitted
@@ -311,6 +318,8 @@ struct RecoveryProgress {
     requeued: bool,
     requeued_at: Option<Instant>,
     crew_at: Option<Instant>,
+    /// Whether the job has offered the cluster smaller world sizes (elastic DP).
+    shrink_offered: bool,
     /// When every rank of the new crew had loaded the checkpoint.
     rendezvous_done: Option<Instant>,
     skipped: Vec<String>,
@@ -431,6 +440,7 @@ impl<S: StateStore + Clone + 'static> JobActor<S> {
             let stop_deadline = self.stopping.values().map(|&(_, sent)| sent + self.env.stop_timeout).min();
             let step_deadline = self.step_deadline();
             let requeue_at = self.requeue_at();
+            let shrink_at = self.shrink_at();
             let handled = tokio::select! {
                 biased;
                 // Shutdown: stop without writing, so the store looks as after a crash.
@@ -450,6 +460,9 @@ impl<S: StateStore + Clone + 'static> JobActor<S> {
                 }
                 _ = tokio::time::sleep_until(requeue_at.unwrap_or_else(Instant::now)), if requeue_at.is_some() => {
                     self.requeue().await
+                }
+                _ = tokio::time::sleep_until(shrink_at.unwrap_or_else(Instant::now)), if shrink_at.is_some() => {
+                    self.offer_shrink().await
                 }
             };
             if let Err(e) = handled {
@@ -765,12 +778,27 @@ impl<S: StateStore + Clone + 'static> JobActor<S> {
             let layout = placement.parallel().layout();
             self.timelines = Some(JobTimelines::new(self.record.id.clone(), layout, ranks));
         }
+        // An elastic data-parallel job may have been given fewer workers than it had.
+        let shrunk = (n as u32) < self.record.workers && placement.is_none();
+        let before = self.record.workers;
+        if shrunk {
+            self.record.workers = n as u32;
+        }
         let assigned = match &resume {
             Some(resume) => {
                 format!("{n} workers assigned; resuming from the checkpoint at step {from} ({})", resume.dir)
             }
             None if recovering => format!("{n} workers assigned; restarting from the seeded initialization"),
             None => format!("{n} workers assigned"),
+        };
+        let assigned = if shrunk {
+            format!(
+                "{assigned}, {} fewer than before (recovery.min_workers = {})",
+                before - n as u32,
+                self.policy.recovery.min_workers
+            )
+        } else {
+            assigned
         };
         self.transition(JobState::Rendezvous, assigned).await?;
         for rank in 0..n {
@@ -909,6 +937,7 @@ impl<S: StateStore + Clone + 'static> JobActor<S> {
             requeued: false,
             requeued_at: None,
             crew_at: None,
+            shrink_offered: false,
             rendezvous_done: None,
             skipped: Vec::new(),
             mismatches: 0,
@@ -950,6 +979,46 @@ impl<S: StateStore + Clone + 'static> JobActor<S> {
             recovery.requeued_at = Some(Instant::now());
         }
         let message = ClusterMsg::JobRecovering { job_id: self.record.id.clone(), stuck };
+        self.env.cluster.send(message).await.map_err(|_| ServiceError::ShuttingDown)
+    }
+
+    /// A recovering data-parallel job allowed to shrink (`recovery.min_workers`): when it
+    /// stops waiting for a replacement (`recovery.replace_timeout_s` after asking for a
+    /// crew).
+    fn shrink_at(&self) -> Option<Instant> {
+        let recovery = self.recovery.as_ref()?;
+        let min = self.policy.recovery.min_workers;
+        let elastic = matches!(self.placement, Ok(None)) && min > 0 && min < self.record.workers;
+        let waiting =
+            self.record.state == JobState::Recovering && recovery.requeued && !recovery.shrink_offered;
+        let asked = recovery.requeued_at?;
+        (elastic && waiting).then(|| asked + Duration::from_secs_f64(self.policy.recovery.replace_timeout_s))
+    }
+
+    /// The replacement did not come: offers the cluster every smaller world size from
+    /// `recovery.min_workers` up that divides `batch_size`, largest first. The checkpoint
+    /// loads under any world size; the losses then equal the full world's to rounding.
+    async fn offer_shrink(&mut self) -> Result<(), ServiceError> {
+        if let Some(recovery) = &mut self.recovery {
+            recovery.shrink_offered = true;
+        }
+        let batch_size = self
+            .record
+            .config_toml
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|t| t.get("batch_size").and_then(toml::Value::as_integer))
+            .and_then(|b| u64::try_from(b).ok())
+            .unwrap_or(0);
+        let sizes: Vec<u32> = (self.policy.recovery.min_workers..self.record.workers)
+            .rev()
+            .filter(|&w| w > 0 && batch_size.is_multiple_of(u64::from(w)))
+            .collect();
+        tracing::warn!(job = %self.record.id, ?sizes, "no replacement in time; the job may continue on fewer workers");
+        if sizes.is_empty() {
+            return Ok(());
+        }
+        let message = ClusterMsg::JobShrink { job_id: self.record.id.clone(), sizes };
         self.env.cluster.send(message).await.map_err(|_| ServiceError::ShuttingDown)
     }
 
@@ -1364,6 +1433,9 @@ impl<S: StateStore + Clone + 'static> JobActor<S> {
         let n = self.crew.len();
         let (done, total) = (self.record.steps_done, self.record.total_steps);
         if done == total {
+            // A recovery that resumed from the last step's checkpoint ran no step: it ends
+            // here.
+            self.finish_recovery(total).await?;
             self.transition(JobState::Succeeded, format!("all {n} workers finished {total} steps")).await
         } else {
             self.fail(format!(
