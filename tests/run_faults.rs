@@ -130,6 +130,16 @@ fn events(out: &Path) -> Vec<Value> {
         .collect()
 }
 
+/// Whether a recovery's cause names worker `k` (world rank `k` in these runs): as lost, or
+/// as the peer whose link failed in a survivor's collective (whichever the coordinator
+/// heard first).
+fn blames(recovery: &Value, k: u32) -> bool {
+    let cause = recovery["cause"].as_str().unwrap_or("");
+    cause.contains(&format!("worker worker-{k} lost"))
+        || cause.contains(&format!("link to rank {k} failed"))
+        || cause.contains(&format!("rank {k} shut down its connection"))
+}
+
 fn of_type<'a>(events: &'a [Value], kind: &str) -> Vec<&'a Value> {
     events.iter().filter(|e| e["type"] == kind).collect()
 }
@@ -317,7 +327,7 @@ fn a_killed_data_parallel_worker_is_restarted_and_the_losses_replay_exactly() {
     let (losses, events, injected) = run_with_faults(&dir, "dp-kill", &text, &plan);
     check_recovered(&reference, &losses, &events, &injected);
     let recovery = of_type(&events, "recovery")[0];
-    assert!(recovery["cause"].as_str().unwrap().contains("worker-1"), "{recovery}");
+    assert!(blames(recovery, 1), "{recovery}");
     // Resumed from a checkpoint at or after step 12 (committed by the time step 14 was
     // written, unless the kill beat its manifest): at most 8 steps redone.
     assert!(recovery["from_step"].as_u64().unwrap() >= 6, "{recovery}");
@@ -337,7 +347,7 @@ fn a_killed_pipeline_worker_and_a_frozen_one_are_replaced_and_the_losses_replay_
     check_recovered(&reference, &losses, &events, &injected);
     let recoveries = of_type(&events, "recovery");
     assert_eq!(recoveries.len(), 2, "{recoveries:?}");
-    assert!(recoveries[1]["cause"].as_str().unwrap().contains("worker-1"), "{:?}", recoveries[1]);
+    assert!(blames(recoveries[1], 1), "{:?}", recoveries[1]);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -355,7 +365,7 @@ fn a_corrupted_checkpoint_is_detected_and_the_one_before_it_resumes() {
         recovery["skipped_checkpoints"].as_array().unwrap().iter().filter_map(Value::as_str).collect();
     assert_eq!(skipped, [corrupted.as_str()], "{recovery}");
     // The fallback is part of the recovery from the kill: its cause is the kill's.
-    assert!(recovery["cause"].as_str().unwrap().contains("worker-1"), "{recovery}");
+    assert!(blames(recovery, 1), "{recovery}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
