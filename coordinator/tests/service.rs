@@ -1582,46 +1582,106 @@ async fn health_reports_serving() {
     coordinator.shutdown().await.unwrap();
 }
 
-#[tokio::test]
-async fn reflection_lists_the_services() {
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
-    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+/// A reflection client test for one version of `grpc.reflection` (v1 and v1alpha have the
+/// same messages in different packages): it lists the services, then resolves every
+/// `flotilla.v1` method's request and response types to the file that defines them, as
+/// grpcurl, Postman or grpcio-reflection do before they can call a method.
+macro_rules! reflection_client_test {
+    ($name:ident, $version:ident, $reflection_service:literal) => {
+        #[tokio::test]
+        async fn $name() {
+            use prost::Message;
+            use tonic_reflection::pb::$version::ServerReflectionRequest;
+            use tonic_reflection::pb::$version::server_reflection_client::ServerReflectionClient;
+            use tonic_reflection::pb::$version::server_reflection_request::MessageRequest;
+            use tonic_reflection::pb::$version::server_reflection_response::MessageResponse;
 
-    let dir = tempfile::tempdir().unwrap();
-    let coordinator = start(config(dir.path())).await;
-    let mut reflection = ServerReflectionClient::new(channel(coordinator.local_addr()).await);
-    let requests = [
-        MessageRequest::ListServices(String::new()),
-        MessageRequest::FileContainingSymbol("flotilla.v1.JobService".into()),
-    ]
-    .map(|request| ServerReflectionRequest { host: String::new(), message_request: Some(request) });
-    let mut responses =
-        reflection.server_reflection_info(futures::stream::iter(requests)).await.unwrap().into_inner();
+            let dir = tempfile::tempdir().unwrap();
+            let coordinator = start(config(dir.path())).await;
+            let mut client = ServerReflectionClient::new(channel(coordinator.local_addr()).await);
+            // One request at a time on the stream, as the clients do.
+            let mut ask_for = async |request: MessageRequest| -> Result<MessageResponse, tonic::Status> {
+                let request = ServerReflectionRequest { host: String::new(), message_request: Some(request) };
+                let mut responses =
+                    client.server_reflection_info(futures::stream::iter([request])).await?.into_inner();
+                Ok(responses.message().await?.expect("a response").message_response.expect("a message"))
+            };
+            let mut ask = async |request| ask_for(request).await.unwrap();
+            let MessageResponse::ListServicesResponse(listed) =
+                ask(MessageRequest::ListServices(String::new())).await
+            else {
+                panic!("expected a service list");
+            };
+            let mut names: Vec<String> = listed.service.into_iter().map(|s| s.name).collect();
+            names.sort();
+            let mut expected = vec![
+                "flotilla.v1.CoordinatorService",
+                "flotilla.v1.JobService",
+                "grpc.health.v1.Health",
+                "grpc.reflection.v1.ServerReflection",
+                "grpc.reflection.v1alpha.ServerReflection",
+            ];
+            expected.sort();
+            assert_eq!(names, expected);
+            assert!(names.iter().any(|n| n == $reflection_service));
 
-    let listed = responses.message().await.unwrap().unwrap();
-    let Some(MessageResponse::ListServicesResponse(listed)) = listed.message_response else {
-        panic!("expected a service list, got {listed:?}");
+            let mut methods = 0;
+            for service in ["flotilla.v1.CoordinatorService", "flotilla.v1.JobService"] {
+                let MessageResponse::FileDescriptorResponse(files) =
+                    ask(MessageRequest::FileContainingSymbol(service.into())).await
+                else {
+                    panic!("expected the file of {service}");
+                };
+                let files: Vec<prost_types::FileDescriptorProto> = files
+                    .file_descriptor_proto
+                    .iter()
+                    .map(|bytes| prost_types::FileDescriptorProto::decode(bytes.as_slice()).unwrap())
+                    .collect();
+                let short = service.rsplit('.').next().unwrap();
+                let descriptor = files
+                    .iter()
+                    .flat_map(|f| f.service.iter())
+                    .find(|s| s.name() == short)
+                    .unwrap_or_else(|| panic!("{service} is not in the files served for it"));
+                assert!(!descriptor.method.is_empty(), "{service} has no methods");
+                for method in &descriptor.method {
+                    for type_name in [method.input_type(), method.output_type()] {
+                        let symbol = type_name.trim_start_matches('.');
+                        let MessageResponse::FileDescriptorResponse(defining) =
+                            ask(MessageRequest::FileContainingSymbol(symbol.into())).await
+                        else {
+                            panic!("{service}/{}: no file for {symbol}", method.name());
+                        };
+                        let (package, message) = symbol.rsplit_once('.').unwrap();
+                        let defined = defining.file_descriptor_proto.iter().any(|bytes| {
+                            let file = prost_types::FileDescriptorProto::decode(bytes.as_slice()).unwrap();
+                            file.package() == package && file.message_type.iter().any(|m| m.name() == message)
+                        });
+                        assert!(
+                            defined,
+                            "{service}/{}: {symbol} is not defined by the files served",
+                            method.name()
+                        );
+                    }
+                    methods += 1;
+                }
+            }
+            assert!(methods >= 6, "only {methods} methods resolved");
+
+            let unknown =
+                ask_for(MessageRequest::FileContainingSymbol("flotilla.v1.NoSuchService".into())).await;
+            assert_eq!(unknown.unwrap_err().code(), Code::NotFound);
+            coordinator.shutdown().await.unwrap();
+        }
     };
-    let mut names: Vec<String> = listed.service.into_iter().map(|s| s.name).collect();
-    names.sort();
-    assert_eq!(
-        names,
-        [
-            "flotilla.v1.CoordinatorService",
-            "flotilla.v1.JobService",
-            "grpc.health.v1.Health",
-            "grpc.reflection.v1.ServerReflection"
-        ]
-    );
-    let file = responses.message().await.unwrap().unwrap();
-    let Some(MessageResponse::FileDescriptorResponse(file)) = file.message_response else {
-        panic!("expected a file descriptor, got {file:?}");
-    };
-    assert!(!file.file_descriptor_proto.is_empty());
-    coordinator.shutdown().await.unwrap();
 }
+
+reflection_client_test!(reflection_v1_resolves_every_method, v1, "grpc.reflection.v1.ServerReflection");
+reflection_client_test!(
+    reflection_v1alpha_resolves_every_method,
+    v1alpha,
+    "grpc.reflection.v1alpha.ServerReflection"
+);
 
 // ---------------------------------------------------------------------------------------
 // Bad input

@@ -5,9 +5,16 @@
 //! Sources of a config:
 //! - a preset ([`Preset`]): the real `deepseek-v3-671b`, and `tiny` / `small`, which train
 //!   on a CPU;
-//! - an HF `config.json` ([`ModelConfig::from_hf_json`]): keys flotilla does not model
-//!   (`architectures`, `torch_dtype`, `quantization_config`, …) are returned to the caller
-//!   as ignored, not rejected, since HF configs carry many generic ones;
+//! - an HF `config.json` ([`ModelConfig::from_hf_json`]) as transformers 4.x and 5.x and
+//!   DeepSeek's released checkpoint write it, for `model_type` `deepseek_v3` and
+//!   `deepseek_v2` (the same architecture when its gate is DeepSeek-V3's: sigmoid scores,
+//!   `noaux_tc`): RoPE in `rope_scaling` or `rope_parameters`, spelled with `type`,
+//!   `rope_type` or both; `null` for "the default" in `n_group`, `topk_group`,
+//!   `moe_layer_freq`, `num_nextn_predict_layers`; the FP8 `quantization_config`. Keys
+//!   flotilla does not model (`architectures`, `torch_dtype`, …) are returned to the
+//!   caller as ignored, not rejected, since HF configs carry many generic ones; a key it
+//!   models with a value it cannot honour (a softmax gate, another RoPE scaling, another
+//!   FP8 block size) is an error naming the key and the value;
 //! - flotilla's TOML ([`ModelConfig::from_toml`]): strict (an unknown key is an error);
 //!   an optional `preset = "…"` key names the base the other keys override.
 //!
@@ -345,9 +352,23 @@ impl fmt::Display for Preset {
 pub struct HfConfig {
     /// The validated configuration.
     pub config: ModelConfig,
+    /// The checkpoint's `quantization_config`, when it declares DeepSeek's FP8 weights.
+    pub quantization: Option<Fp8Quantization>,
     /// Keys present in the file that are not fields of [`ModelConfig`] (sorted).
     pub ignored_keys: Vec<String>,
 }
+
+/// DeepSeek's FP8 weight format, as `quantization_config` declares it: E4M3 weights with
+/// one `weight_scale_inv` per block of `weight_block_size`, activations scaled on the fly.
+/// The only form flotilla reads (and writes), so the block is always 128×128.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fp8Quantization {
+    /// `weight_block_size`: rows × columns of one scale's block.
+    pub weight_block_size: [usize; 2],
+}
+
+/// The `model_type`s whose configs describe flotilla's architecture.
+const MODEL_TYPES: [&str; 2] = ["deepseek_v3", "deepseek_v2"];
 
 impl ModelConfig {
     /// Reads an HF `config.json`. `model_type`, when present, must be `deepseek_v3`;
@@ -362,22 +383,30 @@ impl ModelConfig {
                 detail: "the top level is not an object".into(),
             });
         };
-        if let Some(model_type) = map.get("model_type")
-            && model_type.as_str() != Some("deepseek_v3")
-        {
-            return Err(ConfigError::InvalidField {
-                field: "model_type",
-                detail: format!("must be \"deepseek_v3\", got {model_type}"),
-            });
-        }
+        let model_type = match map.get("model_type") {
+            None => "deepseek_v3",
+            Some(value) => match value.as_str() {
+                Some(t) if MODEL_TYPES.contains(&t) => t,
+                _ => {
+                    return Err(ConfigError::InvalidField {
+                        field: "model_type",
+                        detail: format!("must be one of {MODEL_TYPES:?}, got {value}"),
+                    });
+                }
+            },
+        };
+        let model_type = model_type.to_string();
         normalize_rope_keys(&mut map)?;
+        normalize_gate_keys(&mut map, &model_type)?;
+        normalize_defaults(&mut map)?;
+        let quantization = map.remove("quantization_config").map(|q| parse_quantization(&q)).transpose()?;
         let ignored_keys: Vec<String> =
             map.keys().filter(|k| !FIELD_NAMES.contains(&k.as_str())).cloned().collect();
         map.retain(|k, _| FIELD_NAMES.contains(&k.as_str()));
         let config: ModelConfig =
             serde_json::from_value(serde_json::Value::Object(map)).map_err(parse_error)?;
         config.validate()?;
-        Ok(HfConfig { config, ignored_keys })
+        Ok(HfConfig { config, quantization, ignored_keys })
     }
 
     /// Writes the config as an HF `config.json` (with `model_type` and `architectures`).
@@ -601,6 +630,9 @@ impl ModelConfig {
 /// - transformers ≥ 5 writes `rope_parameters: {rope_type, rope_theta, factor, …}` instead
 ///   of top-level `rope_theta` and `rope_scaling`; a `rope_type` other than "default" is
 ///   the scaling.
+/// - The kind is spelled `type` (DeepSeek's released config), `rope_type` (transformers),
+///   or both (transformers 4 adds `rope_type` beside a `type` it loaded and saves both;
+///   transformers 5 carries both into `rope_parameters`). Both must then agree.
 /// - `rope_interleave: false` declares weights whose rope rows were permuted to the
 ///   half-split layout; flotilla computes DeepSeek's interleaved rotation on the weights as
 ///   released (what `rope_interleave: true`, the default, means), so it refuses those.
@@ -616,27 +648,202 @@ fn normalize_rope_keys(map: &mut serde_json::Map<String, serde_json::Value>) -> 
             ),
         });
     }
-    let Some(parameters) = map.remove("rope_parameters") else {
-        return Ok(());
+    let scaling = match map.remove("rope_scaling") {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(scaling)) => Some(("rope_scaling", scaling)),
+        Some(other) => {
+            return Err(ConfigError::InvalidField {
+                field: "rope_scaling",
+                detail: format!("must be an object or null, got {other}"),
+            });
+        }
     };
-    let Value::Object(mut parameters) = parameters else {
-        return Err(ConfigError::InvalidField {
-            field: "rope_parameters",
-            detail: "must be an object".into(),
-        });
+    let parameters = match map.remove("rope_parameters") {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(mut parameters)) => {
+            if let Some(theta) = parameters.remove("rope_theta") {
+                map.entry("rope_theta").or_insert(theta);
+            }
+            Some(("rope_parameters", parameters))
+        }
+        Some(other) => {
+            return Err(ConfigError::InvalidField {
+                field: "rope_parameters",
+                detail: format!("must be an object or null, got {other}"),
+            });
+        }
     };
-    if let Some(theta) = parameters.remove("rope_theta") {
-        map.entry("rope_theta").or_insert(theta);
-    }
-    let rope_type = parameters.remove("rope_type").or_else(|| parameters.remove("type"));
-    match rope_type.as_ref().and_then(Value::as_str) {
-        None | Some("default") => {}
-        Some(kind) => {
-            parameters.insert("rope_type".into(), Value::String(kind.to_string()));
-            map.entry("rope_scaling").or_insert(Value::Object(parameters));
+    // transformers 5 reads `rope_scaling` into `rope_parameters`; a file with both is
+    // read the same way: the scaling is the first one that scales.
+    for (field, mut dict) in [scaling, parameters].into_iter().flatten() {
+        let kind = rope_kind(field, &mut dict)?;
+        match kind.as_deref() {
+            None | Some("default") => {}
+            Some("yarn") => {
+                dict.insert("rope_type".into(), Value::String("yarn".into()));
+                map.entry("rope_scaling").or_insert(Value::Object(dict));
+            }
+            Some(other) => {
+                return Err(ConfigError::InvalidField {
+                    field,
+                    detail: format!(
+                        "rope_type {other:?} is not supported: flotilla implements DeepSeek-V3's \"yarn\" \
+                         scaling (or none, \"default\")"
+                    ),
+                });
+            }
         }
     }
     Ok(())
+}
+
+/// Removes `type` and `rope_type` from a RoPE dict and returns the kind they name.
+fn rope_kind(
+    field: &'static str,
+    dict: &mut serde_json::Map<String, serde_json::Value>,
+) -> Result<Option<String>, ConfigError> {
+    let mut kind: Option<String> = None;
+    for key in ["rope_type", "type"] {
+        let Some(value) = dict.remove(key) else { continue };
+        let Some(text) = value.as_str() else {
+            return Err(ConfigError::InvalidField {
+                field,
+                detail: format!("`{key}` must be a string, got {value}"),
+            });
+        };
+        match &kind {
+            Some(seen) if seen != text => {
+                return Err(ConfigError::InvalidField {
+                    field,
+                    detail: format!("`rope_type` {seen:?} and `type` {text:?} disagree"),
+                });
+            }
+            _ => kind = Some(text.to_string()),
+        }
+    }
+    Ok(kind)
+}
+
+/// Checks the gate's keys against what flotilla implements, before they are parsed, so the
+/// error names the key and the value (not an enum's variants). A `deepseek_v2` config
+/// without them means DeepSeek-V2's softmax gate with greedy top-k (transformers' and
+/// DeepSeek's defaults for V2), which flotilla does not model; `deepseek_v3`'s defaults
+/// are sigmoid and `noaux_tc`.
+fn normalize_gate_keys(
+    map: &mut serde_json::Map<String, serde_json::Value>,
+    model_type: &str,
+) -> Result<(), ConfigError> {
+    let v2 = model_type == "deepseek_v2";
+    let checks: [(&'static str, &'static str, &'static str, &'static str); 3] = [
+        (
+            "scoring_func",
+            "sigmoid",
+            if v2 { "softmax" } else { "sigmoid" },
+            "DeepSeek-V3's sigmoid expert scores",
+        ),
+        (
+            "topk_method",
+            "noaux_tc",
+            if v2 { "greedy" } else { "noaux_tc" },
+            "DeepSeek-V3's group-limited top-k on bias-corrected scores (`noaux_tc`)",
+        ),
+        ("hidden_act", "silu", "silu", "SwiGLU with SiLU"),
+    ];
+    for (field, supported, default, what) in checks {
+        let value = match map.get(field) {
+            None | Some(serde_json::Value::Null) => default.to_string(),
+            Some(serde_json::Value::String(s)) => s.clone(),
+            Some(other) => {
+                return Err(ConfigError::InvalidField {
+                    field,
+                    detail: format!("must be a string, got {other}"),
+                });
+            }
+        };
+        if value != supported {
+            let implied = if map.get(field).is_none_or(serde_json::Value::is_null) {
+                format!(" (the default of a {model_type} config without the key)")
+            } else {
+                String::new()
+            };
+            return Err(ConfigError::InvalidField {
+                field,
+                detail: format!(
+                    "{value:?}{implied} is not supported: flotilla implements {what}, {supported:?}"
+                ),
+            });
+        }
+        map.insert(field.into(), serde_json::Value::String(value));
+    }
+    Ok(())
+}
+
+/// `null` in HF configs means "the default" for these keys (transformers 5 writes
+/// `n_group: null` for one group, transformers 4 omits `num_nextn_predict_layers`); an
+/// `eos_token_id` list (transformers 5 allows several) keeps its first id, the one
+/// flotilla appends to documents.
+fn normalize_defaults(map: &mut serde_json::Map<String, serde_json::Value>) -> Result<(), ConfigError> {
+    use serde_json::Value;
+    for (key, default) in
+        [("n_group", 1), ("topk_group", 1), ("moe_layer_freq", 1), ("num_nextn_predict_layers", 0)]
+    {
+        if map.get(key).is_some_and(Value::is_null) {
+            map.insert(key.into(), Value::from(default));
+        }
+    }
+    for key in ["bos_token_id", "eos_token_id"] {
+        if let Some(Value::Array(ids)) = map.get(key) {
+            let first = ids.first().cloned().unwrap_or(Value::Null);
+            map.insert(key.into(), first);
+        }
+    }
+    Ok(())
+}
+
+/// Reads `quantization_config`: only DeepSeek's FP8 form (E4M3, dynamic activation
+/// scaling, 128×128 weight blocks) can be dequantized correctly, so anything else is an
+/// error naming the key.
+fn parse_quantization(value: &serde_json::Value) -> Result<Fp8Quantization, ConfigError> {
+    let field = "quantization_config";
+    let serde_json::Value::Object(q) = value else {
+        return Err(ConfigError::InvalidField { field, detail: format!("must be an object, got {value}") });
+    };
+    let text = |key: &str| q.get(key).and_then(serde_json::Value::as_str);
+    let expect = |key: &str, allowed: &[&str], required: bool| -> Result<(), ConfigError> {
+        match (q.get(key), text(key)) {
+            (None, _) if !required => Ok(()),
+            (_, Some(v)) if allowed.contains(&v) => Ok(()),
+            (got, _) => Err(ConfigError::InvalidField {
+                field,
+                detail: format!(
+                    "`{key}` must be {allowed:?} (DeepSeek's FP8 weights), got {}",
+                    got.map_or("nothing".to_string(), ToString::to_string)
+                ),
+            }),
+        }
+    };
+    expect("quant_method", &["fp8"], true)?;
+    expect("fmt", &["e4m3"], false)?;
+    expect("activation_scheme", &["dynamic"], false)?;
+    let block = match q.get("weight_block_size") {
+        None => [128, 128],
+        Some(b) => {
+            let parsed: Option<Vec<u64>> =
+                b.as_array().map(|a| a.iter().filter_map(serde_json::Value::as_u64).collect());
+            match parsed.as_deref() {
+                Some([128, 128]) => [128, 128],
+                _ => {
+                    return Err(ConfigError::InvalidField {
+                        field,
+                        detail: format!(
+                            "`weight_block_size` must be [128, 128] (one scale per 128×128 block), got {b}"
+                        ),
+                    });
+                }
+            }
+        }
+    };
+    Ok(Fp8Quantization { weight_block_size: block })
 }
 
 /// Every field of [`ModelConfig`] by its serialized name (kept in step with the struct by

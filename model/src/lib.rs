@@ -63,7 +63,7 @@ pub mod shard;
 pub mod train;
 
 pub use block::Block;
-pub use config::{ConfigError, HfConfig, ModelConfig, Preset};
+pub use config::{ConfigError, Fp8Quantization, HfConfig, ModelConfig, Preset};
 pub use expert_parallel::{ExchangeKey, ExchangePhase, ExpertExchange, ExpertShard, LocalExchange};
 pub use model::{LossConfig, Model, StepStats};
 pub use mtp::MtpModule;

@@ -219,14 +219,22 @@ where
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<CoordinatorServiceServer<CoordinatorApi>>().await;
     health.set_serving::<JobServiceServer<JobApi<S>>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(flotilla_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| {
-            cancel.cancel();
-            ServiceError::Reflection(e.to_string())
-        })?;
+    // Both reflection versions: `grpc.reflection.v1` for current grpcurl, and `v1alpha`,
+    // which older grpcurl, Postman, Evans, BloomRPC and grpcio-reflection clients call.
+    let reflection_builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(flotilla_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            // Each version lists both, as both are served.
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_error = |e: tonic_reflection::server::Error| {
+        cancel.cancel();
+        ServiceError::Reflection(e.to_string())
+    };
+    let reflection = reflection_builder().build_v1().map_err(reflection_error)?;
+    let reflection_v1alpha = reflection_builder().build_v1alpha().map_err(reflection_error)?;
 
     let server = Server::builder()
         // Keepalive pings find a dead TCP peer even between heartbeats.
@@ -234,6 +242,7 @@ where
         .http2_keepalive_timeout(Some(config.heartbeat_timeout.max(Duration::from_secs(1))))
         .add_service(health_service)
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(coordinator)
         .add_service(jobs)
         .serve_with_incoming_shutdown(incoming, cancel.clone().cancelled_owned());
