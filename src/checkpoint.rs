@@ -10,7 +10,7 @@ use flotilla_coordinator::checkpoint::{
     Committed, MANIFEST_FILE, Manifest, find_committed, read_manifest, verify as verify_shards,
 };
 use flotilla_model::Model;
-use flotilla_model::checkpoint::{WEIGHTS_FILE, WeightDtype};
+use flotilla_model::checkpoint::{DEFAULT_MAX_SHARD_SIZE, INDEX_FILE, WeightDtype, is_weights_file_name};
 use flotilla_model::shard::{CheckpointReader, ShardFile};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -56,6 +56,11 @@ pub struct ExportArgs {
     /// form: E4M3 weights with a `weight_scale_inv` per 128×128 block, the rest BF16).
     #[arg(long, value_enum, default_value_t = Dtype::Bf16)]
     dtype: Dtype,
+    /// The largest weights file ("5GB", "500MB", "10KiB" or bytes; default: transformers'
+    /// 50GB): a larger model is written as model-0000i-of-0000N.safetensors shards with
+    /// model.safetensors.index.json, as `save_pretrained` writes it.
+    #[arg(long, value_parser = crate::train::parse_size)]
+    max_shard_size: Option<u64>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -292,7 +297,7 @@ fn export(args: ExportArgs) -> Result<()> {
             let name = entry.file_name();
             let name = name.to_string_lossy();
             // The HF loader reads every *.safetensors file of the directory.
-            if name.ends_with(".safetensors") && name != WEIGHTS_FILE {
+            if name.ends_with(".safetensors") && !is_weights_file_name(&name) {
                 bail!(
                     "{}: already holds {name}, which would be loaded with the exported weights; use an empty directory",
                     args.out.display()
@@ -300,10 +305,19 @@ fn export(args: ExportArgs) -> Result<()> {
             }
         }
     }
-    flotilla_model::train::save_model(&model, &args.out, args.dtype.weight_dtype())
-        .with_context(|| format!("writing the model to {}", args.out.display()))?;
-    let weights = args.out.join(WEIGHTS_FILE);
-    let size = std::fs::metadata(&weights).map(|m| human_bytes(m.len())).unwrap_or_else(|_| "?".into());
+    let files = flotilla_model::train::save_model(
+        &model,
+        &args.out,
+        args.dtype.weight_dtype(),
+        args.max_shard_size.unwrap_or(DEFAULT_MAX_SHARD_SIZE),
+    )
+    .with_context(|| format!("writing the model to {}", args.out.display()))?;
+    let bytes: u64 = files.iter().filter_map(|f| std::fs::metadata(f).ok()).map(|m| m.len()).sum();
+    let size = human_bytes(bytes);
+    let weights = match &files[..] {
+        [one] => one.display().to_string(),
+        many => format!("{} shards with {}", many.len(), args.out.join(INDEX_FILE).display()),
+    };
     println!(
         "exported step {} of {} ({}, {} values) from {}",
         manifest.step,
@@ -315,7 +329,7 @@ fn export(args: ExportArgs) -> Result<()> {
     println!(
         "wrote {} and {} ({size}, {})",
         args.out.join("config.json").display(),
-        weights.display(),
+        weights,
         args.dtype.name()
     );
     Ok(())

@@ -161,6 +161,15 @@ pub struct RunArgs {
     /// the losses of a run that never stopped (the layout may differ from the saving run's).
     #[arg(long, num_args = 0..=1, default_missing_value = "latest", value_name = "CHECKPOINT")]
     resume: Option<String>,
+    /// Start from this HF-layout checkpoint's weights instead of the seeded initialization
+    /// (overrides the config's `init_from`); each worker reads only the tensors its rank
+    /// holds. Ignored by `--resume`, whose checkpoint already holds the trained state.
+    #[arg(long, value_name = "HF_DIR")]
+    init_from: Option<PathBuf>,
+    /// The largest file of the final weights ("5GB", "500MB", "10KiB" or bytes; default:
+    /// the config's `max_shard_size`, else transformers' 50GB); more is sharded.
+    #[arg(long, value_parser = crate::train::parse_size)]
+    max_shard_size: Option<u64>,
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -235,14 +244,27 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
 /// Reads and checks a run config the way the workers will, so that a bad field is
 /// reported here, before anything starts; `steps` overrides the config's.
 fn read_config(path: &Path, steps: Option<u64>) -> Result<(String, TrainConfig)> {
+    read_config_with(path, steps, Vec::new())
+}
+
+/// The config file's text with `overrides` (top-level keys: `--steps`, `--init-from`, …)
+/// written into it, as the workers will parse it, and the parsed config.
+fn read_config_with(
+    path: &Path,
+    steps: Option<u64>,
+    mut overrides: Vec<(&str, toml::Value)>,
+) -> Result<(String, TrainConfig)> {
     let mut text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     if let Some(steps) = steps {
         anyhow::ensure!(steps > 0, "`--steps` must be at least 1");
+        overrides
+            .push(("steps", toml::Value::Integer(i64::try_from(steps).context("--steps is too large")?)));
+    }
+    if !overrides.is_empty() {
         let mut table: toml::Table = text.parse().with_context(|| format!("in {}", path.display()))?;
-        table.insert(
-            "steps".into(),
-            toml::Value::Integer(i64::try_from(steps).context("--steps is too large")?),
-        );
+        for (key, value) in overrides {
+            table.insert(key.into(), value);
+        }
         text = toml::to_string(&table).context("writing the config back")?;
     }
     let base = path.parent().map(PathBuf::from).unwrap_or_default();
@@ -715,7 +737,43 @@ impl Workers {
 }
 
 pub fn run(args: RunArgs) -> Result<()> {
-    let (text, config) = read_config(&args.config, args.steps)?;
+    let mut overrides = Vec::new();
+    if let Some(dir) = &args.init_from {
+        overrides.push(("init_from", toml::Value::String(absolute(dir)?.display().to_string())));
+    }
+    if let Some(size) = args.max_shard_size {
+        overrides.push((
+            "max_shard_size",
+            toml::Value::Integer(i64::try_from(size).context("--max-shard-size is too large")?),
+        ));
+    }
+    let (text, config) = read_config_with(&args.config, args.steps, overrides)?;
+    if let Some(dir) = &config.init_from
+        && args.resume.is_none()
+    {
+        // Checked here, before any worker starts: the model, and whether the MTP modules
+        // come from the checkpoint or from the seed. The workers read the tensors.
+        let reader = flotilla_model::checkpoint::HfReader::open(dir)
+            .with_context(|| format!("init-from {}", dir.display()))?;
+        let (_, model) = TrainConfig::from_toml(&text, args.config.parent().unwrap_or(Path::new(".")))?;
+        reader.check_model(&model).with_context(|| format!("init-from {}", dir.display()))?;
+        let layers = model.num_hidden_layers;
+        let has_mtp = reader.names().any(|n| flotilla_model::checkpoint::mtp_layer(n, layers).is_some());
+        let mtp = if model.num_nextn_predict_layers == 0 || has_mtp {
+            String::new()
+        } else {
+            format!(
+                "; MTP module (model.layers.{layers}.*) initialized from seed {}: the checkpoint has none",
+                config.seed
+            )
+        };
+        println!(
+            "init-from {}: {} tensors in {} file(s), each worker loads those its rank holds{mtp}",
+            dir.display(),
+            reader.names().filter(|n| !n.ends_with("_scale_inv")).count(),
+            reader.files().len(),
+        );
+    }
     anyhow::ensure!(
         args.trace.is_none() || config.parallel.is_some(),
         "--trace records pipeline instructions: the config needs a [parallel] layout"

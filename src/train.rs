@@ -3,10 +3,11 @@
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use flotilla_model::checkpoint::{WeightDtype, fill_params, load_hf};
+use flotilla_model::ModelConfig;
+use flotilla_model::checkpoint::{HfReader, MtpPolicy, WeightDtype, fill_from_reader};
 use flotilla_model::data::encode_bytes;
 use flotilla_model::model::Model;
-use flotilla_model::train::{TrainConfig, Trainer};
+use flotilla_model::train::{ShardSize, TrainConfig, Trainer, describe_init};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::Write;
 use std::path::PathBuf;
@@ -24,6 +25,20 @@ pub struct TrainArgs {
     /// Storage type of the saved weights.
     #[arg(long, value_enum, default_value_t = Dtype::F32)]
     dtype: Dtype,
+    /// Start from this HF-layout checkpoint's weights (config.json + safetensors, sharded
+    /// or not, F32/BF16/F16/FP8) instead of the seeded initialization; overrides the
+    /// config's `init_from`. Its config.json must describe the run's [model].
+    #[arg(long, value_name = "HF_DIR")]
+    init_from: Option<PathBuf>,
+    /// The largest weights file written ("5GB", "500MB", "10KiB" or bytes; default: the
+    /// config's `max_shard_size`, else transformers' 50GB); more is sharded with an index.
+    #[arg(long, value_parser = parse_size)]
+    max_shard_size: Option<u64>,
+}
+
+/// `--max-shard-size` as transformers parses it.
+pub fn parse_size(text: &str) -> std::result::Result<u64, String> {
+    flotilla_model::checkpoint::parse_shard_size(text)
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -45,6 +60,12 @@ pub fn train(args: TrainArgs) -> Result<()> {
         anyhow::ensure!(steps > 0, "`--steps` must be at least 1");
         config.steps = steps;
     }
+    if let Some(dir) = &args.init_from {
+        config.init_from = Some(dir.clone());
+    }
+    if let Some(size) = args.max_shard_size {
+        config.max_shard_size = Some(ShardSize(size));
+    }
     let out = args.out.unwrap_or_else(|| {
         PathBuf::from("runs").join(args.config.file_stem().map(PathBuf::from).unwrap_or_else(|| "run".into()))
     });
@@ -58,6 +79,9 @@ pub fn train(args: TrainArgs) -> Result<()> {
     let steps = config.steps;
     let tokens_per_step = (config.batch_size * config.seq_len) as u64;
     let mut trainer = Trainer::new(config, &model_config)?;
+    if let (Some(report), Some(dir)) = (&trainer.init, &trainer.config.init_from) {
+        println!("{}", describe_init(dir, report, trainer.config.seed));
+    }
     let bar = ProgressBar::new(steps).with_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} steps · {msg} · ETA {eta}")
             .expect("a valid progress template"),
@@ -79,7 +103,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
         Dtype::Bf16 => WeightDtype::Bf16,
         Dtype::Fp8 => WeightDtype::Fp8,
     };
-    trainer.save(&out, dtype)?;
+    let files = trainer.save(&out, dtype)?;
 
     let elapsed = started.elapsed().as_secs_f64();
     let tail = &last[last.len().saturating_sub(10)..];
@@ -88,11 +112,13 @@ pub fn train(args: TrainArgs) -> Result<()> {
     println!(
         "trained {steps} steps in {elapsed:.1} s ({:.0} tokens/s)\n\
          main loss (mean of the last {} steps): {final_ce:.4} nats/token; data unigram entropy: {entropy:.4} nats/token\n\
-         metrics: {}\nweights: {}",
+         metrics: {}\nweights: {} ({} file{})",
         (steps * tokens_per_step) as f64 / elapsed,
         tail.len(),
         metrics_path.display(),
         out.display(),
+        files.len(),
+        if files.len() == 1 { "" } else { "s, with model.safetensors.index.json" },
     );
     Ok(())
 }
@@ -136,15 +162,19 @@ pub fn score(args: ScoreArgs) -> Result<()> {
         (None, None) => bail!("give --tokens or --text"),
     };
     anyhow::ensure!(tokens.len() >= 2, "scoring needs at least 2 tokens, got {}", tokens.len());
-    let checkpoint = load_hf(&args.model).with_context(|| format!("loading {}", args.model.display()))?;
+    let reader = HfReader::open(&args.model).with_context(|| format!("loading {}", args.model.display()))?;
+    let config = reader.config().clone();
     anyhow::ensure!(
-        tokens.len() <= checkpoint.config.max_position_embeddings,
+        tokens.len() <= config.max_position_embeddings,
         "{} tokens exceed the model's max_position_embeddings = {}",
         tokens.len(),
-        checkpoint.config.max_position_embeddings
+        config.max_position_embeddings
     );
-    let mut model = Model::<f32>::new(&checkpoint.config, 0, false)?;
-    fill_params(&mut model.params_mut(), &checkpoint)
+    // Scoring reads the main model only: the MTP modules, which transformers does not
+    // save, are neither needed nor read.
+    let main = ModelConfig { num_nextn_predict_layers: 0, ..config };
+    let mut model = Model::<f32>::new(&main, 0, false)?;
+    fill_from_reader(&reader, &mut model.params_mut(), MtpPolicy::Require)
         .with_context(|| format!("loading {}", args.model.display()))?;
     let threads =
         args.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));

@@ -407,6 +407,21 @@ impl<T: Real> RankModel<T> {
         out
     }
 
+    /// [`RankModel::params`], mutable, selection biases included: for loading checkpoints.
+    pub fn params_mut(&mut self) -> Vec<&mut Param<T>> {
+        let mut out = Vec::new();
+        out.extend(self.embed_tokens.iter_mut().map(|e| &mut e.weight));
+        for block in &mut self.blocks {
+            out.extend(block.params_mut());
+        }
+        for module in &mut self.mtp {
+            out.extend(module.params_mut());
+        }
+        out.extend(self.norm.iter_mut().map(|n| &mut n.weight));
+        out.extend(self.lm_head.iter_mut().map(|h| &mut h.weight));
+        out
+    }
+
     /// The tensors an optimizer updates (no selection biases), in [`RankModel::params`]'
     /// order.
     pub fn trainable_params_mut(&mut self) -> Vec<&mut Param<T>> {

@@ -836,7 +836,7 @@ fn disagree(
 
 /// The first field (in the JSON form's key order) whose value differs between `there` and
 /// `here`, with both values as JSON (`absent` when a side lacks the key).
-fn first_difference(there: &ModelConfig, here: &ModelConfig) -> Option<(String, String, String)> {
+pub(crate) fn first_difference(there: &ModelConfig, here: &ModelConfig) -> Option<(String, String, String)> {
     let (Ok(serde_json::Value::Object(a)), Ok(serde_json::Value::Object(b))) =
         (serde_json::to_value(there), serde_json::to_value(here))
     else {

@@ -7,7 +7,10 @@
 //! configuration gives bit-identical losses on every run.
 
 use crate::ModelError;
-use crate::checkpoint::{CheckpointError, NamedTensor, WeightDtype, save_hf};
+use crate::checkpoint::{
+    CheckpointError, DEFAULT_MAX_SHARD_SIZE, FillReport, HfReader, MtpPolicy, NamedTensor, WeightDtype,
+    fill_from_reader, parse_shard_size, save_hf_sharded,
+};
 use crate::config::{ConfigError, ModelConfig};
 use crate::data::{BYTE_VOCAB, Sampler, encode_bytes, synthetic_corpus};
 use crate::model::{LossConfig, Model, StepStats};
@@ -124,6 +127,54 @@ pub struct TrainConfig {
     /// What the coordinator does when a worker fails (`flotilla run`).
     #[serde(default)]
     pub recovery: RecoveryConfig,
+    /// Start from the weights of this HF-layout checkpoint directory instead of the seeded
+    /// initialization (fine-tuning); relative paths are relative to the config file. Its
+    /// `config.json` must describe `[model]`. Every rank reads only the tensors it holds;
+    /// the MTP modules are initialized from `seed` when the checkpoint has none (as
+    /// transformers saves). The optimizer state starts fresh. A resumed run (`--resume`,
+    /// or a recovery from a committed checkpoint) restores its checkpoint instead: that
+    /// holds the fine-tuned state, so `init_from` is not read then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<PathBuf>,
+    /// The largest weights file of the final HF-layout save: bytes, or a size like
+    /// `"5GB"`, `"500MB"`, `"10KiB"` (default: transformers' 50GB); larger models are
+    /// written as `model-0000i-of-0000N.safetensors` shards with an index.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_shard_size: Option<ShardSize>,
+}
+
+/// A `max_shard_size`: bytes, from an integer or a size string ([`parse_shard_size`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(into = "u64")]
+pub struct ShardSize(pub u64);
+
+impl From<ShardSize> for u64 {
+    fn from(size: ShardSize) -> u64 {
+        size.0
+    }
+}
+
+impl<'de> Deserialize<'de> for ShardSize {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bytes(u64),
+            Text(String),
+        }
+        match Raw::deserialize(deserializer)? {
+            Raw::Bytes(0) => Err(serde::de::Error::custom("a shard size must be at least 1 byte")),
+            Raw::Bytes(n) => Ok(ShardSize(n)),
+            Raw::Text(text) => parse_shard_size(&text).map(ShardSize).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+impl TrainConfig {
+    /// The final save's `max_shard_size` in bytes.
+    pub fn shard_size(&self) -> u64 {
+        self.max_shard_size.map_or(DEFAULT_MAX_SHARD_SIZE, |s| s.0)
+    }
 }
 
 /// The `[checkpoint]` table: every `interval` steps each worker snapshots its state and
@@ -330,6 +381,11 @@ impl TrainConfig {
         {
             *path = base.join(&*path);
         }
+        if let Some(path) = &mut config.init_from
+            && path.is_relative()
+        {
+            *path = base.join(&*path);
+        }
         let model = ModelConfig::from_toml(
             &toml::to_string(&config.model).map_err(|e| TrainError::Config(e.to_string()))?,
         )?;
@@ -447,12 +503,46 @@ pub struct Trainer {
     state_index: Vec<Option<usize>>,
     threads: usize,
     step: u64,
+    /// What `init_from` loaded, when the run started from an HF checkpoint.
+    pub init: Option<FillReport>,
+}
+
+/// Fills `params` (the tensors this process or rank holds) from the HF checkpoint `dir`
+/// for `init_from`: its `config.json` must describe `model` (the error names the first
+/// differing field), each tensor is decoded straight into its parameter, and the MTP
+/// modules keep their seeded initialization when the checkpoint has none
+/// ([`MtpPolicy::SeedIfAbsent`]). All or nothing.
+pub fn init_from_checkpoint(
+    dir: &Path,
+    model: &ModelConfig,
+    params: &mut [&mut crate::param::Param<f32>],
+) -> Result<FillReport, TrainError> {
+    let reader = HfReader::open(dir)?;
+    reader.check_model(model)?;
+    Ok(fill_from_reader(&reader, params, MtpPolicy::SeedIfAbsent)?)
+}
+
+/// The line the CLI prints after `init_from`: how many tensors came from `dir`, and which
+/// MTP tensors were initialized from `seed` because the checkpoint has none.
+pub fn describe_init(dir: &Path, report: &FillReport, seed: u64) -> String {
+    let mut line = format!("init-from {}: {} tensors loaded", dir.display(), report.loaded);
+    if !report.seeded.is_empty() {
+        line += &format!(
+            ", MTP module ({} tensors) initialized from seed {seed}: the checkpoint has none",
+            report.seeded.len()
+        );
+    }
+    line
 }
 
 impl Trainer {
     /// Builds the model and the data sampler.
     pub fn new(config: TrainConfig, model_config: &ModelConfig) -> Result<Trainer, TrainError> {
         let mut model = Model::new_with(model_config, config.seed, config.recompute, config.precision)?;
+        let init = match &config.init_from {
+            Some(dir) => Some(init_from_checkpoint(dir, model_config, &mut model.params_mut())?),
+            None => None,
+        };
         let tokens = config.load_tokens()?;
         let mtp_depth = model_config.num_nextn_predict_layers;
         let sampler = Sampler::new(tokens, config.seed, config.seq_len, mtp_depth)?;
@@ -467,7 +557,7 @@ impl Trainer {
         let threads = config
             .threads
             .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
-        Ok(Trainer { config, model, sampler, state, state_index, threads, step: 0 })
+        Ok(Trainer { config, model, sampler, state, state_index, threads, step: 0, init })
     }
 
     /// Steps taken so far.
@@ -634,8 +724,9 @@ impl Trainer {
 
     /// Writes the weights in the HF DeepSeek-V3 layout (MTP layers repeat the embedding
     /// and head under their own names, as DeepSeek's checkpoints do).
-    pub fn save(&self, dir: &Path, dtype: WeightDtype) -> Result<(), TrainError> {
-        save_model(&self.model, dir, dtype)
+    /// Shards of at most the config's `max_shard_size`; returns the weights files written.
+    pub fn save(&self, dir: &Path, dtype: WeightDtype) -> Result<Vec<PathBuf>, TrainError> {
+        save_model(&self.model, dir, dtype, self.config.shard_size())
     }
 }
 
@@ -698,13 +789,18 @@ pub fn step_record(
 }
 
 /// Writes `model`'s weights in the HF DeepSeek-V3 layout (MTP layers repeat the embedding
-/// and head under their own names, as DeepSeek's checkpoints do).
-pub fn save_model(model: &Model<f32>, dir: &Path, dtype: WeightDtype) -> Result<(), TrainError> {
+/// and head under their own names, as DeepSeek's checkpoints do), in shards of at most
+/// `max_shard_size` bytes ([`save_hf_sharded`]); returns the weights files written.
+pub fn save_model(
+    model: &Model<f32>,
+    dir: &Path,
+    dtype: WeightDtype,
+    max_shard_size: u64,
+) -> Result<Vec<PathBuf>, TrainError> {
     let params = model.params();
     let mut tensors: Vec<NamedTensor<'_>> =
         params.iter().map(|p| NamedTensor { name: &p.name, shape: &p.shape, data: &p.value }).collect();
     let copies = model.mtp_shared_copies();
     tensors.extend(copies.iter().map(|(name, p)| NamedTensor { name, shape: &p.shape, data: &p.value }));
-    save_hf(dir, model.config(), &tensors, dtype)?;
-    Ok(())
+    Ok(save_hf_sharded(dir, model.config(), &tensors, dtype, max_shard_size)?)
 }

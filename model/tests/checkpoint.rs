@@ -82,7 +82,7 @@ fn bad_checkpoints_name_the_tensor() {
     let ckpt = load_hf(&dir).unwrap();
     let mut model = params();
     match fill_params(&mut model.iter_mut().collect::<Vec<_>>(), &ckpt) {
-        Err(CheckpointError::Tensor { tensor, detail }) => {
+        Err(CheckpointError::Tensor { tensor, detail, .. }) => {
             assert_eq!(tensor, "model.layers.1.mlp.gate.e_score_correction_bias");
             assert!(detail.contains("missing"));
         }
@@ -93,7 +93,7 @@ fn bad_checkpoints_name_the_tensor() {
 
     let mut wrong = [Param::<f32>::new("model.norm.weight", &[6], Init::Constant(1.0), 1)];
     match fill_params(&mut wrong.iter_mut().collect::<Vec<_>>(), &ckpt) {
-        Err(CheckpointError::Tensor { tensor, detail }) => {
+        Err(CheckpointError::Tensor { tensor, detail, .. }) => {
             assert_eq!(tensor, "model.norm.weight");
             assert!(detail.contains("[5]") && detail.contains("[6]"), "{detail}");
         }

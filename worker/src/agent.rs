@@ -1167,22 +1167,40 @@ impl Job {
     /// Builds the trainer, rendezvouses the data plane and opens the metrics file.
     async fn start(&mut self) -> Result<(Training, TcpCommunicator, Option<Metrics>), Stop> {
         let failed = |reason: String| Stop::Failed { step: 0, reason };
+        // A resumed run restores its checkpoint, which holds the state `init_from` started
+        // from and every step since: the HF checkpoint is not read then.
+        let mut config = self.plan.config.clone();
+        if self.plan.resume.is_some() {
+            config.init_from = None;
+        }
         // Not raced against the abort: the build cannot be interrupted, and a task left
         // to finish it would be nobody's.
         let trainer = match &self.plan.pipeline {
-            None => dp::run_blocking(|| Trainer::new(self.plan.config.clone(), &self.plan.model))
+            None => dp::run_blocking(|| Trainer::new(config.clone(), &self.plan.model))
                 .map(|t| Training::DataParallel(Box::new(t)))
                 .map_err(|e| failed(format!("building the trainer: {e}")))?,
             Some(plan) => {
-                let trainer = dp::run_blocking(|| {
-                    PipelineTrainer::new(self.plan.config.clone(), &self.plan.model, plan.clone())
-                })
-                .map_err(|e| failed(format!("building this rank's pipeline stages: {e}")))?;
+                let trainer =
+                    dp::run_blocking(|| PipelineTrainer::new(config.clone(), &self.plan.model, plan.clone()))
+                        .map_err(|e| failed(format!("building this rank's pipeline stages: {e}")))?;
                 check_capacity(&trainer, self.memory_bytes).map_err(failed)?;
                 Training::Pipeline(Box::new(trainer))
             }
         };
         let mut trainer = trainer;
+        let init = match &trainer {
+            Training::DataParallel(t) => t.init.as_ref(),
+            Training::Pipeline(t) => t.init.as_ref(),
+        };
+        if let (Some(report), Some(dir)) = (init, &config.init_from) {
+            info!(
+                job = %self.plan.job_id,
+                checkpoint = %dir.display(),
+                loaded = report.loaded,
+                seeded = report.seeded.len(),
+                "weights loaded from the HF checkpoint (init_from)"
+            );
+        }
         if let Some(resume) = &self.plan.resume {
             dp::run_blocking(|| trainer.restore(resume))
                 .map_err(|reason| Stop::BadCheckpoint { dir: resume.dir.clone(), reason })?;

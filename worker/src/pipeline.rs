@@ -552,6 +552,8 @@ pub struct PipelineTrainer {
     moe_layers: Vec<usize>,
     threads: usize,
     step: u64,
+    /// What `init_from` loaded into this rank, when the run started from an HF checkpoint.
+    pub init: Option<flotilla_model::checkpoint::FillReport>,
 }
 
 /// Which ranks hold a tensor (see the module docs).
@@ -746,6 +748,14 @@ impl PipelineTrainer {
             config.precision,
         )
         .map_err(|e| e.to_string())?;
+        // `init_from`: this rank reads the tensors it holds, nothing else.
+        let init = match &config.init_from {
+            Some(dir) => Some(
+                flotilla_model::train::init_from_checkpoint(dir, model_config, &mut model.params_mut())
+                    .map_err(|e| e.to_string())?,
+            ),
+            None => None,
+        };
         let tokens = config.load_tokens().map_err(|e| e.to_string())?;
         let sampler =
             Sampler::new(tokens, config.seed, config.seq_len, model_config.num_nextn_predict_layers)
@@ -829,6 +839,7 @@ impl PipelineTrainer {
             moe_layers,
             threads,
             step: 0,
+            init,
         })
     }
 
@@ -1532,7 +1543,9 @@ impl PipelineTrainer {
         if let Some(extra) = values.keys().next() {
             return Err(format!("a rank sent {extra}, which the model does not have"));
         }
-        flotilla_model::train::save_model(&model, dir, dtype).map_err(|e| e.to_string())
+        flotilla_model::train::save_model(&model, dir, dtype, self.config.shard_size())
+            .map(|_| ())
+            .map_err(|e| e.to_string())
     }
 }
 
