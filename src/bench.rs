@@ -13,6 +13,7 @@ use std::time::Instant;
 
 mod checkpoint;
 mod control_plane;
+mod hf_load;
 
 #[derive(Subcommand)]
 pub enum Bench {
@@ -24,6 +25,9 @@ pub enum Bench {
     /// A checkpoint's cost: shard write throughput against `dd` on the same disk, and the
     /// training step's stall from the snapshot and the background write.
     Checkpoint(checkpoint::CheckpointArgs),
+    /// Peak RSS of loading an HF-layout checkpoint of several shards: each rank of a
+    /// 4-rank pipeline × expert layout loading its part, against the whole model.
+    HfLoad(hf_load::HfLoadArgs),
 }
 
 #[derive(Args)]
@@ -76,6 +80,7 @@ pub fn run(bench: Bench) -> Result<()> {
         Bench::Gemm(args) => gemm(args),
         Bench::ControlPlane(args) => control_plane::run(args),
         Bench::Checkpoint(args) => checkpoint::run(args),
+        Bench::HfLoad(args) => hf_load::run(args),
     }
 }
 

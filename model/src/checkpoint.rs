@@ -9,7 +9,9 @@
 //! memory-mapped and only its header is parsed on open; a tensor's bytes are read, and
 //! decoded to f32, when it is asked for, straight into the caller's buffer. So a pipeline
 //! stage or an expert shard that asks for the tensors it holds touches those bytes and no
-//! others, whatever the checkpoint's size ([`HfReader::bytes_decoded`] counts them).
+//! others, whatever the checkpoint's size ([`HfReader::bytes_decoded`] counts them), and
+//! once a tensor is decoded its mapped pages are released from the process, so its peak
+//! memory is the values it holds plus one tensor's stored bytes.
 //! Stored types: `F32`, `BF16`, `F16`, and DeepSeek's released FP8 form: an `F8_E4M3`
 //! weight with a `{name}_scale_inv` F32 tensor of shape `[⌈rows/128⌉, ⌈cols/128⌉]`, one
 //! scale per 128×128 block (the last row and column of blocks partial when a dimension is
@@ -735,10 +737,34 @@ impl HfReader {
                     }
                 }
                 self.decoded.fetch_add((scales.end - scales.start) as u64, Ordering::Relaxed);
+                self.release(scales);
             }
         }
         self.decoded.fetch_add((info.end - info.start) as u64, Ordering::Relaxed);
+        self.release(info);
         Ok(())
+    }
+
+    /// Drops the mapped pages of a decoded tensor from this process (`MADV_DONTNEED` on
+    /// the read-only shared map: a later read faults them in again from the page cache),
+    /// so that they stop counting towards its resident memory. Advice only: a refusal
+    /// changes nothing but the memory figure.
+    fn release(&self, info: &TensorInfo) {
+        #[cfg(unix)]
+        {
+            let map = &self.files[info.file].map;
+            // SAFETY: no reference into the range outlives `decode_into`, and the map is a
+            // read-only file-backed shared mapping, so dropping its pages loses nothing.
+            let _ = unsafe {
+                map.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    info.start,
+                    info.end - info.start,
+                )
+            };
+        }
+        #[cfg(not(unix))]
+        let _ = info;
     }
 
     /// Tensor `name` decoded to f32, whatever its shape.
