@@ -229,6 +229,39 @@ fn checkpoint_export_writes_an_hf_model_with_the_checkpoints_tensors() {
         }
     }
 
+    // --max-shard-size splits the export like save_pretrained: shards and an index, the
+    // same tensors; exporting again into the same directory replaces the shards.
+    let sharded = out_dir.path().join("sharded");
+    for _ in 0..2 {
+        let args = [
+            "checkpoint",
+            "export",
+            arg(&latest),
+            "--out",
+            arg(&sharded),
+            "--dtype",
+            "f32",
+            "--max-shard-size",
+            "100KB",
+        ];
+        let out = flotilla(&args);
+        assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+        assert!(text(&out.stdout).contains("shards with"), "{}", text(&out.stdout));
+    }
+    assert!(sharded.join("model.safetensors.index.json").exists());
+    assert!(!sharded.join("model.safetensors").exists());
+    assert_eq!(load_hf(&sharded).unwrap().tensors, loaded_f32_tensors(&f32_dir));
+    let out = flotilla(&[
+        "checkpoint",
+        "export",
+        arg(&latest),
+        "--out",
+        arg(&sharded),
+        "--max-shard-size",
+        "5 parsecs",
+    ]);
+    assert!(!out.status.success() && text(&out.stderr).contains("is not a size"), "{}", text(&out.stderr));
+
     // A damaged shard, an uncommitted checkpoint and an empty run directory are refused.
     let shard = latest.join("shard-00000-of-00002.safetensors");
     let mut bytes = std::fs::read(&shard).unwrap();
@@ -248,4 +281,8 @@ fn checkpoint_export_writes_an_hf_model_with_the_checkpoints_tensors() {
     let empty = tempfile::tempdir().unwrap();
     let out = flotilla(&["checkpoint", "export", arg(empty.path()), "--out", "x"]);
     assert!(!out.status.success() && text(&out.stderr).contains("no manifest.json"), "{}", text(&out.stderr));
+}
+
+fn loaded_f32_tensors(dir: &Path) -> std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+    load_hf(dir).unwrap().tensors
 }

@@ -221,3 +221,42 @@ fn init_from_an_exported_checkpoint_under_train_and_a_pipeline_expert_run() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `flotilla bench hf-load` on a small model: every rank decodes exactly what it holds, the
+/// whole model everything, and the figures are reported.
+#[test]
+fn bench_hf_load_reports_each_rank_and_the_whole_model() {
+    let dir = temp_dir("bench");
+    let ckpt = dir.join("ckpt");
+    let args = [
+        "bench",
+        "hf-load",
+        "--layers",
+        "2",
+        "--hidden",
+        "64",
+        "--experts",
+        "8",
+        "--moe-intermediate",
+        "16",
+        "--max-shard-size",
+        "20KB",
+        "--dir",
+        ckpt.to_str().unwrap(),
+        "--json",
+    ];
+    let report: serde_json::Value = serde_json::from_str(&ok(&flotilla(&args))).unwrap();
+    assert!(report["files"].as_u64().unwrap() > 2, "{report}");
+    let ranks = report["ranks"].as_array().unwrap();
+    assert_eq!(ranks.len(), 4);
+    let whole = &report["whole"];
+    assert_eq!(whole["decoded_bytes"], whole["held_bytes"]);
+    assert_eq!(whole["held_bytes"].as_u64().unwrap(), 4 * report["parameters"].as_u64().unwrap());
+    for r in ranks {
+        assert_eq!(r["decoded_bytes"], r["held_bytes"], "{r}");
+        assert!(r["held_bytes"].as_u64() < whole["held_bytes"].as_u64(), "{r}");
+        assert!(r["peak_kib"].as_u64() >= r["baseline_kib"].as_u64(), "{r}");
+    }
+    assert!(!ckpt.exists(), "the bench removes its checkpoint");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
