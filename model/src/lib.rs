@@ -5,8 +5,11 @@
 //! - [`params`]: parameter accounting by component, total and activated per token, with
 //!   and without MTP ([`ParameterCounts`]).
 //! - [`param`]: named parameters (HF names) with gradients, initialized per `(seed, name)`.
-//! - [`checkpoint`]: weights in the HF DeepSeek-V3 layout (config.json + safetensors;
-//!   f32, BF16, and DeepSeek's FP8 with 128×128 `weight_scale_inv`, written and read).
+//! - [`checkpoint`]: weights in the HF DeepSeek-V3 layout (config.json + safetensors,
+//!   one file or shards with `model.safetensors.index.json`; f32, BF16, F16 and DeepSeek's
+//!   FP8 with 128×128 `weight_scale_inv`), read lazily from memory-mapped files
+//!   ([`checkpoint::HfReader`]: a rank decodes only the tensors it holds, MTP optional)
+//!   and written in shards by size as `save_pretrained` does.
 //! - [`shard`]: layout-free training checkpoints: each rank's shard of FP32 values and
 //!   BF16 AdamW moments as pieces of globally named tensors, checksummed, readable under
 //!   any other layout ([`shard::CheckpointReader`]).
