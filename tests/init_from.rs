@@ -201,6 +201,31 @@ fn init_from_an_exported_checkpoint_under_train_and_a_pipeline_expert_run() {
     let (a, b) = (got[0]["main_ce"].as_f64().unwrap(), main_ce);
     assert!((a - b).abs() <= 1e-5 * b, "{a} vs {b}");
 
+    // `--resume` takes precedence: the committed checkpoint holds the fine-tuned state, and
+    // the HF directory is not read (here it no longer exists).
+    let resumable = dir.join("resumable.toml");
+    std::fs::write(&resumable, format!("{RUN}\n[checkpoint]\ninterval = 1\n")).unwrap();
+    let (res, run_dir) = (resumable.to_str().unwrap(), dir.join("resumed"));
+    let out = run_dir.to_str().unwrap();
+    ok(&flotilla(&["run", res, "--steps", "2", "--init-from", no_mtp.to_str().unwrap(), "--out", out]));
+    let before = records(&run_dir.join("metrics.jsonl"));
+    let gone = dir.join("gone");
+    let stdout = ok(&flotilla(&[
+        "run",
+        res,
+        "--steps",
+        "3",
+        "--resume",
+        "--init-from",
+        gone.to_str().unwrap(),
+        "--out",
+        out,
+    ]));
+    assert!(!stdout.contains("init-from"), "{stdout}");
+    let after = records(&run_dir.join("metrics.jsonl"));
+    assert_eq!(after.len(), 3);
+    assert_eq!(after[..2], before[..], "the resumed run keeps the first two steps");
+
     // A checkpoint of another model is refused before anything starts, naming the field.
     std::fs::write(&config, RUN.replace("num_hidden_layers = 2", "num_hidden_layers = 3")).unwrap();
     for command in ["train", "run"] {

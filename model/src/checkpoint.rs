@@ -892,6 +892,8 @@ fn parse_header(
 /// A checkpoint directory's configuration and tensors, dequantized to f32.
 #[derive(Clone, Debug, PartialEq)]
 pub struct HfCheckpoint {
+    /// The directory it was read from.
+    pub dir: PathBuf,
     /// From `config.json`.
     pub config: ModelConfig,
     /// Every weight by HF name (FP8 scale tensors folded into their weights).
@@ -912,14 +914,14 @@ pub fn load_hf(dir: &Path) -> Result<HfCheckpoint, CheckpointError> {
         }
         tensors.insert(name.to_string(), reader.tensor(name)?);
     }
-    Ok(HfCheckpoint { config: reader.config.clone(), tensors })
+    Ok(HfCheckpoint { dir: reader.dir.clone(), config: reader.config.clone(), tensors })
 }
 
 /// Copies the checkpoint's tensors into `params` by name, after checking that every one
 /// exists with the parameter's shape (nothing is written otherwise).
 pub fn fill_params(params: &mut [&mut Param<f32>], checkpoint: &HfCheckpoint) -> Result<(), CheckpointError> {
     let bad = |tensor: &str, detail: String| CheckpointError::Tensor {
-        path: PathBuf::from("(checkpoint)"),
+        path: checkpoint.dir.clone(),
         tensor: tensor.to_string(),
         detail,
     };
