@@ -81,7 +81,9 @@ mod config;
 mod error;
 mod grpc;
 mod history;
+mod ids;
 mod job;
+mod messages;
 mod records;
 mod session;
 mod timeline;
@@ -277,7 +279,7 @@ pub struct CoordinatorHandle<S: StateStore + Clone + 'static = FileStore> {
     store: S,
     cancel: CancellationToken,
     health: tonic_health::server::HealthReporter,
-    cluster: cluster::ClusterHandle,
+    cluster: messages::ClusterHandle,
     server: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
     cluster_task: Option<JoinHandle<()>>,
     compactor: Option<JoinHandle<()>>,
@@ -301,7 +303,7 @@ impl<S: StateStore + Clone + 'static> CoordinatorHandle<S> {
     /// each ends its session and exits on its own time.
     pub async fn shutdown_workers(&self, reason: &str) -> Result<usize, ServiceError> {
         let reason = reason.to_string();
-        self.cluster.request(|reply| cluster::ClusterMsg::ShutdownWorkers { reason, reply }).await
+        self.cluster.request(|reply| messages::ClusterMsg::ShutdownWorkers { reason, reply }).await
     }
 
     /// Discards the store's history before `revision`: watches resuming from an older
