@@ -9,6 +9,9 @@
 //! experts (DESIGN §1.4). Expected counts assume uniform routing: `topk_group` of the
 //! `n_group` groups chosen at random, then `num_experts_per_tok` experts at random among
 //! theirs, and the token's own GPU uniformly placed in the EP group.
+//!
+//! Invariant: the volumes are one GPU's, per MoE layer and micro-batch, forward; backward
+//! moves the same volumes.
 
 use super::experts::ExpertPlacement;
 use super::layout::Geometry;

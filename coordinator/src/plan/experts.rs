@@ -6,6 +6,9 @@
 //! `topk_group` groups is choosing at most `topk_group` nodes: group-limited routing is the
 //! report's node-limited routing (DESIGN §1.1: 8 groups, 4 kept, one group per node at
 //! EP 64).
+//!
+//! Invariant: GPU i of an EP group hosts experts `i·e .. (i+1)·e`; the expected counts are
+//! exact under uniform routing (computed, not sampled), so plans are deterministic.
 
 use super::layout::Geometry;
 use super::shape::ModelShape;

@@ -14,10 +14,17 @@
 //! `expert_dp = dp / ep` copies per rank. With the report's 2048 GPUs, PP 16 and EP 64:
 //! dp 128, 4 experts per GPU per layer, expert_dp 2.
 //!
-//! Which ranks host which stage comes from the compiled schedule ([`compile`]): DualPipe
-//! puts stages r and PP−1−r on rank r, so each stage lives on two ranks and its parameters
-//! are held 2·dp times. Gradients of the copies of a parameter are summed over all of them,
-//! so all copies form that parameter's data-parallel group, whichever stages they belong to.
+//! Which ranks host which stage comes from the compiled schedule
+//! ([`compile`](crate::schedule::compile)): DualPipe puts stages r and PP−1−r on rank r, so
+//! each stage lives on two ranks and its parameters are held 2·dp times. Gradients of the
+//! copies of a parameter are summed over all of them, so all copies form that parameter's
+//! data-parallel group, whichever stages they belong to.
+//!
+//! Invariant: a [`Geometry`] exists only for a layout that passed every check of
+//! [`geometry`]: pp, ep ≥ 1; ep divides the routed experts and fills whole nodes or fits in
+//! one; pp × ep divides the GPUs; every stage has a layer; routing groups stay within nodes;
+//! the global batch divides into micro-batches; at most [`MAX_CHUNKS`] chunks; the per-step
+//! counts fit 64 bits. Later steps rely on these without checking again.
 
 use super::error::PlanError;
 use super::shape::ModelShape;

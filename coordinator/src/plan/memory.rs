@@ -43,6 +43,10 @@
 //!
 //! Not modelled: the CUDA context, communication buffers, temporary workspaces and allocator
 //! fragmentation; a plan that fits with little headroom may not fit in practice.
+//!
+//! Invariant: byte counts saturate instead of overflowing, and a layout whose activations
+//! could exceed 64 bits is refused first ([`rank_uses`]); the activation accounting is the
+//! schedule validator's, so the peak is the one the compiled stream really reaches.
 
 use super::error::PlanError;
 use super::layout::{Geometry, GpuLayout};

@@ -4,7 +4,7 @@
 //! with the shortest estimated step among those that fit.
 //!
 //! The planner deals in counts and bytes only (parameter counts come from
-//! [`ParameterCounts`]); it never sees a tensor.
+//! [`ParameterCounts`](flotilla_model::ParameterCounts)); it never sees a tensor.
 //!
 //! The rest of these docs are the planner's model, one submodule per part, read in this
 //! order: `layout` (pipeline ranks, data parallelism and EP groups over the GPUs), `stages`

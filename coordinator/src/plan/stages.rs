@@ -12,6 +12,10 @@
 //! holds a copy of the embedding when the last stage uses it: for the MTP modules' lookup,
 //! or as the head's weight when `tie_word_embeddings` is set. That copy and stage 0's are
 //! copies of one parameter: one ZeRO-1 group, one gradient sum.
+//!
+//! Invariant: the stages are contiguous, non-empty and in layer order, and cover every
+//! main-model layer once; the embedding is on stage 0, the head and the MTP modules on the
+//! last stage.
 
 use super::error::PlanError;
 use super::layout::Geometry;
@@ -65,8 +69,8 @@ pub struct LayerRange {
 }
 
 /// Cuts the model's main layers into `stages` contiguous stages of at least one layer each,
-/// the way [`plan`] does (see the module docs): the largest stage's forward FLOPs per token
-/// at `seq_len` tokens per sequence is minimized, with the embedding counted on stage 0 and
+/// the way [`plan`](super::plan()) does (see the module docs): the largest stage's forward
+/// FLOPs per token at `seq_len` tokens per sequence is minimized, with the embedding counted on stage 0 and
 /// the final norm, the head and the MTP modules on the last stage. `stages` counts stages
 /// (layer groups), not pipeline ranks.
 pub fn split_layers(config: &ModelConfig, seq_len: u32, stages: u32) -> Result<Vec<LayerRange>, PlanError> {

@@ -19,6 +19,9 @@
 //! bubble + data-parallel sync. The default [`ClusterSpec::gpu_flops`] is half the H800's
 //! dense FP8 peak; at that rate the report's layout computes about as long as it
 //! communicates, the report's ≈ 1:1 ratio.
+//!
+//! Invariant: the estimate is deterministic: one simulation of the compiled schedule, ties
+//! between ranks and stages broken towards the lowest.
 
 use super::error::PlanError;
 use super::layout::Geometry;

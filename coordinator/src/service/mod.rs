@@ -26,6 +26,11 @@
 //! - The **history compactor** (`history`) keeps the store's watch history to the last
 //!   `history_retention` revisions, so the store's memory and log stay bounded.
 //!
+//! The messages the actors send each other and the handles that send them live apart from
+//! the actors, in `messages`: `cluster` spawns the `session` and `job` actors, and those
+//! reach the cluster actor and each other only through the types there, so the modules
+//! depend on each other without a cycle (`cluster → job, session → messages`).
+//!
 //! The gRPC handlers (`grpc`) are thin: they validate input, ask an actor through its
 //! mailbox and await a oneshot reply, or read the store directly (job reads and watches,
 //! which the store serves consistently without the actors).

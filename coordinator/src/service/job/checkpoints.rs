@@ -1,7 +1,6 @@
 //! Checkpoints: committing the ones every rank reported durable, and choosing the one an
 //! attempt resumes from.
 //!
-//!
 //! With a `[checkpoint]` interval and an output directory, each assignment names the run's
 //! checkpoint root (`output_dir/checkpoints/<run id>`, see `crate::checkpoint`); every rank
 //! writes its shard of step s's state there in the background and reports it durable

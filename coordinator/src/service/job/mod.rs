@@ -37,6 +37,7 @@
 //! and the crate's `checkpoint`, `placement`, `schedule` and `store`; never `cluster` or
 //! `session`, which it reaches only through the mailboxes in `messages`.
 //!
+//! # Invariants
 //!
 //! Assignments and `RunSteps` go out only after the state they belong to is written, so a
 //! worker never runs steps of a job that the store does not show running. Aborts go out as
@@ -48,6 +49,7 @@
 //! another job (or back to this one, recovering), so a worker is never assigned work while
 //! it is still winding down the last one. A worker that does not confirm within the
 //! heartbeat timeout (stuck in compute, or in a collective that the abort failed to break)
+//! is reported stuck and declared lost.
 
 mod checkpoints;
 mod crew;

@@ -1,6 +1,5 @@
 //! Recovery: what a failure does to a job, until it runs past the point it had reached.
 //!
-//!
 //! A lost worker (broken stream, missed heartbeats), a worker's error, or a step not
 //! completed within `recovery.step_timeout_s` (a hang, heartbeats flowing) starts a
 //! recovery, if `recovery.max_restarts` allows one more: the step is aborted on every
@@ -36,6 +35,11 @@
 //!
 //! A coordinator restarted on the same state settles a job it finds past Pending the same
 //! way (`settle_after_restart`): Recovering, then a crew from the workers that register
+//!
+//! Invariants: the crew goes back to the cluster actor only once every abort is confirmed
+//! (or declared stuck) and the backoff has passed; a recovery uses one of
+//! `recovery.max_restarts` unless it falls back from a checkpoint that cannot be loaded,
+//! which cannot loop since each checkpoint is tried once.
 
 use std::time::Duration;
 

@@ -1,14 +1,15 @@
 //! Steps: the ranks' step reports, one summary per step once every rank reported it, and
 //! the job's end when every rank has finished.
 //!
-//! `dp_size` are then the world rank and size). Every step report of such a job must list
-//! exactly that stream as executed, op by op (kind, chunks, peer); the first difference,
-//! a missing tail or extra ops fail the job with a reason naming the world rank, the
-//! worker, the step, the instruction and both ops. What each rank executed is kept for
-//! `GetStepTimeline` (`super::timeline`), and each step's summary carries the bubble
-//! measured from the reported spans. A data-parallel job ignores `executed`.
+//! Every step report of a pipeline job must list exactly its rank's compiled stream as
+//! executed, op by op (kind, chunks, peer); the first difference, a missing tail or extra
+//! ops fail the job with a reason naming the world rank, the worker, the step, the
+//! instruction and both ops. What each rank executed is kept for `GetStepTimeline`
+//! (`crate::service::timeline`), and each step's summary carries the bubble measured from
+//! the reported spans. A data-parallel job ignores `executed`.
 //!
 //! Steps are numbered from 1, as the trainer and `metrics.jsonl` number them: a job of
+//! `steps = S` runs steps 1..=S, and `steps_done = s` means steps 1..=s are summarized.
 //!
 //! Invariants: every step is published once on `WatchJob` (a step redone after a recovery
 //! is only compared with its first run's loss); a step is summarized only when every rank
