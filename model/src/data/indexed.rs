@@ -424,9 +424,13 @@ impl IndexedDataset {
 /// Writes an indexed dataset as Megatron's `IndexedDatasetBuilder` with one
 /// `add_document(tokens, [len(tokens)])` per document and `finalize`: `.bin` as documents
 /// come, `.idx` at [`IndexedWriter::finish`]. A document with no tokens is a document of
-/// no sequences (`add_document(tokens, [])`).
+/// no sequences (`add_document(tokens, [])`). Both are written as `PREFIX.bin.tmp` and
+/// `PREFIX.idx.tmp` and renamed by `finish`, so a failed or abandoned write leaves an
+/// existing dataset at `PREFIX` as it was (dropping the writer unfinished removes the
+/// temporary files).
 pub struct IndexedWriter {
     prefix: PathBuf,
+    finished: bool,
     bin: BufWriter<File>,
     dtype: TokenDtype,
     lengths: Vec<i32>,
@@ -438,10 +442,11 @@ pub struct IndexedWriter {
 impl IndexedWriter {
     /// Creates (truncates) `PREFIX.bin`; `PREFIX.idx` is written by `finish`.
     pub fn create(prefix: &Path, dtype: TokenDtype) -> Result<Self, DataError> {
-        let path = bin_path(prefix);
+        let path = tmp(&bin_path(prefix));
         let file = File::create(&path).map_err(|error| DataError::Io { path, error })?;
         Ok(IndexedWriter {
             prefix: prefix.to_path_buf(),
+            finished: false,
             bin: BufWriter::with_capacity(1 << 20, file),
             dtype,
             lengths: Vec::new(),
@@ -488,11 +493,11 @@ impl IndexedWriter {
         self.tokens
     }
 
-    /// Flushes `.bin` and writes `.idx`.
+    /// Flushes `.bin`, writes `.idx`, and renames both into place.
     pub fn finish(mut self) -> Result<(), DataError> {
-        let bin = bin_path(&self.prefix);
+        let bin = tmp(&bin_path(&self.prefix));
         self.bin.flush().map_err(|error| DataError::Io { path: bin.clone(), error })?;
-        self.bin.get_ref().sync_all().map_err(|error| DataError::Io { path: bin, error })?;
+        self.bin.get_ref().sync_all().map_err(|error| DataError::Io { path: bin.clone(), error })?;
         let mut out = Vec::with_capacity(HEADER_LEN + 12 * self.lengths.len() + 8 * self.document_index.len());
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&VERSION.to_le_bytes());
@@ -511,7 +516,27 @@ impl IndexedWriter {
         for d in &self.document_index {
             out.extend_from_slice(&d.to_le_bytes());
         }
-        let idx = idx_path(&self.prefix);
-        std::fs::write(&idx, out).map_err(|error| DataError::Io { path: idx, error })
+        let idx = tmp(&idx_path(&self.prefix));
+        std::fs::write(&idx, out).map_err(|error| DataError::Io { path: idx.clone(), error })?;
+        for (from, to) in [(bin, bin_path(&self.prefix)), (idx, idx_path(&self.prefix))] {
+            std::fs::rename(&from, &to).map_err(|error| DataError::Io { path: to, error })?;
+        }
+        self.finished = true;
+        Ok(())
     }
+}
+
+impl Drop for IndexedWriter {
+    fn drop(&mut self) {
+        if !self.finished {
+            let _ = std::fs::remove_file(tmp(&bin_path(&self.prefix)));
+            let _ = std::fs::remove_file(tmp(&idx_path(&self.prefix)));
+        }
+    }
+}
+
+fn tmp(path: &Path) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(".tmp");
+    PathBuf::from(s)
 }
