@@ -62,7 +62,8 @@ fn prepare_inspect_train_and_score_with_a_tokenizer() {
         );
     }
 
-    let report: serde_json::Value = serde_json::from_str(&ok(&flotilla(&["data", "inspect", p, "--json"]))).unwrap();
+    let report: serde_json::Value =
+        serde_json::from_str(&ok(&flotilla(&["data", "inspect", p, "--json"]))).unwrap();
     assert_eq!(report["dtype"], "uint16");
     assert_eq!(report["dtype_code"], 8);
     assert_eq!(report["sequences"], 14);
@@ -85,7 +86,10 @@ fn prepare_inspect_train_and_score_with_a_tokenizer() {
     assert_eq!(doc["document"]["tokens"], expected["python_u16"]["documents"][13]);
     assert_eq!(doc["document"]["text"], "ünïcode — 专家<|endoftext|>");
     let plain = ok(&flotilla(&["data", "inspect", p, "--doc", "0"]));
-    assert!(plain.contains("dtype uint16") && plain.contains("14 documents") && plain.contains("document 0:"), "{plain}");
+    assert!(
+        plain.contains("dtype uint16") && plain.contains("14 documents") && plain.contains("document 0:"),
+        "{plain}"
+    );
 
     // A short single-process run on the prepared data.
     let config = dir.join("run.toml");
@@ -154,10 +158,18 @@ final_lr = 3e-3
     std::fs::write(format!("{p}.idx"), &idx[..idx.len() - 8]).unwrap();
     let err = failure(&flotilla(&["data", "inspect", p]));
     assert!(err.contains("prepared.idx") && err.contains("truncated"), "{err}");
-    std::fs::write(config.with_file_name("small.toml"), std::fs::read_to_string(&config).unwrap().replace("368", "256"))
-        .unwrap();
+    std::fs::write(
+        config.with_file_name("small.toml"),
+        std::fs::read_to_string(&config).unwrap().replace("368", "256"),
+    )
+    .unwrap();
     std::fs::write(format!("{p}.idx"), &idx).unwrap();
-    let err = failure(&flotilla(&["train", dir.join("small.toml").to_str().unwrap(), "--out", out.to_str().unwrap()]));
+    let err = failure(&flotilla(&[
+        "train",
+        dir.join("small.toml").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]));
     assert!(err.contains("256") && err.contains("368") && err.contains("tokenizer.json"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -94,10 +94,7 @@ impl DatasetPaths {
                 .collect());
         }
         if !items.len().is_multiple_of(2) {
-            return Err(format!(
-                "`data.path` has {} elements: a blend is weight, prefix pairs",
-                items.len()
-            ));
+            return Err(format!("`data.path` has {} elements: a blend is weight, prefix pairs", items.len()));
         }
         items
             .chunks_exact(2)
@@ -498,7 +495,9 @@ impl TrainConfig {
     pub fn tokenizer(&self) -> Result<Tokenizer, TrainError> {
         let path = match &self.data {
             DataConfig::Synthetic { .. } => None,
-            DataConfig::Text { tokenizer, .. } | DataConfig::Indexed { tokenizer, .. } => tokenizer.as_deref(),
+            DataConfig::Text { tokenizer, .. } | DataConfig::Indexed { tokenizer, .. } => {
+                tokenizer.as_deref()
+            }
         };
         Ok(Tokenizer::load(path, None)?)
     }

@@ -187,7 +187,11 @@ fn corrupt_and_truncated_files_are_named() {
         ("count", corrupted(&dir, "count", |i, _| put(i, 18, 1 << 40)), "need"),
         ("multimodal", corrupted(&dir, "multimodal", |i, _| i.extend(vec![0u8; s])), "multimodal"),
         ("trailing", corrupted(&dir, "trailing", |i, _| i.push(0)), "1 bytes after the document index"),
-        ("length", corrupted(&dir, "length", |i, _| i[34..38].copy_from_slice(&(-1i32).to_le_bytes())), "length -1"),
+        (
+            "length",
+            corrupted(&dir, "length", |i, _| i[34..38].copy_from_slice(&(-1i32).to_le_bytes())),
+            "length -1",
+        ),
         (
             "pointer",
             corrupted(&dir, "pointer", |i, _| put(i, 34 + 4 * s + 8, 1 << 30)),
@@ -202,7 +206,14 @@ fn corrupt_and_truncated_files_are_named() {
             "not monotonic: entry 2 is 0",
         ),
         ("first", corrupted(&dir, "first", |i, _| put(i, 34 + 12 * s, 1)), "starts at 1"),
-        ("last", corrupted(&dir, "last", |i, _| { let n = i.len(); i[n - 8..].copy_from_slice(&1u64.to_le_bytes()) }), "not monotonic"),
+        (
+            "last",
+            corrupted(&dir, "last", |i, _| {
+                let n = i.len();
+                i[n - 8..].copy_from_slice(&1u64.to_le_bytes())
+            }),
+            "not monotonic",
+        ),
     ];
     for (name, err, needle) in cases {
         assert!(err.contains(needle), "{name}: {err}");
@@ -224,7 +235,8 @@ fn corrupt_and_truncated_files_are_named() {
 }
 
 fn sampler(datasets: &[(f64, &str)], seed: u64, seq_len: usize) -> IndexedSampler {
-    let opened = datasets.iter().map(|(w, n)| (*w, IndexedDataset::open(&fixtures().join(n)).unwrap())).collect();
+    let opened =
+        datasets.iter().map(|(w, n)| (*w, IndexedDataset::open(&fixtures().join(n)).unwrap())).collect();
     IndexedSampler::new(opened, seed, seq_len, 1, 4).unwrap()
 }
 
@@ -274,7 +286,10 @@ fn a_blend_keeps_its_proportions() {
     let order: Vec<usize> = (0..20).map(|g| blend.locate(g).0).collect();
     assert!(order.windows(2).all(|w| !(w[0] == 0 && w[1] == 0)), "{order:?}");
     let err = IndexedSampler::new(
-        vec![(1e-9, IndexedDataset::open(&fixtures().join("python_u16")).unwrap()), (1.0, IndexedDataset::open(&fixtures().join("python_sentences")).unwrap())],
+        vec![
+            (1e-9, IndexedDataset::open(&fixtures().join("python_u16")).unwrap()),
+            (1.0, IndexedDataset::open(&fixtures().join("python_sentences")).unwrap()),
+        ],
         0,
         8,
         1,

@@ -240,13 +240,23 @@ impl IndexedDataset {
             )));
         }
         if have > need {
-            return Err(bad(format!("{} bytes after the document index, which should end the file", have - need)));
+            return Err(bad(format!(
+                "{} bytes after the document index, which should end the file",
+                have - need
+            )));
         }
         let (sequences, entries) = (sequences as usize, entries as usize);
         if entries == 0 {
             return Err(bad("the document index is empty: it holds at least the leading 0".into()));
         }
-        let dataset = IndexedDataset { prefix: prefix.to_path_buf(), idx, bin, dtype, sequences, index_entries: entries };
+        let dataset = IndexedDataset {
+            prefix: prefix.to_path_buf(),
+            idx,
+            bin,
+            dtype,
+            sequences,
+            index_entries: entries,
+        };
         dataset.check(&idx_file, &bin_file)?;
         Ok(dataset)
     }
@@ -281,7 +291,9 @@ impl IndexedDataset {
                 detail: if expected > bin_len {
                     format!("truncated: {bin_len} bytes, the index's sequences need {expected}")
                 } else {
-                    format!("{bin_len} bytes, the index's sequences take {expected}: it does not belong to this index")
+                    format!(
+                        "{bin_len} bytes, the index's sequences take {expected}: it does not belong to this index"
+                    )
                 },
             });
         }
@@ -498,7 +510,8 @@ impl IndexedWriter {
         let bin = tmp(&bin_path(&self.prefix));
         self.bin.flush().map_err(|error| DataError::Io { path: bin.clone(), error })?;
         self.bin.get_ref().sync_all().map_err(|error| DataError::Io { path: bin.clone(), error })?;
-        let mut out = Vec::with_capacity(HEADER_LEN + 12 * self.lengths.len() + 8 * self.document_index.len());
+        let mut out =
+            Vec::with_capacity(HEADER_LEN + 12 * self.lengths.len() + 8 * self.document_index.len());
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&VERSION.to_le_bytes());
         out.push(self.dtype.code());

@@ -135,7 +135,8 @@ impl IndexedSampler {
         let mut period = Vec::with_capacity(BLEND_PERIOD);
         for i in 0..BLEND_PERIOD {
             let deficit = |d: usize| weights[d] * (i + 1) as f64 - counts[d] as f64;
-            let best = (1..sources.len()).fold(0, |best, d| if deficit(d) > deficit(best) { d } else { best });
+            let best =
+                (1..sources.len()).fold(0, |best, d| if deficit(d) > deficit(best) { d } else { best });
             period.push((best as u32, counts[best] as u32));
             counts[best] += 1;
         }

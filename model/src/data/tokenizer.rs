@@ -58,16 +58,18 @@ impl Tokenizer {
         let eod = match eod {
             Some(spec) => Some(match spec.parse::<u32>() {
                 Ok(id) if (id as usize) < vocab => id,
-                Ok(id) => return Err(bad(format!("end-of-document id {id} is outside its vocabulary of {vocab}"))),
+                Ok(id) => {
+                    return Err(bad(format!("end-of-document id {id} is outside its vocabulary of {vocab}")));
+                }
                 Err(_) => tokenizer
                     .token_to_id(spec)
                     .ok_or_else(|| bad(format!("end-of-document token {spec:?} is not in its vocabulary")))?,
             }),
             None => config_eos(path, &tokenizer)?.or_else(|| {
                 let added = tokenizer.get_added_tokens_decoder();
-                EOD_SPELLINGS.iter().find_map(|s| {
-                    added.iter().find(|(_, t)| t.special && t.content == *s).map(|(&id, _)| id)
-                })
+                EOD_SPELLINGS
+                    .iter()
+                    .find_map(|s| added.iter().find(|(_, t)| t.special && t.content == *s).map(|(&id, _)| id))
             }),
         };
         Ok(Tokenizer::Hf { path: path.to_path_buf(), tokenizer: Box::new(tokenizer), eod })
