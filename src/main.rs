@@ -4,6 +4,7 @@
 mod bench;
 mod checkpoint;
 mod cluster;
+mod data;
 mod model_info;
 mod plan;
 mod repro;
@@ -63,6 +64,11 @@ enum Command {
     Workers(cluster::WorkersArgs),
     /// Compile, validate, simulate and draw a pipeline schedule (DualPipe, DualPipeV, 1F1B, ZB1P).
     Schedule(schedule::ScheduleArgs),
+    /// Prepare (tokenize) text into a Megatron-LM indexed dataset, or inspect one.
+    Data {
+        #[command(subcommand)]
+        command: data::DataCommand,
+    },
     /// List, verify and export the checkpoints a run committed under RUN_DIR/checkpoints.
     Checkpoint {
         #[command(subcommand)]
@@ -103,5 +109,6 @@ fn run(cli: Cli) -> Result<()> {
         Command::Watch(args) => cluster::watch(args),
         Command::Workers(args) => cluster::workers(args),
         Command::Checkpoint { command } => checkpoint::run(command),
+        Command::Data { command } => data::run(command),
     }
 }

@@ -5,7 +5,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use flotilla_model::ModelConfig;
 use flotilla_model::checkpoint::{HfReader, MtpPolicy, WeightDtype, fill_from_reader};
-use flotilla_model::data::encode_bytes;
+use flotilla_model::data::Tokenizer;
 use flotilla_model::model::Model;
 use flotilla_model::train::{ShardSize, TrainConfig, Trainer, describe_init};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -108,10 +108,15 @@ pub fn train(args: TrainArgs) -> Result<()> {
     let elapsed = started.elapsed().as_secs_f64();
     let tail = &last[last.len().saturating_sub(10)..];
     let final_ce = tail.iter().sum::<f64>() / tail.len() as f64;
-    let entropy = unigram_entropy(&trainer.config.load_tokens()?);
+    // The unigram entropy of an in-memory stream; an indexed dataset is not read whole.
+    let entropy = trainer
+        .data()
+        .stream()
+        .map(|tokens| format!("; data unigram entropy: {:.4} nats/token", unigram_entropy(tokens)))
+        .unwrap_or_default();
     println!(
         "trained {steps} steps in {elapsed:.1} s ({:.0} tokens/s)\n\
-         main loss (mean of the last {} steps): {final_ce:.4} nats/token; data unigram entropy: {entropy:.4} nats/token\n\
+         main loss (mean of the last {} steps): {final_ce:.4} nats/token{entropy}\n\
          metrics: {}\nweights: {} ({} file{})",
         (steps * tokens_per_step) as f64 / elapsed,
         tail.len(),
@@ -142,9 +147,12 @@ pub struct ScoreArgs {
     /// Token ids, comma-separated.
     #[arg(long, group = "input", value_delimiter = ',')]
     tokens: Option<Vec<u32>>,
-    /// A UTF-8 text file, byte-tokenized.
+    /// A UTF-8 text file, byte-tokenized unless --tokenizer is given.
     #[arg(long, group = "input")]
     text: Option<PathBuf>,
+    /// A Hugging Face tokenizer.json to encode --text with (default: bytes).
+    #[arg(long, requires = "text")]
+    tokenizer: Option<PathBuf>,
     /// Threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -154,11 +162,11 @@ pub struct ScoreArgs {
 }
 
 pub fn score(args: ScoreArgs) -> Result<()> {
+    let tokenizer = Tokenizer::load(args.tokenizer.as_deref(), None)?;
     let tokens = match (&args.tokens, &args.text) {
         (Some(tokens), _) => tokens.clone(),
-        (None, Some(path)) => encode_bytes(
-            &std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
-        ),
+        (None, Some(path)) => tokenizer
+            .encode(&std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?)?,
         (None, None) => bail!("give --tokens or --text"),
     };
     anyhow::ensure!(tokens.len() >= 2, "scoring needs at least 2 tokens, got {}", tokens.len());
@@ -170,6 +178,11 @@ pub fn score(args: ScoreArgs) -> Result<()> {
         tokens.len(),
         config.max_position_embeddings
     );
+    if args.text.is_some() {
+        tokenizer
+            .check_vocab(config.vocab_size)
+            .with_context(|| format!("scoring with {}", args.model.display()))?;
+    }
     // Scoring reads the main model only: the MTP modules, which transformers does not
     // save, are neither needed nor read.
     let main = ModelConfig { num_nextn_predict_layers: 0, ..config };

@@ -12,7 +12,7 @@
 //! [`Linear::backward_weight_from`] takes its [`CachedActivation::wgrad_input`].
 
 use crate::param::{Init, Param};
-use crate::precision::{self, CachedActivation, Precision, WgradInput};
+use crate::precision::{self, CachedActivation, Precision, WgradInput, check_precision};
 use crate::{ModelError, Real, check_len};
 use flotilla_kernels::gemm::{MatMut, MatRef, matmul};
 use flotilla_kernels::quant::{Fp8Matrix, Granularity, ScaleRounding};
@@ -233,20 +233,4 @@ impl<T: Real> Linear<T> {
         )?;
         Ok(())
     }
-}
-
-/// Checks that `precision` can run on `T`: every precision on f32, only
-/// [`Precision::Fp32`] on f64 (the BF16 and FP8 kernels are f32-only). `what` names the
-/// layer or model in the error.
-pub fn check_precision<T: Real>(precision: Precision, what: &str) -> Result<(), ModelError> {
-    if precision == Precision::Fp32 || T::as_f32_slice(&[]).is_some() {
-        return Ok(());
-    }
-    Err(ModelError::Tensor {
-        tensor: what.to_string(),
-        detail: format!(
-            "precision {precision} runs on f32 only; a {}-byte float model (gradient checks) must use fp32",
-            std::mem::size_of::<T>()
-        ),
-    })
 }

@@ -43,13 +43,13 @@
 use crate::block::{Block, BlockCache};
 use crate::config::ModelConfig;
 use crate::embedding::Embedding;
-use crate::linear::{Linear, check_precision};
+use crate::linear::Linear;
 use crate::mla::Mla;
 use crate::moe::{LocalExchange, MoeLayer};
 use crate::mtp::{MtpCache, MtpModule};
 use crate::norm::{RmsNorm, RmsNormCache};
 use crate::param::Param;
-use crate::precision::{CacheBytes, Precision};
+use crate::precision::{CacheBytes, Precision, check_precision};
 use crate::{ModelError, Real, check_len};
 use flotilla_kernels::gemm::{MatMut, MatRef, matmul};
 use flotilla_kernels::loss::{

@@ -44,14 +44,14 @@ use std::ops::Range;
 use crate::block::{Block, BlockCache, BlockWeightGradInputs};
 use crate::config::ModelConfig;
 use crate::embedding::Embedding;
-use crate::linear::{Linear, check_precision};
+use crate::linear::Linear;
 use crate::mla::Mla;
 use crate::model::{HeadPass, LossConfig, head_backward_input, head_backward_weight, head_pass};
 use crate::moe::{ExpertExchange, ExpertShard, MoeLayer};
 use crate::mtp::{MtpCache, MtpModule, MtpWeightGradInputs};
 use crate::norm::RmsNorm;
 use crate::param::Param;
-use crate::precision::Precision;
+use crate::precision::{Precision, check_precision};
 use crate::{ModelError, Real};
 
 /// Contiguous main-model layers per stage, in forward order.

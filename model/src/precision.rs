@@ -93,7 +93,6 @@
 //! The FP8 and BF16 paths exist for f32 only; a model in f64 (gradient checks) must use
 //! [`Precision::Fp32`], and the layers return an error otherwise.
 
-use crate::linear::check_precision;
 use crate::{ModelError, Real, check_len};
 use flotilla_kernels::gemm::{Accumulation, MatMut, MatRef, gemm_bf16, gemm_fp8, matmul};
 use flotilla_kernels::quant::{Fp8Matrix, Granularity, QuantConfig, ScaleRounding, TILE, quantize};
@@ -142,6 +141,22 @@ impl std::str::FromStr for Precision {
             _ => Err(format!("unknown precision `{s}` (expected fp32, bf16 or fp8)")),
         }
     }
+}
+
+/// Checks that `precision` can run on `T`: every precision on f32, only
+/// [`Precision::Fp32`] on f64 (the BF16 and FP8 kernels are f32-only). `what` names the
+/// layer or model in the error.
+pub fn check_precision<T: Real>(precision: Precision, what: &str) -> Result<(), ModelError> {
+    if precision == Precision::Fp32 || T::as_f32_slice(&[]).is_some() {
+        return Ok(());
+    }
+    Err(ModelError::Tensor {
+        tensor: what.to_string(),
+        detail: format!(
+            "precision {precision} runs on f32 only; a {}-byte float model (gradient checks) must use fp32",
+            std::mem::size_of::<T>()
+        ),
+    })
 }
 
 /// The scale settings of every FP8 quantization in training: exact scales

@@ -12,7 +12,9 @@ use crate::checkpoint::{
     fill_from_reader, parse_shard_size, save_hf_sharded,
 };
 use crate::config::{ConfigError, ModelConfig};
-use crate::data::{BYTE_VOCAB, Sampler, encode_bytes, synthetic_corpus};
+use crate::data::{
+    BYTE_VOCAB, DataError, DataSampler, IndexedDataset, IndexedSampler, Sampler, Tokenizer, synthetic_corpus,
+};
 use crate::model::{LossConfig, Model, StepStats};
 use crate::precision::Precision;
 use crate::shard::{CheckpointReader, Piece, PieceData, PieceKind, ShardError, ShardHeader, Snapshot};
@@ -32,11 +34,100 @@ pub enum DataConfig {
         #[serde(default = "default_synthetic_tokens")]
         tokens: usize,
     },
-    /// Any UTF-8 text file, byte-tokenized.
+    /// Any UTF-8 text file, one document, byte-tokenized unless `tokenizer` is given.
     Text {
         /// The file; relative paths are relative to the config file.
         path: PathBuf,
+        /// A Hugging Face `tokenizer.json` (relative to the config file); absent: bytes.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tokenizer: Option<PathBuf>,
     },
+    /// Megatron-LM indexed datasets (`PREFIX.idx` + `PREFIX.bin`), memory-mapped, in the
+    /// seeded per-epoch order of [`crate::data::sample`].
+    Indexed {
+        /// `"PREFIX"`, or a blend as Megatron's `--data-path`: `[0.3, "A", 0.7, "B"]`
+        /// (weight, prefix pairs; weights are normalized) or `["A", "B"]` (equal
+        /// weights). Relative prefixes are relative to the config file.
+        path: DatasetPaths,
+        /// The `tokenizer.json` the data was prepared with (relative to the config file),
+        /// to check that the model's vocabulary covers it; absent: not checked before the
+        /// first out-of-vocabulary token.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tokenizer: Option<PathBuf>,
+    },
+}
+
+/// The `path` of `kind = "indexed"`: one prefix or a blend.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum DatasetPaths {
+    /// One dataset.
+    One(PathBuf),
+    /// `[weight, prefix, weight, prefix, …]` or `[prefix, prefix, …]`.
+    Blend(Vec<BlendItem>),
+}
+
+/// An element of a blend list.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum BlendItem {
+    /// A weight.
+    Weight(f64),
+    /// A prefix.
+    Prefix(PathBuf),
+}
+
+impl DatasetPaths {
+    /// The (weight, prefix) pairs; the error says what is wrong with the list.
+    pub fn datasets(&self) -> Result<Vec<(f64, PathBuf)>, String> {
+        let items = match self {
+            DatasetPaths::One(p) => return Ok(vec![(1.0, p.clone())]),
+            DatasetPaths::Blend(items) => items,
+        };
+        if items.is_empty() {
+            return Err("`data.path` is an empty list".into());
+        }
+        if items.iter().all(|i| matches!(i, BlendItem::Prefix(_))) {
+            return Ok(items
+                .iter()
+                .map(|i| match i {
+                    BlendItem::Prefix(p) => (1.0, p.clone()),
+                    BlendItem::Weight(_) => unreachable!("all prefixes"),
+                })
+                .collect());
+        }
+        if !items.len().is_multiple_of(2) {
+            return Err(format!("`data.path` has {} elements: a blend is weight, prefix pairs", items.len()));
+        }
+        items
+            .chunks_exact(2)
+            .enumerate()
+            .map(|(k, pair)| match pair {
+                [BlendItem::Weight(w), BlendItem::Prefix(p)] => Ok((*w, p.clone())),
+                _ => Err(format!(
+                    "`data.path` element {} and {}: a blend is weight, prefix pairs",
+                    2 * k,
+                    2 * k + 1
+                )),
+            })
+            .collect()
+    }
+
+    fn resolve(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        match self {
+            DatasetPaths::One(p) => fix(p),
+            DatasetPaths::Blend(items) => items.iter_mut().for_each(|i| {
+                if let BlendItem::Prefix(p) = i {
+                    fix(p)
+                }
+            }),
+        }
+    }
 }
 
 fn default_synthetic_tokens() -> usize {
@@ -356,6 +447,9 @@ pub enum TrainError {
     /// Writing the weights failed.
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
+    /// A tokenizer or dataset failed.
+    #[error(transparent)]
+    Data(#[from] DataError),
     /// Reading a checkpoint's shards failed, or they do not fit this model.
     #[error(transparent)]
     Shard(#[from] ShardError),
@@ -376,10 +470,21 @@ impl TrainConfig {
     /// Parses the TOML text of a run; `base` is the directory relative paths start from.
     pub fn from_toml(text: &str, base: &Path) -> Result<(TrainConfig, ModelConfig), TrainError> {
         let mut config: TrainConfig = toml::from_str(text).map_err(|e| TrainError::Config(e.to_string()))?;
-        if let DataConfig::Text { path } = &mut config.data
-            && path.is_relative()
-        {
-            *path = base.join(&*path);
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        match &mut config.data {
+            DataConfig::Synthetic { .. } => {}
+            DataConfig::Text { path, tokenizer } => {
+                fix(path);
+                tokenizer.iter_mut().for_each(fix);
+            }
+            DataConfig::Indexed { path, tokenizer } => {
+                path.resolve(base);
+                tokenizer.iter_mut().for_each(fix);
+            }
         }
         if let Some(path) = &mut config.init_from
             && path.is_relative()
@@ -413,7 +518,15 @@ impl TrainConfig {
         if self.threads == Some(0) {
             return bad("threads", "must be at least 1".into());
         }
-        if model.vocab_size < BYTE_VOCAB {
+        let bytes = match &self.data {
+            DataConfig::Synthetic { .. } => true,
+            DataConfig::Text { tokenizer, .. } => tokenizer.is_none(),
+            DataConfig::Indexed { path, .. } => {
+                path.datasets().map_err(TrainError::Config)?;
+                false
+            }
+        };
+        if bytes && model.vocab_size < BYTE_VOCAB {
             return bad(
                 "model.vocab_size",
                 format!("must be at least {BYTE_VOCAB} for the byte tokenizer, got {}", model.vocab_size),
@@ -434,14 +547,58 @@ impl TrainConfig {
         Ok(())
     }
 
-    /// The data's token stream.
+    /// The tokenizer of the data: the byte tokenizer unless `data.tokenizer` names one.
+    pub fn tokenizer(&self) -> Result<Tokenizer, TrainError> {
+        let path = match &self.data {
+            DataConfig::Synthetic { .. } => None,
+            DataConfig::Text { tokenizer, .. } | DataConfig::Indexed { tokenizer, .. } => {
+                tokenizer.as_deref()
+            }
+        };
+        Ok(Tokenizer::load(path, None)?)
+    }
+
+    /// The token stream of a `synthetic` or `text` source (`indexed` data is not loaded
+    /// whole: an error).
     pub fn load_tokens(&self) -> Result<Vec<u32>, TrainError> {
         match &self.data {
             DataConfig::Synthetic { tokens } => Ok(synthetic_corpus(self.seed, *tokens)),
-            DataConfig::Text { path } => {
+            DataConfig::Text { path, .. } => {
                 let text = std::fs::read_to_string(path)
                     .map_err(|error| TrainError::Io { path: path.clone(), error })?;
-                Ok(encode_bytes(&text))
+                Ok(self.tokenizer()?.encode(&text)?)
+            }
+            DataConfig::Indexed { .. } => Err(TrainError::Config(
+                "`data.kind = \"indexed\"` is read memory-mapped, not as one stream".into(),
+            )),
+        }
+    }
+
+    /// The run's window source for a model of `vocab_size` ids and MTP depth `mtp_depth`;
+    /// errors if the model's vocabulary does not cover the tokenizer's.
+    pub fn sampler(&self, vocab_size: usize, mtp_depth: usize) -> Result<DataSampler, TrainError> {
+        self.tokenizer()?.check_vocab(vocab_size)?;
+        match &self.data {
+            DataConfig::Synthetic { .. } | DataConfig::Text { .. } => Ok(DataSampler::Stream(Sampler::new(
+                self.load_tokens()?,
+                self.seed,
+                self.seq_len,
+                mtp_depth,
+            )?)),
+            DataConfig::Indexed { path, .. } => {
+                let datasets = path
+                    .datasets()
+                    .map_err(TrainError::Config)?
+                    .into_iter()
+                    .map(|(w, prefix)| Ok((w, IndexedDataset::open(&prefix)?)))
+                    .collect::<Result<Vec<_>, DataError>>()?;
+                Ok(DataSampler::Indexed(IndexedSampler::new(
+                    datasets,
+                    self.seed,
+                    self.seq_len,
+                    mtp_depth,
+                    self.batch_size,
+                )?))
             }
         }
     }
@@ -496,7 +653,7 @@ pub struct Trainer {
     pub config: TrainConfig,
     /// The model (f32).
     pub model: Model<f32>,
-    sampler: Sampler,
+    sampler: DataSampler,
     state: AdamState,
     /// For each of `model.params()`, its index in `state` (the order of
     /// `model.trainable_params_mut()`), `None` for the selection biases.
@@ -543,9 +700,7 @@ impl Trainer {
             Some(dir) => Some(init_from_checkpoint(dir, model_config, &mut model.params_mut())?),
             None => None,
         };
-        let tokens = config.load_tokens()?;
-        let mtp_depth = model_config.num_nextn_predict_layers;
-        let sampler = Sampler::new(tokens, config.seed, config.seq_len, mtp_depth)?;
+        let sampler = config.sampler(model_config.vocab_size, model_config.num_nextn_predict_layers)?;
         let params = model.trainable_params_mut();
         let state = AdamState {
             m: params.iter().map(|p| vec![bf16::ZERO; p.len()]).collect(),
@@ -558,6 +713,11 @@ impl Trainer {
             .threads
             .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
         Ok(Trainer { config, model, sampler, state, state_index, threads, step: 0, init })
+    }
+
+    /// Where the windows come from.
+    pub fn data(&self) -> &DataSampler {
+        &self.sampler
     }
 
     /// Steps taken so far.
@@ -588,8 +748,9 @@ impl Trainer {
         let step = self.step + 1;
         let share = (batch / size) as u64;
         let first = rank as u64 * share;
-        let windows: Vec<Vec<u32>> =
-            (first..first + share).map(|i| self.sampler.window(step, i).tokens).collect();
+        let windows = (first..first + share)
+            .map(|i| Ok(self.sampler.window(step, i)?.tokens))
+            .collect::<Result<Vec<Vec<u32>>, DataError>>()?;
         self.model.zero_grad();
         let stats =
             self.model.forward_backward(&windows, self.config.seq_len, &self.config.loss, self.threads)?;

@@ -3,54 +3,19 @@
 
 use flotilla_model::{ConfigError, ModelConfig, ParameterCounts, Preset};
 
-/// DeepSeek-V3's released `config.json` (the fields that matter, plus the generic keys an
-/// HF config carries), as published with the weights.
-const DEEPSEEK_V3_CONFIG_JSON: &str = r#"{
-  "architectures": ["DeepseekV3ForCausalLM"],
-  "attention_bias": false,
-  "attention_dropout": 0.0,
-  "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekV3Config"},
-  "bos_token_id": 0,
-  "eos_token_id": 1,
-  "ep_size": 1,
-  "first_k_dense_replace": 3,
-  "hidden_act": "silu",
-  "hidden_size": 7168,
-  "initializer_range": 0.02,
-  "intermediate_size": 18432,
-  "kv_lora_rank": 512,
-  "max_position_embeddings": 163840,
-  "model_type": "deepseek_v3",
-  "moe_intermediate_size": 2048,
-  "moe_layer_freq": 1,
-  "n_group": 8,
-  "n_routed_experts": 256,
-  "n_shared_experts": 1,
-  "norm_topk_prob": true,
-  "num_attention_heads": 128,
-  "num_experts_per_tok": 8,
-  "num_hidden_layers": 61,
-  "num_key_value_heads": 128,
-  "num_nextn_predict_layers": 1,
-  "q_lora_rank": 1536,
-  "qk_nope_head_dim": 128,
-  "qk_rope_head_dim": 64,
-  "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]},
-  "rms_norm_eps": 1e-06,
-  "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
-                   "original_max_position_embeddings": 4096, "type": "yarn"},
-  "rope_theta": 10000,
-  "routed_scaling_factor": 2.5,
-  "scoring_func": "sigmoid",
-  "tie_word_embeddings": false,
-  "topk_group": 4,
-  "topk_method": "noaux_tc",
-  "torch_dtype": "bfloat16",
-  "transformers_version": "4.46.3",
-  "use_cache": true,
-  "v_head_dim": 128,
-  "vocab_size": 129280
-}"#;
+/// DeepSeek-V3's released `config.json`, as published with the weights (the fixture that
+/// tests/hf_configs.rs also reads).
+fn released_config() -> serde_json::Value {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/hf_configs/released.json");
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// The released config with `edit` applied, as JSON text.
+fn released_with(edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) -> String {
+    let mut config = released_config();
+    edit(config.as_object_mut().unwrap());
+    config.to_string()
+}
 
 fn within(actual: u64, expected: f64, tolerance: f64) -> bool {
     ((actual as f64 - expected) / expected).abs() <= tolerance
@@ -58,14 +23,17 @@ fn within(actual: u64, expected: f64, tolerance: f64) -> bool {
 
 #[test]
 fn the_released_config_json_loads_as_the_preset() {
-    let loaded = ModelConfig::from_hf_json(DEEPSEEK_V3_CONFIG_JSON).unwrap();
+    let loaded = ModelConfig::from_hf_json(&released_config().to_string()).unwrap();
     assert_eq!(loaded.config, Preset::DeepseekV3_671b.config());
     let expected_ignored = [
         "architectures",
         "attention_dropout",
         "auto_map",
+        "aux_loss_alpha",
         "ep_size",
         "model_type",
+        "pretraining_tp",
+        "seq_aux",
         "torch_dtype",
         "transformers_version",
         "use_cache",
@@ -209,18 +177,22 @@ fn inconsistent_configs_name_the_field() {
 #[test]
 fn hf_json_errors_are_clear() {
     assert!(matches!(
-        ModelConfig::from_hf_json(&DEEPSEEK_V3_CONFIG_JSON.replace("\"deepseek_v3\"", "\"llama\"")),
+        ModelConfig::from_hf_json(&released_with(|c| {
+            c.insert("model_type".into(), "llama".into());
+        })),
         Err(ConfigError::InvalidField { field: "model_type", .. })
     ));
-    match ModelConfig::from_hf_json(&DEEPSEEK_V3_CONFIG_JSON.replace("\"noaux_tc\"", "\"greedy\"")) {
+    match ModelConfig::from_hf_json(&released_with(|c| {
+        c.insert("topk_method".into(), "greedy".into());
+    })) {
         Err(ConfigError::InvalidField { field: "topk_method", detail }) => {
             assert!(detail.contains("greedy"), "{detail}")
         }
         other => panic!("{other:?}"),
     }
-    match ModelConfig::from_hf_json(
-        &DEEPSEEK_V3_CONFIG_JSON.replace("\"topk_group\": 4", "\"topk_group\": 9"),
-    ) {
+    match ModelConfig::from_hf_json(&released_with(|c| {
+        c.insert("topk_group".into(), 9.into());
+    })) {
         Err(ConfigError::InvalidField { field: "topk_group", .. }) => {}
         other => panic!("{other:?}"),
     }
@@ -230,16 +202,29 @@ fn hf_json_errors_are_clear() {
 
 #[test]
 fn transformers_5_rope_parameters_are_read() {
-    let legacy = ModelConfig::from_hf_json(DEEPSEEK_V3_CONFIG_JSON).unwrap().config;
-    let v5 = DEEPSEEK_V3_CONFIG_JSON.replace("\"rope_theta\": 10000,", "").replace(
-        "\"rope_scaling\": {\"beta_fast\": 32, \"beta_slow\": 1, \"factor\": 40, \"mscale\": 1.0, \"mscale_all_dim\": 1.0,\n                   \"original_max_position_embeddings\": 4096, \"type\": \"yarn\"},",
-        "\"rope_parameters\": {\"rope_type\": \"yarn\", \"rope_theta\": 10000, \"beta_fast\": 32, \"beta_slow\": 1, \"factor\": 40, \"mscale\": 1.0, \"mscale_all_dim\": 1.0, \"original_max_position_embeddings\": 4096},\n  \"rope_interleave\": true,",
-    );
-    assert!(v5.contains("rope_parameters") && !v5.contains("rope_scaling"), "the replacement applied");
-    assert_eq!(ModelConfig::from_hf_json(&v5).unwrap().config, legacy);
-    let plain = v5.replace("\"rope_type\": \"yarn\"", "\"rope_type\": \"default\"");
+    let legacy = ModelConfig::from_hf_json(&released_config().to_string()).unwrap().config;
+    // transformers 5 moves rope_theta and rope_scaling into rope_parameters and adds
+    // rope_interleave.
+    let to_v5 = |c: &mut serde_json::Map<String, serde_json::Value>| {
+        let theta = c.remove("rope_theta").unwrap();
+        let mut rope = c.remove("rope_scaling").unwrap().as_object().unwrap().clone();
+        rope.remove("type");
+        rope.insert("rope_type".into(), "yarn".into());
+        rope.insert("rope_theta".into(), theta);
+        c.insert("rope_parameters".into(), rope.into());
+        c.insert("rope_interleave".into(), true.into());
+    };
+    assert_eq!(ModelConfig::from_hf_json(&released_with(to_v5)).unwrap().config, legacy);
+    let plain = released_with(|c| {
+        to_v5(c);
+        c["rope_parameters"]["rope_type"] = "default".into();
+    });
     assert_eq!(ModelConfig::from_hf_json(&plain).unwrap().config.rope_scaling, None);
-    match ModelConfig::from_hf_json(&v5.replace("\"rope_interleave\": true", "\"rope_interleave\": false")) {
+    let not_interleaved = released_with(|c| {
+        to_v5(c);
+        c["rope_interleave"] = false.into();
+    });
+    match ModelConfig::from_hf_json(&not_interleaved) {
         Err(ConfigError::InvalidField { field: "rope_interleave", .. }) => {}
         other => panic!("{other:?}"),
     }

@@ -71,7 +71,7 @@ use bytes::Bytes;
 use flotilla_kernels::optim::{adamw_step, clip_scale};
 use flotilla_model::ModelError;
 use flotilla_model::config::ModelConfig;
-use flotilla_model::data::Sampler;
+use flotilla_model::data::DataSampler;
 use flotilla_model::moe::ExpertShard;
 use flotilla_model::pipeline::{ChunkCache, ChunkStats, ChunkWeightGrads, RankModel, StageLayout};
 use flotilla_model::shard::{CheckpointReader, Piece, PieceData, PieceKind, ShardHeader, Snapshot};
@@ -540,7 +540,7 @@ pub struct PipelineTrainer {
     pub config: TrainConfig,
     pub model: RankModel<f32>,
     pub plan: PipelinePlan,
-    sampler: Sampler,
+    sampler: DataSampler,
     groups: Vec<HolderGroup>,
     /// `trainable_at[i]`: the index in `RankModel::params` of trainable tensor `i`
     /// (`RankModel::trainable_params_mut` order).
@@ -756,10 +756,9 @@ impl PipelineTrainer {
             ),
             None => None,
         };
-        let tokens = config.load_tokens().map_err(|e| e.to_string())?;
-        let sampler =
-            Sampler::new(tokens, config.seed, config.seq_len, model_config.num_nextn_predict_layers)
-                .map_err(|e| e.to_string())?;
+        let sampler = config
+            .sampler(model_config.vocab_size, model_config.num_nextn_predict_layers)
+            .map_err(|e| e.to_string())?;
 
         // Holder groups, by id: the same on every member.
         let mut by_key: BTreeMap<HolderKey, Vec<usize>> = BTreeMap::new();
@@ -854,10 +853,17 @@ impl PipelineTrainer {
     }
 
     /// The windows of micro-batch `m` of this rank's pipeline for `step`.
-    fn windows(&self, step: u64, m: u32) -> Vec<Vec<u32>> {
+    fn windows(&self, step: u64, m: u32) -> Result<Vec<Vec<u32>>, PipelineError> {
         let per = self.config.batch_size as u64 / self.global_micro_batches();
         let first = (self.plan.pipeline_index() * u64::from(self.plan.micro_batches) + u64::from(m)) * per;
-        (first..first + per).map(|i| self.sampler.window(step, i).tokens).collect()
+        (first..first + per)
+            .map(|i| {
+                self.sampler
+                    .window(step, i)
+                    .map(|w| w.tokens)
+                    .map_err(|e| PipelineError::Step { step, detail: format!("reading the data: {e}") })
+            })
+            .collect()
     }
 
     /// Runs one training step (see the module docs). Blocking: call it from a blocking
@@ -938,7 +944,8 @@ impl PipelineTrainer {
         let seq = self.config.seq_len;
         let loss = self.config.loss;
         let threads = self.threads;
-        let windows: Vec<Vec<Vec<u32>>> = (0..plan.micro_batches).map(|m| self.windows(step, m)).collect();
+        let windows: Vec<Vec<Vec<u32>>> =
+            (0..plan.micro_batches).map(|m| self.windows(step, m)).collect::<Result<_, _>>()?;
         let mut tally = Tally {
             loads: vec![vec![0; self.model.config().n_routed_experts]; self.moe_layers.len()],
             ..Tally::default()

@@ -151,6 +151,24 @@ fn layouts_train_like_one_process() {
     }
 }
 
+/// Megatron-LM indexed data (a blend of the fixtures `tools/data_fixtures.py` wrote, with
+/// their tokenizer) under pp 2 × ep 2: the ranks draw the single process's windows.
+#[test]
+fn indexed_data_trains_like_one_process() {
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../model/tests/fixtures/data");
+    let table = format!(
+        "[data]\nkind = \"indexed\"\npath = [0.4, \"{0}/python_u16\", 0.6, \"{0}/python_sentences\"]\ntokenizer = \"{0}/tokenizer.json\"\n",
+        data.display()
+    );
+    let toml = run_toml("fp32")
+        .replace("[data]\nkind = \"synthetic\"\ntokens = 65536\n", &table)
+        .replace("preset = \"tiny\"\n", "preset = \"tiny\"\nvocab_size = 368\n");
+    assert!(toml.contains("indexed") && toml.contains("368"), "{toml}");
+    let want = reference(&toml);
+    let runs = run_layout(&toml, parallel(ScheduleKind::DualPipe, 2, 2, 1), &[]);
+    assert_matches(&runs, &want, 1e-5, 1e-3);
+}
+
 #[test]
 fn a_layout_repeats_bit_for_bit() {
     let toml = run_toml("fp32");

@@ -27,14 +27,13 @@
 //! from here (`super::timeline`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use flotilla_proto::PROTOCOL_VERSION;
 use flotilla_proto::v1::{
-    Abort, CoordinatorMessage, HeartbeatStats, Job, ListWorkersResponse, Registration, SessionOpen, Shutdown,
-    WorkerInfo, WorkerMessage, WorkerStatus, coordinator_message,
+    Abort, CoordinatorMessage, Job, Registration, SessionOpen, Shutdown, WorkerInfo, WorkerMessage,
+    WorkerStatus, coordinator_message,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::{JoinHandle, JoinSet};
@@ -43,127 +42,22 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Status, Streaming};
 
-use super::job::{JobActor, JobControl, JobEnv, JobHandle, JobPlacement, Launch, Member, TimelineAnswer};
+use super::config::{CoordinatorConfig, JobSpec, placement_of};
+use super::error::ServiceError;
+use super::ids::session_id;
+use super::job::{JobActor, JobEnv, JobPlacement, Launch};
+use super::messages::{
+    ClusterHandle, ClusterMsg, ConnId, JobControl, JobHandle, Member, OUTBOUND_QUEUE, SessionHandle,
+    SessionStream, TimelineAnswer, WorkersSnapshot,
+};
 use super::records::{self, is_valid_id};
-use super::session::{ConnId, OUTBOUND_QUEUE, SessionActor, SessionHandle};
-use super::timeline::{EndedTimelines, JobTimelines};
-use super::{CoordinatorConfig, JobSpec, ServiceError, placement_of};
+use super::session::SessionActor;
+use super::timeline::EndedTimelines;
 use crate::store::StateStore;
 
 /// Requests waiting for the cluster actor; senders (gRPC handlers, sessions, jobs) wait
 /// when it is full.
 const MAILBOX: usize = 4096;
-
-/// The response stream of a session.
-pub(crate) type SessionStream = ReceiverStream<Result<CoordinatorMessage, Status>>;
-
-type Reply<T> = oneshot::Sender<Result<T, ServiceError>>;
-
-/// The cluster actor's mailbox.
-pub(crate) enum ClusterMsg {
-    Register {
-        info: WorkerInfo,
-        reply: Reply<Registration>,
-    },
-    OpenSession {
-        open: SessionOpen,
-        inbound: Streaming<WorkerMessage>,
-        reply: Reply<SessionStream>,
-    },
-    Heartbeat {
-        worker_id: String,
-        conn: ConnId,
-        /// When the session read it off the stream, for the handling latency.
-        received: Instant,
-    },
-    SessionClosed {
-        worker_id: String,
-        conn: ConnId,
-        cause: String,
-    },
-    Submit {
-        spec: JobSpec,
-        reply: Reply<Job>,
-    },
-    /// Answered by the job actor, or with `JobNotFound` when no actor drives the job (it
-    /// ended, or never existed): the store then has the answer.
-    Cancel {
-        job_id: String,
-        reason: String,
-        reply: Reply<Job>,
-    },
-    /// The job is written and waits for workers.
-    JobPending {
-        job_id: String,
-    },
-    /// The job actor has ended; its workers are free, except those in `stuck`, which
-    /// did not confirm that they stopped the job and are declared lost.
-    JobEnded {
-        job_id: String,
-        stuck: Vec<(String, String)>,
-        /// A pipeline job's executed timelines, kept a while for `GetStepTimeline`.
-        timelines: Option<JobTimelines>,
-    },
-    /// A recovering job gives its workers back (declaring the `stuck` ones lost: they did
-    /// not confirm that they stopped its step) and asks for a crew again, ahead of every
-    /// queued job.
-    JobRecovering {
-        job_id: String,
-        stuck: Vec<(String, String)>,
-    },
-    /// A recovering data-parallel job whose replacement did not come in time accepts any
-    /// of these smaller world sizes (largest first) the idle workers can fill.
-    JobShrink {
-        job_id: String,
-        sizes: Vec<u32>,
-    },
-    /// A step timeline: from the job actor while the job runs, from the ended jobs'
-    /// timelines afterwards, `JobNotFound` when neither has it.
-    StepTimeline {
-        job_id: String,
-        step: u64,
-        reply: Reply<TimelineAnswer>,
-    },
-    ListWorkers {
-        reply: Reply<WorkersSnapshot>,
-    },
-    /// Asks every worker with an open session to shut down; answers how many were asked.
-    ShutdownWorkers {
-        reason: String,
-        reply: Reply<usize>,
-    },
-}
-
-/// A cheap handle for sending requests to the cluster actor.
-#[derive(Clone, Debug)]
-pub(crate) struct ClusterHandle {
-    tx: mpsc::Sender<ClusterMsg>,
-}
-
-impl ClusterHandle {
-    /// Sends a request and awaits its reply.
-    pub async fn request<T>(&self, make: impl FnOnce(Reply<T>) -> ClusterMsg) -> Result<T, ServiceError> {
-        let (reply, response) = oneshot::channel();
-        self.tx.send(make(reply)).await.map_err(|_| ServiceError::ShuttingDown)?;
-        response.await.map_err(|_| ServiceError::ShuttingDown)?
-    }
-}
-
-/// 64 bits nobody can predict without the process's random hashing keys. Not a
-/// cryptographic secret: session ids bind a stream to a registration, and the control
-/// plane has no authentication to protect yet.
-pub(crate) fn random_u64() -> u64 {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
-    hasher.write_u64(records::unix_ms());
-    hasher.write_u32(std::process::id());
-    hasher.finish()
-}
-
-fn session_id() -> String {
-    format!("{:016x}{:016x}", random_u64(), random_u64())
-}
 
 struct Worker {
     info: WorkerInfo,
@@ -185,38 +79,6 @@ struct HeartbeatLatency {
     samples: Vec<u32>,
     next: usize,
     handled: u64,
-}
-
-/// The membership as `ListWorkers` reports it, with the raw latency window: the
-/// percentiles are computed by the caller, so that the cluster actor, which every heartbeat
-/// waits for, only copies.
-pub(crate) struct WorkersSnapshot {
-    pub workers: Vec<WorkerStatus>,
-    pub handled: u64,
-    pub latencies_us: Vec<u32>,
-}
-
-impl WorkersSnapshot {
-    /// The response, with nearest-rank percentiles of the latency window.
-    pub fn into_response(mut self) -> ListWorkersResponse {
-        self.latencies_us.sort_unstable();
-        let sorted = &self.latencies_us;
-        let rank = |q: f64| -> u64 {
-            if sorted.is_empty() {
-                return 0;
-            }
-            let index = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1;
-            u64::from(sorted[index])
-        };
-        let heartbeats = HeartbeatStats {
-            handled: self.handled,
-            window: u32::try_from(sorted.len()).unwrap_or(u32::MAX),
-            p50_us: rank(0.50),
-            p99_us: rank(0.99),
-            max_us: sorted.last().copied().map_or(0, u64::from),
-        };
-        ListWorkersResponse { workers: self.workers, heartbeats: Some(heartbeats) }
-    }
 }
 
 impl HeartbeatLatency {
@@ -315,7 +177,7 @@ pub(crate) async fn start<S: StateStore + Clone + 'static>(
         }
     }
     let task = tokio::spawn(cluster.run());
-    Ok((ClusterHandle { tx: me }, task))
+    Ok((ClusterHandle::new(me), task))
 }
 
 impl<S: StateStore + Clone + 'static> Cluster<S> {

@@ -10,7 +10,7 @@ use flotilla_model::ModelConfig;
 use flotilla_model::train::{CheckpointConfig, RecoveryConfig, validate_policy};
 use flotilla_proto::v1::SubmitJobRequest;
 
-use super::ServiceError;
+use super::error::ServiceError;
 use crate::placement::{Parallel, Placement, PlacementError};
 use crate::schedule::{ScheduleError, ScheduleKind};
 

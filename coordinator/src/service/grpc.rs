@@ -14,11 +14,12 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::cluster::{ClusterHandle, ClusterMsg, SessionStream, validate_worker_info};
-use super::job::TimelineAnswer;
+use super::cluster::validate_worker_info;
+use super::config::{CoordinatorConfig, validate_submit};
+use super::error::ServiceError;
+use super::messages::{ClusterHandle, ClusterMsg, SessionStream, TimelineAnswer};
 use super::records::{is_valid_id, list_jobs, read_job};
 use super::watch::{EventStream, watch_job};
-use super::{CoordinatorConfig, ServiceError, validate_submit};
 use crate::store::StateStore;
 
 /// `flotilla.v1.CoordinatorService`, the workers' side.

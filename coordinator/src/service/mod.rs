@@ -26,6 +26,11 @@
 //! - The **history compactor** (`history`) keeps the store's watch history to the last
 //!   `history_retention` revisions, so the store's memory and log stay bounded.
 //!
+//! The messages the actors send each other and the handles that send them live apart from
+//! the actors, in `messages`: `cluster` spawns the `session` and `job` actors, and those
+//! reach the cluster actor and each other only through the types there, so the modules
+//! depend on each other without a cycle (`cluster → job, session → messages`).
+//!
 //! The gRPC handlers (`grpc`) are thin: they validate input, ask an actor through its
 //! mailbox and await a oneshot reply, or read the store directly (job reads and watches,
 //! which the store serves consistently without the actors).
@@ -81,7 +86,9 @@ mod config;
 mod error;
 mod grpc;
 mod history;
+mod ids;
 mod job;
+mod messages;
 mod records;
 mod session;
 mod timeline;
@@ -277,7 +284,7 @@ pub struct CoordinatorHandle<S: StateStore + Clone + 'static = FileStore> {
     store: S,
     cancel: CancellationToken,
     health: tonic_health::server::HealthReporter,
-    cluster: cluster::ClusterHandle,
+    cluster: messages::ClusterHandle,
     server: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
     cluster_task: Option<JoinHandle<()>>,
     compactor: Option<JoinHandle<()>>,
@@ -301,7 +308,7 @@ impl<S: StateStore + Clone + 'static> CoordinatorHandle<S> {
     /// each ends its session and exits on its own time.
     pub async fn shutdown_workers(&self, reason: &str) -> Result<usize, ServiceError> {
         let reason = reason.to_string();
-        self.cluster.request(|reply| cluster::ClusterMsg::ShutdownWorkers { reason, reply }).await
+        self.cluster.request(|reply| messages::ClusterMsg::ShutdownWorkers { reason, reply }).await
     }
 
     /// Discards the store's history before `revision`: watches resuming from an older

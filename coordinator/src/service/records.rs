@@ -10,7 +10,7 @@ use flotilla_proto::v1::{Job, JobEvent, JobState};
 use prost::Message;
 use serde::{Deserialize, Serialize};
 
-use super::ServiceError;
+use super::error::ServiceError;
 use crate::store::{Revision, StateStore, WatchEvent};
 
 /// The prefix of every job record.

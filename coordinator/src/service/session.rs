@@ -13,55 +13,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tonic::{Status, Streaming};
 
-use super::cluster::ClusterMsg;
-use super::job::{JobRoute, WorkerReport};
-
-/// Identifies one session stream of one worker, so that messages of a replaced or closed
-/// stream are told apart from the current one's.
-pub(crate) type ConnId = u64;
-
-/// Commands queued for a worker that has not read them yet. Commands are few (assignment,
-/// run, abort); a worker this far behind is not reading its stream and is dropped.
-pub(crate) const OUTBOUND_QUEUE: usize = 64;
-
-/// What the session's gRPC response stream carries.
-pub(crate) type Outbound = mpsc::Sender<Result<CoordinatorMessage, Status>>;
-
-/// The session actor's mailbox. Unbounded: only the coordinator itself sends to it (the
-/// cluster and job actors), a handful of messages per job, and they must never wait on a
-/// session (see the module docs of `service`).
-pub(crate) enum SessionMsg {
-    /// Send this command to the worker (boxed: an assignment is large, the other
-    /// messages small).
-    Command(Box<CoordinatorMessage>),
-    /// Forward job messages to this job from now on (`None`: to nobody).
-    SetOwner(Option<JobRoute>),
-    /// End the stream with this status; the cluster actor already forgot the worker.
-    Close(Status),
-}
-
-/// A cheap handle to a session actor.
-#[derive(Clone, Debug)]
-pub(crate) struct SessionHandle {
-    pub conn: ConnId,
-    tx: mpsc::UnboundedSender<SessionMsg>,
-}
-
-impl SessionHandle {
-    /// Queues a command. A session that has ended ignores it: the cluster actor learns of
-    /// the end through its own message and declares the worker lost.
-    pub fn send(&self, command: CoordinatorMessage) {
-        let _ = self.tx.send(SessionMsg::Command(Box::new(command)));
-    }
-
-    pub fn set_owner(&self, owner: Option<JobRoute>) {
-        let _ = self.tx.send(SessionMsg::SetOwner(owner));
-    }
-
-    pub fn close(&self, status: Status) {
-        let _ = self.tx.send(SessionMsg::Close(status));
-    }
-}
+use super::messages::{
+    ClusterMsg, ConnId, JobRoute, OUTBOUND_QUEUE, Outbound, SessionHandle, SessionMsg, WorkerReport,
+};
 
 /// One worker's session; see the module docs.
 pub(crate) struct SessionActor {
@@ -84,10 +38,10 @@ impl SessionActor {
         cluster: mpsc::Sender<ClusterMsg>,
         cancel: CancellationToken,
     ) -> (SessionHandle, SessionActor) {
-        let (tx, mailbox) = mpsc::unbounded_channel();
+        let (handle, mailbox) = SessionHandle::channel(conn);
         let actor =
             SessionActor { worker_id, conn, inbound, outbound, mailbox, cluster, owner: None, cancel };
-        (SessionHandle { conn, tx }, actor)
+        (handle, actor)
     }
 
     pub async fn run(mut self) {

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use flotilla_proto::v1::{ExecutedOp, Layout, RankTimeline, StepTimeline};
 
-use super::ServiceError;
+use super::error::ServiceError;
 use crate::placement::Coordinates;
 
 /// Steps of one job kept.

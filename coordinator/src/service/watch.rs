@@ -14,7 +14,7 @@ use futures::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
-use super::ServiceError;
+use super::error::ServiceError;
 use super::records::{JobRecord, decode_event, events_prefix, job_key};
 use crate::store::{EventKind, Op, OpResponse, Revision, StateStore, StoreError, Txn};
 

@@ -1,5 +1,5 @@
-//! Training data: a byte-level tokenizer, the corpora, and batches drawn deterministically
-//! from `(seed, step)`.
+//! Training data: tokenizers, the corpora, and batches drawn deterministically from
+//! `(seed, step, index)`.
 //!
 //! A batch depends only on the data, the seed, the step and its index in the step, never
 //! on what was drawn before, so a run resumed at step N sees exactly the batches of the
@@ -8,11 +8,69 @@
 //! The synthetic corpus needs no download: a seeded "language" of a few hundred invented
 //! words, drawn with Zipf-like frequencies into sentences. Its byte-unigram entropy is
 //! around 4 bits, and a model that learns its words and their frequencies goes well below.
+//!
+//! Two kinds of source: a token stream in memory ([`Sampler`]: the synthetic corpus, a
+//! text file), whose windows start at a seeded uniform position; and Megatron-LM indexed
+//! datasets ([`indexed`], memory-mapped) and their blends, whose windows follow a seeded
+//! per-epoch order ([`sample`]). [`DataSampler`] is either. [`tokenizer`] holds the byte
+//! and Hugging Face tokenizers, [`prepare`] turns text into an indexed dataset.
+
+pub mod indexed;
+pub mod prepare;
+pub mod sample;
+pub mod tokenizer;
+
+pub use indexed::{IndexedDataset, IndexedWriter, TokenDtype};
+pub use sample::IndexedSampler;
+pub use tokenizer::Tokenizer;
 
 use crate::ModelError;
 use crate::param::stable_hash;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use std::path::PathBuf;
+
+/// Errors of tokenizers, datasets and their inputs; each names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    /// A file could not be read or written.
+    #[error("{path}: {error}", path = path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        error: std::io::Error,
+    },
+    /// An indexed dataset's file is corrupt, truncated or not one.
+    #[error("{path}: {detail}", path = path.display())]
+    Format {
+        /// The `.idx` or `.bin` file.
+        path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
+    /// A tokenizer could not be loaded or used.
+    #[error("tokenizer {path}: {detail}", path = path.display())]
+    Tokenizer {
+        /// The `tokenizer.json` (or its `tokenizer_config.json`).
+        path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
+    /// An input document is malformed.
+    #[error("{path}{line}: {detail}", path = path.display(), line = line.map(|l| format!(":{l}")).unwrap_or_default())]
+    Input {
+        /// The input file.
+        path: PathBuf,
+        /// Its 1-based line, where it has lines.
+        line: Option<usize>,
+        /// What is wrong.
+        detail: String,
+    },
+    /// The data configuration is invalid.
+    #[error("{0}")]
+    Config(String),
+}
 
 /// Vocabulary of the byte tokenizer.
 pub const BYTE_VOCAB: usize = 256;
@@ -122,6 +180,33 @@ impl Sampler {
         let mut rng = ChaCha8Rng::seed_from_u64(key);
         let start = rng.random_range(0..=self.data.len() - self.window);
         Window { tokens: self.data[start..start + self.window].to_vec() }
+    }
+}
+
+/// Where a run's windows come from.
+#[derive(Debug)]
+pub enum DataSampler {
+    /// A token stream in memory (synthetic corpus, text file).
+    Stream(Sampler),
+    /// Indexed datasets, memory-mapped, possibly blended.
+    Indexed(IndexedSampler),
+}
+
+impl DataSampler {
+    /// The `index`-th window of `step`: a function of `(seed, step, index)` only.
+    pub fn window(&self, step: u64, index: u64) -> Result<Window, DataError> {
+        match self {
+            DataSampler::Stream(s) => Ok(s.window(step, index)),
+            DataSampler::Indexed(s) => s.window(step, index),
+        }
+    }
+
+    /// The whole stream, for a stream source.
+    pub fn stream(&self) -> Option<&[u32]> {
+        match self {
+            DataSampler::Stream(s) => Some(&s.data),
+            DataSampler::Indexed(_) => None,
+        }
     }
 }
 

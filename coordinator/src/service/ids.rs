@@ -1,0 +1,28 @@
+//! Identifiers the coordinator hands out that nobody may guess: a worker's session id
+//! (binding its `Session` stream to its registration) and a rendezvous's data-plane
+//! session (so a peer left over from an earlier rendezvous is refused).
+//!
+//! Invariant: two calls in one process never return the same inputs to the hash (a
+//! process-wide counter is part of them), so ids differ even within one millisecond.
+
+use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::records;
+
+/// 64 bits nobody can predict without the process's random hashing keys. Not a
+/// cryptographic secret: session ids bind a stream to a registration, and the control
+/// plane has no authentication to protect yet.
+pub(crate) fn random_u64() -> u64 {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    hasher.write_u64(records::unix_ms());
+    hasher.write_u32(std::process::id());
+    hasher.finish()
+}
+
+/// A worker's session id: 128 unpredictable bits, in hex.
+pub(crate) fn session_id() -> String {
+    format!("{:016x}{:016x}", random_u64(), random_u64())
+}
