@@ -10,11 +10,9 @@ use flotilla_model::shard::{Piece, PieceData, PieceKind, ShardHeader, Snapshot, 
 use flotilla_model::{Model, ModelConfig};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
-fn flotilla(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_flotilla")).args(args).output().expect("run flotilla")
-}
+mod common;
+use common::flotilla;
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()

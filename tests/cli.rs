@@ -1,11 +1,8 @@
 //! The `flotilla` binary end to end: the README's main command, its JSON output, and its
 //! errors on bad input.
 
-use std::process::Command;
-
-fn flotilla(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_flotilla")).args(args).output().expect("run flotilla")
-}
+mod common;
+use common::{flotilla, losses, temp_dir};
 
 fn max_rel(row: &serde_json::Value, reference: &str) -> f64 {
     row[reference]["relative"]["max"].as_f64().expect("max relative error")
@@ -95,13 +92,6 @@ fn model_info_reads_config_files_and_names_bad_fields() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("`topk_group`") && stderr.contains("bad.toml"), "{stderr}");
     std::fs::remove_dir_all(&dir).unwrap();
-}
-
-fn temp_dir(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("flotilla-cli-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 const SHORT_RUN: &str = r#"
@@ -478,14 +468,6 @@ fn plan_without_a_layout_proposes_one_that_fits() {
     let memory = &proposal["chosen"]["memory"];
     assert!(memory["total"].as_u64().unwrap() <= 80_000_000_000);
     assert!(!proposal["candidates"].as_array().unwrap().is_empty());
-}
-
-fn losses(metrics: &std::path::Path) -> Vec<f64> {
-    std::fs::read_to_string(metrics)
-        .unwrap_or_else(|e| panic!("{}: {e}", metrics.display()))
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap())
-        .collect()
 }
 
 /// `flotilla run` with 1, 2 and 4 data-parallel worker processes takes, step by step, the

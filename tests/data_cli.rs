@@ -3,11 +3,9 @@
 //! Python `tokenizers` library and a writer of Megatron-LM's layout.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
-fn flotilla(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_flotilla")).args(args).output().expect("run flotilla")
-}
+mod common;
+use common::{failure, flotilla, ok, temp_dir};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("model/tests/fixtures/data")
@@ -15,25 +13,6 @@ fn fixtures() -> PathBuf {
 
 fn fixture(name: &str) -> String {
     fixtures().join(name).display().to_string()
-}
-
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("flotilla-data-cli-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn ok(out: &Output) -> String {
-    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout.clone()).unwrap()
-}
-
-fn failure(out: &Output) -> String {
-    assert!(!out.status.success(), "should fail; stdout: {}", String::from_utf8_lossy(&out.stdout));
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    stderr
 }
 
 #[test]

@@ -8,18 +8,10 @@ use flotilla_model::checkpoint::{HfReader, INDEX_FILE, WeightDtype, load_hf, sav
 use flotilla_model::data::Sampler;
 use flotilla_model::model::Model;
 use flotilla_model::train::TrainConfig;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-fn flotilla(args: &[&str]) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_flotilla")).args(args).output().unwrap()
-}
-
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("flotilla-init-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
+mod common;
+use common::{flotilla, ok, records, temp_dir};
 
 /// Two pipeline stages under DualPipe × 2-way expert parallelism (4 workers), one
 /// sequence per micro-batch; single-process `train` ignores `[parallel]`.
@@ -54,19 +46,6 @@ pp = 2
 ep = 2
 micro_batches = 4
 "#;
-
-fn records(metrics: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(metrics)
-        .unwrap_or_else(|e| panic!("{}: {e}", metrics.display()))
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-fn ok(out: &std::process::Output) -> String {
-    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// The losses of the HF checkpoint `dir` on step 1's batch of the run `config`, computed
 /// through the library: what the first step of a run that starts from it must see.
