@@ -70,7 +70,7 @@ use flotilla_model::moe::{ExchangeKey, ExchangePhase, ExpertExchange};
 use tokio::runtime::Handle;
 
 use crate::comm::{Communicator, TcpCommunicator};
-use crate::pipeline::{Chunk, tags};
+use crate::tags::{self, Chunk};
 
 /// What the MoE exchanges of a step moved and waited.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]

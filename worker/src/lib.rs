@@ -24,3 +24,4 @@ pub mod comm;
 pub mod dp;
 pub mod expert_exchange;
 pub mod pipeline;
+mod tags;
