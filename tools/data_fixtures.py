@@ -9,8 +9,9 @@ Writes, deterministically:
 - tokens.json: strings, their ids under that tokenizer (no special tokens added) and the
   ids decoded back;
 - docs.jsonl: documents, one JSON object per line (`text`);
-- python_u16.{idx,bin}: those documents encoded, `<|endoftext|>` appended to each, one
-  sequence per document, uint16 — what `preprocess_data.py --append-eod` writes;
+- python_u16.{idx,bin}: those documents encoded, `<|endoftext|>` appended to each
+  non-empty one, one sequence per document (none for the empty one), uint16 — what
+  `preprocess_data.py --append-eod` writes;
 - python_sentences.{idx,bin}: the same tokens in int32 with several sequences per document
   (as `--split-sentences` writes) and one empty document;
 - expected.json: what each dataset holds.
@@ -96,10 +97,13 @@ def main(out):
     with open(out / "docs.jsonl", "w", encoding="utf-8") as f:
         for t in texts:
             f.write(json.dumps({"id": len(t), "text": t}, ensure_ascii=False) + "\n")
-    docs = [tokenizer.encode(t, add_special_tokens=False).ids + [eod] for t in texts]
+    # preprocess_data.py --append-eod appends the token to non-empty documents only; an
+    # empty one is a document without sequences.
+    docs = [ids + [eod] if ids else [] for ids in (tokenizer.encode(t, add_special_tokens=False).ids
+                                                    for t in texts)]
 
     expected = {}
-    lengths, index = write_indexed(out / "python_u16", numpy.uint16, [[d] for d in docs])
+    lengths, index = write_indexed(out / "python_u16", numpy.uint16, [[d] if d else [] for d in docs])
     expected["python_u16"] = {"dtype": "uint16", "dtype_code": 8, "sequence_lengths": lengths,
                               "document_index": index, "documents": docs}
     # Several sequences per document (cut at every 7th token), and an empty document.

@@ -4,8 +4,9 @@
 //! Documents: a file ending in `.jsonl` or `.json` holds one JSON object per line whose
 //! string field (`text` unless named) is a document, as `preprocess_data.py` reads it
 //! (blank lines are skipped); any other file is plain UTF-8 text and one document. Each
-//! document is encoded and its end-of-document token appended (a document of empty text
-//! is that token alone), then written as one sequence. The dtype is the smallest
+//! document is encoded and its end-of-document token appended, then written as one
+//! sequence; a document of empty text stays empty (a document without sequences), as
+//! `preprocess_data.py` writes it. The dtype is the smallest
 //! Megatron would choose for the vocabulary (`uint16` below 65,500 ids, else `int32`).
 //!
 //! Parallelism never changes the output: documents are read in order (files as given,
@@ -83,7 +84,11 @@ pub fn prepare(
                         line: u.line,
                         detail: e.to_string(),
                     })?;
-                    ids.push(eod);
+                    // As preprocess_data.py --append-eod: an empty document stays empty
+                    // (no sequence), so the output is Megatron's byte for byte.
+                    if !ids.is_empty() {
+                        ids.push(eod);
+                    }
                     progress(u.bytes);
                     Ok(ids)
                 })
