@@ -4,8 +4,9 @@
     tools/.venv-data/bin/python tools/data_fixtures.py model/tests/fixtures/data
 
 Writes, deterministically:
-- tokenizer.json: a byte-level BPE of 384 ids trained by the Python `tokenizers` library
-  on generated text, `<|endoftext|>` its only special token;
+- tokenizer.json: a byte-level BPE trained by the Python `tokenizers` library on
+  generated text (asked for 384 ids, it reaches 368 on so little text), `<|endoftext|>`
+  its only special token;
 - tokens.json: strings, their ids under that tokenizer (no special tokens added) and the
   ids decoded back;
 - docs.jsonl: documents, one JSON object per line (`text`);
