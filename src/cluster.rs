@@ -8,6 +8,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use flotilla_coordinator::schedule::executed_chrome_trace;
 use flotilla_coordinator::service::{CoordinatorConfig, MAX_JOB_WORKERS, bind_and_serve};
+use flotilla_model::ModelConfig;
 use flotilla_model::train::TrainConfig;
 use flotilla_proto::v1::job_event::Event;
 use flotilla_proto::v1::job_service_client::JobServiceClient;
@@ -244,16 +245,17 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
 /// Reads and checks a run config the way the workers will, so that a bad field is
 /// reported here, before anything starts; `steps` overrides the config's.
 fn read_config(path: &Path, steps: Option<u64>) -> Result<(String, TrainConfig)> {
-    read_config_with(path, steps, Vec::new())
+    let (text, config, _) = read_config_with(path, steps, Vec::new())?;
+    Ok((text, config))
 }
 
 /// The config file's text with `overrides` (top-level keys: `--steps`, `--init-from`, …)
-/// written into it, as the workers will parse it, and the parsed config.
+/// written into it, as the workers will parse it, the parsed config and its model.
 fn read_config_with(
     path: &Path,
     steps: Option<u64>,
     mut overrides: Vec<(&str, toml::Value)>,
-) -> Result<(String, TrainConfig)> {
+) -> Result<(String, TrainConfig, ModelConfig)> {
     let mut text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     if let Some(steps) = steps {
         anyhow::ensure!(steps > 0, "`--steps` must be at least 1");
@@ -268,9 +270,9 @@ fn read_config_with(
         text = toml::to_string(&table).context("writing the config back")?;
     }
     let base = path.parent().map(PathBuf::from).unwrap_or_default();
-    let (config, _) =
+    let (config, model) =
         TrainConfig::from_toml(&text, &base).with_context(|| format!("in {}", path.display()))?;
-    Ok((text, config))
+    Ok((text, config, model))
 }
 
 /// The workers a config's `[parallel]` layout needs (pipeline ranks × ep × dp), if it has
@@ -747,7 +749,7 @@ pub fn run(args: RunArgs) -> Result<()> {
             toml::Value::Integer(i64::try_from(size).context("--max-shard-size is too large")?),
         ));
     }
-    let (text, config) = read_config_with(&args.config, args.steps, overrides)?;
+    let (text, config, model) = read_config_with(&args.config, args.steps, overrides)?;
     if let Some(dir) = &config.init_from
         && args.resume.is_none()
     {
@@ -755,7 +757,6 @@ pub fn run(args: RunArgs) -> Result<()> {
         // come from the checkpoint or from the seed. The workers read the tensors.
         let reader = flotilla_model::checkpoint::HfReader::open(dir)
             .with_context(|| format!("init-from {}", dir.display()))?;
-        let (_, model) = TrainConfig::from_toml(&text, args.config.parent().unwrap_or(Path::new(".")))?;
         reader.check_model(&model).with_context(|| format!("init-from {}", dir.display()))?;
         let layers = model.num_hidden_layers;
         let has_mtp = reader.names().any(|n| flotilla_model::checkpoint::mtp_layer(n, layers).is_some());
