@@ -114,11 +114,7 @@ impl DatasetPaths {
     }
 
     fn resolve(&mut self, base: &Path) {
-        let fix = |p: &mut PathBuf| {
-            if p.is_relative() {
-                *p = base.join(&*p);
-            }
-        };
+        let fix = |p: &mut PathBuf| resolve_relative(p, base);
         match self {
             DatasetPaths::One(p) => fix(p),
             DatasetPaths::Blend(items) => items.iter_mut().for_each(|i| {
@@ -127,6 +123,13 @@ impl DatasetPaths {
                 }
             }),
         }
+    }
+}
+
+/// A config's relative `path` made relative to the config file's directory `base`.
+fn resolve_relative(path: &mut PathBuf, base: &Path) {
+    if path.is_relative() {
+        *path = base.join(&*path);
     }
 }
 
@@ -470,11 +473,7 @@ impl TrainConfig {
     /// Parses the TOML text of a run; `base` is the directory relative paths start from.
     pub fn from_toml(text: &str, base: &Path) -> Result<(TrainConfig, ModelConfig), TrainError> {
         let mut config: TrainConfig = toml::from_str(text).map_err(|e| TrainError::Config(e.to_string()))?;
-        let fix = |p: &mut PathBuf| {
-            if p.is_relative() {
-                *p = base.join(&*p);
-            }
-        };
+        let fix = |p: &mut PathBuf| resolve_relative(p, base);
         match &mut config.data {
             DataConfig::Synthetic { .. } => {}
             DataConfig::Text { path, tokenizer } => {
@@ -486,11 +485,7 @@ impl TrainConfig {
                 tokenizer.iter_mut().for_each(fix);
             }
         }
-        if let Some(path) = &mut config.init_from
-            && path.is_relative()
-        {
-            *path = base.join(&*path);
-        }
+        config.init_from.iter_mut().for_each(fix);
         let model = ModelConfig::from_toml(
             &toml::to_string(&config.model).map_err(|e| TrainError::Config(e.to_string()))?,
         )?;
