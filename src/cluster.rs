@@ -279,7 +279,7 @@ fn read_config_with(
 /// one; the coordinator checks the layout itself.
 fn layout_workers(config: &TrainConfig) -> Option<u64> {
     config.parallel.as_ref().map(|p| {
-        let pipeline_ranks = if p.schedule.eq_ignore_ascii_case("dualpipev") { p.pp / 2 } else { p.pp };
+        let pipeline_ranks = p.pipeline_ranks();
         u64::from(pipeline_ranks) * u64::from(p.ep) * u64::from(p.dp)
     })
 }

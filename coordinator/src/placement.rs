@@ -9,6 +9,7 @@
 //! index in that order. A layout of `pp` stages, `ep`-way expert parallelism and `dp`
 //! replicas of each expert shard has `ranks_for(pp)` pipeline ranks (pp, or pp / 2 under
 //! DualPipeV) and world size `ranks × ep × dp`. World rank `g` has the coordinates
+//! (`flotilla_layout`'s [`coordinates`], the one definition the workers share)
 //!
 //! ```text
 //! ep_rank       = g mod ep
@@ -39,103 +40,29 @@
 //!
 //! # Wire form
 //!
-//! Streams travel as proto `ScheduledOp`s (the conversions are `crate::schedule`'s).
+//! Streams travel as proto `ScheduledOp`s (the conversions are `flotilla_layout`'s), and
+//! the layout as the proto `Layout` ([`Parallel::layout`]), every key of the `[parallel]`
+//! table typed.
 //! [`Placement::check_executed`] compares what a rank reports it executed with its
 //! compiled stream op by op (kind, chunks, peer; spans ignored).
 
 use std::fmt;
 
 use flotilla_model::ModelConfig;
-use flotilla_proto::v1::{ExecutedOp, Layout, PipelineAssignment, RankCoordinates, ScheduledOp, StageLayers};
+use flotilla_proto::v1::{ExecutedOp, PipelineAssignment, ScheduledOp, StageLayers};
 use thiserror::Error;
 
 use crate::plan::{LayerRange, PlanError, split_layers};
 use crate::schedule::{Instruction, InvalidOp, Schedule, ScheduleError, ScheduleKind, ScheduleSpec, compile};
+pub use flotilla_layout::{Coordinates, coordinates, world_rank};
 
-/// A job's parallel layout, as its `[parallel]` table gives it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Parallel {
-    /// Pipeline stages (layer groups).
-    pub pp: u32,
-    /// Expert-parallel degree.
-    pub ep: u32,
-    /// Replicas of each expert shard.
-    pub dp: u32,
-    /// The pipeline schedule.
-    pub schedule: ScheduleKind,
-    /// Micro-batches per pipeline per step.
-    pub micro_batches: u32,
-}
+/// A job's parallel layout: its `[parallel]` table, typed and checked
+/// (`flotilla_layout::ParallelConfig`, the type the run TOML and the workers use).
+pub use flotilla_layout::ParallelConfig as Parallel;
 
-impl Parallel {
-    /// Pipeline ranks: `pp`, or `pp / 2` under DualPipeV.
-    pub fn pipeline_ranks(&self) -> u32 {
-        self.schedule.ranks_for(self.pp)
-    }
-
-    /// World ranks the layout needs: pipeline ranks × ep × dp (in 64 bits: it may not fit
-    /// in 32).
-    pub fn world_size(&self) -> u64 {
-        u64::from(self.pipeline_ranks()) * u64::from(self.ep) * u64::from(self.dp)
-    }
-
-    /// What the schedule compiler is asked for.
-    pub fn spec(&self) -> ScheduleSpec {
-        ScheduleSpec { kind: self.schedule, pp: self.pp, micro_batches: self.micro_batches }
-    }
-
-    /// The proto form.
-    pub fn layout(&self) -> Layout {
-        Layout {
-            pp: self.pp,
-            ep: self.ep,
-            dp: self.dp,
-            schedule: self.schedule.name().to_string(),
-            micro_batches: self.micro_batches,
-        }
-    }
-}
-
-/// Where a world rank sits in the layout.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Coordinates {
-    pub pipeline_rank: u32,
-    pub ep_rank: u32,
-    pub dp_replica: u32,
-}
-
-impl From<Coordinates> for RankCoordinates {
-    fn from(c: Coordinates) -> RankCoordinates {
-        RankCoordinates { pipeline_rank: c.pipeline_rank, ep_rank: c.ep_rank, dp_replica: c.dp_replica }
-    }
-}
-
-impl fmt::Display for Coordinates {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "pp {}, ep {}, dp {}", self.pipeline_rank, self.ep_rank, self.dp_replica)
-    }
-}
-
-/// World rank `world_rank`'s coordinates under `ep`-way expert parallelism and `dp`
-/// replicas (see the module docs). `ep` and `dp` must be at least 1.
-pub fn coordinates(world_rank: u32, ep: u32, dp: u32) -> Coordinates {
-    let (ep, dp) = (ep.max(1), dp.max(1));
-    let group = u64::from(ep) * u64::from(dp);
-    Coordinates {
-        // At most `world_rank`, so it fits.
-        pipeline_rank: (u64::from(world_rank) / group) as u32,
-        ep_rank: world_rank % ep,
-        dp_replica: (world_rank / ep) % dp,
-    }
-}
-
-/// The world rank at `coordinates`: the inverse of [`coordinates`]. `None` when it does
-/// not fit in 32 bits.
-pub fn world_rank(coordinates: Coordinates, ep: u32, dp: u32) -> Option<u32> {
-    let Coordinates { pipeline_rank, ep_rank, dp_replica } = coordinates;
-    let g = (u64::from(pipeline_rank) * u64::from(dp) + u64::from(dp_replica)) * u64::from(ep)
-        + u64::from(ep_rank);
-    u32::try_from(g).ok()
+/// What the schedule compiler is asked for to place `parallel`.
+pub fn spec_of(parallel: &Parallel) -> ScheduleSpec {
+    ScheduleSpec { kind: parallel.schedule, pp: parallel.pp, micro_batches: parallel.micro_batches }
 }
 
 /// What orders a job's workers into world ranks.
@@ -185,7 +112,7 @@ impl Placement {
     pub fn new(parallel: Parallel, model: &ModelConfig, seq_len: u32) -> Result<Placement, PlacementError> {
         let world = parallel.world_size();
         let world_size = u32::try_from(world).map_err(|_| PlacementError::TooLarge(world))?;
-        let schedule = compile(&parallel.spec())?;
+        let schedule = compile(&spec_of(&parallel))?;
         let stages = split_layers(model, seq_len, parallel.pp)?;
         Ok(Placement { parallel, world_size, stages, schedule })
     }
@@ -376,7 +303,7 @@ mod tests {
     use flotilla_model::Preset;
 
     fn parallel(schedule: ScheduleKind, pp: u32, ep: u32, dp: u32, micro_batches: u32) -> Parallel {
-        Parallel { pp, ep, dp, schedule, micro_batches }
+        Parallel { pp, ep, dp, schedule, micro_batches, overlap: true }
     }
 
     fn executed(stream: &[Instruction]) -> Vec<ExecutedOp> {
@@ -389,29 +316,6 @@ mod tests {
                 end_unix_us: 10 * i as u64 + 5,
             })
             .collect()
-    }
-
-    #[test]
-    fn coordinates_put_ep_groups_on_consecutive_ranks() {
-        let (ep, dp) = (4, 2);
-        let all: Vec<Coordinates> = (0..24).map(|g| coordinates(g, ep, dp)).collect();
-        assert_eq!(all[0], Coordinates { pipeline_rank: 0, ep_rank: 0, dp_replica: 0 });
-        assert_eq!(all[3], Coordinates { pipeline_rank: 0, ep_rank: 3, dp_replica: 0 });
-        assert_eq!(all[4], Coordinates { pipeline_rank: 0, ep_rank: 0, dp_replica: 1 });
-        assert_eq!(all[8], Coordinates { pipeline_rank: 1, ep_rank: 0, dp_replica: 0 });
-        assert_eq!(all[23], Coordinates { pipeline_rank: 2, ep_rank: 3, dp_replica: 1 });
-        // One EP group: one pipeline rank and replica, every EP rank, consecutive.
-        for group in all.chunks(ep as usize) {
-            assert!(group.iter().all(|c| (c.pipeline_rank, c.dp_replica) == (group[0].pipeline_rank, group[0].dp_replica)));
-            assert_eq!(group.iter().map(|c| c.ep_rank).collect::<Vec<_>>(), vec![0, 1, 2, 3]);
-        }
-        for (g, c) in all.iter().enumerate() {
-            assert_eq!(world_rank(*c, ep, dp), Some(g as u32));
-        }
-        assert_eq!(
-            world_rank(Coordinates { pipeline_rank: u32::MAX, ep_rank: 0, dp_replica: 0 }, 2, 1),
-            None
-        );
     }
 
     #[test]
@@ -448,7 +352,8 @@ mod tests {
             assert_eq!(a.coordinates[g as usize].pipeline_rank, pipeline_rank);
             assert_eq!(a.coordinates[g as usize].ep_rank, g % 2);
             assert_eq!(a.stages.len(), 2);
-            assert_eq!(a.layout.as_ref().unwrap().schedule, "dualpipe");
+            assert_eq!(a.layout.as_ref().unwrap().schedule_kind(), flotilla_proto::v1::ScheduleKind::DualPipe);
+            assert!(a.layout.as_ref().unwrap().overlap);
         }
         // DualPipe: pipeline rank r hosts stages r and PP−1−r.
         let hosted: std::collections::BTreeSet<u32> = placement.schedule().ranks[0]

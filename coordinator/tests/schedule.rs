@@ -4,7 +4,7 @@
 //! instruction and the reason.
 
 use flotilla_coordinator::schedule::{
-    Chunk, Costs, Instruction, Schedule, ScheduleError, ScheduleKind, ScheduleSpec, compile, simulate,
+    Chunk, Costs, Instruction, PaperTable, Schedule, ScheduleError, ScheduleKind, ScheduleSpec, compile, simulate,
     simulate_with, validate,
 };
 use proptest::prelude::*;

@@ -843,7 +843,7 @@ async fn pipeline_job_ships_streams_holds_workers_to_them_and_keeps_timelines() 
         let pipeline = assignment.pipeline.expect("a pipeline assignment");
         let layout = pipeline.layout.unwrap();
         assert_eq!((layout.pp, layout.ep, layout.dp, layout.micro_batches), (2, 2, 1, 4));
-        assert_eq!(layout.schedule, "dualpipe");
+        assert_eq!(layout.schedule_kind(), flotilla_proto::v1::ScheduleKind::DualPipe);
         let coordinates: Vec<(u32, u32, u32)> =
             pipeline.coordinates.iter().map(|c| (c.pipeline_rank, c.ep_rank, c.dp_replica)).collect();
         assert_eq!(coordinates, [(0, 0, 0), (0, 1, 0), (1, 0, 0), (1, 1, 0)]);

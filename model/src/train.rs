@@ -389,43 +389,11 @@ impl Default for RecoveryConfig {
     }
 }
 
-/// The `[parallel]` table of a run: the layout of a pipeline/expert-parallel job. The
-/// coordinator checks it against the cluster and the model (it owns the schedule kinds);
-/// workers obey the assignment it derives from it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ParallelConfig {
-    /// Pipeline stages (layer groups).
-    pub pp: u32,
-    /// Expert-parallel degree: ranks sharing one copy of each layer's routed experts.
-    #[serde(default = "one")]
-    pub ep: u32,
-    /// Data-parallel replicas of each expert shard.
-    #[serde(default = "one")]
-    pub dp: u32,
-    /// The schedule: `dualpipe` (default), `dualpipev`, `1f1b` or `zb1p`.
-    #[serde(default = "default_schedule")]
-    pub schedule: String,
-    /// Micro-batches per pipeline per step.
-    pub micro_batches: u32,
-    /// Run the two chunks of DualPipe's overlapped forward&backward pairs on two threads,
-    /// so one's all-to-all waits while the other computes (default); `false` runs them one
-    /// after the other, for measuring what the overlap hides.
-    #[serde(default = "yes")]
-    pub overlap: bool,
-}
-
-fn yes() -> bool {
-    true
-}
-
-fn one() -> u32 {
-    1
-}
-
-fn default_schedule() -> String {
-    "dualpipe".into()
-}
+/// The `[parallel]` table of a run: the layout of a pipeline/expert-parallel job, parsed
+/// and checked by `flotilla-layout` (the one definition the coordinator and the workers
+/// share). The coordinator checks it against the cluster and the model; workers obey the
+/// assignment it derives from it.
+pub use flotilla_layout::ParallelConfig;
 
 /// Errors of a training run.
 #[derive(Debug, thiserror::Error)]

@@ -14,12 +14,8 @@
 
 use flotilla_model::moe::{ExchangeKey, ExchangePhase};
 
-/// One micro-batch through one stage.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Chunk {
-    pub micro_batch: u32,
-    pub stage: u32,
-}
+/// One micro-batch through one stage: the layout's chunk, the one the instructions name.
+pub use flotilla_layout::Chunk;
 
 /// Tag of the tensors sent to rank 0 when a pipeline job saves its weights.
 pub(crate) const SAVE_TAG: u64 = 4 << 60;

@@ -38,7 +38,7 @@ fn run_toml() -> String {
 use common::parse;
 
 fn parallel(pp: u32, ep: u32, dp: u32) -> Parallel {
-    Parallel { pp, ep, dp, schedule: ScheduleKind::DualPipe, micro_batches: 2 * pp }
+    Parallel { pp, ep, dp, schedule: ScheduleKind::DualPipe, micro_batches: 2 * pp, overlap: true }
 }
 
 type Params = HashMap<String, Vec<f32>>;

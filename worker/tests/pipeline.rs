@@ -126,7 +126,7 @@ fn assert_matches(runs: &[RankRun], reference: &Reference, loss_tol: f64, weight
 }
 
 fn parallel(schedule: ScheduleKind, pp: u32, ep: u32, dp: u32) -> Parallel {
-    Parallel { pp, ep, dp, schedule, micro_batches: 2 * pp }
+    Parallel { pp, ep, dp, schedule, micro_batches: 2 * pp, overlap: true }
 }
 
 #[test]

@@ -107,10 +107,7 @@ pub(super) fn geometry(
     if !gpus.is_multiple_of(product) {
         return Err(PlanError::GpusNotDivisible { pp, ep, product, gpus });
     }
-    let stages = match shape.schedule {
-        ScheduleKind::DualPipeV => 2 * pp as u64,
-        _ => pp as u64,
-    };
+    let stages = shape.schedule.stages_for(pp);
     let layers = model.layers.len();
     if stages > layers as u64 {
         return Err(PlanError::TooManyStages { pp, stages, layers });

@@ -27,7 +27,7 @@ use super::error::PlanError;
 use super::layout::Geometry;
 use super::shape::{ModelShape, bf16_bytes};
 use super::spec::ClusterSpec;
-use crate::schedule::{Chunk, Costs, Instruction, Schedule, simulate_with};
+use crate::schedule::{Chunk, Costs, Instruction, PaperTable, Schedule, simulate_with};
 use serde::Serialize;
 
 /// The estimated training step.

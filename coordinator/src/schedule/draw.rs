@@ -6,7 +6,7 @@
 //! picture shows exactly the op order the workers would run.
 
 use super::{
-    Chunk, Costs, Instruction, PaperFigures, Schedule, ScheduleKind, ScheduleSpec, Span, Timeline, compile,
+    Chunk, Costs, Instruction, PaperFigures, PaperTable, Schedule, ScheduleKind, ScheduleSpec, Span, Timeline, compile,
     simulate,
 };
 use serde::{Deserialize, Serialize};

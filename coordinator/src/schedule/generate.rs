@@ -23,7 +23,10 @@ pub fn compile(spec: &ScheduleSpec) -> Result<Schedule, ScheduleError> {
         ScheduleKind::OneFOneB => (0..pp).map(|r| one_f_one_b(pp, micro_batches, r)).collect(),
         ScheduleKind::Zb1p => (0..pp).map(|r| zb_h1(pp, micro_batches, r)).collect(),
         ScheduleKind::DualPipe => (0..pp).map(|r| dualpipe(pp, micro_batches, r)).collect(),
-        ScheduleKind::DualPipeV => (0..pp / 2).map(|r| dualpipe_v(pp / 2, micro_batches, r)).collect(),
+        ScheduleKind::DualPipeV => {
+            let ranks = kind.ranks_for(pp);
+            (0..ranks).map(|r| dualpipe_v(ranks, micro_batches, r)).collect()
+        }
     };
     Ok(Schedule { kind, num_stages: pp, num_micro_batches: micro_batches, ranks })
 }
@@ -40,19 +43,17 @@ fn check(spec: &ScheduleSpec) -> Result<(), ScheduleError> {
     if u64::from(pp) * u64::from(micro_batches) > MAX_CHUNKS {
         return bad(format!("pp × micro-batches must be at most {MAX_CHUNKS}"));
     }
+    // How many stages each kind runs is the layout's rule.
+    if let Err(why) = kind.check_stages(pp) {
+        return bad(why.to_string());
+    }
     match kind {
         ScheduleKind::OneFOneB | ScheduleKind::Zb1p => {
-            if pp == 0 {
-                return bad("pp must be at least 1".into());
-            }
             if micro_batches == 0 {
                 return bad("micro-batches must be at least 1".into());
             }
         }
         ScheduleKind::DualPipe => {
-            if pp < 2 || pp % 2 != 0 {
-                return bad("DualPipe needs an even pp ≥ 2 (rank r hosts stages r and pp−1−r)".into());
-            }
             if micro_batches % 2 != 0 || micro_batches < 2 * pp {
                 return bad(format!(
                     "DualPipe needs an even number of micro-batches ≥ 2·pp = {} (half enter from each end)",
@@ -61,11 +62,6 @@ fn check(spec: &ScheduleSpec) -> Result<(), ScheduleError> {
             }
         }
         ScheduleKind::DualPipeV => {
-            if pp < 2 || pp % 2 != 0 {
-                return bad(
-                    "DualPipeV needs an even pp ≥ 2 stages (pp/2 ranks, each hosting two stages)".into()
-                );
-            }
             if micro_batches < pp {
                 return bad(format!(
                     "DualPipeV needs micro-batches ≥ pp = {pp} (twice its {} ranks)",

@@ -57,7 +57,7 @@ pub fn bubble_fraction(spans: impl IntoIterator<Item = RankSpan>) -> Option<f64>
 /// micro-batch count (0 when the layout is missing or names no schedule).
 fn direction_of(timeline: &StepTimeline) -> impl Fn(u32) -> u32 {
     let (kind, micro_batches) = match &timeline.layout {
-        Some(layout) => (layout.schedule.parse::<ScheduleKind>().ok(), layout.micro_batches),
+        Some(layout) => (ScheduleKind::try_from(layout.schedule_kind).ok(), layout.micro_batches),
         None => (None, 0),
     };
     move |micro_batch| match kind {
@@ -191,7 +191,7 @@ pub fn executed_chrome_trace(timeline: &StepTimeline) -> Value {
         "otherData": {
             "job_id": timeline.job_id,
             "step": timeline.step,
-            "schedule": layout.schedule,
+            "schedule": ScheduleKind::try_from(layout.schedule_kind).map_or("", ScheduleKind::name),
             "pp": layout.pp,
             "ep": layout.ep,
             "dp": layout.dp,
@@ -284,7 +284,14 @@ mod tests {
                 }
             })
             .collect();
-        let layout = Layout { pp: 2, ep: 2, dp: 1, schedule: "dualpipe".into(), micro_batches: 4 };
+        let layout = Layout {
+            pp: 2,
+            ep: 2,
+            dp: 1,
+            schedule_kind: flotilla_proto::v1::ScheduleKind::DualPipe as i32,
+            micro_batches: 4,
+            overlap: true,
+        };
         StepTimeline { job_id: "job-7".into(), step: 3, ranks, layout: Some(layout) }
     }
 

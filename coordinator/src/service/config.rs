@@ -12,7 +12,8 @@ use flotilla_proto::v1::SubmitJobRequest;
 
 use super::error::ServiceError;
 use crate::placement::{Parallel, Placement, PlacementError};
-use crate::schedule::{ScheduleError, ScheduleKind};
+use crate::schedule::ScheduleError;
+use flotilla_layout::{ParallelError, RawParallel};
 
 /// How a coordinator runs.
 #[derive(Clone, Debug)]
@@ -269,22 +270,13 @@ pub fn validate_submit(request: &SubmitJobRequest) -> Result<JobSpec, ServiceErr
     })
 }
 
-/// The keys a `[parallel]` table may have.
-const PARALLEL_KEYS: [&str; 6] = ["pp", "ep", "dp", "schedule", "micro_batches", "overlap"];
-
 /// The placement of a job's run TOML on `workers` workers: `None` without a `[parallel]`
 /// table, else the layout validated, its stages cut and its schedule compiled. The error
 /// names the field at fault.
 ///
-/// The `[parallel]` table: `pp` (pipeline stages, required), `ep` (expert-parallel
-/// degree, default 1), `dp` (replicas of each expert shard, default 1), `schedule`
-/// (`"dualpipe"` by default, `"dualpipev"`, `"1f1b"`, `"zb1p"`) and `micro_batches`
-/// (per pipeline per step, required); `overlap` (a boolean, the workers' business: whether
-/// DualPipe's overlapped pairs run on two threads). The rules, in the order they are
-/// checked:
-/// - no other keys; every number an integer ≥ 1; `pp = "auto"` is refused (the
-///   coordinator does not know the cluster `flotilla plan` searches over); DualPipe and
-///   DualPipeV need an even pp ≥ 2;
+/// The `[parallel]` table is `flotilla_layout::ParallelConfig`, parsed and checked by its
+/// rules (the keys, their types and defaults, DualPipe's even pp) with errors naming the
+/// key (`parallel.pp`, …). Then, in the order they are checked:
 /// - the `[model]` table loads (preset and overrides, validated) and `seq_len` ≥ 1;
 /// - `pp` ≤ the model's `num_hidden_layers` (each stage runs at least one layer);
 /// - `ep` divides `n_routed_experts` (1 for a model without routed experts);
@@ -309,55 +301,12 @@ fn placement_in(table: &toml::Table, workers: u32) -> Result<Option<Placement>, 
         Some(toml::Value::Table(parallel)) => parallel,
         Some(other) => return invalid("parallel", format!("must be a table, got a {}", other.type_str())),
     };
-    if let Some(key) = parallel.keys().find(|k| !PARALLEL_KEYS.contains(&k.as_str())) {
-        return invalid(
-            &format!("parallel.{key}"),
-            format!("is not a [parallel] key (expected {})", PARALLEL_KEYS.join(", ")),
-        );
-    }
-    if let Some(toml::Value::String(pp)) = parallel.get("pp") {
-        let reason = if pp == "auto" {
-            "\"auto\" is not supported when submitting a job: the coordinator does not know the \
-             cluster's GPUs, memory and links that `flotilla plan` searches over; run `flotilla plan` \
-             and give pp (and ep) as integers"
-                .to_string()
-        } else {
-            format!("must be a positive integer, got the string {pp:?}")
-        };
-        return invalid("parallel.pp", reason);
-    }
-    let pp: u32 = required(positive(parallel, "pp", "parallel.pp")?, "parallel.pp")?;
-    let ep: u32 = positive(parallel, "ep", "parallel.ep")?.unwrap_or(1);
-    let dp: u32 = positive(parallel, "dp", "parallel.dp")?.unwrap_or(1);
-    let micro_batches: u32 =
-        required(positive(parallel, "micro_batches", "parallel.micro_batches")?, "parallel.micro_batches")?;
-    if let Some(overlap) = parallel.get("overlap")
-        && !overlap.is_bool()
-    {
-        return invalid("parallel.overlap", format!("must be true or false, got a {}", overlap.type_str()));
-    }
-    let schedule = match parallel.get("schedule") {
-        None => ScheduleKind::DualPipe,
-        Some(toml::Value::String(name)) => match name.parse::<ScheduleKind>() {
-            Ok(kind) => kind,
-            Err(e) => return invalid("parallel.schedule", e.to_string()),
-        },
-        Some(other) => {
-            return invalid("parallel.schedule", format!("must be a string, got a {}", other.type_str()));
-        }
-    };
-    if matches!(schedule, ScheduleKind::DualPipe | ScheduleKind::DualPipeV)
-        && (pp < 2 || !pp.is_multiple_of(2))
-    {
-        return invalid(
-            "parallel.pp",
-            format!(
-                "{} needs an even pp ≥ 2 (each pipeline rank hosts two stages), got {pp}",
-                schedule.title()
-            ),
-        );
-    }
-    let parallel = Parallel { pp, ep, dp, schedule, micro_batches };
+    // Any table reads as a raw one; its keys and values are checked by the layout's rules.
+    let raw: RawParallel = toml::Value::Table(parallel.clone()).try_into().or_else(|e: toml::de::Error| {
+        invalid("parallel", format!("cannot be read: {}", e.message().trim_end()))
+    })?;
+    let parallel = Parallel::from_raw(&raw).or_else(|ParallelError { key, reason }| invalid(&key, reason))?;
+    let Parallel { pp, ep, dp, schedule, micro_batches, .. } = parallel;
 
     let model = model_of(table)?;
     let seq_len: u32 = required(positive(table, "seq_len", "seq_len")?, "seq_len")?;
@@ -402,16 +351,7 @@ fn placement_in(table: &toml::Table, workers: u32) -> Result<Option<Placement>, 
         );
     }
     let batch_size: u64 = required(positive(table, "batch_size", "batch_size")?, "batch_size")?;
-    let pipelines = u64::from(ep) * u64::from(dp);
-    let per_step = pipelines * u64::from(micro_batches);
-    if !batch_size.is_multiple_of(per_step) {
-        return invalid(
-            "batch_size",
-            format!(
-                "{batch_size} cannot be split evenly into ep × dp = {pipelines} pipelines × {micro_batches} micro-batches = {per_step} equal micro-batches"
-            ),
-        );
-    }
+    parallel.check_batch(batch_size).or_else(|ParallelError { key, reason }| invalid(&key, reason))?;
     match Placement::new(parallel, &model, seq_len) {
         Ok(placement) => Ok(Some(placement)),
         // pp was checked above, so what the compiler refuses is the micro-batch count.
@@ -478,7 +418,8 @@ mod tests {
         let spec = validate_submit(&request(8, 16, parallel)).unwrap();
         let placement = spec.placement.expect("a pipeline job");
         assert_eq!(placement.world_size(), 8);
-        assert_eq!(placement.parallel().schedule, ScheduleKind::DualPipe);
+        assert_eq!(placement.parallel().schedule, flotilla_layout::ScheduleKind::DualPipe);
+        assert!(placement.parallel().overlap);
         assert_eq!(placement.stages().len(), 2);
         // Data-parallel divisibility over the workers does not apply: 16 % 8 would, 20 % 8
         // does not, but 20 is not a multiple of ep·dp·micro_batches = 16 either.

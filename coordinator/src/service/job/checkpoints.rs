@@ -238,7 +238,7 @@ impl<S: StateStore + Clone + 'static> JobActor<S> {
     pub(super) fn layout_name(&self) -> String {
         match &self.placement {
             Ok(Some(placement)) => {
-                let l = placement.parallel().layout();
+                let l = placement.parallel();
                 format!(
                     "pp {} ep {} dp {} {}, {} micro-batches",
                     l.pp, l.ep, l.dp, l.schedule, l.micro_batches
