@@ -157,7 +157,7 @@ fn parse_rate(text: &str) -> Result<f64, String> {
 }
 
 fn parse_schedule(text: &str) -> Result<ScheduleKind, String> {
-    text.parse().map_err(|e: flotilla_coordinator::schedule::ScheduleError| e.to_string())
+    text.parse::<ScheduleKind>().map_err(|e| e.to_string())
 }
 
 fn size(bytes: u64) -> String {

@@ -5,7 +5,7 @@
 use anyhow::{Context, Result, bail};
 use clap::{ArgGroup, Args};
 use flotilla_coordinator::schedule::{
-    self, Comparison, Costs, Outcome, Schedule, ScheduleKind, ScheduleSpec, Timeline, number,
+    self, Comparison, Costs, Outcome, PaperTable, Schedule, ScheduleKind, ScheduleSpec, Timeline, number,
 };
 use std::path::{Path, PathBuf};
 

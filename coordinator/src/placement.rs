@@ -352,7 +352,10 @@ mod tests {
             assert_eq!(a.coordinates[g as usize].pipeline_rank, pipeline_rank);
             assert_eq!(a.coordinates[g as usize].ep_rank, g % 2);
             assert_eq!(a.stages.len(), 2);
-            assert_eq!(a.layout.as_ref().unwrap().schedule_kind(), flotilla_proto::v1::ScheduleKind::DualPipe);
+            assert_eq!(
+                a.layout.as_ref().unwrap().schedule_kind(),
+                flotilla_proto::v1::ScheduleKind::DualPipe
+            );
             assert!(a.layout.as_ref().unwrap().overlap);
         }
         // DualPipe: pipeline rank r hosts stages r and PP−1−r.

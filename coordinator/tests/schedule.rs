@@ -4,8 +4,8 @@
 //! instruction and the reason.
 
 use flotilla_coordinator::schedule::{
-    Chunk, Costs, Instruction, PaperTable, Schedule, ScheduleError, ScheduleKind, ScheduleSpec, compile, simulate,
-    simulate_with, validate,
+    Chunk, Costs, Instruction, PaperTable, Schedule, ScheduleError, ScheduleKind, ScheduleSpec, compile,
+    simulate, simulate_with, validate,
 };
 use proptest::prelude::*;
 

@@ -178,7 +178,8 @@ impl TryFrom<i32> for ScheduleKind {
 
     /// A proto field's raw value (`Layout::schedule_kind`).
     fn try_from(value: i32) -> Result<ScheduleKind, ScheduleKindError> {
-        let kind = proto::ScheduleKind::try_from(value).map_err(|_| ScheduleKindError::UnknownValue(value))?;
+        let kind =
+            proto::ScheduleKind::try_from(value).map_err(|_| ScheduleKindError::UnknownValue(value))?;
         ScheduleKind::try_from(kind)
     }
 }
@@ -228,7 +229,10 @@ mod tests {
             for pp in [1, 3, 5] {
                 let err = kind.check_stages(pp).unwrap_err();
                 assert_eq!(err, StagesError::NotEven { kind, pp });
-                assert!(err.to_string().starts_with(&format!("{} needs an even pp ≥ 2", kind.title())), "{err}");
+                assert!(
+                    err.to_string().starts_with(&format!("{} needs an even pp ≥ 2", kind.title())),
+                    "{err}"
+                );
             }
         }
         for kind in [ScheduleKind::OneFOneB, ScheduleKind::Zb1p] {
@@ -258,7 +262,10 @@ mod tests {
             // Every stage has a host among the schedule's ranks.
             for stage in 0..pp {
                 let hosts = kind.hosts(pp, stage);
-                assert!(!hosts.is_empty() && hosts.iter().all(|&r| r < kind.ranks_for(pp)), "{kind}: {hosts:?}");
+                assert!(
+                    !hosts.is_empty() && hosts.iter().all(|&r| r < kind.ranks_for(pp)),
+                    "{kind}: {hosts:?}"
+                );
             }
         }
     }

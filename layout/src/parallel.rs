@@ -101,13 +101,16 @@ impl ParallelConfig {
     /// The rules that hold between the fields (see the module docs); `table` prefixes the
     /// keys in errors (`parallel`, `layout`).
     fn check(&self, table: &str) -> Result<(), ParallelError> {
-        for (key, value) in [("pp", self.pp), ("ep", self.ep), ("dp", self.dp), ("micro_batches", self.micro_batches)]
+        for (key, value) in
+            [("pp", self.pp), ("ep", self.ep), ("dp", self.dp), ("micro_batches", self.micro_batches)]
         {
             if value == 0 {
                 return Err(ParallelError::new(format!("{table}.{key}"), "must be at least 1, got 0"));
             }
         }
-        self.schedule.check_stages(self.pp).map_err(|e| ParallelError::new(format!("{table}.pp"), e.to_string()))
+        self.schedule
+            .check_stages(self.pp)
+            .map_err(|e| ParallelError::new(format!("{table}.pp"), e.to_string()))
     }
 
     /// The `[parallel]` table as written, checked (see the module docs).
@@ -134,10 +137,12 @@ impl ParallelConfig {
         let positive = |k: &str| -> Result<Option<u32>, ParallelError> {
             match table.get(k) {
                 None => Ok(None),
-                Some(&RawValue::Integer(n)) if n > 0 => {
-                    u32::try_from(n).map(Some).map_err(|_| ParallelError::new(key(k), format!("{n} is too large")))
+                Some(&RawValue::Integer(n)) if n > 0 => u32::try_from(n)
+                    .map(Some)
+                    .map_err(|_| ParallelError::new(key(k), format!("{n} is too large"))),
+                Some(RawValue::Integer(n)) => {
+                    Err(ParallelError::new(key(k), format!("must be at least 1, got {n}")))
                 }
-                Some(RawValue::Integer(n)) => Err(ParallelError::new(key(k), format!("must be at least 1, got {n}"))),
                 Some(other) => Err(ParallelError::new(
                     key(k),
                     format!("must be a positive integer, got a {}", other.type_name()),
@@ -161,9 +166,9 @@ impl ParallelConfig {
         };
         let schedule = match table.get("schedule") {
             None => ScheduleKind::DualPipe,
-            Some(RawValue::String(name)) => {
-                name.parse().map_err(|e: crate::ScheduleKindError| ParallelError::new(key("schedule"), e.to_string()))?
-            }
+            Some(RawValue::String(name)) => name
+                .parse()
+                .map_err(|e: crate::ScheduleKindError| ParallelError::new(key("schedule"), e.to_string()))?,
             Some(other) => {
                 return Err(ParallelError::new(
                     key("schedule"),
@@ -303,9 +308,17 @@ mod tests {
         let p = parse("pp = 4\nmicro_batches = 8").unwrap();
         assert_eq!(
             p,
-            ParallelConfig { pp: 4, ep: 1, dp: 1, schedule: ScheduleKind::DualPipe, micro_batches: 8, overlap: true }
+            ParallelConfig {
+                pp: 4,
+                ep: 1,
+                dp: 1,
+                schedule: ScheduleKind::DualPipe,
+                micro_batches: 8,
+                overlap: true
+            }
         );
-        let v = parse("pp = 4\nep = 2\ndp = 3\nschedule = \"DualPipeV\"\nmicro_batches = 4\noverlap = false").unwrap();
+        let v = parse("pp = 4\nep = 2\ndp = 3\nschedule = \"DualPipeV\"\nmicro_batches = 4\noverlap = false")
+            .unwrap();
         assert_eq!((v.schedule, v.ep, v.dp, v.overlap), (ScheduleKind::DualPipeV, 2, 3, false));
         assert_eq!(v.pipeline_ranks(), 2);
         assert_eq!(v.world_size(), 12);
@@ -325,10 +338,18 @@ mod tests {
             ("pp = 5000000000\nmicro_batches = 4", "parallel.pp", "is too large"),
             ("pp = 2", "parallel.micro_batches", "is missing"),
             ("pp = 2\nmicro_batches = 4\noverlap = 1", "parallel.overlap", "true or false, got a integer"),
-            ("pp = 2\nmicro_batches = 4\nschedule = \"gpipe\"", "parallel.schedule", "unknown schedule kind \"gpipe\""),
+            (
+                "pp = 2\nmicro_batches = 4\nschedule = \"gpipe\"",
+                "parallel.schedule",
+                "unknown schedule kind \"gpipe\"",
+            ),
             ("pp = 2\nmicro_batches = 4\nschedule = 1", "parallel.schedule", "must be a string"),
             ("pp = 3\nmicro_batches = 6", "parallel.pp", "DualPipe needs an even pp ≥ 2"),
-            ("pp = 3\nschedule = \"dualpipev\"\nmicro_batches = 6", "parallel.pp", "DualPipeV needs an even pp"),
+            (
+                "pp = 3\nschedule = \"dualpipev\"\nmicro_batches = 6",
+                "parallel.pp",
+                "DualPipeV needs an even pp",
+            ),
         ];
         for &(text, key, reason) in cases {
             let err = parse(text).unwrap_err();
@@ -363,14 +384,20 @@ mod tests {
         assert_eq!(layout.schedule_kind(), flotilla_proto::v1::ScheduleKind::Zb1p);
         assert_eq!(ParallelConfig::from_layout(&layout), Ok(p));
         let err = ParallelConfig::from_layout(&Layout { schedule_kind: 0, ..layout }).unwrap_err();
-        assert_eq!((err.key.as_str(), err.reason.as_str()), ("layout.schedule_kind", "the schedule kind is unspecified"));
+        assert_eq!(
+            (err.key.as_str(), err.reason.as_str()),
+            ("layout.schedule_kind", "the schedule kind is unspecified")
+        );
         let err = ParallelConfig::from_layout(&Layout { schedule_kind: 17, ..layout }).unwrap_err();
         assert!(err.reason.contains("17 is not a known schedule kind"), "{err}");
         let err = ParallelConfig::from_layout(&Layout { dp: 0, ..layout }).unwrap_err();
         assert_eq!(err.key, "layout.dp");
         let v = ParallelConfig { schedule: ScheduleKind::DualPipeV, pp: 5, ..p };
         let err = ParallelConfig::from_layout(&v.layout()).unwrap_err();
-        assert_eq!(err.to_string(), "layout.pp: DualPipeV needs an even pp ≥ 2 (each pipeline rank hosts two stages), got 5");
+        assert_eq!(
+            err.to_string(),
+            "layout.pp: DualPipeV needs an even pp ≥ 2 (each pipeline rank hosts two stages), got 5"
+        );
     }
 
     #[test]

@@ -509,7 +509,8 @@ async fn pipeline_assignments_beyond_capacity_or_off_layout_are_refused() {
     // One pipeline rank hosting the whole tiny model under 1F1B.
     let toml = format!("{}\n[parallel]\npp = 1\nschedule = \"1f1b\"\nmicro_batches = 2\n", config(2));
     let (_, model) = TrainConfig::from_toml(&toml, std::path::Path::new(".")).unwrap();
-    let layout = Parallel { pp: 1, ep: 1, dp: 1, schedule: ScheduleKind::OneFOneB, micro_batches: 2, overlap: true };
+    let layout =
+        Parallel { pp: 1, ep: 1, dp: 1, schedule: ScheduleKind::OneFOneB, micro_batches: 2, overlap: true };
     let placement = Placement::new(layout, &model, 32).unwrap();
     let mut command = assignment("job-big", 0, &[me], toml.clone(), "", 1);
     if let Command::Assignment(a) = &mut command {

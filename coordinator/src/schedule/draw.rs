@@ -6,8 +6,8 @@
 //! picture shows exactly the op order the workers would run.
 
 use super::{
-    Chunk, Costs, Instruction, PaperFigures, PaperTable, Schedule, ScheduleKind, ScheduleSpec, Span, Timeline, compile,
-    simulate,
+    Chunk, Costs, Instruction, PaperFigures, PaperTable, Schedule, ScheduleKind, ScheduleSpec, Span,
+    Timeline, compile, simulate,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};

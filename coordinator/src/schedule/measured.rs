@@ -184,7 +184,7 @@ pub fn executed_chrome_trace(timeline: &StepTimeline) -> Value {
             events.push(event);
         }
     }
-    let layout = timeline.layout.clone().unwrap_or_default();
+    let layout = timeline.layout.unwrap_or_default();
     json!({
         "traceEvents": events,
         "displayTimeUnit": "ms",

@@ -34,9 +34,9 @@ mod measured;
 
 pub use draw::{Comparison, Outcome, Simulated, chrome_trace, compare, number, svg};
 pub use engine::{Costs, Report, Span, Timeline, simulate, simulate_with, validate};
+pub use flotilla_layout::{Chunk, Instruction, InvalidOp, ScheduleKind, StagesError};
 pub use generate::compile;
 pub use measured::{RankSpan, bubble_fraction, executed_chrome_trace, predicted_bubble_fraction, rank_span};
-pub use flotilla_layout::{Chunk, Instruction, InvalidOp, ScheduleKind, StagesError};
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;

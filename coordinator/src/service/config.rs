@@ -302,9 +302,10 @@ fn placement_in(table: &toml::Table, workers: u32) -> Result<Option<Placement>, 
         Some(other) => return invalid("parallel", format!("must be a table, got a {}", other.type_str())),
     };
     // Any table reads as a raw one; its keys and values are checked by the layout's rules.
-    let raw: RawParallel = toml::Value::Table(parallel.clone()).try_into().or_else(|e: toml::de::Error| {
-        invalid("parallel", format!("cannot be read: {}", e.message().trim_end()))
-    })?;
+    let raw: RawParallel =
+        toml::Value::Table(parallel.clone()).try_into().or_else(|e: toml::de::Error| {
+            invalid("parallel", format!("cannot be read: {}", e.message().trim_end()))
+        })?;
     let parallel = Parallel::from_raw(&raw).or_else(|ParallelError { key, reason }| invalid(&key, reason))?;
     let Parallel { pp, ep, dp, schedule, micro_batches, .. } = parallel;
 

@@ -125,7 +125,7 @@ impl JobTimelines {
                 bubble_fraction: slot.as_ref().map_or(0.0, |s| s.bubble_fraction),
             })
             .collect();
-        Ok(StepTimeline { job_id: self.job_id.clone(), step, ranks, layout: Some(self.layout.clone()) })
+        Ok(StepTimeline { job_id: self.job_id.clone(), step, ranks, layout: Some(self.layout) })
     }
 }
 

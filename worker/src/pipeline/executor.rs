@@ -4,12 +4,13 @@
 //!
 //! # The stream (steps 1 and 2 of [`PipelineTrainer::run_step`])
 //! 1. The stream runs in order. `F`, `B`, `W`, `BW` and the overlapped `F&B` call the
-//!    [`RankModel`] chunk functions; transfers move `[rows, hidden]` f32 tensors with
+//!    [`RankModel`](flotilla_model::pipeline::RankModel) chunk functions; transfers move `[rows, hidden]` f32 tensors with
 //!    tags that encode (kind, micro-batch, producing stage), so a message can only be
 //!    taken by the receive it is meant for. Sends never wait (the data plane queues them
 //!    and its writer tasks send while this rank computes); a receive waits. In `F&B` the
-//!    forward chunk and the backward chunk's B run on two threads at once, each with its
-//!    own MoE exchanges, so one's all-to-all waits while the other computes; the W part
+//!    forward chunk and the backward chunk's B run on two threads at once (the layout's
+//!    `overlap`, on by default; off, one after the other), each with its own MoE
+//!    exchanges, so one's all-to-all waits while the other computes; the W part
 //!    follows once both are done (W is the only part that writes the weights). Each
 //!    instruction's start and end are recorded and reported; the coordinator compares
 //!    the executed stream with the compiled one.
@@ -253,15 +254,14 @@ impl PipelineTrainer {
                 Instruction::RecvActivation { chunk, peer } | Instruction::RecvGrad { chunk, peer } => {
                     let from = peer_rank(peer);
                     let (tag, map) = match op {
-                        Instruction::RecvActivation { .. } => (tags::activation(chunk), &mut inflight.activations),
+                        Instruction::RecvActivation { .. } => {
+                            (tags::activation(chunk), &mut inflight.activations)
+                        }
                         _ => (tags::gradient(chunk), &mut inflight.gradients),
                     };
-                    let bytes =
-                        handle.block_on(comm.recv(from, tag)).map_err(|source| PipelineError::Comm {
-                            step,
-                            what: format!("{op_name} (world rank {from})"),
-                            source,
-                        })?;
+                    let bytes = handle.block_on(comm.recv(from, tag)).map_err(|source| {
+                        PipelineError::Comm { step, what: format!("{op_name} (world rank {from})"), source }
+                    })?;
                     let tensor = decode_f32(&bytes).ok_or_else(|| {
                         stream_err(format!("world rank {from} sent {} bytes, not f32s", bytes.len()))
                     })?;

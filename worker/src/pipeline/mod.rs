@@ -191,7 +191,8 @@ impl PipelineTrainer {
     /// The windows of micro-batch `m` of this rank's pipeline for `step`.
     fn windows(&self, step: u64, m: u32) -> Result<Vec<Vec<u32>>, PipelineError> {
         let per = self.config.batch_size as u64 / self.global_micro_batches();
-        let first = (self.plan.pipeline_index() * u64::from(self.plan.parallel.micro_batches) + u64::from(m)) * per;
+        let first =
+            (self.plan.pipeline_index() * u64::from(self.plan.parallel.micro_batches) + u64::from(m)) * per;
         (first..first + per)
             .map(|i| {
                 self.sampler
@@ -257,7 +258,6 @@ impl PipelineTrainer {
             exchange,
         })
     }
-
 
     /// Bytes of this rank's model state: f32 weights and gradients of every held tensor,
     /// and the BF16 AdamW moments of its ZeRO-1 parts.

@@ -117,7 +117,8 @@ impl PipelinePlan {
             .enumerate()
             .map(|(i, op)| Instruction::try_from(op).map_err(|e| format!("pipeline.stream[{i}]: {e}")))
             .collect::<Result<Vec<_>, _>>()?;
-        let mut plan = PipelinePlan { parallel, stage_layers, coordinates, rank, stream, nodes: Vec::new(), world_of };
+        let mut plan =
+            PipelinePlan { parallel, stage_layers, coordinates, rank, stream, nodes: Vec::new(), world_of };
         let me = plan.coordinates[rank];
         let hosted = plan.stages_of(me.pipeline_rank);
         for (i, op) in plan.stream.iter().enumerate() {
@@ -166,7 +167,8 @@ impl PipelinePlan {
 
     /// The pipeline ranks hosting `stage` (see the module docs).
     pub fn hosts(&self, stage: usize) -> Vec<u32> {
-        u32::try_from(stage).map_or_else(|_| Vec::new(), |s| self.parallel.schedule.hosts(self.parallel.pp, s))
+        u32::try_from(stage)
+            .map_or_else(|_| Vec::new(), |s| self.parallel.schedule.hosts(self.parallel.pp, s))
     }
 
     /// The stages pipeline rank `r` hosts.

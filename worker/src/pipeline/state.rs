@@ -218,7 +218,6 @@ impl PipelineTrainer {
     }
 }
 
-
 /// The checkpoint's view of `model`'s tensors: `trainable_at[i]`, the index in
 /// `RankModel::params` of trainable tensor `i`; and the indices of the untrainable tensors
 /// (selection biases) this rank is the first holder of.

@@ -103,7 +103,9 @@ impl HolderKey {
             HolderKey::Embedding => 1,
             HolderKey::Stage(s) => 2 + s as u64,
             HolderKey::Experts { stage, ep_rank } => {
-                2 + u64::from(plan.parallel.pp) + stage as u64 * u64::from(plan.parallel.ep) + u64::from(ep_rank)
+                2 + u64::from(plan.parallel.pp)
+                    + stage as u64 * u64::from(plan.parallel.ep)
+                    + u64::from(ep_rank)
             }
         };
         u32::try_from(id).ok().filter(|&id| id <= MAX_GROUP_ID).ok_or_else(|| {
@@ -129,7 +131,11 @@ impl HolderKey {
             .iter()
             .flat_map(|&pipeline_rank| {
                 ep_ranks.iter().flat_map(move |&ep_rank| {
-                    (0..plan.parallel.dp).map(move |dp_replica| Coordinates { pipeline_rank, ep_rank, dp_replica })
+                    (0..plan.parallel.dp).map(move |dp_replica| Coordinates {
+                        pipeline_rank,
+                        ep_rank,
+                        dp_replica,
+                    })
                 })
             })
             .map(|c| plan.world_rank(c))
