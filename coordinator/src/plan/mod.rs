@@ -41,7 +41,7 @@ pub use time::StepEstimate;
 use self::error::overshoot;
 use self::shape::ModelShape;
 use self::time::ChunkTime;
-use crate::schedule::{ScheduleKind, ScheduleSpec, compile};
+use crate::schedule::{ScheduleSpec, compile};
 use flotilla_model::ModelConfig;
 use serde::Serialize;
 
@@ -171,14 +171,17 @@ pub fn propose(
     let planner = Planner { model: &model, cluster, shape };
     let gpus = cluster.gpus();
     let per_rank = |p: u32| gpus.is_multiple_of(p as u64).then(|| gpus / p as u64);
-    let even_only = shape.schedule == ScheduleKind::DualPipe;
+    // pp counts pipeline ranks here; the layout's rule is on the stages they run.
+    let runs = |p: u32| {
+        u32::try_from(shape.schedule.stages_for(p)).is_ok_and(|stages| shape.schedule.check_stages(stages).is_ok())
+    };
     let pps: Vec<u32> = match pp {
         Some(p) => vec![p],
         None => {
             let most = u32::try_from(config.num_hidden_layers).unwrap_or(u32::MAX);
             let pps: Vec<u32> = (1..=most)
                 .filter(|&p| per_rank(p).is_some())
-                .filter(|&p| !even_only || p.is_multiple_of(2))
+                .filter(|&p| runs(p))
                 .collect();
             if pps.is_empty() {
                 let why = if gpus.is_multiple_of(2) {

@@ -187,3 +187,75 @@ impl PipelinePlan {
         self.me().pipeline_index(self.parallel.ep)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flotilla_layout::{Chunk, ScheduleKind, coordinates};
+    use flotilla_model::Preset;
+    use flotilla_proto::v1::{Layout, RankCoordinates, ScheduledOp, StageLayers};
+
+    /// A DualPipe pp 2 assignment for world rank 0 of 2 on `model`, with an empty stream.
+    fn assignment(model: &ModelConfig) -> PipelineAssignment {
+        let parallel =
+            ParallelConfig { pp: 2, ep: 1, dp: 1, schedule: ScheduleKind::DualPipe, micro_batches: 4, overlap: false };
+        let layers = model.num_hidden_layers as u32;
+        PipelineAssignment {
+            layout: Some(parallel.layout()),
+            coordinates: (0..2).map(|g| RankCoordinates::from(coordinates(g, 1, 1))).collect(),
+            stages: vec![
+                StageLayers { stage: 0, first_layer: 0, layers: layers / 2 },
+                StageLayers { stage: 1, first_layer: layers / 2, layers: layers - layers / 2 },
+            ],
+            stream: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_plan_takes_the_layout_and_its_rules_from_the_assignment() {
+        let model = Preset::Tiny.config();
+        let mut a = assignment(&model);
+        a.stream = vec![
+            ScheduledOp::from(Instruction::Forward { chunk: Chunk::new(0, 1) }),
+            ScheduledOp::from(Instruction::SendActivation { chunk: Chunk::new(0, 1), peer: 1 }),
+        ];
+        let plan = PipelinePlan::from_assignment(&a, 0, 2, &model).unwrap();
+        assert_eq!(plan.parallel.schedule, ScheduleKind::DualPipe);
+        assert!(!plan.parallel.overlap, "overlap travels in the layout");
+        // DualPipe: rank 0 hosts stages 0 and 1, each stage has both ranks.
+        assert_eq!(plan.stages_of(0), vec![0, 1]);
+        assert_eq!(plan.hosts(1), vec![0, 1]);
+        assert_eq!(plan.stream.len(), 2);
+    }
+
+    #[test]
+    fn the_plan_refuses_a_layout_the_rules_refuse() {
+        let model = Preset::Tiny.config();
+        let refusal = |edit: &dyn Fn(&mut Layout)| {
+            let mut a = assignment(&model);
+            edit(a.layout.as_mut().unwrap());
+            PipelinePlan::from_assignment(&a, 0, 2, &model).unwrap_err()
+        };
+        let err = refusal(&|l| l.schedule_kind = 0);
+        assert_eq!(err, "pipeline.layout.schedule_kind: the schedule kind is unspecified");
+        let err = refusal(&|l| l.schedule_kind = 9);
+        assert!(err.contains("pipeline.layout.schedule_kind") && err.contains("9"), "{err}");
+        let err = refusal(&|l| {
+            l.schedule_kind = flotilla_proto::v1::ScheduleKind::DualPipeV as i32;
+            l.pp = 3;
+        });
+        assert!(err.starts_with("pipeline.layout.pp: DualPipeV needs an even pp"), "{err}");
+        // DualPipeV runs pp 2 on one pipeline rank, not the job's two.
+        let err = refusal(&|l| l.schedule_kind = flotilla_proto::v1::ScheduleKind::DualPipeV as i32);
+        assert!(err.contains("1 pipeline ranks × ep 1 × dp 1 = 1 ranks, but the job has 2"), "{err}");
+
+        let mut a = assignment(&model);
+        a.stream = vec![ScheduledOp { kind: 42, ..ScheduledOp::default() }];
+        let err = PipelinePlan::from_assignment(&a, 0, 2, &model).unwrap_err();
+        assert_eq!(err, "pipeline.stream[0]: kind 42 is not an instruction kind");
+        a.stream = vec![ScheduledOp::from(Instruction::RecvGrad { chunk: Chunk::new(0, 1), peer: 2 })];
+        let err = PipelinePlan::from_assignment(&a, 0, 2, &model).unwrap_err();
+        assert!(err.contains("is outside the layout"), "{err}");
+        assert!(PipelinePlan::from_assignment(&assignment(&model), 2, 2, &model).is_err());
+    }
+}
