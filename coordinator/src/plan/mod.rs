@@ -173,16 +173,14 @@ pub fn propose(
     let per_rank = |p: u32| gpus.is_multiple_of(p as u64).then(|| gpus / p as u64);
     // pp counts pipeline ranks here; the layout's rule is on the stages they run.
     let runs = |p: u32| {
-        u32::try_from(shape.schedule.stages_for(p)).is_ok_and(|stages| shape.schedule.check_stages(stages).is_ok())
+        u32::try_from(shape.schedule.stages_for(p))
+            .is_ok_and(|stages| shape.schedule.check_stages(stages).is_ok())
     };
     let pps: Vec<u32> = match pp {
         Some(p) => vec![p],
         None => {
             let most = u32::try_from(config.num_hidden_layers).unwrap_or(u32::MAX);
-            let pps: Vec<u32> = (1..=most)
-                .filter(|&p| per_rank(p).is_some())
-                .filter(|&p| runs(p))
-                .collect();
+            let pps: Vec<u32> = (1..=most).filter(|&p| per_rank(p).is_some()).filter(|&p| runs(p)).collect();
             if pps.is_empty() {
                 let why = if gpus.is_multiple_of(2) {
                     format!(

@@ -421,6 +421,12 @@ mod tests {
         assert_eq!(placement.world_size(), 8);
         assert_eq!(placement.parallel().schedule, flotilla_layout::ScheduleKind::DualPipe);
         assert!(placement.parallel().overlap);
+        // Every key of the table travels typed in the assignment, `overlap` included.
+        let off = "[parallel]\npp = 2\nmicro_batches = 4\noverlap = false\n";
+        let layout =
+            validate_submit(&request(2, 4, off)).unwrap().placement.unwrap().assignment(1).layout.unwrap();
+        assert!(!layout.overlap);
+        assert_eq!(layout.schedule_kind(), flotilla_proto::v1::ScheduleKind::DualPipe);
         assert_eq!(placement.stages().len(), 2);
         // Data-parallel divisibility over the workers does not apply: 16 % 8 would, 20 % 8
         // does not, but 20 is not a multiple of ep·dp·micro_batches = 16 either.

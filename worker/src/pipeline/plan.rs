@@ -197,8 +197,14 @@ mod tests {
 
     /// A DualPipe pp 2 assignment for world rank 0 of 2 on `model`, with an empty stream.
     fn assignment(model: &ModelConfig) -> PipelineAssignment {
-        let parallel =
-            ParallelConfig { pp: 2, ep: 1, dp: 1, schedule: ScheduleKind::DualPipe, micro_batches: 4, overlap: false };
+        let parallel = ParallelConfig {
+            pp: 2,
+            ep: 1,
+            dp: 1,
+            schedule: ScheduleKind::DualPipe,
+            micro_batches: 4,
+            overlap: false,
+        };
         let layers = model.num_hidden_layers as u32;
         PipelineAssignment {
             layout: Some(parallel.layout()),
