@@ -4,6 +4,11 @@
 //! its own runtime on its own thread, so "killing" it drops every connection at once, as a
 //! crashed coordinator would.
 //!
+//! The coordinator is a fake on purpose: these tests script what a real one never sends
+//! (malformed and out-of-order commands, a coordinator of another protocol version, one
+//! that crashes and comes back) and read the worker's every message. The real agent
+//! against the real coordinator is in `tests/control_plane.rs`.
+//!
 //! Every wait is under a timeout, so a hang fails the test instead of stalling the suite.
 
 mod common;
