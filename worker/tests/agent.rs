@@ -26,8 +26,8 @@ use flotilla_proto::v1::coordinator_message::Body as Command;
 use flotilla_proto::v1::coordinator_service_server::{CoordinatorService, CoordinatorServiceServer};
 use flotilla_proto::v1::worker_message::Body as Report;
 use flotilla_proto::v1::{
-    Abort, Ack, Assignment, CheckpointShard, CoordinatorMessage, FailureKind, Peer, Registration, ResumeFrom, RunSteps,
-    ShardFile, Shutdown, StepReport, WorkerInfo, WorkerMessage,
+    Abort, Ack, Assignment, CheckpointShard, CoordinatorMessage, FailureKind, Peer, Registration, ResumeFrom,
+    RunSteps, ShardFile, Shutdown, StepReport, WorkerInfo, WorkerMessage,
 };
 use flotilla_worker::agent::{AgentError, WorkerOptions, run_worker};
 use flotilla_worker::comm::{Communicator, TcpOptions, TcpRendezvous};
@@ -909,7 +909,9 @@ async fn a_job_checkpoints_in_the_background_and_resumes_from_its_shards() {
         "{}",
         refused.error
     );
-    assert!(matches!(session.next().await, Report::Error(e) if e.job_id == "job-3" && e.kind() == FailureKind::Checkpoint));
+    assert!(
+        matches!(session.next().await, Report::Error(e) if e.job_id == "job-3" && e.kind() == FailureKind::Checkpoint)
+    );
 
     // A checkpoint past the run's steps is refused, but is not a bad checkpoint.
     let mut beyond = checkpoint(&shards_again[1]);

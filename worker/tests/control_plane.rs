@@ -21,7 +21,9 @@ use flotilla_coordinator::checkpoint::{list_committed, read_manifest};
 use flotilla_coordinator::service::{CoordinatorConfig, CoordinatorHandle, serve_with_incoming};
 use flotilla_coordinator::store::FileStore;
 use flotilla_proto::v1::job_service_client::JobServiceClient;
-use flotilla_proto::v1::{GetJobRequest, Job, JobEvent, JobState, SubmitJobRequest, WatchJobRequest, job_event};
+use flotilla_proto::v1::{
+    GetJobRequest, Job, JobEvent, JobState, SubmitJobRequest, WatchJobRequest, job_event,
+};
 use flotilla_worker::agent::{AgentError, Connector, WorkerOptions, run_worker_with};
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
@@ -103,7 +105,13 @@ fn note_loss(event: &JobEvent, losses: &mut [Option<f64>]) {
     if let Some(job_event::Event::Step(s)) = &event.event {
         let slot = &mut losses[(s.step - 1) as usize];
         if let Some(before) = slot {
-            assert_eq!(before.to_bits(), s.loss.to_bits(), "step {} redone: {before} then {}", s.step, s.loss);
+            assert_eq!(
+                before.to_bits(),
+                s.loss.to_bits(),
+                "step {} redone: {before} then {}",
+                s.step,
+                s.loss
+            );
         }
         *slot = Some(s.loss);
     }

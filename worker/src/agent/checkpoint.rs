@@ -70,7 +70,6 @@ impl Training {
 }
 
 impl Job {
-
     /// After step `step`: if a checkpoint is due, waits for the previous write (if still
     /// running: that wait is part of this step), copies this rank's shard of the state on
     /// this thread (the step's only checkpoint cost, `snapshot_seconds`) and hands it to a
@@ -155,12 +154,12 @@ impl Job {
         }
         started.elapsed()
     }
-
 }
 
 /// Writes `snapshot` as this rank's shard of the checkpoint at `step` under `root`.
 fn write_checkpoint(root: &Path, step: u64, snapshot: &Snapshot) -> Result<shard::ShardFile, JobError> {
     let dir = step_dir(root, step);
     std::fs::create_dir_all(&dir).map_err(|e| JobError::Data(format!("creating {}: {e}", dir.display())))?;
-    write_shard(&dir, snapshot).map_err(|e| JobError::Data(format!("writing a shard to {}: {e}", dir.display())))
+    write_shard(&dir, snapshot)
+        .map_err(|e| JobError::Data(format!("writing a shard to {}: {e}", dir.display())))
 }

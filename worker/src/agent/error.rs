@@ -106,7 +106,10 @@ mod tests {
 
     #[test]
     fn the_kind_and_the_directory_follow_the_variant_and_the_text_is_unchanged() {
-        let bad = JobError::Checkpoint { dir: "/ckpt/step-00000004".into(), reason: "shard rank-1 truncated".into() };
+        let bad = JobError::Checkpoint {
+            dir: "/ckpt/step-00000004".into(),
+            reason: "shard rank-1 truncated".into(),
+        };
         assert_eq!(bad.kind(), FailureKind::Checkpoint);
         assert_eq!(bad.bad_checkpoint(), "/ckpt/step-00000004");
         assert_eq!(bad.to_string(), "shard rank-1 truncated");

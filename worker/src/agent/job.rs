@@ -69,7 +69,6 @@ impl Training {
     fn steps(&self) -> u64 {
         self.config().steps
     }
-
 }
 
 /// Why a job task stopped early.
@@ -157,7 +156,9 @@ impl Job {
             Some(plan) => {
                 let trainer =
                     dp::run_blocking(|| PipelineTrainer::new(config.clone(), &self.plan.model, plan.clone()))
-                        .map_err(|e| failed(JobError::Data(format!("building this rank's pipeline stages: {e}"))))?;
+                        .map_err(|e| {
+                            failed(JobError::Data(format!("building this rank's pipeline stages: {e}")))
+                        })?;
                 check_capacity(&trainer, self.memory_bytes).map_err(failed)?;
                 Training::Pipeline(Box::new(trainer))
             }
@@ -177,15 +178,16 @@ impl Job {
             );
         }
         if let Some(resume) = &self.plan.resume {
-            dp::run_blocking(|| trainer.restore(resume))
-                .map_err(failed)?;
+            dp::run_blocking(|| trainer.restore(resume)).map_err(failed)?;
             info!(job = %self.plan.job_id, checkpoint = %resume.dir, step = resume.step, "checkpoint restored");
         }
         if self.cancel.is_cancelled() {
             return Err(Stop::Aborted);
         }
-        let listener =
-            self.listener.take().ok_or_else(|| failed(JobError::Internal("the data-plane listener was spent".into())))?;
+        let listener = self
+            .listener
+            .take()
+            .ok_or_else(|| failed(JobError::Internal("the data-plane listener was spent".into())))?;
         let mut addrs = Vec::with_capacity(self.plan.world);
         for (p, addr) in self.plan.peers.iter().enumerate() {
             if p == self.plan.rank {
@@ -197,7 +199,9 @@ impl Job {
                 _ = self.cancel.cancelled() => return Err(Stop::Aborted),
                 resolved = resolve(addr) => resolved,
             };
-            addrs.push(resolved.map_err(|e| failed(JobError::Communication(format!("rank {p}'s data-plane address {addr:?}: {e}"))))?);
+            addrs.push(resolved.map_err(|e| {
+                failed(JobError::Communication(format!("rank {p}'s data-plane address {addr:?}: {e}")))
+            })?);
         }
         let options = TcpOptions::new(self.plan.session).with_connect_timeout(self.rendezvous_timeout);
         let comm = tokio::select! {
@@ -283,14 +287,17 @@ impl Job {
         let step = trainer.step();
         match (trainer, &self.plan.output_dir) {
             (Training::DataParallel(trainer), Some(dir)) if self.plan.rank == 0 => {
-                dp::run_blocking(|| trainer.save(dir, WeightDtype::F32))
-                    .map_err(|e| Stop::Failed { step, error: JobError::Data(format!("saving the weights: {e}")) })?;
+                dp::run_blocking(|| trainer.save(dir, WeightDtype::F32)).map_err(|e| Stop::Failed {
+                    step,
+                    error: JobError::Data(format!("saving the weights: {e}")),
+                })?;
             }
             (Training::Pipeline(trainer), Some(dir)) => {
                 // Every rank sends the tensors it is first to hold; rank 0 writes them.
                 let handle = tokio::runtime::Handle::current();
-                dp::run_blocking(|| trainer.save(comm, &handle, dir, WeightDtype::F32))
-                    .map_err(|e| Stop::Failed { step, error: JobError::Data(format!("saving the weights: {e}")) })?;
+                dp::run_blocking(|| trainer.save(comm, &handle, dir, WeightDtype::F32)).map_err(|e| {
+                    Stop::Failed { step, error: JobError::Data(format!("saving the weights: {e}")) }
+                })?;
             }
             _ => {}
         }

@@ -48,7 +48,10 @@ impl JobPlan {
         }
         // Every other rank must be listed, so a huge dp_size cannot make us allocate much.
         if world > a.peers.len() + 1 {
-            return Err(JobError::Assignment(format!("dp_size is {world} but only {} peers are listed", a.peers.len())));
+            return Err(JobError::Assignment(format!(
+                "dp_size is {world} but only {} peers are listed",
+                a.peers.len()
+            )));
         }
         let mut peers: Vec<Option<String>> = vec![None; world];
         for peer in &a.peers {
@@ -59,7 +62,10 @@ impl JobPlan {
                 ))
             })?;
             if slot.replace(peer.data_plane_address.clone()).is_some() {
-                return Err(JobError::Assignment(format!("rank {} is listed twice among the peers", peer.rank)));
+                return Err(JobError::Assignment(format!(
+                    "rank {} is listed twice among the peers",
+                    peer.rank
+                )));
             }
         }
         let peers = peers
@@ -72,8 +78,8 @@ impl JobPlan {
             })
             .collect::<Result<Vec<_>, _>>()?;
 
-        let (mut config, model) =
-            TrainConfig::from_toml(&a.config_toml, &options.config_base).map_err(|e| JobError::Assignment(e.to_string()))?;
+        let (mut config, model) = TrainConfig::from_toml(&a.config_toml, &options.config_base)
+            .map_err(|e| JobError::Assignment(e.to_string()))?;
         if let Some(threads) = options.threads {
             config.threads = Some(threads);
         }

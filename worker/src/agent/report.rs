@@ -45,7 +45,11 @@ pub(super) fn worker_error(job_id: &str, step: u64, error: &JobError) -> WorkerM
     }))
 }
 
-pub(super) fn dp_step_report(plan: &JobPlan, trainer: &Trainer, timed: &TimedStep) -> (StepRecord, WorkerMessage) {
+pub(super) fn dp_step_report(
+    plan: &JobPlan,
+    trainer: &Trainer,
+    timed: &TimedStep,
+) -> (StepRecord, WorkerMessage) {
     let tokens = (trainer.config.batch_size * trainer.config.seq_len) as u64;
     let report = step_report(plan, &timed.record, tokens, timed.compute, timed.communication);
     (timed.record.clone(), message(Report::StepReport(report)))
@@ -113,9 +117,11 @@ pub(super) struct Metrics {
 
 impl Metrics {
     pub(super) fn create(dir: &Path) -> Result<Metrics, JobError> {
-        std::fs::create_dir_all(dir).map_err(|e| JobError::Data(format!("creating {}: {e}", dir.display())))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| JobError::Data(format!("creating {}: {e}", dir.display())))?;
         let path = dir.join("metrics.jsonl");
-        let file = std::fs::File::create(&path).map_err(|e| JobError::Data(format!("creating {}: {e}", path.display())))?;
+        let file = std::fs::File::create(&path)
+            .map_err(|e| JobError::Data(format!("creating {}: {e}", path.display())))?;
         Ok(Metrics { path, file: std::io::BufWriter::new(file) })
     }
 
@@ -125,7 +131,8 @@ impl Metrics {
     /// a temporary file renamed over the old one, so a crash leaves one or the other.
     pub(super) fn resume(dir: &Path, step: u64) -> Result<Metrics, JobError> {
         use std::io::Write;
-        std::fs::create_dir_all(dir).map_err(|e| JobError::Data(format!("creating {}: {e}", dir.display())))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| JobError::Data(format!("creating {}: {e}", dir.display())))?;
         let path = dir.join("metrics.jsonl");
         let old = match std::fs::read(&path) {
             Ok(bytes) => bytes,

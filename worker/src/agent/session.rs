@@ -230,8 +230,11 @@ impl<'a> Session<'a> {
             }
         }
         if let (Err(err), Some(job)) = (done, &finished)
-            && let Flow::End(end) =
-                self.send(worker_error(&job.job_id, 0, &JobError::Internal(format!("the job task failed: {err}"))))
+            && let Flow::End(end) = self.send(worker_error(
+                &job.job_id,
+                0,
+                &JobError::Internal(format!("the job task failed: {err}")),
+            ))
         {
             return Flow::End(end);
         }
@@ -295,7 +298,8 @@ impl<'a> Session<'a> {
         };
         let Some(listener) = self.plane.listener.take() else {
             // Rebinding happens when the previous job ends; its failure ends the session.
-            return self.send(refuse(id, &JobError::Communication("the data-plane listener is not bound".into())));
+            return self
+                .send(refuse(id, &JobError::Communication("the data-plane listener is not bound".into())));
         };
         let (commands, commands_rx) = mpsc::channel(JOB_COMMAND_CAPACITY);
         let cancel = CancellationToken::new();

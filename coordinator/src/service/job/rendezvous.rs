@@ -17,8 +17,8 @@
 //! any other refusal fails the job.
 
 use flotilla_proto::v1::{
-    Ack, Assignment, FailureKind, JobState, Peer, ResumeFrom, RunSteps, WorkerInfo, WorkerJoined, coordinator_message,
-    job_event,
+    Ack, Assignment, FailureKind, JobState, Peer, ResumeFrom, RunSteps, WorkerInfo, WorkerJoined,
+    coordinator_message, job_event,
 };
 use tokio::time::Instant;
 
