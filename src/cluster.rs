@@ -923,17 +923,7 @@ async fn follow(
                         last_bubble = (s.bubble_fraction, s.predicted_bubble_fraction);
                         if let Some(log) = pipeline_log.as_mut() {
                             use std::io::Write;
-                            let line = serde_json::json!({
-                                "step": s.step,
-                                "step_seconds": if s.tokens_per_second > 0.0 { s.tokens as f64 / s.tokens_per_second } else { 0.0 },
-                                "bubble_fraction": s.bubble_fraction,
-                                "predicted_bubble_fraction": s.predicted_bubble_fraction,
-                                "exchange_bytes": s.exchange_bytes,
-                                "cross_node_bytes": s.cross_node_bytes,
-                                "cross_node_bytes_flat": s.cross_node_bytes_flat,
-                                "exchange_seconds": s.exchange_seconds,
-                            });
-                            writeln!(log, "{line}").and_then(|()| log.flush()).context("writing pipeline.jsonl")?;
+                            writeln!(log, "{}", pipeline_json(s)).and_then(|()| log.flush()).context("writing pipeline.jsonl")?;
                         }
                         let alive = workers.alive();
                         let bubble = if config.parallel.is_some() { format!(" · bubble {:.0}%", 100.0 * s.bubble_fraction) } else { String::new() };
@@ -989,45 +979,79 @@ async fn follow(
     bar.finish_and_clear();
     match end.state() {
         JobState::Succeeded => {
-            let elapsed = started.elapsed().as_secs_f64();
-            println!(
-                "trained {} steps on {worker_count} workers in {elapsed:.1} s; final loss {last_loss:.4}",
-                end.steps_done
-            );
-            if end.restarts > 0 {
-                println!("recovered from {} failure(s) on the way", end.restarts);
-            }
-            if end.checkpoint_step > 0 {
-                println!("last checkpoint: step {} ({})", end.checkpoint_step, end.checkpoint_dir);
-            }
-            if config.parallel.is_some() {
-                println!(
-                    "pipeline bubble at the last step: {:.1}% measured, {:.1}% simulated for the measured costs",
-                    100.0 * last_bubble.0,
-                    100.0 * last_bubble.1
-                );
-            }
-            println!("metrics: {}", out.join("metrics.jsonl").display());
-            println!("weights: {}", out.display());
-            if let Some(path) = &args.trace {
-                let timeline = client
-                    .get_step_timeline(GetStepTimelineRequest {
-                        job_id: end.job_id.clone(),
-                        step: end.steps_done,
-                    })
-                    .await
-                    .map_err(status)?
-                    .into_inner();
-                let trace = executed_chrome_trace(&timeline);
-                std::fs::write(path, serde_json::to_vec(&trace)?)
-                    .with_context(|| format!("writing {}", path.display()))?;
-                println!("trace of step {}: {}", end.steps_done, path.display());
-            }
-            Ok(())
+            let summary = Finished { elapsed_s: started.elapsed().as_secs_f64(), last_loss, last_bubble };
+            print_success(&mut client, args, config, out, worker_count, &end, summary).await
         }
         state => {
             let cause = gave_up.map(|why| format!("{why}; ")).unwrap_or_default();
             bail!("{cause}job {} ended {}: {}", end.job_id, state_name(state), end.reason)
         }
     }
+}
+
+/// The figures of a finished run that only its event stream told.
+struct Finished {
+    elapsed_s: f64,
+    last_loss: f64,
+    /// The last step's bubble fraction: measured, and simulated for the measured costs.
+    last_bubble: (f64, f64),
+}
+
+/// What a run that succeeded prints: its steps and loss, recoveries, last checkpoint,
+/// bubble, where its metrics and weights are, and its trace when `--trace` asked for one.
+async fn print_success(
+    client: &mut JobServiceClient<Channel>,
+    args: &RunArgs,
+    config: &TrainConfig,
+    out: &Path,
+    worker_count: u32,
+    end: &Job,
+    summary: Finished,
+) -> Result<()> {
+    let Finished { elapsed_s: elapsed, last_loss, last_bubble } = summary;
+    println!(
+        "trained {} steps on {worker_count} workers in {elapsed:.1} s; final loss {last_loss:.4}",
+        end.steps_done
+    );
+    if end.restarts > 0 {
+        println!("recovered from {} failure(s) on the way", end.restarts);
+    }
+    if end.checkpoint_step > 0 {
+        println!("last checkpoint: step {} ({})", end.checkpoint_step, end.checkpoint_dir);
+    }
+    if config.parallel.is_some() {
+        println!(
+            "pipeline bubble at the last step: {:.1}% measured, {:.1}% simulated for the measured costs",
+            100.0 * last_bubble.0,
+            100.0 * last_bubble.1
+        );
+    }
+    println!("metrics: {}", out.join("metrics.jsonl").display());
+    println!("weights: {}", out.display());
+    if let Some(path) = &args.trace {
+        let timeline = client
+            .get_step_timeline(GetStepTimelineRequest { job_id: end.job_id.clone(), step: end.steps_done })
+            .await
+            .map_err(status)?
+            .into_inner();
+        let trace = executed_chrome_trace(&timeline);
+        std::fs::write(path, serde_json::to_vec(&trace)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!("trace of step {}: {}", end.steps_done, path.display());
+    }
+    Ok(())
+}
+
+/// One pipeline step's summary as the coordinator measured it: a line of pipeline.jsonl.
+fn pipeline_json(s: &flotilla_proto::v1::StepSummary) -> serde_json::Value {
+    serde_json::json!({
+        "step": s.step,
+        "step_seconds": if s.tokens_per_second > 0.0 { s.tokens as f64 / s.tokens_per_second } else { 0.0 },
+        "bubble_fraction": s.bubble_fraction,
+        "predicted_bubble_fraction": s.predicted_bubble_fraction,
+        "exchange_bytes": s.exchange_bytes,
+        "cross_node_bytes": s.cross_node_bytes,
+        "cross_node_bytes_flat": s.cross_node_bytes_flat,
+        "exchange_seconds": s.exchange_seconds,
+    })
 }
