@@ -33,7 +33,7 @@ pub(super) struct CoordinatorProcess {
 }
 
 impl CoordinatorProcess {
-    /// Starts `flotilla coordinator` on an ephemeral loopback port and waits for the line
+    /// Starts `flotilla-bench coordinator` on an ephemeral loopback port and waits for the line
     /// that says where it listens. Port 0 lets the kernel choose a free port atomically;
     /// choosing one here and passing it on would race other processes for it.
     pub(super) fn start(args: &ControlPlaneArgs) -> Result<CoordinatorProcess> {
