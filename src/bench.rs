@@ -1,6 +1,8 @@
 //! `flotilla bench …`: quick timings of the kernels on this machine, for checking a node and
 //! for `tools/bench_openblas.py`, which interleaves them with OpenBLAS so that both sides
-//! see the same machine noise; the control plane under load; and what a checkpoint costs. The criterion suite (`cargo bench`) is the thorough version.
+//! see the same machine noise; what a checkpoint costs; and the memory of loading an HF
+//! checkpoint. The criterion suite (`cargo bench`) is the thorough version; the control
+//! plane under load is `flotilla-bench control-plane` (the `bench/` crate).
 
 use anyhow::{Context, Result, ensure};
 use clap::{Args, Subcommand, ValueEnum};
@@ -12,16 +14,12 @@ use rand_chacha::ChaCha8Rng;
 use std::time::Instant;
 
 mod checkpoint;
-mod control_plane;
 mod hf_load;
 
 #[derive(Subcommand)]
 pub enum Bench {
     /// Time one GEMM shape: C[m, n] = A[m, k]·B[k, n] (FP8: B given as [n, k], NT).
     Gemm(GemmArgs),
-    /// One coordinator (a child process) against many simulated workers over gRPC on
-    /// loopback: its CPU, heartbeat handling latency, memory, and failure detection time.
-    ControlPlane(control_plane::ControlPlaneArgs),
     /// A checkpoint's cost: shard write throughput against `dd` on the same disk, and the
     /// training step's stall from the snapshot and the background write.
     Checkpoint(checkpoint::CheckpointArgs),
@@ -78,7 +76,6 @@ struct GemmTiming {
 pub fn run(bench: Bench) -> Result<()> {
     match bench {
         Bench::Gemm(args) => gemm(args),
-        Bench::ControlPlane(args) => control_plane::run(args),
         Bench::Checkpoint(args) => checkpoint::run(args),
         Bench::HfLoad(args) => hf_load::run(args),
     }

@@ -1,8 +1,9 @@
 //! The control plane from the command line: `flotilla coordinator`, `worker`, `submit`,
 //! `jobs`, `watch`, `workers`, and `run`, the all-in-one that starts a coordinator in this process,
 //! spawns worker processes of this binary, submits the run and follows it to the end.
-//! The work is in `flotilla_coordinator::service` and `flotilla_worker::agent`; this file
-//! parses flags, dials, prints and supervises child processes.
+//! The work is in `flotilla_coordinator::service` and `flotilla_worker::agent`, and the
+//! worker processes of `run` are supervised by `flotilla_supervisor`; this file parses
+//! flags, dials, prints, and says what `run` starts.
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
@@ -16,11 +17,11 @@ use flotilla_proto::v1::{
     CancelJobRequest, GetJobRequest, GetStepTimelineRequest, Job, JobEvent, JobState, ListJobsRequest,
     ListWorkersRequest, SubmitJobRequest, WatchJobRequest, WorkerStatus,
 };
+use flotilla_supervisor::{Event as ProcessEvent, ProcessId, ProcessSpec, RestartPolicy, Supervisor};
 use flotilla_worker::agent::{WorkerOptions, run_worker};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
@@ -573,7 +574,7 @@ fn describe(event: &JobEvent) -> String {
     format!("#{} {what}", event.revision)
 }
 
-/// How the launcher starts a worker process.
+/// How `flotilla run` starts its worker processes: what each is told.
 struct WorkerSpawn {
     exe: PathBuf,
     coordinator: SocketAddr,
@@ -584,27 +585,26 @@ struct WorkerSpawn {
 }
 
 impl WorkerSpawn {
-    /// Starts worker `rank` (`count / nodes` consecutive workers per node id).
-    fn start(&self, rank: u32) -> Result<tokio::process::Child> {
+    /// Worker `rank`'s process (`count / nodes` consecutive workers per node id): this
+    /// binary's `worker`, on a lifeline so that it stops with the run however the run ends.
+    fn spec(&self, rank: u32, restart: RestartPolicy) -> ProcessSpec {
         let per_node = (self.count / self.nodes.max(1)).max(1);
-        let mut command = tokio::process::Command::new(&self.exe);
-        command
+        let mut spec = ProcessSpec::new(format!("worker {rank}"), &self.exe)
             .arg("worker")
             .args(["--coordinator", &format!("http://{}", self.coordinator)])
             .args(["--worker-id", &worker_id(rank)])
             .args(["--local-rank", &(rank % per_node).to_string()]);
         if self.nodes > 1 {
-            command.args(["--node-id", &format!("node-{}", rank / per_node)]);
+            spec = spec.args(["--node-id", &format!("node-{}", rank / per_node)]);
         }
-        command
+        spec = spec
             .args(["--threads", &self.threads.to_string()])
             .arg("--config-base")
             .arg(&self.config_base)
-            .arg("--exit-with-stdin")
-            .stdin(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("starting worker {rank} ({})", self.exe.display()))
+            .arg("--exit-with-stdin");
+        spec.lifeline = true;
+        spec.restart = restart;
+        spec
     }
 }
 
@@ -613,27 +613,13 @@ fn worker_id(rank: u32) -> String {
     format!("worker-{rank}")
 }
 
-/// One worker process slot: the running child, or when it is due to start again.
-struct Slot {
-    child: Option<tokio::process::Child>,
-    /// Kept apart: a child that has been reaped no longer tells its pid.
-    pid: u32,
-    /// Times the process was started again.
-    restarts: u32,
-    /// After an exit: when the next start is due.
-    restart_at: Option<std::time::Instant>,
-}
-
-/// The local launcher: child worker processes, started again when they die while the job
-/// runs (the coordinator then recovers the job onto them), killed and reaped when dropped
-/// so that no process outlives the run, whatever way it ends.
+/// The local launcher: the worker processes, one per rank, under a [`Supervisor`] that
+/// starts them again when they die while the job runs (the coordinator then recovers the
+/// job onto them) and kills them when dropped, so that no process outlives the run.
 struct Workers {
-    spawn: WorkerSpawn,
-    slots: Vec<Slot>,
-    /// Restarts allowed per worker (the job's `recovery.max_restarts`) and the first
-    /// backoff, doubling per restart of the same worker.
-    max_restarts: u32,
-    backoff: Duration,
+    supervisor: Supervisor,
+    /// Each rank's process.
+    ranks: Vec<ProcessId>,
 }
 
 /// What the launcher saw happen to its processes.
@@ -658,83 +644,56 @@ enum LauncherEvent {
 }
 
 impl Workers {
-    fn spawn(spawn: WorkerSpawn, max_restarts: u32, backoff: Duration) -> Result<Workers> {
-        let mut slots = Vec::new();
-        for rank in 0..spawn.count {
-            let child = spawn.start(rank)?;
-            slots.push(Slot {
-                pid: child.id().unwrap_or_default(),
-                child: Some(child),
-                restarts: 0,
-                restart_at: None,
-            });
-        }
-        Ok(Workers { spawn, slots, max_restarts, backoff })
+    /// Starts every rank's worker. Each may be restarted `max_restarts` times (the job's
+    /// `recovery.max_restarts`), after `backoff` doubling per restart of the same worker.
+    fn spawn(spawn: &WorkerSpawn, max_restarts: u32, backoff: Duration) -> Result<Workers> {
+        let restart = RestartPolicy { max_restarts, backoff };
+        let mut supervisor = Supervisor::new();
+        let ranks = (0..spawn.count)
+            .map(|rank| supervisor.start(spawn.spec(rank, restart)))
+            .collect::<Result<_, _>>()?;
+        Ok(Workers { supervisor, ranks })
     }
 
     fn alive(&self) -> usize {
-        self.slots.iter().filter(|s| s.child.is_some()).count()
+        self.supervisor.alive()
+    }
+
+    fn rank(&self, id: ProcessId) -> u32 {
+        self.ranks.iter().position(|&r| r == id).unwrap_or(id.index()) as u32
     }
 
     /// Notices exits, and starts again the workers whose backoff has passed.
     fn supervise(&mut self) -> Result<Vec<LauncherEvent>> {
-        let mut events = Vec::new();
-        let now = std::time::Instant::now();
-        for (rank, slot) in self.slots.iter_mut().enumerate() {
-            let rank = rank as u32;
-            if let Some(child) = &mut slot.child {
-                let how = match child.try_wait() {
-                    Ok(None) => continue,
-                    Ok(Some(code)) => code.to_string(),
-                    Err(e) => e.to_string(),
-                };
-                slot.child = None;
-                if slot.restarts >= self.max_restarts {
-                    events.push(LauncherEvent::GaveUp { rank, pid: slot.pid, how });
-                    continue;
+        let events = self.supervisor.poll()?;
+        Ok(events
+            .into_iter()
+            .map(|event| match event {
+                ProcessEvent::Exited { id, pid, exit, restart_in } => LauncherEvent::Exited {
+                    rank: self.rank(id),
+                    pid,
+                    how: exit.to_string(),
+                    after: restart_in,
+                },
+                ProcessEvent::GaveUp { id, pid, exit } => {
+                    LauncherEvent::GaveUp { rank: self.rank(id), pid, how: exit.to_string() }
                 }
-                let after = self.backoff.saturating_mul(1 << slot.restarts.min(20));
-                slot.restart_at = Some(now + after);
-                events.push(LauncherEvent::Exited { rank, pid: slot.pid, how, after });
-            } else if slot.restart_at.is_some_and(|at| at <= now) {
-                let child = self.spawn.start(rank)?;
-                slot.pid = child.id().unwrap_or_default();
-                slot.child = Some(child);
-                slot.restarts += 1;
-                slot.restart_at = None;
-                events.push(LauncherEvent::Restarted { rank, pid: slot.pid });
-            }
-        }
-        Ok(events)
+                ProcessEvent::Restarted { id, pid } => LauncherEvent::Restarted { rank: self.rank(id), pid },
+            })
+            .collect())
     }
 
     /// Kills worker `worker_id`'s process if it still runs: the coordinator declared it
     /// lost (silent, or hung: a stopped process does not exit by itself), so it is replaced.
     fn kill_lost(&mut self, worker_id: &str) -> Option<u32> {
-        let rank = (0..self.slots.len() as u32).find(|&r| self::worker_id(r) == worker_id)?;
-        let slot = &mut self.slots[rank as usize];
-        let child = slot.child.as_mut()?;
-        if matches!(child.try_wait(), Ok(None)) {
-            let _ = child.start_kill();
-            return Some(slot.pid);
-        }
-        None
+        let rank = (0..self.ranks.len() as u32).find(|&r| self::worker_id(r) == worker_id)?;
+        self.supervisor.kill(self.ranks[rank as usize])
     }
 
-    /// Stops every child: each has `grace` to exit on its own (the coordinator has asked
+    /// Stops every worker: each has `grace` to exit on its own (the coordinator has asked
     /// them to shut down, and their stdin closes now), then it is killed. All are reaped.
-    async fn stop(mut self, grace: Duration) {
-        for child in self.slots.iter_mut().filter_map(|s| s.child.as_mut()) {
-            drop(child.stdin.take());
-        }
-        let deadline = tokio::time::Instant::now() + grace;
-        for child in self.slots.iter_mut().filter_map(|s| s.child.as_mut()) {
-            if tokio::time::timeout_at(deadline, child.wait()).await.is_err() {
-                // Already-exited children make kill fail harmlessly; waiting reaps them.
-                let _ = child.start_kill();
-                let _ = child.wait().await;
-            }
-        }
+    async fn stop(self, grace: Duration) {
+        self.supervisor.shutdown(grace).await;
     }
 }
 
@@ -833,7 +792,7 @@ pub fn run(args: RunArgs) -> Result<()> {
             nodes: args.nodes,
         };
         let backoff = Duration::from_millis(config.recovery.backoff_ms);
-        let mut children = Workers::spawn(spawn, config.recovery.max_restarts, backoff)?;
+        let mut children = Workers::spawn(&spawn, config.recovery.max_restarts, backoff)?;
         let outcome = follow(&args, workers, &text, &config, &out, &resume_from, addr, &mut children).await;
         if let Err(e) = coordinator.shutdown_workers("the run is over").await {
             tracing::warn!(error = %e, "asking the workers to shut down");
@@ -964,17 +923,7 @@ async fn follow(
                         last_bubble = (s.bubble_fraction, s.predicted_bubble_fraction);
                         if let Some(log) = pipeline_log.as_mut() {
                             use std::io::Write;
-                            let line = serde_json::json!({
-                                "step": s.step,
-                                "step_seconds": if s.tokens_per_second > 0.0 { s.tokens as f64 / s.tokens_per_second } else { 0.0 },
-                                "bubble_fraction": s.bubble_fraction,
-                                "predicted_bubble_fraction": s.predicted_bubble_fraction,
-                                "exchange_bytes": s.exchange_bytes,
-                                "cross_node_bytes": s.cross_node_bytes,
-                                "cross_node_bytes_flat": s.cross_node_bytes_flat,
-                                "exchange_seconds": s.exchange_seconds,
-                            });
-                            writeln!(log, "{line}").and_then(|()| log.flush()).context("writing pipeline.jsonl")?;
+                            writeln!(log, "{}", pipeline_json(s)).and_then(|()| log.flush()).context("writing pipeline.jsonl")?;
                         }
                         let alive = workers.alive();
                         let bubble = if config.parallel.is_some() { format!(" · bubble {:.0}%", 100.0 * s.bubble_fraction) } else { String::new() };
@@ -1030,45 +979,79 @@ async fn follow(
     bar.finish_and_clear();
     match end.state() {
         JobState::Succeeded => {
-            let elapsed = started.elapsed().as_secs_f64();
-            println!(
-                "trained {} steps on {worker_count} workers in {elapsed:.1} s; final loss {last_loss:.4}",
-                end.steps_done
-            );
-            if end.restarts > 0 {
-                println!("recovered from {} failure(s) on the way", end.restarts);
-            }
-            if end.checkpoint_step > 0 {
-                println!("last checkpoint: step {} ({})", end.checkpoint_step, end.checkpoint_dir);
-            }
-            if config.parallel.is_some() {
-                println!(
-                    "pipeline bubble at the last step: {:.1}% measured, {:.1}% simulated for the measured costs",
-                    100.0 * last_bubble.0,
-                    100.0 * last_bubble.1
-                );
-            }
-            println!("metrics: {}", out.join("metrics.jsonl").display());
-            println!("weights: {}", out.display());
-            if let Some(path) = &args.trace {
-                let timeline = client
-                    .get_step_timeline(GetStepTimelineRequest {
-                        job_id: end.job_id.clone(),
-                        step: end.steps_done,
-                    })
-                    .await
-                    .map_err(status)?
-                    .into_inner();
-                let trace = executed_chrome_trace(&timeline);
-                std::fs::write(path, serde_json::to_vec(&trace)?)
-                    .with_context(|| format!("writing {}", path.display()))?;
-                println!("trace of step {}: {}", end.steps_done, path.display());
-            }
-            Ok(())
+            let summary = Finished { elapsed_s: started.elapsed().as_secs_f64(), last_loss, last_bubble };
+            print_success(&mut client, args, config, out, worker_count, &end, summary).await
         }
         state => {
             let cause = gave_up.map(|why| format!("{why}; ")).unwrap_or_default();
             bail!("{cause}job {} ended {}: {}", end.job_id, state_name(state), end.reason)
         }
     }
+}
+
+/// The figures of a finished run that only its event stream told.
+struct Finished {
+    elapsed_s: f64,
+    last_loss: f64,
+    /// The last step's bubble fraction: measured, and simulated for the measured costs.
+    last_bubble: (f64, f64),
+}
+
+/// What a run that succeeded prints: its steps and loss, recoveries, last checkpoint,
+/// bubble, where its metrics and weights are, and its trace when `--trace` asked for one.
+async fn print_success(
+    client: &mut JobServiceClient<Channel>,
+    args: &RunArgs,
+    config: &TrainConfig,
+    out: &Path,
+    worker_count: u32,
+    end: &Job,
+    summary: Finished,
+) -> Result<()> {
+    let Finished { elapsed_s: elapsed, last_loss, last_bubble } = summary;
+    println!(
+        "trained {} steps on {worker_count} workers in {elapsed:.1} s; final loss {last_loss:.4}",
+        end.steps_done
+    );
+    if end.restarts > 0 {
+        println!("recovered from {} failure(s) on the way", end.restarts);
+    }
+    if end.checkpoint_step > 0 {
+        println!("last checkpoint: step {} ({})", end.checkpoint_step, end.checkpoint_dir);
+    }
+    if config.parallel.is_some() {
+        println!(
+            "pipeline bubble at the last step: {:.1}% measured, {:.1}% simulated for the measured costs",
+            100.0 * last_bubble.0,
+            100.0 * last_bubble.1
+        );
+    }
+    println!("metrics: {}", out.join("metrics.jsonl").display());
+    println!("weights: {}", out.display());
+    if let Some(path) = &args.trace {
+        let timeline = client
+            .get_step_timeline(GetStepTimelineRequest { job_id: end.job_id.clone(), step: end.steps_done })
+            .await
+            .map_err(status)?
+            .into_inner();
+        let trace = executed_chrome_trace(&timeline);
+        std::fs::write(path, serde_json::to_vec(&trace)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!("trace of step {}: {}", end.steps_done, path.display());
+    }
+    Ok(())
+}
+
+/// One pipeline step's summary as the coordinator measured it: a line of pipeline.jsonl.
+fn pipeline_json(s: &flotilla_proto::v1::StepSummary) -> serde_json::Value {
+    serde_json::json!({
+        "step": s.step,
+        "step_seconds": if s.tokens_per_second > 0.0 { s.tokens as f64 / s.tokens_per_second } else { 0.0 },
+        "bubble_fraction": s.bubble_fraction,
+        "predicted_bubble_fraction": s.predicted_bubble_fraction,
+        "exchange_bytes": s.exchange_bytes,
+        "cross_node_bytes": s.cross_node_bytes,
+        "cross_node_bytes_flat": s.cross_node_bytes_flat,
+        "exchange_seconds": s.exchange_seconds,
+    })
 }

@@ -5,6 +5,13 @@
 //! The fake workers are tonic clients in this process that answer commands the way real
 //! workers do: an assignment with an ack, `RunSteps` with one report per step and then
 //! `JobFinished`, an abort with an ack once stopped (which a test can hold back).
+//!
+//! They stay fakes on purpose: these tests are about the coordinator's answers to what a
+//! real worker cannot be made to do on cue (stall in a step, stop heartbeating, hold its
+//! abort, report step 0, lie about the stream it executed, fail at step `n`, refuse a
+//! checkpoint with a chosen kind), in milliseconds per step and without a model. The real
+//! agent against the real coordinator, in process through `Connector::in_process`, is in
+//! `worker/tests/control_plane.rs` (this crate does not depend on the worker).
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -20,7 +27,7 @@ use flotilla_proto::PROTOCOL_VERSION;
 use flotilla_proto::v1::coordinator_service_client::CoordinatorServiceClient;
 use flotilla_proto::v1::job_service_client::JobServiceClient;
 use flotilla_proto::v1::{
-    Ack, CancelJobRequest, CheckpointShard, CoordinatorMessage, ExecutedOp, GetJobRequest,
+    Ack, CancelJobRequest, CheckpointShard, CoordinatorMessage, ExecutedOp, FailureKind, GetJobRequest,
     GetStepTimelineRequest, Heartbeat, Job, JobEvent, JobFinished, JobState, LayerLoad, ListJobsRequest,
     ListWorkersRequest, ListWorkersResponse, Registration, ScheduledOp, SessionOpen, StepReport,
     SubmitJobRequest, WatchJobRequest, WorkerError, WorkerInfo, WorkerMessage, coordinator_message,
@@ -203,6 +210,9 @@ enum Behavior {
     /// Runs every step, but at step `n` reports its stream with two compute instructions
     /// swapped.
     SwapAt(u64),
+    /// Runs a fresh assignment as `Complete` (5 ms steps), but refuses one that resumes
+    /// from a checkpoint: the `Ack` names the checkpoint in `bad_checkpoint`, with `kind`.
+    RefuseResume(FailureKind),
 }
 
 struct FakeWorker {
@@ -379,6 +389,16 @@ async fn run_worker(
                         checkpoint_root = (!assignment.checkpoint_root.is_empty())
                             .then(|| std::path::PathBuf::from(&assignment.checkpoint_root));
                         rank = assignment.dp_rank;
+                        if let (Behavior::RefuseResume(kind), Some(resume)) = (behavior, &assignment.resume) {
+                            let refusal = Ack {
+                                command_id: command.command_id,
+                                error: format!("restoring checkpoint {}: shard rank-0 fails its checksum", resume.dir),
+                                bad_checkpoint: resume.dir.clone(),
+                                kind: kind.into(),
+                            };
+                            let _ = tx.send(WorkerMessage { body: Some(worker_message::Body::Ack(refusal)) }).await;
+                            continue;
+                        }
                         let _ = tx.send(ack(command.command_id)).await;
                     }
                     Some(coordinator_message::Body::RunSteps(r)) => {
@@ -447,7 +467,9 @@ fn step_message(behavior: Behavior, run: &mut Run) -> Next {
         Behavior::Complete { step_time } => (step_time, None),
         Behavior::StallAfter(n) => (Duration::from_millis(5), Some((n, false))),
         Behavior::FailAt(n) => (Duration::from_millis(5), Some((n, true))),
-        Behavior::StepZero | Behavior::SwapAt(_) => (Duration::from_millis(5), None),
+        Behavior::StepZero | Behavior::SwapAt(_) | Behavior::RefuseResume(_) => {
+            (Duration::from_millis(5), None)
+        }
     };
     let step = if let Behavior::StepZero = behavior { 0 } else { step };
     match stop {
@@ -458,6 +480,7 @@ fn step_message(behavior: Behavior, run: &mut Run) -> Next {
                 job_id: run.job_id.clone(),
                 step,
                 message,
+                kind: FailureKind::Compute.into(),
             }));
         }
         _ => {}
@@ -2085,4 +2108,46 @@ async fn a_data_parallel_job_whose_worker_does_not_come_back_continues_on_fewer(
     let done = get(&mut client, &job.job_id).await;
     assert_eq!((done.state(), done.workers, done.restarts), (JobState::Succeeded, 2, 1));
     coordinator.shutdown().await.unwrap();
+}
+
+/// The coordinator decides on a refused assignment's kind, never on its text nor on
+/// `bad_checkpoint` alone: a worker that cannot load the checkpoint a job was submitted to
+/// resume from says so with `FAILURE_KIND_CHECKPOINT`, and the job fails as unable to
+/// resume; the same refusal of another kind fails it as a refused assignment. (That the
+/// real worker reports the kind, and that the coordinator then falls back to the
+/// checkpoint before, runs end to end in `worker/tests/control_plane.rs`.)
+#[tokio::test]
+async fn a_refused_checkpoint_is_decided_on_by_the_kind_of_the_refusal() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let coordinator = start(config(dir.path())).await;
+    let addr = coordinator.local_addr();
+    let mut client = jobs(addr).await;
+    let first = FakeWorker::start(addr, "w-a", Behavior::RefuseResume(FailureKind::Checkpoint)).await;
+    let toml = recovering_config(4, FAKE_CHECKPOINT_INTERVAL, 0, "");
+    let job = submit_config(&mut client, 1, toml.clone(), out.path()).await;
+    let done = wait_for_state(&mut client, &job.job_id, JobState::Succeeded).await;
+    assert!(!done.checkpoint_dir.is_empty(), "a committed checkpoint: {done:?}");
+
+    let resume = |client: &mut JobServiceClient<Channel>| {
+        let request = SubmitJobRequest {
+            name: "resumed".into(),
+            config_toml: toml.clone(),
+            workers: 1,
+            output_dir: out.path().display().to_string(),
+            resume_from: done.checkpoint_dir.clone(),
+        };
+        let mut client = client.clone();
+        async move { client.submit_job(request).await.expect("the job is accepted").into_inner() }
+    };
+    let job = resume(&mut client).await;
+    let failed = wait_for_state(&mut client, &job.job_id, JobState::Failed).await;
+    assert!(failed.reason.contains("cannot load the checkpoint to resume from"), "{}", failed.reason);
+    first.kill().await;
+
+    let _second = FakeWorker::start(addr, "w-b", Behavior::RefuseResume(FailureKind::Unspecified)).await;
+    let job = resume(&mut client).await;
+    let failed = wait_for_state(&mut client, &job.job_id, JobState::Failed).await;
+    assert!(failed.reason.contains("refused its assignment"), "{}", failed.reason);
+    assert!(!failed.reason.contains("cannot load the checkpoint"), "{}", failed.reason);
 }

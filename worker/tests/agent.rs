@@ -4,6 +4,11 @@
 //! its own runtime on its own thread, so "killing" it drops every connection at once, as a
 //! crashed coordinator would.
 //!
+//! The coordinator is a fake on purpose: these tests script what a real one never sends
+//! (malformed and out-of-order commands, a coordinator of another protocol version, one
+//! that crashes and comes back) and read the worker's every message. The real agent
+//! against the real coordinator is in `tests/control_plane.rs`.
+//!
 //! Every wait is under a timeout, so a hang fails the test instead of stalling the suite.
 
 mod common;
@@ -21,8 +26,8 @@ use flotilla_proto::v1::coordinator_message::Body as Command;
 use flotilla_proto::v1::coordinator_service_server::{CoordinatorService, CoordinatorServiceServer};
 use flotilla_proto::v1::worker_message::Body as Report;
 use flotilla_proto::v1::{
-    Abort, Ack, Assignment, CheckpointShard, CoordinatorMessage, Peer, Registration, ResumeFrom, RunSteps,
-    ShardFile, Shutdown, StepReport, WorkerInfo, WorkerMessage,
+    Abort, Ack, Assignment, CheckpointShard, CoordinatorMessage, FailureKind, Peer, Registration, ResumeFrom,
+    RunSteps, ShardFile, Shutdown, StepReport, WorkerInfo, WorkerMessage,
 };
 use flotilla_worker::agent::{AgentError, WorkerOptions, run_worker};
 use flotilla_worker::comm::{Communicator, TcpOptions, TcpRendezvous};
@@ -445,12 +450,17 @@ async fn bad_assignments_and_commands_are_refused_with_the_reason() {
 
     let bad = config(3).replace("seq_len = 32", "seq_len = 0");
     let id = session.command(assignment("job-bad", 0, &[me], bad, "", 1));
-    let refusal = session.ack(id).await.error;
+    let refused = session.ack(id).await;
+    let refusal = refused.error.clone();
     assert!(refusal.contains("seq_len"), "names the field: {refusal}");
+    // The kind travels beside the text: the coordinator decides on it, not on the text.
+    assert_eq!(refused.kind(), FailureKind::Assignment, "{refused:?}");
+    assert!(refused.bad_checkpoint.is_empty(), "{refused:?}");
     match session.next().await {
         Report::Error(err) => {
             assert_eq!(err.job_id, "job-bad");
             assert_eq!(err.message, refusal);
+            assert_eq!(err.kind(), FailureKind::Assignment);
         }
         other => panic!("expected a WorkerError, got {other:?}"),
     }
@@ -472,16 +482,21 @@ async fn bad_assignments_and_commands_are_refused_with_the_reason() {
         a.dp_rank = 5;
     }
     let id = session.command(out_of_range);
-    let refusal = session.ack(id).await.error;
-    assert!(refusal.contains("dp_rank 5"), "{refusal}");
-    assert!(matches!(session.next().await, Report::Error(_)));
+    let refused = session.ack(id).await;
+    assert!(refused.error.contains("dp_rank 5"), "{refused:?}");
+    assert_eq!(refused.kind(), FailureKind::Assignment, "{refused:?}");
+    assert!(matches!(session.next().await, Report::Error(e) if e.kind() == FailureKind::Assignment));
 
+    // Commands that do not fit what the worker is doing are of another kind.
     let id = session.command(run_steps("nothing", 1, 1));
-    let refusal = session.ack(id).await.error;
-    assert!(refusal.contains("no job"), "{refusal}");
+    let refused = session.ack(id).await;
+    assert!(refused.error.contains("no job"), "{refused:?}");
+    assert_eq!(refused.kind(), FailureKind::State, "{refused:?}");
 
     session.commands.send(Ok(CoordinatorMessage { command_id: 77, body: None })).unwrap();
-    assert!(session.ack(77).await.error.contains("no body"));
+    let refused = session.ack(77).await;
+    assert!(refused.error.contains("no body"), "{refused:?}");
+    assert_eq!(refused.kind(), FailureKind::State, "{refused:?}");
 
     // Still alive and heartbeating after all that.
     let before = session.heartbeats.len();
@@ -517,9 +532,10 @@ async fn pipeline_assignments_beyond_capacity_or_off_layout_are_refused() {
         a.pipeline = Some(placement.assignment(0));
     }
     let id = session.command(command);
-    let refusal = session.ack(id).await.error;
-    assert!(refusal.contains("the worker's memory limit of 1.0 MiB"), "{refusal}");
-    assert!(matches!(session.next().await, Report::Error(_)));
+    let refused = session.ack(id).await;
+    assert!(refused.error.contains("the worker's memory limit of 1.0 MiB"), "{refused:?}");
+    assert_eq!(refused.kind(), FailureKind::Capacity, "{refused:?}");
+    assert!(matches!(session.next().await, Report::Error(e) if e.kind() == FailureKind::Capacity));
 
     let mut command = assignment("job-off", 0, &[me], toml, "", 1);
     if let Command::Assignment(a) = &mut command {
@@ -528,9 +544,12 @@ async fn pipeline_assignments_beyond_capacity_or_off_layout_are_refused() {
         a.pipeline = Some(pipeline);
     }
     let id = session.command(command);
-    let refusal = session.ack(id).await.error;
-    assert!(refusal.contains("pipeline.stream[0]") && refusal.contains("stage 3"), "{refusal}");
-    assert!(matches!(session.next().await, Report::Error(_)));
+    let refused = session.ack(id).await;
+    assert!(refused.error.contains("pipeline.stream[0]") && refused.error.contains("stage 3"), "{refused:?}");
+    // A layout the rank cannot run is the assignment's fault, not the checkpoint's.
+    assert_eq!(refused.kind(), FailureKind::Assignment, "{refused:?}");
+    assert!(refused.bad_checkpoint.is_empty(), "{refused:?}");
+    assert!(matches!(session.next().await, Report::Error(e) if e.kind() == FailureKind::Assignment));
     token.cancel();
     finished(task).await.expect("a clean exit");
 }
@@ -885,12 +904,15 @@ async fn a_job_checkpoints_in_the_background_and_resumes_from_its_shards() {
     let id = session.command(with_checkpoints("job-3", 3, Some(corrupt)));
     let refused = session.ack(id).await;
     assert_eq!(refused.bad_checkpoint, dir);
+    assert_eq!(refused.kind(), FailureKind::Checkpoint, "{refused:?}");
     assert!(
         refused.error.contains(&dir) && refused.error.contains(&shards_again[0].file),
         "{}",
         refused.error
     );
-    assert!(matches!(session.next().await, Report::Error(e) if e.job_id == "job-3"));
+    assert!(
+        matches!(session.next().await, Report::Error(e) if e.job_id == "job-3" && e.kind() == FailureKind::Checkpoint)
+    );
 
     // A checkpoint past the run's steps is refused, but is not a bad checkpoint.
     let mut beyond = checkpoint(&shards_again[1]);
@@ -898,6 +920,7 @@ async fn a_job_checkpoints_in_the_background_and_resumes_from_its_shards() {
     let id = session.command(with_checkpoints("job-4", 4, Some(beyond)));
     let refused = session.ack(id).await;
     assert!(refused.error.contains("`steps` = 3") && refused.bad_checkpoint.is_empty(), "{refused:?}");
+    assert_eq!(refused.kind(), FailureKind::Assignment, "{refused:?}");
     assert!(matches!(session.next().await, Report::Error(_)));
 
     // At the run's last step, only the save is left.

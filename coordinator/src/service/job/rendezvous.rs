@@ -11,11 +11,14 @@
 //! Invariants: assignments go out only after the Rendezvous state and its `WorkerJoined`
 //! events are written, and `RunSteps` only after Running is; a job refused before
 //! anything was sent fails without aborting anyone; each rendezvous gets a fresh
-//! data-plane session id, so a peer left over from an earlier one is refused.
+//! data-plane session id, so a peer left over from an earlier one is refused. A refused
+//! assignment is decided on by the `Ack`'s `FailureKind`, never its text:
+//! `FAILURE_KIND_CHECKPOINT` (naming the directory) falls back to the checkpoint before,
+//! any other refusal fails the job.
 
 use flotilla_proto::v1::{
-    Ack, Assignment, JobState, Peer, ResumeFrom, RunSteps, WorkerInfo, WorkerJoined, coordinator_message,
-    job_event,
+    Ack, Assignment, FailureKind, JobState, Peer, ResumeFrom, RunSteps, WorkerInfo, WorkerJoined,
+    coordinator_message, job_event,
 };
 use tokio::time::Instant;
 
@@ -248,7 +251,10 @@ impl<S: StateStore + Clone + 'static> JobActor<S> {
             return Ok(());
         }
         self.awaiting.remove(&ack.command_id);
+        // The kind decides, never the text: a checkpoint that cannot be loaded is fallen
+        // back from (when the worker names it), every other refusal fails the job.
         if !ack.error.is_empty()
+            && ack.kind() == FailureKind::Checkpoint
             && !ack.bad_checkpoint.is_empty()
             && self.record.state == JobState::Rendezvous
         {
