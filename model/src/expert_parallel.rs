@@ -735,7 +735,8 @@ mod tests {
     fn fp8_rows_carry_their_codes_and_scales() {
         // 200 columns: two 1×128 tiles, the second partial.
         let (n, cols) = (3, 200);
-        let x = CachedActivation::new(Precision::Fp8, values(n, cols), n, cols, ScaleRounding::Exact, "x")
+        let be = flotilla_kernels::backend::DeviceBackend::default();
+        let x = CachedActivation::new(&be, Precision::Fp8, values(n, cols), n, cols, ScaleRounding::Exact, "x")
             .unwrap();
         let CachedActivation::Fp8 { matrix, .. } = &x else { panic!("fp8 keeps FP8") };
         let order = [2, 0, 2, 1];

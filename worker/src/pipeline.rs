@@ -68,7 +68,7 @@ use std::ops::Range;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use flotilla_kernels::optim::{adamw_step, clip_scale};
+use flotilla_kernels::backend::Backend;
 use flotilla_model::ModelError;
 use flotilla_model::config::ModelConfig;
 use flotilla_model::data::DataSampler;
@@ -830,7 +830,7 @@ impl PipelineTrainer {
         }
         let grad_norm = sumsq.sqrt();
         let lr = self.config.optimizer.schedule.lr_at(step);
-        let scale = clip_scale(grad_norm, self.config.optimizer.clip);
+        let scale = self.model.backend().clip_scale(grad_norm, self.config.optimizer.clip);
         self.update(step, &groups, handle, lr, scale)?;
         if self.config.balance.bias_gamma > 0.0 {
             for (layer, moe) in self.model.moe_layers_mut() {
@@ -1209,7 +1209,7 @@ impl PipelineTrainer {
         scale: f32,
     ) -> Result<(), PipelineError> {
         let rank = self.plan.rank;
-        let adamw = self.config.optimizer.adamw;
+        let (adamw, be) = (self.config.optimizer.adamw, self.model.backend());
         for (g, group) in self.groups.iter_mut().zip(groups) {
             let mut params = self.model.trainable_params_mut();
             let index = g.members.iter().position(|&r| r == rank).expect("a member of its own groups");
@@ -1231,7 +1231,7 @@ impl PipelineTrainer {
                     p.grad[a..b].iter_mut().for_each(|x| *x *= scale);
                 }
                 let decay = p.shape.len() >= 2;
-                adamw_step(
+                be.adamw_step(
                     &mut p.value[a..b],
                     &p.grad[a..b],
                     &mut g.m[ma..mb],
