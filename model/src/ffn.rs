@@ -155,7 +155,15 @@ impl<T: Real> SwiGluFfn<T> {
         let mut grads =
             FfnWeightGradInputs { dy: dy.to_vec(), dgate: vec![T::zero(); n], dup: vec![T::zero(); n] };
         let (gate, up) = (cache.gate.values(&self.backend)?, cache.up.values(&self.backend)?);
-        self.backend.swiglu_backward(&dh, &gate, &up, rows, self.inter(), &mut grads.dgate, &mut grads.dup)?;
+        self.backend.swiglu_backward(
+            &dh,
+            &gate,
+            &up,
+            rows,
+            self.inter(),
+            &mut grads.dgate,
+            &mut grads.dup,
+        )?;
         self.gate_proj.backward_input(&grads.dgate, rows, dx, accumulate, threads)?;
         self.up_proj.backward_input(&grads.dup, rows, dx, true, threads)?;
         Ok(grads)

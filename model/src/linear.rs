@@ -41,7 +41,13 @@ impl<T: Real> Linear<T> {
     pub fn new(prefix: &str, in_features: usize, out_features: usize, std: f64, seed: u64) -> Self {
         let weight =
             Param::new(format!("{prefix}.weight"), &[out_features, in_features], Init::Normal { std }, seed);
-        Linear { weight, in_features, out_features, precision: Precision::Fp32, backend: DeviceBackend::default() }
+        Linear {
+            weight,
+            in_features,
+            out_features,
+            precision: Precision::Fp32,
+            backend: DeviceBackend::default(),
+        }
     }
 
     /// Checks that the layer's precision can run on `T` (every precision on f32, only

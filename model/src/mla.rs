@@ -545,7 +545,12 @@ impl<T: Real> Mla<T> {
             k_rope.extend_from_slice(rope);
         }
         drop(kv_a);
-        self.backend.rope_forward(&mut k_rope, RopeLayout::contiguous(rows, 1, d.qk_rope_head_dim), &pos, &self.rope)?;
+        self.backend.rope_forward(
+            &mut k_rope,
+            RopeLayout::contiguous(rows, 1, d.qk_rope_head_dim),
+            &pos,
+            &self.rope,
+        )?;
 
         // Norms and up projections.
         let normed = self.normed(&q_input, &kv_latent, rows)?;
@@ -804,7 +809,12 @@ impl<T: Real> Mla<T> {
             }
         };
 
-        self.o_proj.backward_weight_from(&grads.d_out, &cache.o.wgrad_input(&self.backend)?, rows, threads)?;
+        self.o_proj.backward_weight_from(
+            &grads.d_out,
+            &cache.o.wgrad_input(&self.backend)?,
+            rows,
+            threads,
+        )?;
         let kv_normed = normed.kv.normed.wgrad_input(&self.backend)?;
         self.kv_b_proj.backward_weight_from(&grads.d_kv_b, &kv_normed, rows, threads)?;
         self.kv_a_layernorm.backward_weight(&normed.kv.norm, &cache.kv_latent, &grads.d_kv_normed)?;
@@ -813,7 +823,12 @@ impl<T: Real> Mla<T> {
         self.kv_a_proj_with_mqa.backward_weight_from(&grads.d_kv_a, &x, rows, threads)?;
         match (&mut self.query, &normed.q) {
             (QueryProjection::LowRank { q_a_proj, q_a_layernorm, q_b_proj }, Some(nq)) => {
-                q_b_proj.backward_weight_from(&grads.d_q, &nq.normed.wgrad_input(&self.backend)?, rows, threads)?;
+                q_b_proj.backward_weight_from(
+                    &grads.d_q,
+                    &nq.normed.wgrad_input(&self.backend)?,
+                    rows,
+                    threads,
+                )?;
                 q_a_layernorm.backward_weight(&nq.norm, &cache.q_input, &grads.d_q_normed)?;
                 q_a_proj.backward_weight_from(&grads.d_q_latent, &x, rows, threads)?;
             }

@@ -591,7 +591,15 @@ impl<T: Real> MoeLayer<T> {
         tokens: usize,
     ) -> Result<CachedActivation<T>, ModelError> {
         let what = format!("{}.experts input", self.prefix);
-        CachedActivation::new(&self.backend, self.precision(), x, tokens, self.hidden, ScaleRounding::Exact, &what)
+        CachedActivation::new(
+            &self.backend,
+            self.precision(),
+            x,
+            tokens,
+            self.hidden,
+            ScaleRounding::Exact,
+            &what,
+        )
     }
 
     /// Routed experts.

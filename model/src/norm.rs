@@ -80,7 +80,15 @@ impl<T: Real> RmsNorm<T> {
         check_len(&self.weight.name, "input gradient", n, dx.len())?;
         if accumulate {
             let mut scratch = vec![T::zero(); n];
-            self.backend.rms_norm_backward_input(dy, x, &self.weight.value, &cache.rstd, rows, dim, &mut scratch)?;
+            self.backend.rms_norm_backward_input(
+                dy,
+                x,
+                &self.weight.value,
+                &cache.rstd,
+                rows,
+                dim,
+                &mut scratch,
+            )?;
             dx.iter_mut().zip(&scratch).for_each(|(d, &s)| *d = *d + s);
         } else {
             self.backend.rms_norm_backward_input(dy, x, &self.weight.value, &cache.rstd, rows, dim, dx)?;

@@ -702,7 +702,14 @@ impl<T: Real> RankModel<T> {
             let head = &last.heads[m + 1];
             let module = &self.mtp[m];
             let mut d_normed = zeros(n);
-            head_backward_input(&self.backend, self.head_weight()?, &head.dlogits, rows, &mut d_normed, threads)?;
+            head_backward_input(
+                &self.backend,
+                self.head_weight()?,
+                &head.dlogits,
+                rows,
+                &mut d_normed,
+                threads,
+            )?;
             let mut dh = d_next.take().unwrap_or_else(|| zeros(n));
             module.shared_head_norm.backward_input(&head.norm, &pass.h, &d_normed, &mut dh, true)?;
             let h_prev = if m == 0 { &last.h0 } else { &last.mtp[m - 1].h };
@@ -757,7 +764,14 @@ impl<T: Real> RankModel<T> {
             }
             for (m, (pass, (mtp_grads, d_emb))) in last.mtp.iter().zip(&grads.mtp).enumerate().rev() {
                 let head = &last.heads[m + 1];
-                head_backward_weight(&be, self.head_weight_mut()?, &head.dlogits, &head.normed, rows, threads)?;
+                head_backward_weight(
+                    &be,
+                    self.head_weight_mut()?,
+                    &head.dlogits,
+                    &head.normed,
+                    rows,
+                    threads,
+                )?;
                 let h_prev = if m == 0 { &last.h0 } else { &last.mtp[m - 1].h };
                 let module = &mut self.mtp[m];
                 module.shared_head_norm.backward_weight(&head.norm, &pass.h, &grads.d_normed[m + 1])?;

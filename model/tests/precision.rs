@@ -439,7 +439,8 @@ fn attention_output_has_power_of_two_scales_and_retiles_exactly() {
     };
     let pow2 = precision::fp8_retile_for_wgrad(&BE, matrix, ScaleRounding::PowerOfTwo).unwrap();
     let (pow2_changed, only_subnormals) = changed(&pow2);
-    let (exact_changed, _) = changed(&precision::fp8_retile_for_wgrad(&BE, matrix, ScaleRounding::Exact).unwrap());
+    let (exact_changed, _) =
+        changed(&precision::fp8_retile_for_wgrad(&BE, matrix, ScaleRounding::Exact).unwrap());
     eprintln!(
         "re-tiling changes {pow2_changed:.4} of the values (power-of-two scales), {exact_changed:.4} (exact)"
     );
@@ -475,7 +476,9 @@ fn the_cpu_backend_opened_for_the_model_is_the_default() {
             model.set_backend(backend::open(Device::Cpu).unwrap());
         }
         assert_eq!(model.backend(), BE);
-        assert!(model.layers.iter().all(|b| b.self_attn.o_proj.backend == BE && b.input_layernorm.backend == BE));
+        assert!(
+            model.layers.iter().all(|b| b.self_attn.o_proj.backend == BE && b.input_layernorm.backend == BE)
+        );
         let w = windows(&model, 2, 32);
         let stats = model.forward_backward(&w, 32, &loss, 2).unwrap();
         let grads: Vec<Vec<u32>> =

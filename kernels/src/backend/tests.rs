@@ -108,7 +108,8 @@ fn norm_loss_and_adamw_are_the_free_functions_bit_for_bit() {
     rms_norm_forward(&x, &weight, 1e-6, rows, dim, &mut y, &mut rstd).unwrap();
     let targets: Vec<u32> = (0..rows as u32).map(|r| (r * 7) % dim as u32).collect();
     let (mut dlogits, mut losses) = (y.clone(), vec![0f32; rows]);
-    let loss = cross_entropy_forward_backward_in_place(&mut dlogits, &targets, rows, dim, 0.25, &mut losses).unwrap();
+    let loss = cross_entropy_forward_backward_in_place(&mut dlogits, &targets, rows, dim, 0.25, &mut losses)
+        .unwrap();
     let cfg = AdamWConfig::default();
     let (mut p, g) = (random(dim, 8), random(dim, 9));
     let (mut m, mut v) = (vec![bf16::ZERO; dim], vec![bf16::ZERO; dim]);
@@ -118,7 +119,9 @@ fn norm_loss_and_adamw_are_the_free_functions_bit_for_bit() {
         be.rms_norm_forward(&x, &weight, 1e-6, rows, dim, &mut y2, &mut rstd2).unwrap();
         assert_eq!((bits(&y2), bits(&rstd2)), (bits(&y), bits(&rstd)));
         let (mut dl2, mut losses2) = (y.clone(), vec![0f32; rows]);
-        let loss2 = be.cross_entropy_forward_backward_in_place(&mut dl2, &targets, rows, dim, 0.25, &mut losses2).unwrap();
+        let loss2 = be
+            .cross_entropy_forward_backward_in_place(&mut dl2, &targets, rows, dim, 0.25, &mut losses2)
+            .unwrap();
         assert_eq!(loss2.to_bits(), loss.to_bits());
         assert_eq!((bits(&dl2), bits(&losses2)), (bits(&dlogits), bits(&losses)));
         let mut p2 = random(dim, 8);
