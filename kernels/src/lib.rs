@@ -17,6 +17,9 @@
 //!   out of place, in place over the logits, or fused with the forward.
 //! - [`optim`]: AdamW with FP32 master weights and BF16 moments, global-norm clipping and
 //!   the warm-up / constant / cosine learning-rate schedule.
+//! - [`backend`]: the device seam, the one interface the model calls its ops through:
+//!   the [`backend::Backend`] trait, the CPU reference backend and, with the `cuda`
+//!   feature, a CUDA backend that has no kernels yet.
 //! - [`metrics`]: the error measures numerics are judged by (DeepGEMM's `calc_diff`, …).
 //! - [`experiments`]: reproductions of numerical findings of the DeepSeek-V3 report.
 //!
@@ -25,6 +28,7 @@
 
 pub mod activation;
 pub mod attention;
+pub mod backend;
 pub mod experiments;
 pub mod fp8;
 pub mod gemm;

@@ -274,6 +274,17 @@ impl<T: Real> Block<T> {
         }
     }
 
+    /// Runs the norms, the attention and the FFN or MoE layer on `backend`.
+    pub fn set_backend(&mut self, backend: flotilla_kernels::backend::DeviceBackend) {
+        self.input_layernorm.backend = backend;
+        self.post_attention_layernorm.backend = backend;
+        self.self_attn.set_backend(backend);
+        match &mut self.mlp {
+            Mlp::Dense(ffn) => ffn.set_backend(backend),
+            Mlp::Moe(moe) => moe.set_backend(backend),
+        }
+    }
+
     /// `mlp`'s input `[rows, hidden]` as the FFN or the experts keep it.
     fn cache_mlp_input<'a>(
         &self,

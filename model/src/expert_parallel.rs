@@ -735,8 +735,10 @@ mod tests {
     fn fp8_rows_carry_their_codes_and_scales() {
         // 200 columns: two 1×128 tiles, the second partial.
         let (n, cols) = (3, 200);
-        let x = CachedActivation::new(Precision::Fp8, values(n, cols), n, cols, ScaleRounding::Exact, "x")
-            .unwrap();
+        let be = flotilla_kernels::backend::DeviceBackend::default();
+        let x =
+            CachedActivation::new(&be, Precision::Fp8, values(n, cols), n, cols, ScaleRounding::Exact, "x")
+                .unwrap();
         let CachedActivation::Fp8 { matrix, .. } = &x else { panic!("fp8 keeps FP8") };
         let order = [2, 0, 2, 1];
         let mut e = Encoder::new(LINK, kept_wire(&x, Wire::F32), &[1, 3], cols).unwrap();

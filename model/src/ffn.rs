@@ -13,7 +13,7 @@
 use crate::linear::Linear;
 use crate::precision::{CacheBytes, CachedActivation, Precision};
 use crate::{ModelError, Real};
-use flotilla_kernels::activation::{swiglu_backward, swiglu_forward};
+use flotilla_kernels::backend::{Backend, DeviceBackend};
 use flotilla_kernels::quant::ScaleRounding;
 use std::borrow::Cow;
 
@@ -29,6 +29,9 @@ pub struct SwiGluFfn<T> {
     /// Whether forward keeps the SwiGLU inputs in FP8 (needs `T = f32`); set for the MoE
     /// experts under fp8 by [`crate::moe::MoeLayer::set_precision`]. Default false.
     pub fp8_swiglu_inputs: bool,
+    /// The backend SwiGLU runs on (default the CPU's); [`SwiGluFfn::set_backend`] sets it
+    /// and the projections'.
+    pub backend: DeviceBackend,
 }
 
 /// What forward keeps for backward.
@@ -68,7 +71,16 @@ impl<T: Real> SwiGluFfn<T> {
             up_proj: Linear::new(&format!("{prefix}.up_proj"), hidden, inter, std, seed),
             down_proj: Linear::new(&format!("{prefix}.down_proj"), inter, hidden, std, seed),
             fp8_swiglu_inputs: false,
+            backend: DeviceBackend::default(),
         }
+    }
+
+    /// Runs SwiGLU and the three projections on `backend`.
+    pub fn set_backend(&mut self, backend: DeviceBackend) {
+        for linear in [&mut self.gate_proj, &mut self.up_proj, &mut self.down_proj] {
+            linear.backend = backend;
+        }
+        self.backend = backend;
     }
 
     /// Sets the precision of the three projections ([`crate::precision`]).
@@ -102,7 +114,7 @@ impl<T: Real> SwiGluFfn<T> {
         let precision = if self.fp8_swiglu_inputs { Precision::Fp8 } else { Precision::Fp32 };
         let name = &layer.weight.name;
         let what = format!("{} output", name.strip_suffix(".weight").unwrap_or(name));
-        CachedActivation::new(precision, v, rows, self.inter(), ScaleRounding::Exact, &what)
+        CachedActivation::new(&self.backend, precision, v, rows, self.inter(), ScaleRounding::Exact, &what)
     }
 
     /// `y = down(silu(gate(x)) ⊙ up(x))` for `x` ([`SwiGluFfn::cache_input`]),
@@ -119,7 +131,7 @@ impl<T: Real> SwiGluFfn<T> {
         self.gate_proj.forward_from(x, rows, &mut gate, threads)?;
         self.up_proj.forward_from(x, rows, &mut up, threads)?;
         let mut h = vec![T::zero(); n];
-        swiglu_forward(&gate, &up, rows, self.inter(), &mut h)?;
+        self.backend.swiglu_forward(&gate, &up, rows, self.inter(), &mut h)?;
         self.down_proj.forward(&h, rows, y, threads)?;
         Ok(FfnCache {
             rows,
@@ -142,8 +154,16 @@ impl<T: Real> SwiGluFfn<T> {
         self.down_proj.backward_input(dy, rows, &mut dh, false, threads)?;
         let mut grads =
             FfnWeightGradInputs { dy: dy.to_vec(), dgate: vec![T::zero(); n], dup: vec![T::zero(); n] };
-        let (gate, up) = (cache.gate.values()?, cache.up.values()?);
-        swiglu_backward(&dh, &gate, &up, rows, self.inter(), &mut grads.dgate, &mut grads.dup)?;
+        let (gate, up) = (cache.gate.values(&self.backend)?, cache.up.values(&self.backend)?);
+        self.backend.swiglu_backward(
+            &dh,
+            &gate,
+            &up,
+            rows,
+            self.inter(),
+            &mut grads.dgate,
+            &mut grads.dup,
+        )?;
         self.gate_proj.backward_input(&grads.dgate, rows, dx, accumulate, threads)?;
         self.up_proj.backward_input(&grads.dup, rows, dx, true, threads)?;
         Ok(grads)
@@ -160,9 +180,10 @@ impl<T: Real> SwiGluFfn<T> {
     ) -> Result<(), ModelError> {
         let rows = cache.rows;
         let mut h = vec![T::zero(); rows * self.inter()];
-        swiglu_forward(&cache.gate.values()?, &cache.up.values()?, rows, self.inter(), &mut h)?;
+        let (gate, up) = (cache.gate.values(&self.backend)?, cache.up.values(&self.backend)?);
+        self.backend.swiglu_forward(&gate, &up, rows, self.inter(), &mut h)?;
         self.down_proj.backward_weight(&grads.dy, &h, rows, threads)?;
-        let x = x.wgrad_input()?;
+        let x = x.wgrad_input(&self.backend)?;
         self.gate_proj.backward_weight_from(&grads.dgate, &x, rows, threads)?;
         self.up_proj.backward_weight_from(&grads.dup, &x, rows, threads)?;
         Ok(())

@@ -41,9 +41,13 @@
 //!   full forward/backward accumulating gradients, statistics per step ([`StepStats`]),
 //!   logits for scoring, and the bias update.
 //!
-//! API boundary: this crate describes and (in later steps) computes the model on plain
-//! buffers through `flotilla-kernels`; it knows nothing of processes or networking, so the
-//! coordinator can use its config and accounting for placement, and workers its layers.
+//! API boundary: this crate describes and computes the model on plain buffers through
+//! the device seam of `flotilla-kernels` ([`flotilla_kernels::backend`]): every layer holds
+//! a [`flotilla_kernels::backend::DeviceBackend`] (the CPU's unless
+//! [`Model::set_backend`] or [`pipeline::RankModel::set_backend`] chose another) and calls
+//! its ops, never an op's free function, so no layer knows which backend runs. It knows
+//! nothing of processes or networking, so the coordinator can use its config and
+//! accounting for placement, and workers its layers.
 
 pub mod block;
 pub mod checkpoint;

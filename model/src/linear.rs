@@ -14,7 +14,8 @@
 use crate::param::{Init, Param};
 use crate::precision::{self, CachedActivation, Precision, WgradInput, check_precision};
 use crate::{ModelError, Real, check_len};
-use flotilla_kernels::gemm::{MatMut, MatRef, matmul};
+use flotilla_kernels::backend::{Backend, DeviceBackend};
+use flotilla_kernels::gemm::{MatMut, MatRef};
 use flotilla_kernels::quant::{Fp8Matrix, Granularity, ScaleRounding};
 use std::borrow::Cow;
 
@@ -30,6 +31,9 @@ pub struct Linear<T> {
     /// The precision of the layer's three GEMMs (default [`Precision::Fp32`]); anything
     /// else needs `T = f32`.
     pub precision: Precision,
+    /// The backend its GEMMs and quantizations run on (default the CPU's); set for the
+    /// whole model by [`crate::model::Model::set_backend`].
+    pub backend: DeviceBackend,
 }
 
 impl<T: Real> Linear<T> {
@@ -37,7 +41,13 @@ impl<T: Real> Linear<T> {
     pub fn new(prefix: &str, in_features: usize, out_features: usize, std: f64, seed: u64) -> Self {
         let weight =
             Param::new(format!("{prefix}.weight"), &[out_features, in_features], Init::Normal { std }, seed);
-        Linear { weight, in_features, out_features, precision: Precision::Fp32 }
+        Linear {
+            weight,
+            in_features,
+            out_features,
+            precision: Precision::Fp32,
+            backend: DeviceBackend::default(),
+        }
     }
 
     /// Checks that the layer's precision can run on `T` (every precision on f32, only
@@ -70,9 +80,9 @@ impl<T: Real> Linear<T> {
             let (x, w) = (self.f32_of(x)?, self.f32_of(&self.weight.value)?);
             let y = self.f32_of_mut(y)?;
             let (out_f, in_f) = (self.out_features, self.in_features);
-            return precision::forward(self.precision, w, out_f, in_f, x, rows, y, threads);
+            return precision::forward(&self.backend, self.precision, w, out_f, in_f, x, rows, y, threads);
         }
-        matmul(
+        self.backend.matmul(
             MatMut::row_major(y, rows, self.out_features, "y")?,
             T::zero(),
             MatRef::row_major(x, rows, self.in_features, "x")?,
@@ -104,7 +114,7 @@ impl<T: Real> Linear<T> {
         let x = x.into();
         check_len(&self.weight.name, "input", rows * self.in_features, x.len())?;
         let what = format!("{} input", self.weight.name);
-        CachedActivation::new(self.precision, x, rows, self.in_features, rounding, &what)
+        CachedActivation::new(&self.backend, self.precision, x, rows, self.in_features, rounding, &what)
     }
 
     /// [`Linear::forward`] on a kept input: an FP8 one is Fprop's LHS as it is, so an
@@ -124,7 +134,7 @@ impl<T: Real> Linear<T> {
         check_len(&self.weight.name, "output", rows * self.out_features, y.len())?;
         let w = self.f32_of(&self.weight.value)?;
         let y = self.f32_of_mut(y)?;
-        precision::forward_fp8(w, self.out_features, self.in_features, qx, y, threads)
+        precision::forward_fp8(&self.backend, w, self.out_features, self.in_features, qx, y, threads)
     }
 
     /// An FP8 operand must be `[rows, cols]` in 1×128 tiles, for an fp8 layer.
@@ -158,6 +168,7 @@ impl<T: Real> Linear<T> {
             let dx = self.f32_of_mut(dx)?;
             let (out_f, in_f) = (self.out_features, self.in_features);
             return precision::backward_input(
+                &self.backend,
                 self.precision,
                 w,
                 out_f,
@@ -169,7 +180,7 @@ impl<T: Real> Linear<T> {
                 threads,
             );
         }
-        matmul(
+        self.backend.matmul(
             MatMut::row_major(dx, rows, self.in_features, "dx")?,
             if accumulate { T::one() } else { T::zero() },
             MatRef::row_major(dy, rows, self.out_features, "dy")?,
@@ -201,7 +212,7 @@ impl<T: Real> Linear<T> {
         let grad = T::as_f32_slice_mut(&mut self.weight.grad).ok_or_else(|| {
             check_precision::<T>(Precision::Fp8, &self.weight.name).expect_err("only f64 fails")
         })?;
-        precision::backward_weight_fp8(grad, out_f, in_f, dy, q_xt, threads)
+        precision::backward_weight_fp8(&self.backend, grad, out_f, in_f, dy, q_xt, threads)
     }
 
     /// W: `grad += dyᵀ·x`; gradients accumulate over micro-batches until the optimizer
@@ -221,9 +232,9 @@ impl<T: Real> Linear<T> {
             let (p, out_f, in_f) = (self.precision, self.out_features, self.in_features);
             let grad = T::as_f32_slice_mut(&mut self.weight.grad)
                 .ok_or_else(|| check_precision::<T>(p, &self.weight.name).expect_err("only f64 fails"))?;
-            return precision::backward_weight(p, grad, out_f, in_f, dy, x, rows, threads);
+            return precision::backward_weight(&self.backend, p, grad, out_f, in_f, dy, x, rows, threads);
         }
-        matmul(
+        self.backend.matmul(
             MatMut::row_major(&mut self.weight.grad, self.out_features, self.in_features, "dW")?,
             T::one(),
             MatRef::row_major(dy, rows, self.out_features, "dy")?.t(),

@@ -65,9 +65,10 @@ use crate::norm::{RmsNorm, RmsNormCache};
 use crate::param::Param;
 use crate::precision::{CacheBytes, CachedActivation, Precision};
 use crate::{ModelError, Real, check_len};
-use flotilla_kernels::attention::{AttentionShape, attention_backward, attention_forward};
+use flotilla_kernels::attention::AttentionShape;
+use flotilla_kernels::backend::{Backend, DeviceBackend};
 use flotilla_kernels::quant::ScaleRounding;
-use flotilla_kernels::rope::{RopeConfig, RopeLayout, RopeTable, YarnScaling, rope_backward, rope_forward};
+use flotilla_kernels::rope::{RopeConfig, RopeLayout, RopeTable, YarnScaling};
 use std::borrow::Cow;
 use std::sync::Arc;
 
@@ -183,6 +184,7 @@ pub struct Mla<T> {
     dims: MlaDims,
     rope: Arc<RopeTable<T>>,
     softmax_scale: T,
+    backend: DeviceBackend,
 }
 
 /// What forward keeps for backward.
@@ -376,6 +378,7 @@ impl<T: Real> Mla<T> {
             dims,
             rope,
             softmax_scale,
+            backend: DeviceBackend::default(),
         })
     }
 
@@ -392,6 +395,23 @@ impl<T: Real> Mla<T> {
         for linear in [&mut self.kv_a_proj_with_mqa, &mut self.kv_b_proj, &mut self.o_proj] {
             linear.precision = precision;
         }
+    }
+
+    /// Runs RoPE, the attention core, the norms and every projection on `backend`.
+    pub fn set_backend(&mut self, backend: DeviceBackend) {
+        match &mut self.query {
+            QueryProjection::LowRank { q_a_proj, q_a_layernorm, q_b_proj } => {
+                q_a_proj.backend = backend;
+                q_a_layernorm.backend = backend;
+                q_b_proj.backend = backend;
+            }
+            QueryProjection::Plain { q_proj } => q_proj.backend = backend,
+        }
+        for linear in [&mut self.kv_a_proj_with_mqa, &mut self.kv_b_proj, &mut self.o_proj] {
+            linear.backend = backend;
+        }
+        self.kv_a_layernorm.backend = backend;
+        self.backend = backend;
     }
 
     /// The layer input `x: [rows, hidden]` as the projections that read it (`q_a_proj` or
@@ -511,7 +531,7 @@ impl<T: Real> Mla<T> {
             QueryProjection::Plain { q_proj } => {
                 let mut q = zeros(rows * d.q_width());
                 q_proj.forward_from(x, rows, &mut q, threads)?;
-                rope_forward(&mut q, d.q_rope_layout(rows), &pos, &self.rope)?;
+                self.backend.rope_forward(&mut q, d.q_rope_layout(rows), &pos, &self.rope)?;
                 q
             }
         };
@@ -525,7 +545,12 @@ impl<T: Real> Mla<T> {
             k_rope.extend_from_slice(rope);
         }
         drop(kv_a);
-        rope_forward(&mut k_rope, RopeLayout::contiguous(rows, 1, d.qk_rope_head_dim), &pos, &self.rope)?;
+        self.backend.rope_forward(
+            &mut k_rope,
+            RopeLayout::contiguous(rows, 1, d.qk_rope_head_dim),
+            &pos,
+            &self.rope,
+        )?;
 
         // Norms and up projections.
         let normed = self.normed(&q_input, &kv_latent, rows)?;
@@ -534,7 +559,7 @@ impl<T: Real> Mla<T> {
         let mut o = zeros(rows * d.o_width());
         let mut lse = zeros(batch * d.heads * seq);
         let q = self.query_of(&q_input, &heads);
-        attention_forward(
+        self.backend.attention_forward(
             &mut o,
             &mut lse,
             q,
@@ -590,7 +615,7 @@ impl<T: Real> Mla<T> {
             (QueryProjection::LowRank { q_b_proj, .. }, Some(nq)) => {
                 let mut q = zeros(rows * d.q_width());
                 q_b_proj.forward_from(&nq.normed, rows, &mut q, threads)?;
-                rope_forward(&mut q, d.q_rope_layout(rows), pos, &self.rope)?;
+                self.backend.rope_forward(&mut q, d.q_rope_layout(rows), pos, &self.rope)?;
                 q
             }
             _ => Vec::new(),
@@ -669,7 +694,7 @@ impl<T: Real> Mla<T> {
         let mut d_q = zeros(rows * d.q_width());
         let mut d_k = zeros(rows * d.q_width());
         let mut d_v = zeros(rows * d.o_width());
-        attention_backward(
+        self.backend.attention_backward(
             &mut d_q,
             &mut d_k,
             &mut d_v,
@@ -679,7 +704,7 @@ impl<T: Real> Mla<T> {
             &heads.v,
             // Dequantized under fp8: the report's attention backward reads the
             // low-precision copy too, and no f32 one is kept.
-            &cache.o.values()?,
+            &cache.o.values(&self.backend)?,
             &cache.lse,
             self.attention_shape(cache.batch, cache.seq),
             self.softmax_scale,
@@ -705,7 +730,7 @@ impl<T: Real> Mla<T> {
             }
         }
         drop((d_k, d_v));
-        rope_backward(&mut d_k_rope, RopeLayout::contiguous(rows, 1, rope), &pos, &self.rope)?;
+        self.backend.rope_backward(&mut d_k_rope, RopeLayout::contiguous(rows, 1, rope), &pos, &self.rope)?;
 
         // kv_b, kv_a_layernorm, kv_a.
         let mut d_kv_normed = zeros(rows * d.kv_lora_rank);
@@ -727,7 +752,7 @@ impl<T: Real> Mla<T> {
         self.kv_a_proj_with_mqa.backward_input(&d_kv_a, rows, dx, accumulate, threads)?;
 
         // The query path.
-        rope_backward(&mut d_q, d.q_rope_layout(rows), &pos, &self.rope)?;
+        self.backend.rope_backward(&mut d_q, d.q_rope_layout(rows), &pos, &self.rope)?;
         let (d_q_normed, d_q_latent) = match (&self.query, &normed.q) {
             (QueryProjection::LowRank { q_a_proj, q_a_layernorm, q_b_proj }, Some(nq)) => {
                 let mut d_q_normed = zeros(rows * q_b_proj.in_features);
@@ -784,16 +809,26 @@ impl<T: Real> Mla<T> {
             }
         };
 
-        self.o_proj.backward_weight_from(&grads.d_out, &cache.o.wgrad_input()?, rows, threads)?;
-        let kv_normed = normed.kv.normed.wgrad_input()?;
+        self.o_proj.backward_weight_from(
+            &grads.d_out,
+            &cache.o.wgrad_input(&self.backend)?,
+            rows,
+            threads,
+        )?;
+        let kv_normed = normed.kv.normed.wgrad_input(&self.backend)?;
         self.kv_b_proj.backward_weight_from(&grads.d_kv_b, &kv_normed, rows, threads)?;
         self.kv_a_layernorm.backward_weight(&normed.kv.norm, &cache.kv_latent, &grads.d_kv_normed)?;
         // One re-tiling of the input serves both down projections.
-        let x = x.wgrad_input()?;
+        let x = x.wgrad_input(&self.backend)?;
         self.kv_a_proj_with_mqa.backward_weight_from(&grads.d_kv_a, &x, rows, threads)?;
         match (&mut self.query, &normed.q) {
             (QueryProjection::LowRank { q_a_proj, q_a_layernorm, q_b_proj }, Some(nq)) => {
-                q_b_proj.backward_weight_from(&grads.d_q, &nq.normed.wgrad_input()?, rows, threads)?;
+                q_b_proj.backward_weight_from(
+                    &grads.d_q,
+                    &nq.normed.wgrad_input(&self.backend)?,
+                    rows,
+                    threads,
+                )?;
                 q_a_layernorm.backward_weight(&nq.norm, &cache.q_input, &grads.d_q_normed)?;
                 q_a_proj.backward_weight_from(&grads.d_q_latent, &x, rows, threads)?;
             }

@@ -51,10 +51,8 @@ use crate::norm::{RmsNorm, RmsNormCache};
 use crate::param::Param;
 use crate::precision::{CacheBytes, Precision, check_precision};
 use crate::{ModelError, Real, check_len};
-use flotilla_kernels::gemm::{MatMut, MatRef, matmul};
-use flotilla_kernels::loss::{
-    cross_entropy_forward, cross_entropy_forward_backward_in_place, log_softmax_at,
-};
+use flotilla_kernels::backend::{Backend, DeviceBackend};
+use flotilla_kernels::gemm::{MatMut, MatRef};
 use serde::{Deserialize, Serialize};
 
 /// The weights of the loss terms.
@@ -161,6 +159,8 @@ pub struct Model<T> {
     pub mtp: Vec<MtpModule<T>>,
     config: ModelConfig,
     precision: Precision,
+    /// The backend every layer, the heads and the losses run on ([`Model::set_backend`]).
+    backend: DeviceBackend,
 }
 
 /// One head's forward: the norm's cache and output, and (training) the logits gradient.
@@ -175,6 +175,7 @@ pub(crate) struct HeadPass<T> {
 /// mean CE.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn head_pass<T: Real>(
+    be: &DeviceBackend,
     w: &Param<T>,
     norm: &RmsNorm<T>,
     h: &[T],
@@ -188,12 +189,12 @@ pub(crate) fn head_pass<T: Real>(
     let mut normed = zeros(h.len());
     let norm_cache = norm.forward(h, rows, &mut normed)?;
     let mut logits = zeros(rows * vocab);
-    head_forward(w, &normed, rows, &mut logits, threads)?;
+    head_forward(be, w, &normed, rows, &mut logits, threads)?;
     let mut losses = zeros(rows);
     let loss = if train {
-        cross_entropy_forward_backward_in_place(&mut logits, targets, rows, vocab, scale, &mut losses)?
+        be.cross_entropy_forward_backward_in_place(&mut logits, targets, rows, vocab, scale, &mut losses)?
     } else {
-        let loss = cross_entropy_forward(&logits, targets, rows, vocab, &mut losses)?;
+        let loss = be.cross_entropy_forward(&logits, targets, rows, vocab, &mut losses)?;
         logits = Vec::new();
         loss
     };
@@ -262,6 +263,7 @@ fn cast<T: Real>(v: f64, what: &str) -> Result<T, ModelError> {
 
 /// `y = x·Wᵀ` with `W: [vocab, hidden]` (the head or the tied embedding).
 fn head_forward<T: Real>(
+    be: &DeviceBackend,
     w: &Param<T>,
     x: &[T],
     rows: usize,
@@ -271,7 +273,7 @@ fn head_forward<T: Real>(
     let (vocab, hidden) = (w.shape[0], w.shape[1]);
     check_len(&w.name, "head input", rows * hidden, x.len())?;
     check_len(&w.name, "logits", rows * vocab, y.len())?;
-    matmul(
+    be.matmul(
         MatMut::row_major(y, rows, vocab, "logits")?,
         T::zero(),
         MatRef::row_major(x, rows, hidden, "x")?,
@@ -284,6 +286,7 @@ fn head_forward<T: Real>(
 
 /// B of the head: `dx = dlogits·W`.
 pub(crate) fn head_backward_input<T: Real>(
+    be: &DeviceBackend,
     w: &Param<T>,
     dlogits: &[T],
     rows: usize,
@@ -293,7 +296,7 @@ pub(crate) fn head_backward_input<T: Real>(
     let (vocab, hidden) = (w.shape[0], w.shape[1]);
     check_len(&w.name, "logits gradient", rows * vocab, dlogits.len())?;
     check_len(&w.name, "head input gradient", rows * hidden, dx.len())?;
-    matmul(
+    be.matmul(
         MatMut::row_major(dx, rows, hidden, "dx")?,
         T::zero(),
         MatRef::row_major(dlogits, rows, vocab, "dlogits")?,
@@ -306,6 +309,7 @@ pub(crate) fn head_backward_input<T: Real>(
 
 /// W of the head: `grad += dlogitsᵀ·x`.
 pub(crate) fn head_backward_weight<T: Real>(
+    be: &DeviceBackend,
     w: &mut Param<T>,
     dlogits: &[T],
     x: &[T],
@@ -315,7 +319,7 @@ pub(crate) fn head_backward_weight<T: Real>(
     let (vocab, hidden) = (w.shape[0], w.shape[1]);
     check_len(&w.name, "logits gradient", rows * vocab, dlogits.len())?;
     check_len(&w.name, "head input", rows * hidden, x.len())?;
-    matmul(
+    be.matmul(
         MatMut::row_major(&mut w.grad, vocab, hidden, "dW")?,
         T::one(),
         MatRef::row_major(dlogits, rows, vocab, "dlogits")?.t(),
@@ -349,6 +353,7 @@ impl<T: Real> Model<T> {
             mtp,
             config: config.clone(),
             precision: Precision::Fp32,
+            backend: DeviceBackend::default(),
         })
     }
 
@@ -380,6 +385,23 @@ impl<T: Real> Model<T> {
         self.mtp.iter_mut().for_each(|m| m.set_precision(precision));
         self.precision = precision;
         Ok(())
+    }
+
+    /// The backend the model runs on (default the CPU's).
+    pub fn backend(&self) -> DeviceBackend {
+        self.backend
+    }
+
+    /// Runs every layer, the heads and the losses on `backend`
+    /// ([`flotilla_kernels::backend::open`] opens one for a device).
+    pub fn set_backend(&mut self, backend: DeviceBackend) {
+        self.norm.backend = backend;
+        if let Some(head) = &mut self.lm_head {
+            head.backend = backend;
+        }
+        self.layers.iter_mut().for_each(|b| b.set_backend(backend));
+        self.mtp.iter_mut().for_each(|m| m.set_backend(backend));
+        self.backend = backend;
     }
 
     /// The configuration.
@@ -603,7 +625,7 @@ impl<T: Real> Model<T> {
         train: bool,
         threads: usize,
     ) -> Result<(T, HeadPass<T>), ModelError> {
-        head_pass(self.head_weight(), norm, h, rows, targets, scale, train, threads)
+        head_pass(&self.backend, self.head_weight(), norm, h, rows, targets, scale, train, threads)
     }
 
     /// The forward pass over validated windows: statistics, and with `train` everything
@@ -726,14 +748,15 @@ impl<T: Real> Model<T> {
         let one = T::one();
         let h0 = act.xs.pop().expect("the activations hold h^0");
 
+        let be = self.backend;
         // MTP modules, deepest first. `d_next` is the gradient at h^k from module k + 1.
         let mut d_next: Option<Vec<T>> = None;
         while let Some(pass) = act.mtp.pop() {
             let head = act.heads.pop().expect("one head per MTP module");
             let m = act.mtp.len();
             let mut d_normed = zeros(n);
-            head_backward_input(self.head_weight(), &head.dlogits, rows, &mut d_normed, threads)?;
-            head_backward_weight(self.head_weight_mut(), &head.dlogits, &head.normed, rows, threads)?;
+            head_backward_input(&be, self.head_weight(), &head.dlogits, rows, &mut d_normed, threads)?;
+            head_backward_weight(&be, self.head_weight_mut(), &head.dlogits, &head.normed, rows, threads)?;
             drop(head.dlogits);
             let module = &mut self.mtp[m];
             let mut dh = d_next.take().unwrap_or_else(|| zeros(n));
@@ -760,8 +783,8 @@ impl<T: Real> Model<T> {
         // The main head and the final norm.
         let head = act.heads.pop().expect("the main head");
         let mut d_normed = zeros(n);
-        head_backward_input(self.head_weight(), &head.dlogits, rows, &mut d_normed, threads)?;
-        head_backward_weight(self.head_weight_mut(), &head.dlogits, &head.normed, rows, threads)?;
+        head_backward_input(&be, self.head_weight(), &head.dlogits, rows, &mut d_normed, threads)?;
+        head_backward_weight(&be, self.head_weight_mut(), &head.dlogits, &head.normed, rows, threads)?;
         drop(head.dlogits);
         let mut dy = d_next.take().unwrap_or_else(|| zeros(n));
         self.norm.backward_input(&head.norm, &h0, &d_normed, &mut dy, true)?;
@@ -795,7 +818,7 @@ impl<T: Real> Model<T> {
         let mut normed = zeros(rows * hidden);
         self.norm.forward(&h, rows, &mut normed)?;
         let mut logits = zeros(rows * vocab);
-        head_forward(self.head_weight(), &normed, rows, &mut logits, threads)?;
+        head_forward(&self.backend, self.head_weight(), &normed, rows, &mut logits, threads)?;
         Ok(logits)
     }
 
@@ -813,7 +836,7 @@ impl<T: Real> Model<T> {
         logits
             .chunks_exact(vocab)
             .zip(&tokens[1..])
-            .map(|(row, &next)| Ok(to_f64(log_softmax_at(row, next)?)))
+            .map(|(row, &next)| Ok(to_f64(self.backend.log_softmax_at(row, next)?)))
             .collect()
     }
 }

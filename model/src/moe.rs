@@ -132,8 +132,8 @@ use crate::ffn::{FfnCache, FfnWeightGradInputs, SwiGluFfn};
 use crate::param::{Init, Param};
 use crate::precision::{CacheBytes, CachedActivation, Precision};
 use crate::{ConfigError, ModelError, Real, check_len};
-use flotilla_kernels::activation::sigmoid;
-use flotilla_kernels::gemm::{MatMut, MatRef, matmul};
+use flotilla_kernels::backend::{Backend, DeviceBackend};
+use flotilla_kernels::gemm::{MatMut, MatRef};
 use flotilla_kernels::quant::ScaleRounding;
 use std::borrow::Cow;
 use std::cmp::Ordering;
@@ -380,6 +380,8 @@ pub struct MoeLayer<T> {
     layer: usize,
     /// Which routed experts this layer holds.
     shard: ExpertShard,
+    /// The backend the gate runs on; [`MoeLayer::set_backend`] sets it and the experts'.
+    backend: DeviceBackend,
 }
 
 /// What [`MoeLayer::forward`] keeps for backward, and what it reports. The first part is
@@ -532,6 +534,7 @@ impl<T: Real> MoeLayer<T> {
             experts,
             layer,
             shard,
+            backend: DeviceBackend::default(),
         })
     }
 
@@ -565,6 +568,14 @@ impl<T: Real> MoeLayer<T> {
         }
     }
 
+    /// Runs the gate and every expert on `backend`.
+    pub fn set_backend(&mut self, backend: DeviceBackend) {
+        for ffn in self.shared_experts.iter_mut().chain(&mut self.experts) {
+            ffn.set_backend(backend);
+        }
+        self.backend = backend;
+    }
+
     /// The experts' precision.
     fn precision(&self) -> Precision {
         let experts = self.shared_experts.iter().chain(&self.experts);
@@ -580,7 +591,15 @@ impl<T: Real> MoeLayer<T> {
         tokens: usize,
     ) -> Result<CachedActivation<T>, ModelError> {
         let what = format!("{}.experts input", self.prefix);
-        CachedActivation::new(self.precision(), x, tokens, self.hidden, ScaleRounding::Exact, &what)
+        CachedActivation::new(
+            &self.backend,
+            self.precision(),
+            x,
+            tokens,
+            self.hidden,
+            ScaleRounding::Exact,
+            &what,
+        )
     }
 
     /// Routed experts.
@@ -596,7 +615,7 @@ impl<T: Real> MoeLayer<T> {
     pub fn scores(&self, x: &[T], tokens: usize, threads: usize) -> Result<Vec<T>, ModelError> {
         check_len(&self.gate.name, "input", tokens * self.hidden, x.len())?;
         let mut s = vec![T::zero(); tokens * self.n_routed()];
-        matmul(
+        self.backend.matmul(
             MatMut::row_major(&mut s, tokens, self.n_routed(), "logits")?,
             T::zero(),
             MatRef::row_major(x, tokens, self.hidden, "x")?,
@@ -604,7 +623,7 @@ impl<T: Real> MoeLayer<T> {
             T::one(),
             threads,
         )?;
-        s.iter_mut().for_each(|v| *v = sigmoid(*v));
+        self.backend.sigmoid_in_place(&mut s);
         Ok(s)
     }
 
@@ -1094,7 +1113,7 @@ impl<T: Real> MoeLayer<T> {
         }
 
         // dx += du·G.
-        matmul(
+        self.backend.matmul(
             MatMut::row_major(dx, tokens, h, "dx")?,
             T::one(),
             MatRef::row_major(&du, tokens, n, "du")?,
@@ -1131,7 +1150,7 @@ impl<T: Real> MoeLayer<T> {
                 ffn.backward_weight(c, g, input, threads)?;
             }
         }
-        matmul(
+        self.backend.matmul(
             MatMut::row_major(&mut self.gate.grad, n, h, "dG")?,
             T::one(),
             MatRef::row_major(&grads.du, tokens, n, "du")?.t(),

@@ -216,6 +216,15 @@ impl<T: Real> MtpModule<T> {
         self.block.set_precision(precision);
     }
 
+    /// Runs the module's norms, `eh_proj` and its block on `backend`.
+    pub fn set_backend(&mut self, backend: flotilla_kernels::backend::DeviceBackend) {
+        for norm in [&mut self.enorm, &mut self.hnorm, &mut self.shared_head_norm] {
+            norm.backend = backend;
+        }
+        self.eh_proj.backend = backend;
+        self.block.set_backend(backend);
+    }
+
     fn rows(&self, batch: usize, seq: usize) -> Result<usize, ModelError> {
         batch.checked_mul(seq).ok_or_else(|| ModelError::Tensor {
             tensor: format!("model.layers.{}.eh_proj", self.layer),
@@ -347,7 +356,8 @@ impl<T: Real> MtpModule<T> {
                 &recomputed
             }
         };
-        self.eh_proj.backward_weight_from(&grads.d_block_input, &concat.wgrad_input()?, rows, threads)?;
+        let x = concat.wgrad_input(&self.eh_proj.backend)?;
+        self.eh_proj.backward_weight_from(&grads.d_block_input, &x, rows, threads)?;
         self.enorm.backward_weight(&cache.enorm, emb, &grads.d_emb_normed)?;
         self.hnorm.backward_weight(&cache.hnorm, h_prev, &grads.d_hidden_normed)?;
         Ok(())

@@ -1,4 +1,4 @@
-//! The RMSNorm layer: a named weight over [`flotilla_kernels::norm`].
+//! The RMSNorm layer: a named weight over the backend's RMSNorm ([`Backend::rms_norm_forward`]).
 //!
 //! `y[r, j] = x[r, j] · rstd[r] · weight[j]`, `rstd[r] = 1 / sqrt(mean_j x[r, j]² + eps)`.
 //! The weight is `{prefix}.weight` (HF: `model.layers.{i}.input_layernorm.weight`,
@@ -13,7 +13,7 @@
 
 use crate::param::{Init, Param};
 use crate::{ModelError, Real, check_len};
-use flotilla_kernels::norm::{rms_norm_backward_input, rms_norm_backward_weight, rms_norm_forward};
+use flotilla_kernels::backend::{Backend, DeviceBackend};
 
 /// RMSNorm over rows of width `dim`, with a learned per-channel weight.
 #[derive(Clone, Debug, PartialEq)]
@@ -22,6 +22,8 @@ pub struct RmsNorm<T> {
     pub weight: Param<T>,
     /// Added to the mean square before the square root (DeepSeek-V3: 1e-6); finite, > 0.
     pub eps: f64,
+    /// The backend it runs on (default the CPU's).
+    pub backend: DeviceBackend,
 }
 
 /// What forward keeps for backward: one `rstd` per row.
@@ -37,7 +39,8 @@ impl<T: Real> RmsNorm<T> {
     /// A norm of width `dim` whose weight `{prefix}.weight` starts at 1.
     pub fn new(prefix: &str, dim: usize, eps: f64) -> Self {
         // A constant initialization draws nothing, so the seed is irrelevant.
-        RmsNorm { weight: Param::new(format!("{prefix}.weight"), &[dim], Init::Constant(1.0), 0), eps }
+        let weight = Param::new(format!("{prefix}.weight"), &[dim], Init::Constant(1.0), 0);
+        RmsNorm { weight, eps, backend: DeviceBackend::default() }
     }
 
     /// Row width.
@@ -58,7 +61,7 @@ impl<T: Real> RmsNorm<T> {
         check_len(&self.weight.name, "input", n, x.len())?;
         check_len(&self.weight.name, "output", n, y.len())?;
         let mut rstd = vec![T::zero(); rows];
-        rms_norm_forward(x, &self.weight.value, self.eps()?, rows, self.dim(), y, &mut rstd)?;
+        self.backend.rms_norm_forward(x, &self.weight.value, self.eps()?, rows, self.dim(), y, &mut rstd)?;
         Ok(RmsNormCache { rows, rstd })
     }
 
@@ -77,10 +80,18 @@ impl<T: Real> RmsNorm<T> {
         check_len(&self.weight.name, "input gradient", n, dx.len())?;
         if accumulate {
             let mut scratch = vec![T::zero(); n];
-            rms_norm_backward_input(dy, x, &self.weight.value, &cache.rstd, rows, dim, &mut scratch)?;
+            self.backend.rms_norm_backward_input(
+                dy,
+                x,
+                &self.weight.value,
+                &cache.rstd,
+                rows,
+                dim,
+                &mut scratch,
+            )?;
             dx.iter_mut().zip(&scratch).for_each(|(d, &s)| *d = *d + s);
         } else {
-            rms_norm_backward_input(dy, x, &self.weight.value, &cache.rstd, rows, dim, dx)?;
+            self.backend.rms_norm_backward_input(dy, x, &self.weight.value, &cache.rstd, rows, dim, dx)?;
         }
         Ok(())
     }
@@ -89,7 +100,7 @@ impl<T: Real> RmsNorm<T> {
     pub fn backward_weight(&mut self, cache: &RmsNormCache<T>, x: &[T], dy: &[T]) -> Result<(), ModelError> {
         self.check_backward(cache, x, dy)?;
         let dim = self.dim();
-        rms_norm_backward_weight(dy, x, &cache.rstd, cache.rows, dim, &mut self.weight.grad)?;
+        self.backend.rms_norm_backward_weight(dy, x, &cache.rstd, cache.rows, dim, &mut self.weight.grad)?;
         Ok(())
     }
 

@@ -53,6 +53,7 @@ use crate::norm::RmsNorm;
 use crate::param::Param;
 use crate::precision::{Precision, check_precision};
 use crate::{ModelError, Real};
+use flotilla_kernels::backend::DeviceBackend;
 
 /// Contiguous main-model layers per stage, in forward order.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -209,6 +210,9 @@ pub struct RankModel<T> {
     stages: Vec<usize>,
     shard: ExpertShard,
     precision: Precision,
+    /// The backend the hosted layers, the heads and the losses run on
+    /// ([`RankModel::set_backend`]).
+    backend: DeviceBackend,
     /// `model.embed_tokens`: held with stage 0, and with the last stage when MTP modules or
     /// a tied head read it.
     pub embed_tokens: Option<Embedding<T>>,
@@ -288,6 +292,7 @@ impl<T: Real> RankModel<T> {
             stages: hosted,
             shard,
             precision: Precision::Fp32,
+            backend: DeviceBackend::default(),
             embed_tokens: needs_embedding
                 .then(|| Embedding::new("model.embed_tokens", vocab, hidden, std, seed)),
             blocks,
@@ -301,6 +306,25 @@ impl<T: Real> RankModel<T> {
         model.mtp.iter_mut().for_each(|m| m.set_precision(precision));
         model.precision = precision;
         Ok(model)
+    }
+
+    /// The backend the rank runs on (default the CPU's).
+    pub fn backend(&self) -> DeviceBackend {
+        self.backend
+    }
+
+    /// Runs the hosted layers, the heads and the losses on `backend`
+    /// ([`flotilla_kernels::backend::open`] opens one for a device).
+    pub fn set_backend(&mut self, backend: DeviceBackend) {
+        if let Some(norm) = &mut self.norm {
+            norm.backend = backend;
+        }
+        if let Some(head) = &mut self.lm_head {
+            head.backend = backend;
+        }
+        self.blocks.iter_mut().for_each(|b| b.set_backend(backend));
+        self.mtp.iter_mut().for_each(|m| m.set_backend(backend));
+        self.backend = backend;
     }
 
     /// The model's configuration.
@@ -496,7 +520,7 @@ impl<T: Real> RankModel<T> {
         scale: T,
         threads: usize,
     ) -> Result<(T, HeadPass<T>), ModelError> {
-        head_pass(self.head_weight()?, norm, h, rows, targets, scale, true, threads)
+        head_pass(&self.backend, self.head_weight()?, norm, h, rows, targets, scale, true, threads)
     }
 
     /// The forward of chunk (micro-batch of `windows`, `stage`): `input` is the previous
@@ -678,7 +702,14 @@ impl<T: Real> RankModel<T> {
             let head = &last.heads[m + 1];
             let module = &self.mtp[m];
             let mut d_normed = zeros(n);
-            head_backward_input(self.head_weight()?, &head.dlogits, rows, &mut d_normed, threads)?;
+            head_backward_input(
+                &self.backend,
+                self.head_weight()?,
+                &head.dlogits,
+                rows,
+                &mut d_normed,
+                threads,
+            )?;
             let mut dh = d_next.take().unwrap_or_else(|| zeros(n));
             module.shared_head_norm.backward_input(&head.norm, &pass.h, &d_normed, &mut dh, true)?;
             let h_prev = if m == 0 { &last.h0 } else { &last.mtp[m - 1].h };
@@ -703,7 +734,7 @@ impl<T: Real> RankModel<T> {
         let head = &last.heads[0];
         let norm = self.norm.as_ref().ok_or_else(|| self.missing("model.norm"))?;
         let mut d_normed = zeros(n);
-        head_backward_input(self.head_weight()?, &head.dlogits, rows, &mut d_normed, threads)?;
+        head_backward_input(&self.backend, self.head_weight()?, &head.dlogits, rows, &mut d_normed, threads)?;
         let mut dy = d_next.unwrap_or_else(|| zeros(n));
         norm.backward_input(&head.norm, &last.h0, &d_normed, &mut dy, true)?;
         d_normed_all[0] = d_normed;
@@ -723,6 +754,7 @@ impl<T: Real> RankModel<T> {
     ) -> Result<(), ModelError> {
         let range = self.stage_blocks(cache.stage)?;
         let rows = cache.batch * cache.seq;
+        let be = self.backend;
         if let Some(last) = &cache.last {
             if grads.d_normed.len() != last.heads.len() || grads.mtp.len() != last.mtp.len() {
                 return Err(ModelError::Tensor {
@@ -732,7 +764,14 @@ impl<T: Real> RankModel<T> {
             }
             for (m, (pass, (mtp_grads, d_emb))) in last.mtp.iter().zip(&grads.mtp).enumerate().rev() {
                 let head = &last.heads[m + 1];
-                head_backward_weight(self.head_weight_mut()?, &head.dlogits, &head.normed, rows, threads)?;
+                head_backward_weight(
+                    &be,
+                    self.head_weight_mut()?,
+                    &head.dlogits,
+                    &head.normed,
+                    rows,
+                    threads,
+                )?;
                 let h_prev = if m == 0 { &last.h0 } else { &last.mtp[m - 1].h };
                 let module = &mut self.mtp[m];
                 module.shared_head_norm.backward_weight(&head.norm, &pass.h, &grads.d_normed[m + 1])?;
@@ -740,7 +779,7 @@ impl<T: Real> RankModel<T> {
                 self.embedding_mut()?.backward_weight(&pass.tokens, d_emb)?;
             }
             let head = &last.heads[0];
-            head_backward_weight(self.head_weight_mut()?, &head.dlogits, &head.normed, rows, threads)?;
+            head_backward_weight(&be, self.head_weight_mut()?, &head.dlogits, &head.normed, rows, threads)?;
             let norm = match &mut self.norm {
                 Some(norm) => norm,
                 None => {

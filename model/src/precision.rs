@@ -12,7 +12,7 @@
 //!
 //! ## BF16
 //! Each GEMM reads its operands rounded to BF16 (nearest even) and accumulates in f32
-//! ([`gemm_bf16`]). Fprop `y = x·Wᵀ` and Dgrad `dx = dy·W` round their result to BF16 (an
+//! ([`Backend::gemm_bf16`]). Fprop `y = x·Wᵀ` and Dgrad `dx = dy·W` round their result to BF16 (an
 //! accumulating Dgrad adds the rounded product to the f32 buffer); Wgrad `dW += dyᵀ·x` is
 //! accumulated into the f32 gradient unrounded, as fused-accumulation BF16 training does.
 //!
@@ -23,7 +23,7 @@
 //! | Dgrad `dx = dy·W` | `dy [rows, out]` | `Wᵀ [in, out]`: W's blocks transposed | `out` |
 //! | Wgrad `dW = dyᵀ·x` | `dyᵀ [out, rows]`: dy in 128×1 tiles, transposed | `xᵀ [in, rows]`: x re-tiled 128×1, transposed (1×128 tiles) | `rows` |
 //!
-//! All three run on [`gemm_fp8`] with [`Accumulation::F32`] and write f32 results.
+//! All three run on [`Backend::gemm_fp8`] with [`Accumulation::F32`] and write f32 results.
 //! Scales are `max(amax, eps)/448` with [`FP8_QUANT`] (`eps = 1e-12`, not the inference
 //! kernel's 1e-4: backward gradients here are often below 1e-4, and a 1e-4 floor would
 //! push whole tiles of them into E4M3's subnormals).
@@ -90,12 +90,19 @@
 //!   reads its input in f32 in forward and W; under fp8 the block keeps only the FP8
 //!   copy of that input and recomputes the RMSNorm (bit-identical) for the gate's Wgrad.
 //!
+//! ## The device seam
+//! Every function here that computes takes the [`DeviceBackend`] it runs on (the layer's,
+//! see [`crate::linear::Linear::backend`]) and reaches the GEMMs and quantization only
+//! through it: this module is the funnel through which the linear layers reach the
+//! backend.
+//!
 //! The FP8 and BF16 paths exist for f32 only; a model in f64 (gradient checks) must use
 //! [`Precision::Fp32`], and the layers return an error otherwise.
 
 use crate::{ModelError, Real, check_len};
-use flotilla_kernels::gemm::{Accumulation, MatMut, MatRef, gemm_bf16, gemm_fp8, matmul};
-use flotilla_kernels::quant::{Fp8Matrix, Granularity, QuantConfig, ScaleRounding, TILE, quantize};
+use flotilla_kernels::backend::{Backend, DeviceBackend};
+use flotilla_kernels::gemm::{Accumulation, MatMut, MatRef};
+use flotilla_kernels::quant::{Fp8Matrix, Granularity, QuantConfig, ScaleRounding, TILE};
 use half::bf16;
 use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
@@ -188,23 +195,34 @@ fn to_bf16(x: &[f32]) -> Vec<bf16> {
 }
 
 /// Fprop's weight operand: `W [out, in]` in 128×128 blocks.
-pub fn fp8_weight(w: &[f32], out_features: usize, in_features: usize) -> Result<Fp8Matrix, ModelError> {
-    Ok(quantize(w, out_features, in_features, Granularity::Block128x128, &FP8_QUANT)?)
+pub fn fp8_weight(
+    be: &DeviceBackend,
+    w: &[f32],
+    out_features: usize,
+    in_features: usize,
+) -> Result<Fp8Matrix, ModelError> {
+    Ok(be.quantize(w, out_features, in_features, Granularity::Block128x128, &FP8_QUANT)?)
 }
 
 /// An activation or output gradient `[rows, cols]` as a GEMM LHS, in 1×128 tiles.
-pub fn fp8_rows(x: &[f32], rows: usize, cols: usize) -> Result<Fp8Matrix, ModelError> {
-    Ok(quantize(x, rows, cols, Granularity::Tile1x128, &FP8_QUANT)?)
+pub fn fp8_rows(be: &DeviceBackend, x: &[f32], rows: usize, cols: usize) -> Result<Fp8Matrix, ModelError> {
+    Ok(be.quantize(x, rows, cols, Granularity::Tile1x128, &FP8_QUANT)?)
 }
 
 /// `xᵀ [cols, rows]` with scales along `rows` (Wgrad's operands): `x` quantized in 128×1
 /// tiles and transposed into 1×128 tiles.
-pub fn fp8_columns(x: &[f32], rows: usize, cols: usize) -> Result<Fp8Matrix, ModelError> {
-    fp8_columns_with(x, rows, cols, &FP8_QUANT)
+pub fn fp8_columns(be: &DeviceBackend, x: &[f32], rows: usize, cols: usize) -> Result<Fp8Matrix, ModelError> {
+    fp8_columns_with(be, x, rows, cols, &FP8_QUANT)
 }
 
-fn fp8_columns_with(x: &[f32], rows: usize, cols: usize, cfg: &QuantConfig) -> Result<Fp8Matrix, ModelError> {
-    Ok(quantize(x, rows, cols, Granularity::Tile128x1, cfg)?.transposed())
+fn fp8_columns_with(
+    be: &DeviceBackend,
+    x: &[f32],
+    rows: usize,
+    cols: usize,
+    cfg: &QuantConfig,
+) -> Result<Fp8Matrix, ModelError> {
+    Ok(be.quantize(x, rows, cols, Granularity::Tile128x1, cfg)?.transposed())
 }
 
 /// Wgrad's activation operand as the paper forms it from the FP8 cache: the forward's
@@ -212,14 +230,20 @@ fn fp8_columns_with(x: &[f32], rows: usize, cols: usize, cfg: &QuantConfig) -> R
 /// scales rounded as `rounding` (the cache's own: power-of-two scales on both tilings
 /// make the re-tiling exact, see the module docs), and transposed: `xᵀ [cols, rows]` in
 /// 1×128 tiles.
-pub fn fp8_retile_for_wgrad(cached: &Fp8Matrix, rounding: ScaleRounding) -> Result<Fp8Matrix, ModelError> {
+pub fn fp8_retile_for_wgrad(
+    be: &DeviceBackend,
+    cached: &Fp8Matrix,
+    rounding: ScaleRounding,
+) -> Result<Fp8Matrix, ModelError> {
     if cached.granularity != Granularity::Tile1x128 {
         return Err(ModelError::Tensor {
             tensor: "cached activation".into(),
             detail: format!("re-tiling for Wgrad needs 1×128 tiles, got {:?}", cached.granularity),
         });
     }
-    fp8_columns_with(&cached.dequantize(), cached.rows, cached.cols, &fp8_quant(rounding))
+    let mut x = vec![0f32; cached.codes.len()];
+    be.dequantize_into(cached, &mut x)?;
+    fp8_columns_with(be, &x, cached.rows, cached.cols, &fp8_quant(rounding))
 }
 
 /// An activation kept from forward for the Wgrad of the linear layers that read it (see
@@ -290,6 +314,7 @@ impl<T: Real> CachedActivation<T> {
     /// borrowed `x` is copied only when kept as it is. `what` names the activation in
     /// errors (a length mismatch; under fp8 a non-finite element).
     pub fn new<'a>(
+        be: &DeviceBackend,
         precision: Precision,
         x: impl Into<Cow<'a, [T]>>,
         rows: usize,
@@ -307,7 +332,7 @@ impl<T: Real> CachedActivation<T> {
             return Ok(CachedActivation::Full(x.into_owned()));
         }
         let xf = T::as_f32_slice(&x).ok_or_else(|| f32_only::<T>(precision, what))?;
-        let matrix = quantize(xf, rows, cols, Granularity::Tile1x128, &fp8_quant(rounding))?;
+        let matrix = be.quantize(xf, rows, cols, Granularity::Tile1x128, &fp8_quant(rounding))?;
         Ok(CachedActivation::Fp8 { matrix, rounding })
     }
 
@@ -341,14 +366,14 @@ impl<T: Real> CachedActivation<T> {
     }
 
     /// The values: the activation itself, or the FP8 cache dequantized.
-    pub fn values(&self) -> Result<Cow<'_, [T]>, ModelError> {
+    pub fn values(&self, be: &DeviceBackend) -> Result<Cow<'_, [T]>, ModelError> {
         match self {
             CachedActivation::Full(x) => Ok(Cow::Borrowed(x)),
             CachedActivation::Fp8 { matrix, .. } => {
                 let mut out = vec![T::zero(); matrix.codes.len()];
                 let target = T::as_f32_slice_mut(&mut out)
                     .ok_or_else(|| f32_only::<T>(Precision::Fp8, "cached activation"))?;
-                matrix.dequantize_into(target)?;
+                be.dequantize_into(matrix, target)?;
                 Ok(Cow::Owned(out))
             }
         }
@@ -356,11 +381,11 @@ impl<T: Real> CachedActivation<T> {
 
     /// Wgrad's operand: the activation itself, or the FP8 cache re-tiled
     /// ([`fp8_retile_for_wgrad`]). Form it once for all the layers that read the cache.
-    pub fn wgrad_input(&self) -> Result<WgradInput<'_, T>, ModelError> {
+    pub fn wgrad_input(&self, be: &DeviceBackend) -> Result<WgradInput<'_, T>, ModelError> {
         match self {
             CachedActivation::Full(x) => Ok(WgradInput::Full(x)),
             CachedActivation::Fp8 { matrix, rounding } => {
-                Ok(WgradInput::Fp8(fp8_retile_for_wgrad(matrix, *rounding)?))
+                Ok(WgradInput::Fp8(fp8_retile_for_wgrad(be, matrix, *rounding)?))
             }
         }
     }
@@ -417,6 +442,7 @@ fn f32_only<T: Real>(precision: Precision, what: &str) -> ModelError {
 /// `W: [out, in]`, `y: [rows, out]`; lengths are the caller's to check.
 #[allow(clippy::too_many_arguments)]
 pub fn forward(
+    be: &DeviceBackend,
     precision: Precision,
     w: &[f32],
     out_features: usize,
@@ -428,7 +454,7 @@ pub fn forward(
 ) -> Result<(), ModelError> {
     match precision {
         Precision::Fp32 => {
-            matmul(
+            be.matmul(
                 MatMut::row_major(y, rows, out_features, "y")?,
                 0.0,
                 MatRef::row_major(x, rows, in_features, "x")?,
@@ -440,7 +466,7 @@ pub fn forward(
         }
         Precision::Bf16 => {
             let (xb, wb) = (to_bf16(x), to_bf16(w));
-            gemm_bf16(
+            be.gemm_bf16(
                 MatMut::row_major(y, rows, out_features, "y")?,
                 0.0,
                 MatRef::row_major(&xb, rows, in_features, "x")?,
@@ -452,7 +478,8 @@ pub fn forward(
             Ok(())
         }
         Precision::Fp8 => {
-            forward_fp8(w, out_features, in_features, &fp8_rows(x, rows, in_features)?, y, threads)
+            let qx = fp8_rows(be, x, rows, in_features)?;
+            forward_fp8(be, w, out_features, in_features, &qx, y, threads)
         }
     }
 }
@@ -460,6 +487,7 @@ pub fn forward(
 /// FP8 Fprop `y = x·Wᵀ` (overwritten) on an already quantized `x` (`[rows, in]`, 1×128
 /// tiles), `y: [rows, out]`.
 pub fn forward_fp8(
+    be: &DeviceBackend,
     w: &[f32],
     out_features: usize,
     in_features: usize,
@@ -467,14 +495,15 @@ pub fn forward_fp8(
     y: &mut [f32],
     threads: usize,
 ) -> Result<(), ModelError> {
-    let qw = fp8_weight(w, out_features, in_features)?;
-    gemm_fp8(qx, &qw, FP8_ACCUMULATION, y, threads)?;
+    let qw = fp8_weight(be, w, out_features, in_features)?;
+    be.gemm_fp8(qx, &qw, FP8_ACCUMULATION, y, threads)?;
     Ok(())
 }
 
 /// Dgrad: `dx = dy·W`, or `dx += dy·W` with `accumulate`, under `precision`.
 #[allow(clippy::too_many_arguments)]
 pub fn backward_input(
+    be: &DeviceBackend,
     precision: Precision,
     w: &[f32],
     out_features: usize,
@@ -486,7 +515,7 @@ pub fn backward_input(
     threads: usize,
 ) -> Result<(), ModelError> {
     if precision == Precision::Fp32 {
-        matmul(
+        be.matmul(
             MatMut::row_major(dx, rows, in_features, "dx")?,
             if accumulate { 1.0 } else { 0.0 },
             MatRef::row_major(dy, rows, out_features, "dy")?,
@@ -503,7 +532,7 @@ pub fn backward_input(
         Precision::Fp32 => unreachable!("handled above"),
         Precision::Bf16 => {
             let (dyb, wb) = (to_bf16(dy), to_bf16(w));
-            gemm_bf16(
+            be.gemm_bf16(
                 MatMut::row_major(target, rows, in_features, "dx")?,
                 0.0,
                 MatRef::row_major(&dyb, rows, out_features, "dy")?,
@@ -514,9 +543,9 @@ pub fn backward_input(
             round_to_bf16(target);
         }
         Precision::Fp8 => {
-            let q_dy = fp8_rows(dy, rows, out_features)?;
-            let q_wt = fp8_weight(w, out_features, in_features)?.transposed();
-            gemm_fp8(&q_dy, &q_wt, FP8_ACCUMULATION, target, threads)?;
+            let q_dy = fp8_rows(be, dy, rows, out_features)?;
+            let q_wt = fp8_weight(be, w, out_features, in_features)?.transposed();
+            be.gemm_fp8(&q_dy, &q_wt, FP8_ACCUMULATION, target, threads)?;
         }
     }
     if accumulate {
@@ -530,6 +559,7 @@ pub fn backward_input(
 /// at W time; cached ones go through [`backward_weight_fp8`].
 #[allow(clippy::too_many_arguments)]
 pub fn backward_weight(
+    be: &DeviceBackend,
     precision: Precision,
     grad: &mut [f32],
     out_features: usize,
@@ -541,7 +571,7 @@ pub fn backward_weight(
 ) -> Result<(), ModelError> {
     match precision {
         Precision::Fp32 => {
-            matmul(
+            be.matmul(
                 MatMut::row_major(grad, out_features, in_features, "dW")?,
                 1.0,
                 MatRef::row_major(dy, rows, out_features, "dy")?.t(),
@@ -553,7 +583,7 @@ pub fn backward_weight(
         }
         Precision::Bf16 => {
             let (dyb, xb) = (to_bf16(dy), to_bf16(x));
-            gemm_bf16(
+            be.gemm_bf16(
                 MatMut::row_major(grad, out_features, in_features, "dW")?,
                 1.0,
                 MatRef::row_major(&dyb, rows, out_features, "dy")?.t(),
@@ -564,8 +594,8 @@ pub fn backward_weight(
             Ok(())
         }
         Precision::Fp8 => {
-            let q_xt = fp8_columns(x, rows, in_features)?;
-            backward_weight_fp8(grad, out_features, in_features, dy, &q_xt, threads)
+            let q_xt = fp8_columns(be, x, rows, in_features)?;
+            backward_weight_fp8(be, grad, out_features, in_features, dy, &q_xt, threads)
         }
     }
 }
@@ -574,6 +604,7 @@ pub fn backward_weight(
 /// (scales along tokens: [`fp8_columns`] or [`fp8_retile_for_wgrad`]); `dy: [rows, out]`
 /// is quantized in 128×1 tiles here.
 pub fn backward_weight_fp8(
+    be: &DeviceBackend,
     grad: &mut [f32],
     out_features: usize,
     in_features: usize,
@@ -582,9 +613,9 @@ pub fn backward_weight_fp8(
     threads: usize,
 ) -> Result<(), ModelError> {
     check_len("dW", "gradient", out_features * in_features, grad.len())?;
-    let q_dyt = fp8_columns(dy, q_xt.cols, out_features)?;
+    let q_dyt = fp8_columns(be, dy, q_xt.cols, out_features)?;
     let mut dw = vec![0f32; out_features * in_features];
-    gemm_fp8(&q_dyt, q_xt, FP8_ACCUMULATION, &mut dw, threads)?;
+    be.gemm_fp8(&q_dyt, q_xt, FP8_ACCUMULATION, &mut dw, threads)?;
     grad.iter_mut().zip(&dw).for_each(|(g, &d)| *g += d);
     Ok(())
 }

@@ -18,7 +18,8 @@ use crate::data::{
 use crate::model::{LossConfig, Model, StepStats};
 use crate::precision::Precision;
 use crate::shard::{CheckpointReader, Piece, PieceData, PieceKind, ShardError, ShardHeader, Snapshot};
-use flotilla_kernels::optim::{AdamWConfig, LrSchedule, adamw_step, clip_scale, global_grad_norm};
+use flotilla_kernels::backend::Backend;
+use flotilla_kernels::optim::{AdamWConfig, LrSchedule};
 use half::bf16;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -732,9 +733,11 @@ impl Trainer {
         if !stats.loss.is_finite() {
             return Err(TrainError::Diverged { step, loss: stats.loss });
         }
+        // The optimizer runs on the model's backend.
+        let be = self.model.backend();
         let mut params = self.model.trainable_params_mut();
-        let grad_norm = global_grad_norm(&params.iter().map(|p| p.grad.as_slice()).collect::<Vec<_>>());
-        let scale = clip_scale(grad_norm, self.config.optimizer.clip);
+        let grad_norm = be.global_grad_norm(&params.iter().map(|p| p.grad.as_slice()).collect::<Vec<_>>());
+        let scale = be.clip_scale(grad_norm, self.config.optimizer.clip);
         let lr = self.config.optimizer.schedule.lr_at(step);
         for ((p, m), v) in params.iter_mut().zip(&mut self.state.m).zip(&mut self.state.v) {
             if scale != 1.0 {
@@ -742,7 +745,7 @@ impl Trainer {
             }
             // Weight decay applies to matrices, not to RMSNorm weights (vectors).
             let decay = p.shape.len() >= 2;
-            adamw_step(&mut p.value, &p.grad, m, v, step, lr, &self.config.optimizer.adamw, decay)
+            be.adamw_step(&mut p.value, &p.grad, m, v, step, lr, &self.config.optimizer.adamw, decay)
                 .map_err(ModelError::from)?;
         }
         if self.config.balance.bias_gamma > 0.0 {

@@ -6,6 +6,7 @@
 //! bytes saved); and short training runs of the tiny model (decreasing loss, FP8
 //! determinism).
 
+use flotilla_kernels::backend::{self, CpuBackend, Device, DeviceBackend};
 use flotilla_kernels::gemm::{MatMut, MatRef, gemm_f32, gemm_fp8};
 use flotilla_kernels::metrics::calc_diff;
 use flotilla_kernels::quant::{Granularity, ScaleRounding, TILE, quantize};
@@ -21,6 +22,9 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 use std::path::Path;
+
+/// The reference backend the layers run on by default.
+const BE: DeviceBackend = DeviceBackend::Cpu(CpuBackend);
 
 fn normal(n: usize, std: f32, seed: u64) -> Vec<f32> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -72,7 +76,7 @@ fn run(l: &mut Linear<f32>, x: &[f32], dy: &[f32], threads: usize) -> Pass {
     let mut dx = vec![f32::NAN; ROWS * IN];
     l.backward_input(dy, ROWS, &mut dx, false, threads).unwrap();
     l.weight.zero_grad();
-    l.backward_weight_from(dy, &kept.wgrad_input().unwrap(), ROWS, threads).unwrap();
+    l.backward_weight_from(dy, &kept.wgrad_input(&BE).unwrap(), ROWS, threads).unwrap();
     Pass { y, dx, dw: l.weight.grad.clone() }
 }
 
@@ -138,7 +142,7 @@ fn kept_inputs_are_fprops_operand() {
     assert!(!bits_equal(&a.dw, &b.dw), "Wgrad reads the re-tiled cache, not a fresh 128×1 quantization");
     assert_eq!(kept.bytes().full, 0);
     assert_eq!(kept.bytes().fp8, ROWS * IN + 4 * ROWS * IN.div_ceil(TILE));
-    assert_eq!(kept.values().unwrap(), qx.dequantize());
+    assert_eq!(kept.values(&BE).unwrap(), qx.dequantize());
 
     // An FP8 input on a layer that is not fp8, or of the wrong shape, is an error naming it.
     let err = layer(Precision::Bf16).forward_from(&kept, ROWS, &mut vec![0.0; ROWS * OUT], 1).unwrap_err();
@@ -218,7 +222,7 @@ fn fp8_gemms_use_the_recipe_granularities() {
     // the forward's 1×128 FP8 x (the kept input) re-tiled into 128×1 tiles (dequantized,
     // requantized), transposed; the kept input is formed once and read as it is.
     let qdyt = quantize(&dy, ROWS, OUT, Granularity::Tile128x1, &FP8_QUANT).unwrap().transposed();
-    let retiled = precision::fp8_retile_for_wgrad(&qx, ScaleRounding::Exact).unwrap();
+    let retiled = precision::fp8_retile_for_wgrad(&BE, &qx, ScaleRounding::Exact).unwrap();
     assert_eq!((qdyt.rows, qdyt.cols, qdyt.granularity), (OUT, ROWS, Granularity::Tile1x128));
     assert_eq!((retiled.rows, retiled.cols, retiled.granularity), (IN, ROWS, Granularity::Tile1x128));
     assert_eq!(retiled.scales.len(), IN * ROWS.div_ceil(TILE), "one scale per channel per 128 tokens");
@@ -227,7 +231,7 @@ fn fp8_gemms_use_the_recipe_granularities() {
     let by_hand = quantize(&dequantized, ROWS, IN, Granularity::Tile128x1, &FP8_QUANT).unwrap().transposed();
     assert_eq!(retiled, by_hand);
     let kept = l.cache_input(&x, ROWS).unwrap();
-    assert_eq!(kept.wgrad_input().unwrap(), WgradInput::Fp8(retiled.clone()));
+    assert_eq!(kept.wgrad_input(&BE).unwrap(), WgradInput::Fp8(retiled.clone()));
     let mut dw = vec![0f32; OUT * IN];
     gemm_fp8(&qdyt, &retiled, FP8_ACCUMULATION, &mut dw, 1).unwrap();
     assert!(bits_equal(&got.dw, &dw), "Wgrad reads the re-tiled cache");
@@ -235,7 +239,7 @@ fn fp8_gemms_use_the_recipe_granularities() {
     // From an f32 x (`backward_weight`), Wgrad quantizes it in 128×1 tiles directly: one
     // rounding, a different operand and a different result.
     let qxt = quantize(&x, ROWS, IN, Granularity::Tile128x1, &FP8_QUANT).unwrap().transposed();
-    assert_eq!(qxt, precision::fp8_columns(&x, ROWS, IN).unwrap());
+    assert_eq!(qxt, precision::fp8_columns(&BE, &x, ROWS, IN).unwrap());
     assert_ne!(retiled, qxt);
     let mut dw_direct = vec![0f32; OUT * IN];
     gemm_fp8(&qdyt, &qxt, FP8_ACCUMULATION, &mut dw_direct, 1).unwrap();
@@ -256,7 +260,7 @@ fn accumulating_backward_input_adds_the_product() {
         assert!(bits_equal(&dx, &want), "{precision}");
         // Wgrad accumulates into the gradient too.
         let kept = l.cache_input(&x, ROWS).unwrap();
-        l.backward_weight_from(&dy, &kept.wgrad_input().unwrap(), ROWS, 1).unwrap();
+        l.backward_weight_from(&dy, &kept.wgrad_input(&BE).unwrap(), ROWS, 1).unwrap();
         let twice: Vec<f32> = base.dw.iter().map(|g| g + g).collect();
         assert!(bits_equal(&l.weight.grad, &twice), "{precision} Wgrad accumulation");
     }
@@ -433,16 +437,17 @@ fn attention_output_has_power_of_two_scales_and_retiles_exactly() {
         }
         (count as f64 / values.len() as f64, all_subnormal)
     };
-    let pow2 = precision::fp8_retile_for_wgrad(matrix, ScaleRounding::PowerOfTwo).unwrap();
+    let pow2 = precision::fp8_retile_for_wgrad(&BE, matrix, ScaleRounding::PowerOfTwo).unwrap();
     let (pow2_changed, only_subnormals) = changed(&pow2);
-    let (exact_changed, _) = changed(&precision::fp8_retile_for_wgrad(matrix, ScaleRounding::Exact).unwrap());
+    let (exact_changed, _) =
+        changed(&precision::fp8_retile_for_wgrad(&BE, matrix, ScaleRounding::Exact).unwrap());
     eprintln!(
         "re-tiling changes {pow2_changed:.4} of the values (power-of-two scales), {exact_changed:.4} (exact)"
     );
     assert!(only_subnormals, "power-of-two re-tiling is exact in E4M3's normal range");
     assert!(pow2_changed < 0.01 && exact_changed > 0.5, "{pow2_changed} vs {exact_changed}");
     // That is o_proj's Wgrad operand.
-    assert_eq!(cache.o.wgrad_input().unwrap(), WgradInput::Fp8(pow2));
+    assert_eq!(cache.o.wgrad_input(&BE).unwrap(), WgradInput::Fp8(pow2));
 }
 
 /// Under fp8, recomputation rebuilds the kept inputs exactly as forward kept them.
@@ -451,6 +456,29 @@ fn fp8_recompute_is_bit_identical() {
     let loss = LossConfig::default();
     let run = |recompute: bool| {
         let mut model = tiny(Precision::Fp8, recompute);
+        let w = windows(&model, 2, 32);
+        let stats = model.forward_backward(&w, 32, &loss, 2).unwrap();
+        let grads: Vec<Vec<u32>> =
+            model.params().iter().map(|p| p.grad.iter().map(|g| g.to_bits()).collect()).collect();
+        (stats.loss.to_bits(), grads)
+    };
+    assert!(run(false) == run(true));
+}
+
+/// The backend opened for `Device::Cpu` is the default every layer holds, and setting
+/// it on the model sets it on every layer: the same fp8 step, bit for bit.
+#[test]
+fn the_cpu_backend_opened_for_the_model_is_the_default() {
+    let loss = LossConfig::default();
+    let run = |set: bool| {
+        let mut model = tiny(Precision::Fp8, false);
+        if set {
+            model.set_backend(backend::open(Device::Cpu).unwrap());
+        }
+        assert_eq!(model.backend(), BE);
+        assert!(
+            model.layers.iter().all(|b| b.self_attn.o_proj.backend == BE && b.input_layernorm.backend == BE)
+        );
         let w = windows(&model, 2, 32);
         let stats = model.forward_backward(&w, 32, &loss, 2).unwrap();
         let grads: Vec<Vec<u32>> =

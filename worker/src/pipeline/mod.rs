@@ -34,7 +34,7 @@ mod zero1;
 use std::time::Instant;
 
 use bytes::Bytes;
-use flotilla_kernels::optim::clip_scale;
+use flotilla_kernels::backend::Backend;
 use flotilla_model::ModelError;
 use flotilla_model::config::ModelConfig;
 use flotilla_model::data::DataSampler;
@@ -233,7 +233,7 @@ impl PipelineTrainer {
         }
         let grad_norm = sumsq.sqrt();
         let lr = self.config.optimizer.schedule.lr_at(step);
-        let scale = clip_scale(grad_norm, self.config.optimizer.clip);
+        let scale = self.model.backend().clip_scale(grad_norm, self.config.optimizer.clip);
         self.update(step, &groups, handle, lr, scale)?;
         if self.config.balance.bias_gamma > 0.0 {
             for (layer, moe) in self.model.moe_layers_mut() {

@@ -20,7 +20,7 @@
 
 use std::collections::BTreeMap;
 
-use flotilla_kernels::optim::adamw_step;
+use flotilla_kernels::backend::Backend;
 use flotilla_layout::Coordinates;
 use flotilla_model::config::ModelConfig;
 use flotilla_model::pipeline::RankModel;
@@ -282,7 +282,7 @@ impl PipelineTrainer {
         scale: f32,
     ) -> Result<(), PipelineError> {
         let rank = self.plan.rank;
-        let adamw = self.config.optimizer.adamw;
+        let (adamw, be) = (self.config.optimizer.adamw, self.model.backend());
         for (g, group) in self.groups.iter_mut().zip(groups) {
             let mut params = self.model.trainable_params_mut();
             let index = g.members.iter().position(|&r| r == rank).expect("a member of its own groups");
@@ -304,7 +304,7 @@ impl PipelineTrainer {
                     p.grad[a..b].iter_mut().for_each(|x| *x *= scale);
                 }
                 let decay = p.shape.len() >= 2;
-                adamw_step(
+                be.adamw_step(
                     &mut p.value[a..b],
                     &p.grad[a..b],
                     &mut g.m[ma..mb],
