@@ -10,7 +10,7 @@ use clap::Args;
 use flotilla_coordinator::schedule::executed_chrome_trace;
 use flotilla_coordinator::service::{CoordinatorConfig, MAX_JOB_WORKERS, bind_and_serve};
 use flotilla_model::ModelConfig;
-use flotilla_model::train::TrainConfig;
+use flotilla_model::train::{ParallelConfig, TrainConfig};
 use flotilla_proto::v1::job_event::Event;
 use flotilla_proto::v1::job_service_client::JobServiceClient;
 use flotilla_proto::v1::{
@@ -276,13 +276,13 @@ fn read_config_with(
     Ok((text, config, model))
 }
 
-/// The workers a config's `[parallel]` layout needs (pipeline ranks × ep × dp), if it has
-/// one; the coordinator checks the layout itself.
-fn layout_workers(config: &TrainConfig) -> Option<u64> {
-    config.parallel.as_ref().map(|p| {
-        let pipeline_ranks = p.pipeline_ranks();
-        u64::from(pipeline_ranks) * u64::from(p.ep) * u64::from(p.dp)
-    })
+/// The directory a config's relative paths are resolved against: its parent, which for a
+/// bare file name (`run v.toml`) is the empty path, meaning the working directory.
+fn config_dir(config: &Path) -> &Path {
+    match config.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    }
 }
 
 fn job_name(path: &Path) -> String {
@@ -295,7 +295,7 @@ fn absolute(path: &Path) -> Result<PathBuf> {
 
 pub fn submit(args: SubmitArgs) -> Result<()> {
     let (text, config) = read_config(&args.config, None)?;
-    let workers = match (args.workers, layout_workers(&config)) {
+    let workers = match (args.workers, config.parallel.as_ref().map(ParallelConfig::world_size)) {
         (Some(n), _) => n,
         (None, Some(needed)) => u32::try_from(needed).unwrap_or(u32::MAX),
         (None, None) => 1,
@@ -738,7 +738,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         args.trace.is_none() || config.parallel.is_some(),
         "--trace records pipeline instructions: the config needs a [parallel] layout"
     );
-    let workers = match (args.workers, layout_workers(&config)) {
+    let workers = match (args.workers, config.parallel.as_ref().map(ParallelConfig::world_size)) {
         (Some(n), Some(needed)) if u64::from(n) != needed => bail!(
             "--workers {n}: the config's [parallel] layout needs {needed} workers (pipeline ranks × ep × dp)"
         ),
@@ -765,7 +765,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     let out =
         absolute(&args.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(job_name(&args.config))))?;
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    let config_base = absolute(args.config.parent().unwrap_or(Path::new(".")))?;
+    let config_base = absolute(config_dir(&args.config))?;
     let resume_from = match &args.resume {
         None => String::new(),
         Some(which) => resume_source(&out, which)?.display().to_string(),

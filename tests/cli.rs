@@ -2,7 +2,7 @@
 //! errors on bad input.
 
 mod common;
-use common::{flotilla, losses, temp_dir};
+use common::{flotilla, flotilla_in, losses, temp_dir};
 
 fn max_rel(row: &serde_json::Value, reference: &str) -> f64 {
     row[reference]["relative"]["max"].as_f64().expect("max relative error")
@@ -472,7 +472,8 @@ fn plan_without_a_layout_proposes_one_that_fits() {
 
 /// `flotilla run` with 1, 2 and 4 data-parallel worker processes takes, step by step, the
 /// steps of single-process `flotilla train` on the same global batch (to rounding: the
-/// gradients are summed in another order), and repeats itself bit for bit.
+/// gradients are summed in another order), and repeats itself bit for bit, also when
+/// started from the config's directory by its bare file name.
 #[test]
 fn run_with_data_parallel_workers_matches_single_process_training() {
     let dir = temp_dir("run");
@@ -503,16 +504,11 @@ fn run_with_data_parallel_workers_matches_single_process_training() {
         }
         assert!(run_dir.join("model.safetensors").exists(), "{workers} workers: weights");
         if workers == "2" {
+            // Again, from the config's own directory by its bare file name (its parent is
+            // then the empty path).
             let again = dir.join("dp2-again");
-            let out = flotilla(&[
-                "run",
-                config.to_str().unwrap(),
-                "--workers",
-                "2",
-                "--out",
-                again.to_str().unwrap(),
-            ]);
-            assert!(out.status.success());
+            let out = flotilla_in(&dir, &["run", "run.toml", "--workers", "2", "--out", "dp2-again"]);
+            assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
             let repeat = losses(&again.join("metrics.jsonl"));
             assert_eq!(
                 repeat.iter().map(|l| l.to_bits()).collect::<Vec<_>>(),

@@ -10,6 +10,11 @@ pub fn flotilla(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_flotilla")).args(args).output().expect("run flotilla")
 }
 
+/// Runs `flotilla` with `args` in the working directory `dir`, to completion.
+pub fn flotilla_in(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_flotilla")).current_dir(dir).args(args).output().expect("run flotilla")
+}
+
 /// Its stdout, after asserting that it succeeded (its stderr in the message otherwise).
 pub fn ok(out: &Output) -> String {
     assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
