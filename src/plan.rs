@@ -215,8 +215,19 @@ fn runs(values: &[u32]) -> String {
 }
 
 fn format_plan(name: &str, plan: &Plan) -> String {
-    let (c, l) = (&plan.cluster, &plan.layout);
     let mut out = String::new();
+    write_layout(&mut out, name, plan);
+    write_stages(&mut out, plan);
+    write_experts(&mut out, plan);
+    write_memory(&mut out, plan);
+    write_all_to_all(&mut out, plan);
+    write_step(&mut out, plan);
+    out
+}
+
+/// The cluster, the layout and the batch.
+fn write_layout(out: &mut String, name: &str, plan: &Plan) {
+    let (c, l) = (&plan.cluster, &plan.layout);
     let _ = writeln!(
         out,
         "{name} on {} × {} ({} GPUs, {} each), {} schedule\n",
@@ -246,7 +257,10 @@ fn format_plan(name: &str, plan: &Plan) -> String {
         plural(l.global_batch, "sequence", "sequences"),
         human(l.tokens_per_step as f64)
     );
+}
 
+/// The stage table, and which ranks host more than their own stage.
+fn write_stages(out: &mut String, plan: &Plan) {
     let _ = writeln!(out, "stages:");
     let _ = writeln!(
         out,
@@ -303,7 +317,10 @@ fn format_plan(name: &str, plan: &Plan) -> String {
             r.rank
         );
     }
+}
 
+/// The routed experts' placement: EP groups over nodes, the groups a token reaches.
+fn write_experts(out: &mut String, plan: &Plan) {
     let e = &plan.experts;
     if e.routed_experts > 0 {
         let _ = writeln!(
@@ -338,7 +355,10 @@ fn format_plan(name: &str, plan: &Plan) -> String {
             );
         }
     }
+}
 
+/// Memory per GPU on the fullest pipeline rank, then every rank's total.
+fn write_memory(out: &mut String, plan: &Plan) {
     let fullest = &plan.ranks[plan.fullest_rank as usize];
     let _ = writeln!(
         out,
@@ -347,9 +367,12 @@ fn format_plan(name: &str, plan: &Plan) -> String {
         runs(&fullest.stages),
         plural(fullest.peak_in_flight as u64, "micro-batch chunk", "micro-batch chunks")
     );
-    out += &format_memory(&plan.memory);
-    out += &format_rank_totals(plan);
+    *out += &format_memory(&plan.memory);
+    *out += &format_rank_totals(plan);
+}
 
+/// The all-to-all's bytes per token and per GPU, over NVLink and InfiniBand.
+fn write_all_to_all(out: &mut String, plan: &Plan) {
     let a = &plan.all_to_all;
     let _ = writeln!(
         out,
@@ -381,9 +404,9 @@ fn format_plan(name: &str, plan: &Plan) -> String {
             format_bytes(v.combine_inter_node)
         );
     };
-    volume_rows(&mut out, "per MoE layer", &a.per_moe_layer);
+    volume_rows(out, "per MoE layer", &a.per_moe_layer);
     volume_rows(
-        &mut out,
+        out,
         &format!(
             "per chunk of stage {} ({})",
             plan.step.slowest_stage,
@@ -392,7 +415,11 @@ fn format_plan(name: &str, plan: &Plan) -> String {
         &a.per_chunk,
     );
     let _ = writeln!(out, "time per MoE layer: {}", duration(a.seconds_per_moe_layer));
+}
 
+/// The step estimate: the slowest stage's chunk, the pipeline, the ZeRO-1 sync.
+fn write_step(out: &mut String, plan: &Plan) {
+    let c = &plan.cluster;
     let t = &plan.step;
     let _ = writeln!(
         out,
@@ -446,7 +473,6 @@ fn format_plan(name: &str, plan: &Plan) -> String {
         duration(t.step_seconds),
         human(t.tokens_per_second)
     );
-    out
 }
 
 fn format_memory(m: &MemoryBreakdown) -> String {

@@ -160,35 +160,72 @@ fn stage_list(stages: &[u32]) -> String {
 /// `data-index` (its position in the rank's stream) and `data-op` (its label), and a
 /// tooltip naming the instruction and its times.
 pub fn svg(schedule: &Schedule, timeline: &Timeline) -> String {
-    let ranks = schedule.num_ranks().max(1) as usize;
-    let row = (640.0 / ranks as f64).clamp(22.0, 44.0);
-    let box_height = row - 6.0;
-    let plot = WIDTH - LEFT - RIGHT;
-    let makespan = timeline.makespan;
-    let scale = if makespan > 0.0 { plot / makespan } else { 0.0 };
-    let x_of = |t: f64| LEFT + t * scale;
-    let rows_bottom = TOP + row * ranks as f64;
+    let frame = Frame::new(schedule, timeline);
+    let legend = Legend::lay_out(legend_entries(schedule, &frame.compute), frame.rows_bottom + 36.0);
+    // `write!` into a String cannot fail, so its Result is dropped throughout.
+    let mut out = String::new();
+    write_header(&mut out, schedule, timeline, legend.height);
+    write_axis(&mut out, &frame);
+    write_rank_rows(&mut out, schedule, timeline, &frame);
+    write_ops(&mut out, schedule, &frame);
+    write_legend(&mut out, &legend);
+    out.push_str("</svg>\n");
+    out
+}
 
-    let compute: Vec<&Span> = timeline.spans.iter().filter(|s| s.instruction.is_compute()).collect();
+/// The picture's geometry: rows, the time scale and the font of the numbers in the boxes.
+struct Frame<'a> {
+    row: f64,
+    box_height: f64,
+    scale: f64,
+    makespan: f64,
+    rows_bottom: f64,
+    font: f64,
+    /// The compute instructions' spans: the boxes.
+    compute: Vec<&'a Span>,
+}
 
-    // One font for every number, sized for the narrowest box, so rows read evenly; a box
-    // narrower still goes without its number.
-    let digits = schedule.num_micro_batches.saturating_sub(1).max(1).to_string().len() as f64;
-    let narrowest = compute
-        .iter()
-        .filter(|s| s.end > s.start)
-        .map(|s| {
-            let halves = parts(&s.instruction).map_or(1, |p| p.len()) as f64;
-            (s.end - s.start) * scale / halves
-        })
-        .fold(f64::INFINITY, f64::min);
-    let font = (box_height * 0.55).min(12.0).min((narrowest - 2.0) / (digits * DIGIT_EM)).max(MIN_FONT);
-    let fits = |width: f64, text: &str| text.len() as f64 * DIGIT_EM * font + 2.0 <= width;
+impl<'a> Frame<'a> {
+    fn new(schedule: &Schedule, timeline: &'a Timeline) -> Self {
+        let ranks = schedule.num_ranks().max(1) as usize;
+        let row = (640.0 / ranks as f64).clamp(22.0, 44.0);
+        let box_height = row - 6.0;
+        let plot = WIDTH - LEFT - RIGHT;
+        let makespan = timeline.makespan;
+        let scale = if makespan > 0.0 { plot / makespan } else { 0.0 };
+        let compute: Vec<&Span> = timeline.spans.iter().filter(|s| s.instruction.is_compute()).collect();
+        // One font for every number, sized for the narrowest box, so rows read evenly; a
+        // box narrower still goes without its number.
+        let digits = schedule.num_micro_batches.saturating_sub(1).max(1).to_string().len() as f64;
+        let narrowest = compute
+            .iter()
+            .filter(|s| s.end > s.start)
+            .map(|s| {
+                let halves = parts(&s.instruction).map_or(1, |p| p.len()) as f64;
+                (s.end - s.start) * scale / halves
+            })
+            .fold(f64::INFINITY, f64::min);
+        let font = (box_height * 0.55).min(12.0).min((narrowest - 2.0) / (digits * DIGIT_EM)).max(MIN_FONT);
+        Frame { row, box_height, scale, makespan, rows_bottom: TOP + row * ranks as f64, font, compute }
+    }
 
-    // The legend lists what the picture uses, in a fixed order.
+    /// The x coordinate of time `t`.
+    fn x_of(&self, t: f64) -> f64 {
+        LEFT + t * self.scale
+    }
+
+    /// Whether `text` fits in a box `width` wide at the numbers' font.
+    fn fits(&self, width: f64, text: &str) -> bool {
+        text.len() as f64 * DIGIT_EM * self.font + 2.0 <= width
+    }
+}
+
+/// The legend's entries, in a fixed order: the parts and directions the picture uses, and
+/// the overlapped F&B box if there is one. Each is its swatch's colors and its label.
+fn legend_entries(schedule: &Schedule, compute: &[&Span]) -> Vec<(Vec<&'static str>, String)> {
     let mut used: BTreeSet<(u32, Part)> = BTreeSet::new();
     let mut overlapped = false;
-    for span in &compute {
+    for span in compute {
         if let Some(p) = parts(&span.instruction) {
             overlapped |= p.len() == 2;
             for (part, chunk) in p {
@@ -217,23 +254,36 @@ pub fn svg(schedule: &Schedule, timeline: &Timeline) -> String {
             "F&B overlapped forward | backward (outlined)".to_string(),
         ));
     }
-    // Lay the legend out in lines that fit the width.
-    let legend_top = rows_bottom + 36.0;
-    let mut legend_items = Vec::new();
-    let (mut lx, mut ly) = (LEFT, legend_top);
-    for (colors, label) in &legend {
-        let width = 24.0 + label.chars().count() as f64 * 6.6 + 24.0;
-        if lx + width > WIDTH - RIGHT && lx > LEFT {
-            lx = LEFT;
-            ly += 22.0;
-        }
-        legend_items.push((lx, ly, colors, label));
-        lx += width;
-    }
-    let height = ly + 30.0;
+    legend
+}
 
-    // `write!` into a String cannot fail, so its Result is dropped throughout.
-    let mut out = String::new();
+/// The legend laid out in lines that fit the width.
+struct Legend {
+    /// Each entry at its place: x, y (the text's baseline), swatch colors, label.
+    items: Vec<(f64, f64, Vec<&'static str>, String)>,
+    /// The whole picture's height: the legend is at the bottom.
+    height: f64,
+}
+
+impl Legend {
+    fn lay_out(entries: Vec<(Vec<&'static str>, String)>, top: f64) -> Self {
+        let mut items = Vec::new();
+        let (mut x, mut y) = (LEFT, top);
+        for (colors, label) in entries {
+            let width = 24.0 + label.chars().count() as f64 * 6.6 + 24.0;
+            if x + width > WIDTH - RIGHT && x > LEFT {
+                x = LEFT;
+                y += 22.0;
+            }
+            items.push((x, y, colors, label));
+            x += width;
+        }
+        Legend { items, height: y + 30.0 }
+    }
+}
+
+/// The `<svg>` element's start, the title and the subtitle.
+fn write_header(out: &mut String, schedule: &Schedule, timeline: &Timeline, height: f64) {
     let title = format!(
         "{} · pp {} ({} ranks) · {} micro-batches",
         schedule.kind,
@@ -244,7 +294,7 @@ pub fn svg(schedule: &Schedule, timeline: &Timeline) -> String {
     let subtitle = format!(
         "costs {} · makespan {} · bubble {} (most idle time of any rank) · peak activations {}",
         timeline.costs.as_ref().map_or_else(|| "per instruction".to_string(), Costs::to_string),
-        number(makespan),
+        number(timeline.makespan),
         number(timeline.bubble),
         timeline.report.peak_activations.iter().copied().max().unwrap_or(0)
     );
@@ -266,8 +316,11 @@ pub fn svg(schedule: &Schedule, timeline: &Timeline) -> String {
     );
     let _ =
         writeln!(out, r##"<text x="{LEFT}" y="44" font-size="12" fill="#333">{}</text>"##, escape(&subtitle));
+}
 
-    // Time axis: grid lines through the rows, labels above and below.
+/// The time axis: grid lines through the rows, labels above and below.
+fn write_axis(out: &mut String, frame: &Frame) {
+    let makespan = frame.makespan;
     let _ = writeln!(out, r##"<g class="axis" font-size="10" fill="#555" text-anchor="middle">"##);
     let _ = writeln!(out, r#"<text x="{}" y="{}" text-anchor="end">time</text>"#, LEFT - 8.0, TOP - 10.0);
     if makespan > 0.0 && makespan.is_finite() {
@@ -279,22 +332,25 @@ pub fn svg(schedule: &Schedule, timeline: &Timeline) -> String {
             if t > makespan * (1.0 + 1e-9) {
                 break;
             }
-            let x = number(x_of(t));
+            let x = number(frame.x_of(t));
             let _ = writeln!(
                 out,
                 r##"<line x1="{x}" y1="{}" x2="{x}" y2="{}" stroke="#e4e4e4"/><text x="{x}" y="{}">{}</text><text x="{x}" y="{}">{}</text>"##,
                 TOP - 4.0,
-                number(rows_bottom),
+                number(frame.rows_bottom),
                 TOP - 10.0,
                 number(t),
-                number(rows_bottom + 14.0),
+                number(frame.rows_bottom + 14.0),
                 number(t)
             );
         }
     }
     let _ = writeln!(out, "</g>");
+}
 
-    // Rank rows: label, stages, a baseline so idle gaps read as gaps.
+/// Rank rows: label, stages, a baseline so idle gaps read as gaps.
+fn write_rank_rows(out: &mut String, schedule: &Schedule, timeline: &Timeline, frame: &Frame) {
+    let row = frame.row;
     let _ = writeln!(out, r#"<g class="ranks">"#);
     for rank in 0..schedule.num_ranks() as usize {
         let y = TOP + row * rank as f64;
@@ -306,18 +362,23 @@ pub fn svg(schedule: &Schedule, timeline: &Timeline) -> String {
             number(y + row * 0.45 + 12.0),
             escape(&stages),
             number(y + row - 3.0),
-            number(x_of(makespan)),
+            number(frame.x_of(frame.makespan)),
             number(y + row - 3.0)
         );
     }
     let _ = writeln!(out, "</g>");
+}
 
-    let _ = writeln!(out, r#"<g class="ops" font-size="{}" text-anchor="middle">"#, number(font));
-    for span in &compute {
+/// One box per compute instruction: split in halves when overlapped, each with its
+/// micro-batch number where it fits.
+fn write_ops(out: &mut String, schedule: &Schedule, frame: &Frame) {
+    let box_height = frame.box_height;
+    let _ = writeln!(out, r#"<g class="ops" font-size="{}" text-anchor="middle">"#, number(frame.font));
+    for span in &frame.compute {
         let Some(p) = parts(&span.instruction) else { continue };
-        let y = TOP + row * span.rank as f64 + 1.0;
-        let x0 = x_of(span.start);
-        let width = (span.end - span.start) * scale;
+        let y = TOP + frame.row * span.rank as f64 + 1.0;
+        let x0 = frame.x_of(span.start);
+        let width = (span.end - span.start) * frame.scale;
         let tooltip = format!(
             "rank {}, #{}: {} [{} – {}]",
             span.rank,
@@ -355,7 +416,7 @@ pub fn svg(schedule: &Schedule, timeline: &Timeline) -> String {
                 );
             }
             let text = chunk.micro_batch.to_string();
-            if fits(half, &text) {
+            if frame.fits(half, &text) {
                 let _ = write!(
                     out,
                     r#"<text x="{}" y="{}" dominant-baseline="central" fill="{}">{text}</text>"#,
@@ -378,9 +439,12 @@ pub fn svg(schedule: &Schedule, timeline: &Timeline) -> String {
         let _ = writeln!(out, "</g>");
     }
     let _ = writeln!(out, "</g>");
+}
 
+/// The legend's swatches and labels.
+fn write_legend(out: &mut String, legend: &Legend) {
     let _ = writeln!(out, r##"<g class="legend" font-size="11" fill="#222">"##);
-    for (x, y, colors, label) in legend_items {
+    for (x, y, colors, label) in &legend.items {
         let swatch = 16.0 / colors.len() as f64;
         for (i, color) in colors.iter().enumerate() {
             let _ = write!(
@@ -391,11 +455,10 @@ pub fn svg(schedule: &Schedule, timeline: &Timeline) -> String {
                 number(swatch)
             );
         }
-        let _ = writeln!(out, r#"<text x="{}" y="{}">{}</text>"#, number(x + 22.0), number(y), escape(label));
+        let _ =
+            writeln!(out, r#"<text x="{}" y="{}">{}</text>"#, number(x + 22.0), number(*y), escape(label));
     }
     let _ = writeln!(out, "</g>");
-    out.push_str("</svg>\n");
-    out
 }
 
 /// One Chrome trace event for a chunk's place in the pipeline.
