@@ -877,31 +877,13 @@ async fn follow(
     );
     bar.set_message(format!("waiting for {worker_count} workers"));
     let started = std::time::Instant::now();
+    let mut logs = RunLogs::create(out, config.parallel.is_some())?;
     let mut last_loss = f64::NAN;
     let mut last_bubble = (0.0, 0.0);
-    // Pipeline jobs: each step's summary as the coordinator measured it, one JSON line per
-    // step (the bench scripts read it).
-    let mut pipeline_log = match config.parallel {
-        Some(_) => {
-            let path = out.join("pipeline.jsonl");
-            let file =
-                std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
-            Some(std::io::BufWriter::new(file))
-        }
-        None => None,
-    };
-    // Every job event as one JSON line (`flotilla watch --json`'s format), for scripts: the
-    // coordinator lives only as long as this run.
-    let events_path = out.join("events.jsonl");
-    let mut events_log = std::io::BufWriter::new(
-        std::fs::File::create(&events_path).with_context(|| format!("creating {}", events_path.display()))?,
-    );
     let mut check = tokio::time::interval(Duration::from_millis(200));
     // Why the launcher cancelled the job: a worker out of restarts (unless the job may go
     // on with fewer workers).
     let mut gave_up: Option<String> = None;
-    let min_workers = config.recovery.min_workers;
-    let elastic = config.parallel.is_none() && min_workers > 0 && min_workers < worker_count;
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
     let end = loop {
@@ -911,20 +893,12 @@ async fn follow(
                     // The stream ends when the job does; read its final state.
                     break client.get_job(GetJobRequest { job_id: job.job_id.clone() }).await.map_err(status)?.into_inner();
                 };
-                {
-                    use std::io::Write;
-                    writeln!(events_log, "{}", event_json(&event))
-                        .and_then(|()| events_log.flush())
-                        .with_context(|| format!("writing {}", events_path.display()))?;
-                }
+                logs.event(&event)?;
                 match &event.event {
                     Some(Event::Step(s)) => {
                         last_loss = s.loss;
                         last_bubble = (s.bubble_fraction, s.predicted_bubble_fraction);
-                        if let Some(log) = pipeline_log.as_mut() {
-                            use std::io::Write;
-                            writeln!(log, "{}", pipeline_json(s)).and_then(|()| log.flush()).context("writing pipeline.jsonl")?;
-                        }
+                        logs.step(s)?;
                         let alive = workers.alive();
                         let bubble = if config.parallel.is_some() { format!(" · bubble {:.0}%", 100.0 * s.bubble_fraction) } else { String::new() };
                         bar.set_message(format!("loss {:.4} · {:.0} tok/s{bubble} · {alive}/{worker_count} workers", s.loss, s.tokens_per_second));
@@ -942,30 +916,14 @@ async fn follow(
             }
             _ = check.tick() => {
                 for happened in workers.supervise()? {
-                    match happened {
-                        LauncherEvent::Exited { rank, pid, how, after } => bar.println(format!(
-                            "worker {rank} (pid {pid}) exited: {how}; starting it again in {after:?}"
-                        )),
-                        LauncherEvent::Restarted { rank, pid } => {
-                            bar.println(format!("worker {rank} started again (pid {pid})"));
+                    let (line, cancel) = launcher_decision(happened, config, worker_count);
+                    bar.println(line);
+                    if let Some(why) = cancel {
+                        let request = CancelJobRequest { job_id: job.job_id.clone(), reason: why.clone() };
+                        if let Err(e) = client.cancel_job(request).await {
+                            tracing::warn!(error = %e.message(), "cancelling the job");
                         }
-                        LauncherEvent::GaveUp { rank, pid, how } if elastic => bar.println(format!(
-                            "worker {rank} (pid {pid}) exited: {how}, with no restarts left; the job goes on without it \
-                             (down to recovery.min_workers = {}) once recovery.replace_timeout_s passes",
-                            config.recovery.min_workers
-                        )),
-                        LauncherEvent::GaveUp { rank, pid, how } => {
-                            let why = format!(
-                                "worker {rank} (pid {pid}) exited: {how}, with no restarts left (recovery.max_restarts = {})",
-                                config.recovery.max_restarts
-                            );
-                            bar.println(format!("{why}; cancelling the job"));
-                            let cancel = CancelJobRequest { job_id: job.job_id.clone(), reason: why.clone() };
-                            if let Err(e) = client.cancel_job(cancel).await {
-                                tracing::warn!(error = %e.message(), "cancelling the job");
-                            }
-                            gave_up.get_or_insert(why);
-                        }
+                        gave_up.get_or_insert(why);
                     }
                 }
             }
@@ -985,6 +943,79 @@ async fn follow(
         state => {
             let cause = gave_up.map(|why| format!("{why}; ")).unwrap_or_default();
             bail!("{cause}job {} ended {}: {}", end.job_id, state_name(state), end.reason)
+        }
+    }
+}
+
+/// What the launcher does about a worker process's exit or restart: the line it prints,
+/// and the reason to cancel the job if it must. A worker with no restarts left ends the
+/// job, unless the job is elastic data parallelism (`recovery.min_workers` below its
+/// size), which goes on without it.
+fn launcher_decision(
+    happened: LauncherEvent,
+    config: &TrainConfig,
+    worker_count: u32,
+) -> (String, Option<String>) {
+    let min_workers = config.recovery.min_workers;
+    let elastic = config.parallel.is_none() && min_workers > 0 && min_workers < worker_count;
+    match happened {
+        LauncherEvent::Exited { rank, pid, how, after } => {
+            (format!("worker {rank} (pid {pid}) exited: {how}; starting it again in {after:?}"), None)
+        }
+        LauncherEvent::Restarted { rank, pid } => (format!("worker {rank} started again (pid {pid})"), None),
+        LauncherEvent::GaveUp { rank, pid, how } if elastic => (
+            format!(
+                "worker {rank} (pid {pid}) exited: {how}, with no restarts left; the job goes on without it \
+                 (down to recovery.min_workers = {min_workers}) once recovery.replace_timeout_s passes"
+            ),
+            None,
+        ),
+        LauncherEvent::GaveUp { rank, pid, how } => {
+            let why = format!(
+                "worker {rank} (pid {pid}) exited: {how}, with no restarts left (recovery.max_restarts = {})",
+                config.recovery.max_restarts
+            );
+            (format!("{why}; cancelling the job"), Some(why))
+        }
+    }
+}
+
+/// The files a run writes from its event stream, for scripts (the coordinator lives only as
+/// long as the run): `events.jsonl`, every job event as one JSON line (`flotilla watch
+/// --json`'s format), and for pipeline jobs `pipeline.jsonl`, each step's summary as the
+/// coordinator measured it (the bench scripts read it). Each line is flushed as written.
+struct RunLogs {
+    events_path: PathBuf,
+    events: std::io::BufWriter<std::fs::File>,
+    pipeline: Option<std::io::BufWriter<std::fs::File>>,
+}
+
+impl RunLogs {
+    fn create(out: &Path, pipeline: bool) -> Result<Self> {
+        let create = |path: PathBuf| -> Result<std::io::BufWriter<std::fs::File>> {
+            let file =
+                std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+            Ok(std::io::BufWriter::new(file))
+        };
+        let pipeline = if pipeline { Some(create(out.join("pipeline.jsonl"))?) } else { None };
+        let events_path = out.join("events.jsonl");
+        Ok(RunLogs { events: create(events_path.clone())?, events_path, pipeline })
+    }
+
+    fn event(&mut self, event: &JobEvent) -> Result<()> {
+        use std::io::Write;
+        writeln!(self.events, "{}", event_json(event))
+            .and_then(|()| self.events.flush())
+            .with_context(|| format!("writing {}", self.events_path.display()))
+    }
+
+    fn step(&mut self, summary: &flotilla_proto::v1::StepSummary) -> Result<()> {
+        use std::io::Write;
+        match self.pipeline.as_mut() {
+            Some(log) => writeln!(log, "{}", pipeline_json(summary))
+                .and_then(|()| log.flush())
+                .context("writing pipeline.jsonl"),
+            None => Ok(()),
         }
     }
 }
@@ -1054,4 +1085,44 @@ fn pipeline_json(s: &flotilla_proto::v1::StepSummary) -> serde_json::Value {
         "cross_node_bytes_flat": s.cross_node_bytes_flat,
         "exchange_seconds": s.exchange_seconds,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(recovery: &str) -> TrainConfig {
+        let text = format!("{}\n{recovery}", include_str!("../examples/tiny.toml"));
+        TrainConfig::from_toml(&text, Path::new(".")).expect("a valid config").0
+    }
+
+    fn gave_up() -> LauncherEvent {
+        LauncherEvent::GaveUp { rank: 1, pid: 4242, how: "killed by signal 9".into() }
+    }
+
+    #[test]
+    fn a_worker_out_of_restarts_cancels_the_job_naming_it_unless_the_job_is_elastic() {
+        let strict = config("[recovery]\nmax_restarts = 2\n");
+        let (line, cancel) = launcher_decision(gave_up(), &strict, 2);
+        let why = cancel.expect("a job that needs every worker is cancelled");
+        assert!(why.contains("worker 1 (pid 4242)") && why.contains("recovery.max_restarts = 2"), "{why}");
+        assert!(line.ends_with("; cancelling the job"), "{line}");
+
+        let elastic = config("[recovery]\nmax_restarts = 2\nmin_workers = 1\n");
+        let (line, cancel) = launcher_decision(gave_up(), &elastic, 2);
+        assert_eq!(cancel, None, "elastic data parallelism goes on without the worker");
+        assert!(line.contains("recovery.min_workers = 1"), "{line}");
+        // min_workers equal to the job's size leaves no room to shrink.
+        assert!(launcher_decision(gave_up(), &elastic, 1).1.is_some());
+
+        let exited = LauncherEvent::Exited {
+            rank: 0,
+            pid: 7,
+            how: "exit status 1".into(),
+            after: Duration::from_millis(500),
+        };
+        let (line, cancel) = launcher_decision(exited, &strict, 2);
+        assert_eq!(cancel, None);
+        assert!(line.contains("starting it again in 500ms"), "{line}");
+    }
 }
