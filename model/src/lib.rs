@@ -91,6 +91,14 @@ pub enum ModelError {
     /// The configuration is invalid.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// A backend could not hold or copy a parameter.
+    #[error("`{tensor}`: {source}")]
+    Backend {
+        /// The parameter, by its HF name.
+        tensor: String,
+        /// What the backend said.
+        source: flotilla_kernels::backend::BackendError,
+    },
     /// A named tensor or buffer has the wrong size or content.
     #[error("`{tensor}`: {detail}")]
     Tensor {
