@@ -477,6 +477,9 @@ fn the_cpu_backend_opened_for_the_model_is_the_default() {
         }
         assert_eq!(model.backend(), BE);
         assert!(
+            model.params().iter().all(|p| p.value.device() == Device::Cpu && p.grad.device() == Device::Cpu)
+        );
+        assert!(
             model.layers.iter().all(|b| b.self_attn.o_proj.backend == BE && b.input_layernorm.backend == BE)
         );
         let w = windows(&model, 2, 32);
@@ -486,6 +489,25 @@ fn the_cpu_backend_opened_for_the_model_is_the_default() {
         (stats.loss.to_bits(), grads)
     };
     assert!(run(false) == run(true));
+}
+
+/// A pipeline rank's `set_backend` places every parameter it holds on the backend's
+/// device and leaves values and gradients as they were.
+#[test]
+fn a_rank_model_places_its_parameters_on_its_backend() {
+    use flotilla_model::moe::ExpertShard;
+    use flotilla_model::pipeline::{RankModel, StageLayout};
+    let config = Preset::Tiny.config();
+    let layout = StageLayout::new(&config, &[config.num_hidden_layers]).unwrap();
+    let shard = ExpertShard { rank: 0, size: 1 };
+    let mut rank = RankModel::<f32>::new(&config, layout, &[0], shard, 3, false, Precision::Fp32).unwrap();
+    rank.params_mut()[0].grad.host_mut()[0] = 0.5;
+    let before: Vec<_> = rank.params().into_iter().cloned().collect();
+    rank.set_backend(backend::open(Device::Cpu).unwrap()).unwrap();
+    assert_eq!(rank.backend(), BE);
+    let after: Vec<_> = rank.params().into_iter().cloned().collect();
+    assert!(!after.is_empty() && after == before);
+    assert!(after.iter().all(|p| p.value.device() == Device::Cpu && p.grad.device() == Device::Cpu));
 }
 
 /// The whole model's gradients under fp8 against fp32 (one step from the same weights):
