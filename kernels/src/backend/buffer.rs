@@ -19,7 +19,8 @@
 //!
 //! ## Why `host()` returns `&[T]` and not a `Result`
 //! Today the `Host` variant is the only inhabited one, so a host view always exists and a
-//! fallible signature would make ~150 call sites handle an error that cannot happen, and
+//! fallible signature would make every call site (about 40 in the libraries, 150 with the
+//! tests) handle an error that cannot happen, and
 //! teach them to ignore it. When issue 17 makes `CudaBuffer` inhabited, the
 //! `match never {}` arms here stop compiling; that is the moment to decide, with real
 //! device buffers in hand, between a fallible view (every caller, all greppable, then
