@@ -263,9 +263,10 @@ fn export(args: ExportArgs) -> Result<()> {
             p.name,
             p.shape
         );
-        p.value = reader
+        let value = reader
             .values(&p.name, p.len())
             .with_context(|| format!("{}: reading tensor `{}`", dir.display(), p.name))?;
+        p.set_value(&value).with_context(|| format!("{}: tensor `{}`", dir.display(), p.name))?;
         values += p.len();
         used.insert(p.name.clone());
     }

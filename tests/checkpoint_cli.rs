@@ -40,6 +40,7 @@ fn tensors(step: u64) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
         .map(|(i, p)| {
             let value = p
                 .value
+                .host()
                 .iter()
                 .enumerate()
                 .map(|(j, v)| v + 1e-3 * ((i + j) % 7) as f32 + step as f32 * 1e-2)

@@ -57,7 +57,7 @@ fn first_batch_loss(config: &Path, dir: &Path) -> (f64, f64) {
     let mut params = model.params_mut();
     for p in params.iter_mut() {
         if let Some((_, values)) = checkpoint.tensors.get(&p.name) {
-            p.value.copy_from_slice(values);
+            p.value.host_mut().copy_from_slice(values);
         }
     }
     drop(params);

@@ -938,7 +938,7 @@ pub fn fill_params(params: &mut [&mut Param<f32>], checkpoint: &HfCheckpoint) ->
         }
     }
     for p in params.iter_mut() {
-        p.value.copy_from_slice(&checkpoint.tensors[&p.name].1);
+        p.value.host_mut().copy_from_slice(&checkpoint.tensors[&p.name].1);
     }
     Ok(())
 }
@@ -1016,7 +1016,7 @@ pub fn fill_from_reader(
             continue;
         }
         let (name, shape) = (p.name.clone(), p.shape.clone());
-        reader.decode_into(&name, &shape, &mut p.value)?;
+        reader.decode_into(&name, &shape, p.value.host_mut())?;
         report.loaded += 1;
     }
     Ok(report)

@@ -44,7 +44,7 @@ impl<T: Real> Embedding<T> {
         check_len(&self.weight.name, "output", tokens.len() * self.hidden, y.len())?;
         for (row, &token) in y.chunks_mut(self.hidden).zip(tokens) {
             let t = token as usize;
-            row.copy_from_slice(&self.weight.value[t * self.hidden..(t + 1) * self.hidden]);
+            row.copy_from_slice(&self.weight.value.host()[t * self.hidden..(t + 1) * self.hidden]);
         }
         Ok(())
     }
@@ -55,7 +55,9 @@ impl<T: Real> Embedding<T> {
         check_len(&self.weight.name, "output gradient", tokens.len() * self.hidden, dy.len())?;
         for (row, &token) in dy.chunks(self.hidden).zip(tokens) {
             let t = token as usize;
-            for (g, &d) in self.weight.grad[t * self.hidden..(t + 1) * self.hidden].iter_mut().zip(row) {
+            for (g, &d) in
+                self.weight.grad.host_mut()[t * self.hidden..(t + 1) * self.hidden].iter_mut().zip(row)
+            {
                 *g = *g + d;
             }
         }

@@ -45,7 +45,10 @@
 //! the device seam of `flotilla-kernels` ([`flotilla_kernels::backend`]): every layer holds
 //! a [`flotilla_kernels::backend::DeviceBackend`] (the CPU's unless
 //! [`Model::set_backend`] or [`pipeline::RankModel::set_backend`] chose another) and calls
-//! its ops, never an op's free function, so no layer knows which backend runs. It knows
+//! its ops, never an op's free function, so no layer knows which backend runs. A
+//! parameter's value and gradient are [`flotilla_kernels::backend::Buffer`]s, placed on the
+//! backend's device by `set_backend` and read on the host only through their explicit host
+//! views ([`param`]). It knows
 //! nothing of processes or networking, so the coordinator can use its config and
 //! accounting for placement, and workers its layers.
 
@@ -91,6 +94,14 @@ pub enum ModelError {
     /// The configuration is invalid.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// A backend could not hold or copy a parameter.
+    #[error("`{tensor}`: {source}")]
+    Backend {
+        /// The parameter, by its HF name.
+        tensor: String,
+        /// What the backend said.
+        source: flotilla_kernels::backend::BackendError,
+    },
     /// A named tensor or buffer has the wrong size or content.
     #[error("`{tensor}`: {detail}")]
     Tensor {

@@ -69,7 +69,7 @@ impl<T: Real> Linear<T> {
     }
 
     fn weight_view(&self) -> Result<MatRef<'_, T>, ModelError> {
-        Ok(MatRef::row_major(&self.weight.value, self.out_features, self.in_features, "weight")?)
+        Ok(MatRef::row_major(self.weight.value.host(), self.out_features, self.in_features, "weight")?)
     }
 
     /// `y = x·Wᵀ` for `x: [rows, in]`, `y: [rows, out]` (overwritten).
@@ -77,7 +77,7 @@ impl<T: Real> Linear<T> {
         check_len(&self.weight.name, "input", rows * self.in_features, x.len())?;
         check_len(&self.weight.name, "output", rows * self.out_features, y.len())?;
         if self.precision != Precision::Fp32 {
-            let (x, w) = (self.f32_of(x)?, self.f32_of(&self.weight.value)?);
+            let (x, w) = (self.f32_of(x)?, self.f32_of(self.weight.value.host())?);
             let y = self.f32_of_mut(y)?;
             let (out_f, in_f) = (self.out_features, self.in_features);
             return precision::forward(&self.backend, self.precision, w, out_f, in_f, x, rows, y, threads);
@@ -132,7 +132,7 @@ impl<T: Real> Linear<T> {
         };
         self.check_fp8_operand(qx, (rows, self.in_features), "input")?;
         check_len(&self.weight.name, "output", rows * self.out_features, y.len())?;
-        let w = self.f32_of(&self.weight.value)?;
+        let w = self.f32_of(self.weight.value.host())?;
         let y = self.f32_of_mut(y)?;
         precision::forward_fp8(&self.backend, w, self.out_features, self.in_features, qx, y, threads)
     }
@@ -164,7 +164,7 @@ impl<T: Real> Linear<T> {
         check_len(&self.weight.name, "output gradient", rows * self.out_features, dy.len())?;
         check_len(&self.weight.name, "input gradient", rows * self.in_features, dx.len())?;
         if self.precision != Precision::Fp32 {
-            let (dy, w) = (self.f32_of(dy)?, self.f32_of(&self.weight.value)?);
+            let (dy, w) = (self.f32_of(dy)?, self.f32_of(self.weight.value.host())?);
             let dx = self.f32_of_mut(dx)?;
             let (out_f, in_f) = (self.out_features, self.in_features);
             return precision::backward_input(
@@ -209,7 +209,7 @@ impl<T: Real> Linear<T> {
         check_len(&self.weight.name, "output gradient", rows * self.out_features, dy.len())?;
         let dy = self.f32_of(dy)?;
         let (out_f, in_f) = (self.out_features, self.in_features);
-        let grad = T::as_f32_slice_mut(&mut self.weight.grad).ok_or_else(|| {
+        let grad = T::as_f32_slice_mut(self.weight.grad.host_mut()).ok_or_else(|| {
             check_precision::<T>(Precision::Fp8, &self.weight.name).expect_err("only f64 fails")
         })?;
         precision::backward_weight_fp8(&self.backend, grad, out_f, in_f, dy, q_xt, threads)
@@ -230,12 +230,12 @@ impl<T: Real> Linear<T> {
         if self.precision != Precision::Fp32 {
             let (dy, x) = (self.f32_of(dy)?, self.f32_of(x)?);
             let (p, out_f, in_f) = (self.precision, self.out_features, self.in_features);
-            let grad = T::as_f32_slice_mut(&mut self.weight.grad)
+            let grad = T::as_f32_slice_mut(self.weight.grad.host_mut())
                 .ok_or_else(|| check_precision::<T>(p, &self.weight.name).expect_err("only f64 fails"))?;
             return precision::backward_weight(&self.backend, p, grad, out_f, in_f, dy, x, rows, threads);
         }
         self.backend.matmul(
-            MatMut::row_major(&mut self.weight.grad, self.out_features, self.in_features, "dW")?,
+            MatMut::row_major(self.weight.grad.host_mut(), self.out_features, self.in_features, "dW")?,
             T::one(),
             MatRef::row_major(dy, rows, self.out_features, "dy")?.t(),
             MatRef::row_major(x, rows, self.in_features, "x")?,

@@ -277,7 +277,7 @@ fn head_forward<T: Real>(
         MatMut::row_major(y, rows, vocab, "logits")?,
         T::zero(),
         MatRef::row_major(x, rows, hidden, "x")?,
-        MatRef::row_major(&w.value, vocab, hidden, "head")?.t(),
+        MatRef::row_major(w.value.host(), vocab, hidden, "head")?.t(),
         T::one(),
         threads,
     )?;
@@ -300,7 +300,7 @@ pub(crate) fn head_backward_input<T: Real>(
         MatMut::row_major(dx, rows, hidden, "dx")?,
         T::zero(),
         MatRef::row_major(dlogits, rows, vocab, "dlogits")?,
-        MatRef::row_major(&w.value, vocab, hidden, "head")?,
+        MatRef::row_major(w.value.host(), vocab, hidden, "head")?,
         T::one(),
         threads,
     )?;
@@ -320,7 +320,7 @@ pub(crate) fn head_backward_weight<T: Real>(
     check_len(&w.name, "logits gradient", rows * vocab, dlogits.len())?;
     check_len(&w.name, "head input", rows * hidden, x.len())?;
     be.matmul(
-        MatMut::row_major(&mut w.grad, vocab, hidden, "dW")?,
+        MatMut::row_major(w.grad.host_mut(), vocab, hidden, "dW")?,
         T::one(),
         MatRef::row_major(dlogits, rows, vocab, "dlogits")?.t(),
         MatRef::row_major(x, rows, hidden, "x")?,
@@ -394,7 +394,11 @@ impl<T: Real> Model<T> {
 
     /// Runs every layer, the heads and the losses on `backend`
     /// ([`flotilla_kernels::backend::open`] opens one for a device).
-    pub fn set_backend(&mut self, backend: DeviceBackend) {
+    /// Every parameter moves to its device first, all or nothing: on an error (naming the
+    /// parameter) nothing has changed. The layers' own `set_backend` set only the backend;
+    /// this is where parameters are placed.
+    pub fn set_backend(&mut self, backend: DeviceBackend) -> Result<(), ModelError> {
+        crate::param::place_all(self.params_mut(), &backend)?;
         self.norm.backend = backend;
         if let Some(head) = &mut self.lm_head {
             head.backend = backend;
@@ -402,6 +406,7 @@ impl<T: Real> Model<T> {
         self.layers.iter_mut().for_each(|b| b.set_backend(backend));
         self.mtp.iter_mut().for_each(|m| m.set_backend(backend));
         self.backend = backend;
+        Ok(())
     }
 
     /// The configuration.

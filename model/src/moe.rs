@@ -608,7 +608,7 @@ impl<T: Real> MoeLayer<T> {
     }
 
     fn gate_view(&self) -> Result<MatRef<'_, T>, ModelError> {
-        Ok(MatRef::row_major(&self.gate.value, self.n_routed(), self.hidden, "gate")?)
+        Ok(MatRef::row_major(self.gate.value.host(), self.n_routed(), self.hidden, "gate")?)
     }
 
     /// Sigmoid gate scores `s = sigmoid(x·Gᵀ)`, `[tokens, n_routed]`.
@@ -812,7 +812,7 @@ impl<T: Real> MoeLayer<T> {
         }
         self.check_exchange(exchange)?;
         let scores = self.scores(x, tokens, threads)?;
-        let routing = route(&self.routing, &scores, &self.e_score_correction_bias.value, tokens)?;
+        let routing = route(&self.routing, &scores, self.e_score_correction_bias.value.host(), tokens)?;
         let k = routing.top_k;
 
         // Dispatch layout (a counting sort: experts in index order, tokens in order).
@@ -1151,7 +1151,7 @@ impl<T: Real> MoeLayer<T> {
             }
         }
         self.backend.matmul(
-            MatMut::row_major(&mut self.gate.grad, n, h, "dG")?,
+            MatMut::row_major(self.gate.grad.host_mut(), n, h, "dG")?,
             T::one(),
             MatRef::row_major(&grads.du, tokens, n, "du")?.t(),
             MatRef::row_major(x, tokens, h, "x")?,
@@ -1176,7 +1176,7 @@ impl<T: Real> MoeLayer<T> {
         let total: u128 = global_counts.iter().map(|&c| c as u128).sum();
         let n = global_counts.len() as u128;
         let step: T = cast(gamma);
-        for (b, &c) in bias.value.iter_mut().zip(global_counts) {
+        for (b, &c) in bias.value.host_mut().iter_mut().zip(global_counts) {
             match (c as u128 * n).cmp(&total) {
                 Ordering::Greater => *b = *b - step,
                 Ordering::Less => *b = *b + step,

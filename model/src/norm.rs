@@ -61,7 +61,15 @@ impl<T: Real> RmsNorm<T> {
         check_len(&self.weight.name, "input", n, x.len())?;
         check_len(&self.weight.name, "output", n, y.len())?;
         let mut rstd = vec![T::zero(); rows];
-        self.backend.rms_norm_forward(x, &self.weight.value, self.eps()?, rows, self.dim(), y, &mut rstd)?;
+        self.backend.rms_norm_forward(
+            x,
+            self.weight.value.host(),
+            self.eps()?,
+            rows,
+            self.dim(),
+            y,
+            &mut rstd,
+        )?;
         Ok(RmsNormCache { rows, rstd })
     }
 
@@ -83,7 +91,7 @@ impl<T: Real> RmsNorm<T> {
             self.backend.rms_norm_backward_input(
                 dy,
                 x,
-                &self.weight.value,
+                self.weight.value.host(),
                 &cache.rstd,
                 rows,
                 dim,
@@ -91,7 +99,15 @@ impl<T: Real> RmsNorm<T> {
             )?;
             dx.iter_mut().zip(&scratch).for_each(|(d, &s)| *d = *d + s);
         } else {
-            self.backend.rms_norm_backward_input(dy, x, &self.weight.value, &cache.rstd, rows, dim, dx)?;
+            self.backend.rms_norm_backward_input(
+                dy,
+                x,
+                self.weight.value.host(),
+                &cache.rstd,
+                rows,
+                dim,
+                dx,
+            )?;
         }
         Ok(())
     }
@@ -100,7 +116,14 @@ impl<T: Real> RmsNorm<T> {
     pub fn backward_weight(&mut self, cache: &RmsNormCache<T>, x: &[T], dy: &[T]) -> Result<(), ModelError> {
         self.check_backward(cache, x, dy)?;
         let dim = self.dim();
-        self.backend.rms_norm_backward_weight(dy, x, &cache.rstd, cache.rows, dim, &mut self.weight.grad)?;
+        self.backend.rms_norm_backward_weight(
+            dy,
+            x,
+            &cache.rstd,
+            cache.rows,
+            dim,
+            self.weight.grad.host_mut(),
+        )?;
         Ok(())
     }
 

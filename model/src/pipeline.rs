@@ -315,7 +315,11 @@ impl<T: Real> RankModel<T> {
 
     /// Runs the hosted layers, the heads and the losses on `backend`
     /// ([`flotilla_kernels::backend::open`] opens one for a device).
-    pub fn set_backend(&mut self, backend: DeviceBackend) {
+    /// Every parameter moves to its device first, all or nothing: on an error (naming the
+    /// parameter) nothing has changed. The layers' own `set_backend` set only the backend;
+    /// this is where parameters are placed.
+    pub fn set_backend(&mut self, backend: DeviceBackend) -> Result<(), ModelError> {
+        crate::param::place_all(self.params_mut(), &backend)?;
         if let Some(norm) = &mut self.norm {
             norm.backend = backend;
         }
@@ -325,6 +329,7 @@ impl<T: Real> RankModel<T> {
         self.blocks.iter_mut().for_each(|b| b.set_backend(backend));
         self.mtp.iter_mut().for_each(|m| m.set_backend(backend));
         self.backend = backend;
+        Ok(())
     }
 
     /// The model's configuration.

@@ -162,7 +162,7 @@ impl Piece {
             kind: PieceKind::Value,
             start: 0,
             shape: param.shape.clone(),
-            data: PieceData::F32(param.value.clone()),
+            data: PieceData::F32(param.value.to_host_vec()),
         }
     }
 }

@@ -736,17 +736,26 @@ impl Trainer {
         // The optimizer runs on the model's backend.
         let be = self.model.backend();
         let mut params = self.model.trainable_params_mut();
-        let grad_norm = be.global_grad_norm(&params.iter().map(|p| p.grad.as_slice()).collect::<Vec<_>>());
+        let grad_norm = be.global_grad_norm(&params.iter().map(|p| p.grad.host()).collect::<Vec<_>>());
         let scale = be.clip_scale(grad_norm, self.config.optimizer.clip);
         let lr = self.config.optimizer.schedule.lr_at(step);
         for ((p, m), v) in params.iter_mut().zip(&mut self.state.m).zip(&mut self.state.v) {
             if scale != 1.0 {
-                p.grad.iter_mut().for_each(|g| *g *= scale);
+                p.grad.host_mut().iter_mut().for_each(|g| *g *= scale);
             }
             // Weight decay applies to matrices, not to RMSNorm weights (vectors).
             let decay = p.shape.len() >= 2;
-            be.adamw_step(&mut p.value, &p.grad, m, v, step, lr, &self.config.optimizer.adamw, decay)
-                .map_err(ModelError::from)?;
+            be.adamw_step(
+                p.value.host_mut(),
+                p.grad.host(),
+                m,
+                v,
+                step,
+                lr,
+                &self.config.optimizer.adamw,
+                decay,
+            )
+            .map_err(ModelError::from)?;
         }
         if self.config.balance.bias_gamma > 0.0 {
             self.model.update_bias(&stats.expert_loads, self.config.balance.bias_gamma)?;
@@ -838,8 +847,10 @@ impl Trainer {
             }
         }
         drop(params);
+        // `values` has each parameter's length (the reader assembles exactly `p.len()`),
+        // so no assignment fails and the restore stays all or nothing.
         for (p, value) in self.model.params_mut().into_iter().zip(values) {
-            p.value = value;
+            p.set_value(&value)?;
         }
         for ((m, v), (new_m, new_v)) in self.state.m.iter_mut().zip(&mut self.state.v).zip(moments) {
             *m = new_m;
@@ -926,8 +937,12 @@ pub fn save_model(
 ) -> Result<Vec<PathBuf>, TrainError> {
     let params = model.params();
     let mut tensors: Vec<NamedTensor<'_>> =
-        params.iter().map(|p| NamedTensor { name: &p.name, shape: &p.shape, data: &p.value }).collect();
+        params.iter().map(|p| NamedTensor { name: &p.name, shape: &p.shape, data: p.value.host() }).collect();
     let copies = model.mtp_shared_copies();
-    tensors.extend(copies.iter().map(|(name, p)| NamedTensor { name, shape: &p.shape, data: &p.value }));
+    tensors.extend(copies.iter().map(|(name, p)| NamedTensor {
+        name,
+        shape: &p.shape,
+        data: p.value.host(),
+    }));
     Ok(save_hf_sharded(dir, model.config(), &tensors, dtype, max_shard_size)?)
 }

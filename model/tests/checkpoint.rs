@@ -23,7 +23,7 @@ fn params() -> Vec<Param<f32>> {
 }
 
 fn named(params: &[Param<f32>]) -> Vec<NamedTensor<'_>> {
-    params.iter().map(|p| NamedTensor { name: &p.name, shape: &p.shape, data: &p.value }).collect()
+    params.iter().map(|p| NamedTensor { name: &p.name, shape: &p.shape, data: p.value.host() }).collect()
 }
 
 #[test]
@@ -37,16 +37,16 @@ fn f32_and_bf16_round_trip() {
         assert_eq!(ckpt.config, config);
         let mut loaded = params();
         for p in &mut loaded {
-            p.value.iter_mut().for_each(|v| *v = f32::NAN);
+            p.value.host_mut().iter_mut().for_each(|v| *v = f32::NAN);
         }
         fill_params(&mut loaded.iter_mut().collect::<Vec<_>>(), &ckpt).unwrap();
         for (a, b) in original.iter().zip(&loaded) {
             let expected: Vec<f32> = match dtype {
-                WeightDtype::F32 => a.value.clone(),
-                WeightDtype::Bf16 => a.value.iter().map(|&v| bf16::from_f32(v).to_f32()).collect(),
+                WeightDtype::F32 => a.value.to_host_vec(),
+                WeightDtype::Bf16 => a.value.host().iter().map(|&v| bf16::from_f32(v).to_f32()).collect(),
                 WeightDtype::Fp8 => unreachable!("FP8 export is tested in tests/shard.rs"),
             };
-            assert_eq!(b.value, expected, "{}", a.name);
+            assert_eq!(b.value.host(), expected, "{}", a.name);
         }
         std::fs::remove_dir_all(&dir).unwrap();
     }
@@ -60,7 +60,7 @@ fn fp8_weights_with_block_scales_dequantize_on_load() {
     let (rows, cols) = (200, 300);
     let w =
         Param::<f32>::new("model.layers.0.mlp.up_proj.weight", &[rows, cols], Init::Normal { std: 1.0 }, 3);
-    let q = quantize(&w.value, rows, cols, Granularity::Block128x128, &QuantConfig::default()).unwrap();
+    let q = quantize(w.value.host(), rows, cols, Granularity::Block128x128, &QuantConfig::default()).unwrap();
     let scale_bytes: Vec<u8> = q.scales.iter().flat_map(|s| s.to_le_bytes()).collect();
     let views = vec![
         (w.name.clone(), TensorView::new(Dtype::F8_E4M3, vec![rows, cols], &q.codes).unwrap()),

@@ -48,7 +48,7 @@ fn data_parallel_step(ranks: &mut [Trainer]) -> Vec<StepRecord> {
     }
     let grads: Vec<Vec<Vec<f32>>> = ranks
         .iter_mut()
-        .map(|t| t.model.trainable_params_mut().iter().map(|p| p.grad.clone()).collect())
+        .map(|t| t.model.trainable_params_mut().iter().map(|p| p.grad.to_host_vec()).collect())
         .collect();
     let mut mean = grads[0].clone();
     for other in &grads[1..] {
@@ -63,7 +63,7 @@ fn data_parallel_step(ranks: &mut [Trainer]) -> Vec<StepRecord> {
         .iter_mut()
         .map(|t| {
             for (p, g) in t.model.trainable_params_mut().into_iter().zip(&mean) {
-                p.grad.copy_from_slice(g);
+                p.grad.host_mut().copy_from_slice(g);
             }
             t.apply_update(&merged, start).unwrap()
         })
@@ -95,8 +95,8 @@ fn two_ranks_take_the_single_process_steps() {
             whole.grad_norm
         );
     }
-    let a = &ranks[0].model.params()[0].value;
-    let b = &ranks[1].model.params()[0].value;
+    let a = ranks[0].model.params()[0].value.host();
+    let b = ranks[1].model.params()[0].value.host();
     assert_eq!(a, b, "both ranks hold the same weights");
 }
 

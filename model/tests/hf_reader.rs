@@ -121,7 +121,7 @@ fn fp8_shards_dequantize_with_partial_blocks() {
     let whole = load_hf(&dir).unwrap();
     let (_, values) = reader.tensor(name).unwrap();
     assert_eq!(values, whole.tensors[name].1);
-    let original = &model.params().into_iter().find(|p| p.name == name).unwrap().value;
+    let original = model.params().into_iter().find(|p| p.name == name).unwrap().value.host();
     let max_err = values.iter().zip(original).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
     let max_abs = original.iter().map(|v| v.abs()).fold(0.0, f32::max);
     assert!(max_err > 0.0 && max_err <= max_abs / 8.0, "E4M3 rounding: {max_err} of {max_abs}");
@@ -140,8 +140,8 @@ fn each_rank_of_a_pipeline_expert_layout_decodes_only_its_tensors() {
     let dir = temp_dir("ranks");
     let files = save_model(&model, &dir, WeightDtype::Bf16, 200_000).unwrap();
     assert!(files.len() >= 4, "{} shards", files.len());
-    let whole: std::collections::HashMap<&str, &Vec<f32>> =
-        model.params().into_iter().map(|p| (p.name.as_str(), &p.value)).collect();
+    let whole: std::collections::HashMap<&str, &[f32]> =
+        model.params().into_iter().map(|p| (p.name.as_str(), p.value.host())).collect();
     let mut covered = BTreeSet::new();
     let total = HfReader::open(&dir).unwrap().total_bytes();
     for stage in 0..2 {
@@ -160,7 +160,7 @@ fn each_rank_of_a_pipeline_expert_layout_decodes_only_its_tensors() {
             for p in rank.params() {
                 let expected: Vec<f32> =
                     whole[p.name.as_str()].iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect();
-                assert_eq!(p.value, expected, "{}", p.name);
+                assert_eq!(p.value.host(), expected, "{}", p.name);
                 covered.insert(p.name.clone());
             }
         }
@@ -203,8 +203,8 @@ fn checkpoints_without_mtp_seed_it_or_say_what_is_missing() {
     assert_eq!(report.loaded, main.len());
     assert!(!report.seeded.is_empty() && report.seeded.iter().all(|n| n.starts_with(&prefix)));
     for ((a, b), c) in model.params().iter().zip(target.params()).zip(fresh.params()) {
-        let expected = if a.name.starts_with(&prefix) { &c.value } else { &a.value };
-        assert_eq!(&b.value, expected, "{}", a.name);
+        let expected = if a.name.starts_with(&prefix) { c.value.host() } else { a.value.host() };
+        assert_eq!(b.value.host(), expected, "{}", a.name);
     }
 
     // Half an MTP module is neither loadable nor seedable.
@@ -219,7 +219,7 @@ fn checkpoints_without_mtp_seed_it_or_say_what_is_missing() {
 }
 
 fn named<'a>(ps: &[&'a Param<f32>]) -> Vec<NamedTensor<'a>> {
-    ps.iter().map(|p| NamedTensor { name: &p.name, shape: &p.shape, data: &p.value }).collect()
+    ps.iter().map(|p| NamedTensor { name: &p.name, shape: &p.shape, data: p.value.host() }).collect()
 }
 
 fn write_raw(path: &Path, tensors: &[(&str, Dtype, Vec<usize>, Vec<u8>)]) {

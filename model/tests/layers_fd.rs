@@ -22,18 +22,18 @@ fn linear_backward_matches_finite_differences() {
         project(&y, &r)
     };
     check_gradient("linear dx", &x, &dx, 100, loss_x);
-    let w = layer.weight.value.clone();
-    let dw = layer.weight.grad.clone();
+    let w = layer.weight.value.to_host_vec();
+    let dw = layer.weight.grad.to_host_vec();
     let mut probe = layer.clone();
     check_gradient("linear dW", &w, &dw, 100, |w| {
-        probe.weight.value.copy_from_slice(w);
+        probe.weight.value.host_mut().copy_from_slice(w);
         let mut y = vec![0.0; rows * out];
         probe.forward(&x, rows, &mut y, 1).unwrap();
         project(&y, &r)
     });
     // W accumulates; B with `accumulate` adds.
     layer.backward_weight(&r, &x, rows, 1).unwrap();
-    assert!(layer.weight.grad.iter().zip(&dw).all(|(a, b)| (a - 2.0 * b).abs() < 1e-12));
+    assert!(layer.weight.grad.host().iter().zip(&dw).all(|(a, b)| (a - 2.0 * b).abs() < 1e-12));
     let mut dx2 = dx.clone();
     layer.backward_input(&r, rows, &mut dx2, true, 1).unwrap();
     assert!(dx2.iter().zip(&dx).all(|(a, b)| (a - 2.0 * b).abs() < 1e-12));
@@ -66,12 +66,13 @@ fn swiglu_ffn_backward_matches_finite_differences() {
             (p.0.clone(), p.1.clone())
         };
         check_gradient(&format!("ffn weight {which}"), &value, &grad, 60, |w| {
-            probe.params_mut()[which].value.copy_from_slice(w);
+            probe.params_mut()[which].value.host_mut().copy_from_slice(w);
             loss(&probe, &x)
         });
     }
 }
 
 fn reference_params(f: &SwiGluFfn<f64>) -> [(Vec<f64>, Vec<f64>); 3] {
-    [&f.gate_proj, &f.up_proj, &f.down_proj].map(|l| (l.weight.value.clone(), l.weight.grad.clone()))
+    [&f.gate_proj, &f.up_proj, &f.down_proj]
+        .map(|l| (l.weight.value.to_host_vec(), l.weight.grad.to_host_vec()))
 }

@@ -87,7 +87,7 @@ fn layer<T: Real>(config: &ModelConfig, recompute: bool) -> Mla<T> {
     for (i, p) in mla.params_mut().into_iter().enumerate() {
         if p.name.ends_with("layernorm.weight") {
             let r = random(p.len(), 100 + i as u64);
-            p.value = cast(&r.iter().map(|r| 1.0 + 0.3 * r).collect::<Vec<_>>());
+            p.set_value(&cast(&r.iter().map(|r| 1.0 + 0.3 * r).collect::<Vec<_>>())).unwrap();
         }
     }
     mla
@@ -107,7 +107,7 @@ fn run<T: Real>(mla: &mut Mla<T>, x: &[T], r: &[T], batch: usize, seq: usize, th
     let mut dx = vec![T::zero(); x.len()];
     let g = mla.backward_input(&cache, r, &mut dx, false, threads).unwrap();
     mla.backward_weight(&cache, &g, &kept(x), threads).unwrap();
-    let grads = mla.params().iter().map(|p| p.grad.clone()).collect();
+    let grads = mla.params().iter().map(|p| p.grad.to_host_vec()).collect();
     Run { y, dx, grads, cache }
 }
 
@@ -131,8 +131,8 @@ fn check_layer(config: &ModelConfig, recompute: bool) {
     check_gradient("mla dx", &x, &out.dx, 60, |x| loss(&reference, x, &r, batch, seq));
     for (i, p) in reference.params().iter().enumerate() {
         let mut probe = reference.clone();
-        check_gradient(&p.name, &p.value, &p.grad, 40, |w| {
-            probe.params_mut()[i].value.copy_from_slice(w);
+        check_gradient(&p.name, p.value.host(), p.grad.host(), 40, |w| {
+            probe.params_mut()[i].value.host_mut().copy_from_slice(w);
             loss(&probe, &x, &r, batch, seq)
         });
     }
@@ -142,7 +142,7 @@ fn check_layer(config: &ModelConfig, recompute: bool) {
     mla.backward_weight(&out.cache, &g, &kept(&x), 1).unwrap();
     for (p, g1) in mla.params().iter().zip(&out.grads) {
         assert!(
-            p.grad.iter().zip(g1).all(|(a, b)| (a - 2.0 * b).abs() <= 1e-12 * b.abs().max(1.0)),
+            p.grad.host().iter().zip(g1).all(|(a, b)| (a - 2.0 * b).abs() <= 1e-12 * b.abs().max(1.0)),
             "{}",
             p.name
         );
@@ -200,7 +200,7 @@ fn parameters_have_hf_names_and_shapes() {
     ]
     .map(|(n, s)| (format!("{PREFIX}.{n}"), s));
     assert_eq!(got, want);
-    assert!(mla.params()[1].value.iter().all(|&v| v == 1.0));
+    assert!(mla.params()[1].value.host().iter().all(|&v| v == 1.0));
     let plain = Mla::<f32>::new(&tiny(None), PREFIX, 1, false).unwrap();
     assert_eq!(plain.params()[0].name, format!("{PREFIX}.q_proj.weight"));
     assert_eq!(plain.params()[0].shape, vec![16, 12]);
@@ -292,7 +292,7 @@ fn f32_agrees_with_f64() {
         let mut m32 = layer::<f32>(&config, false);
         let mut m64 = layer::<f64>(&config, false);
         for (p64, p32) in m64.params_mut().into_iter().zip(m32.params()) {
-            p64.value = widen(&p32.value);
+            p64.set_value(&widen(p32.value.host())).unwrap();
         }
         let (x, r) = (cast::<f32>(&random(n, 41)), cast::<f32>(&random(n, 42)));
         let a = run(&mut m32, &x, &r, batch, seq, 1);
@@ -374,8 +374,8 @@ fn rms_norm_layer_matches_finite_differences() {
     let (rows, dim) = (3, 7);
     let mut norm = RmsNorm::<f64>::new("model.layers.0.input_layernorm", dim, 1e-6);
     assert_eq!(norm.weight.name, "model.layers.0.input_layernorm.weight");
-    assert!(norm.weight.value.iter().all(|&w| w == 1.0));
-    norm.weight.value = random(dim, 70).iter().map(|r| 1.0 + 0.5 * r).collect();
+    assert!(norm.weight.value.host().iter().all(|&w| w == 1.0));
+    norm.weight.set_value(&random(dim, 70).iter().map(|r| 1.0 + 0.5 * r).collect::<Vec<_>>()).unwrap();
     let (x, r) = (random(rows * dim, 71), random(rows * dim, 72));
     let mut y = vec![0.0; x.len()];
     let cache = norm.forward(&x, rows, &mut y).unwrap();
@@ -390,8 +390,8 @@ fn rms_norm_layer_matches_finite_differences() {
     let reference = norm.clone();
     check_gradient("norm dx", &x, &dx, 100, |x| eval(&reference, x));
     let mut probe = reference.clone();
-    check_gradient("norm dW", &reference.weight.value, &reference.weight.grad, 100, |w| {
-        probe.weight.value.copy_from_slice(w);
+    check_gradient("norm dW", reference.weight.value.host(), reference.weight.grad.host(), 100, |w| {
+        probe.weight.value.host_mut().copy_from_slice(w);
         eval(&probe, &x)
     });
     let mut dx2 = dx.clone();

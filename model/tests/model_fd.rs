@@ -61,8 +61,9 @@ fn windows(count: usize, len: usize, vocab: usize, seed: u64) -> Vec<Vec<u32>> {
 fn micro_model(tied: bool, seed: u64) -> Model<f64> {
     let mut model = Model::<f64>::new(&micro(tied), seed, false).unwrap();
     for (i, moe) in model.moe_layers_mut().into_iter().enumerate() {
-        moe.e_score_correction_bias.value =
-            random(8, seed + 100 + i as u64).iter().map(|v| 0.1 * v).collect();
+        moe.e_score_correction_bias
+            .set_value(&random(8, seed + 100 + i as u64).iter().map(|v| 0.1 * v).collect::<Vec<_>>())
+            .unwrap();
     }
     model
 }
@@ -115,7 +116,7 @@ fn reference(model: &Model<f64>, windows: &[Vec<u32>], seq: usize, cfg: &LossCon
         model.embed_tokens.forward(tokens, &mut e).unwrap();
         e
     };
-    let head = &model.head_weight().value;
+    let head = model.head_weight().value.host();
     let (mut selections, mut balance) = (Vec::new(), 0.0);
     let mut record = |cache: &flotilla_model::block::BlockCache<f64>| {
         if let Some(m) = cache.moe() {
@@ -140,7 +141,7 @@ fn reference(model: &Model<f64>, windows: &[Vec<u32>], seq: usize, cfg: &LossCon
         let (mut e_n, mut h_n) = (vec![0.0; rows * hidden], vec![0.0; rows * hidden]);
         module.enorm.forward(&emb, rows, &mut e_n).unwrap();
         module.hnorm.forward(&h_prev, rows, &mut h_n).unwrap();
-        let w = &module.eh_proj.weight.value;
+        let w = module.eh_proj.weight.value.host();
         assert_eq!(module.eh_proj.weight.shape, vec![hidden, 2 * hidden]);
         let mut x = vec![0.0; rows * hidden];
         for r in 0..rows {
@@ -192,9 +193,9 @@ fn fd_check_all(model: &Model<f64>, windows: &[Vec<u32>], per_tensor: usize) -> 
     for p in trained.params() {
         let mut probe = model.clone();
         let name = p.name.clone();
-        check_gradient(&name, &p.value, &p.grad, per_tensor, |v| {
+        check_gradient(&name, p.value.host(), p.grad.host(), per_tensor, |v| {
             let target = probe.params_mut().into_iter().find(|q| q.name == name).unwrap();
-            target.value.copy_from_slice(v);
+            target.value.host_mut().copy_from_slice(v);
             let r = reference(&probe, windows, SEQ, &LOSS);
             assert!(
                 r.selections == base.selections,
@@ -203,7 +204,7 @@ fn fd_check_all(model: &Model<f64>, windows: &[Vec<u32>], per_tensor: usize) -> 
             probe.loss(windows, SEQ, &LOSS, 1).unwrap().loss
         });
         if name.ends_with("e_score_correction_bias") {
-            assert!(p.grad.iter().all(|&g| g == 0.0), "{name} gets no gradient");
+            assert!(p.grad.host().iter().all(|&g| g == 0.0), "{name} gets no gradient");
         }
         checked += 1;
     }
@@ -233,8 +234,8 @@ fn tied_embedding_gradient_matches_finite_differences() {
     let _ = trained.forward_backward(&w, SEQ, &LOSS, 1).unwrap();
     let e = &trained.embed_tokens.weight;
     let mut probe = model.clone();
-    check_gradient("tied embedding", &e.value, &e.grad, e.len(), |v| {
-        probe.embed_tokens.weight.value.copy_from_slice(v);
+    check_gradient("tied embedding", e.value.host(), e.grad.host(), e.len(), |v| {
+        probe.embed_tokens.weight.value.host_mut().copy_from_slice(v);
         probe.loss(&w, SEQ, &LOSS, 1).unwrap().loss
     });
     fd_check_all(&model, &w, 3);
@@ -281,12 +282,12 @@ fn gradients_accumulate_and_loss_equals_forward_backward() {
     let eval = model.loss(&w, SEQ, &LOSS, 1).unwrap();
     let first = model.forward_backward(&w, SEQ, &LOSS, 1).unwrap();
     assert_eq!(eval, first, "loss and forward_backward report the same statistics, bit for bit");
-    let once: Vec<Vec<f64>> = model.params().iter().map(|p| p.grad.clone()).collect();
+    let once: Vec<Vec<f64>> = model.params().iter().map(|p| p.grad.to_host_vec()).collect();
     assert!(once.iter().flatten().any(|&g| g != 0.0));
     let second = model.forward_backward(&w, SEQ, &LOSS, 1).unwrap();
     assert_eq!(first, second, "gradients do not change the forward");
     for (p, g1) in model.params().iter().zip(&once) {
-        for (&g2, &g1) in p.grad.iter().zip(g1) {
+        for (&g2, &g1) in p.grad.host().iter().zip(g1) {
             assert!(
                 (g2 - 2.0 * g1).abs() <= 1e-12 * g1.abs().max(1e-300) + 1e-15,
                 "{}: {g2} vs 2·{g1}",
@@ -295,7 +296,7 @@ fn gradients_accumulate_and_loss_equals_forward_backward() {
         }
     }
     model.zero_grad();
-    assert!(model.params().iter().all(|p| p.grad.iter().all(|&g| g == 0.0)));
+    assert!(model.params().iter().all(|p| p.grad.host().iter().all(|&g| g == 0.0)));
 }
 
 /// Tiny in f32: bit-identical statistics and gradients for 1 and 2 threads, and with and
@@ -309,7 +310,7 @@ fn f32_is_deterministic_across_threads_and_recompute() {
         let mut model = Model::<f32>::new(&cfg, 1, recompute).unwrap();
         let stats = model.forward_backward(&w, seq, &LossConfig::default(), threads).unwrap();
         let grads: Vec<Vec<u32>> =
-            model.params().iter().map(|p| p.grad.iter().map(|g| g.to_bits()).collect()).collect();
+            model.params().iter().map(|p| p.grad.host().iter().map(|g| g.to_bits()).collect()).collect();
         (stats, grads)
     };
     let (s1, g1) = run(1, false);
@@ -381,11 +382,11 @@ fn parameters_are_named_as_hf_and_mtp_shares_embedding_and_head() {
     // The bias update reaches every MoE layer, main then MTP.
     let loads = vec![vec![5, 0, 0, 0, 0, 0, 0, 0]; 3];
     let before: Vec<Vec<f64>> =
-        model.moe_layers().iter().map(|m| m.e_score_correction_bias.value.clone()).collect();
+        model.moe_layers().iter().map(|m| m.e_score_correction_bias.value.to_host_vec()).collect();
     model.update_bias(&loads, 0.01).unwrap();
     for (moe, b) in model.moe_layers().iter().zip(&before) {
-        assert!((moe.e_score_correction_bias.value[0] - (b[0] - 0.01)).abs() < 1e-15);
-        assert!((moe.e_score_correction_bias.value[1] - (b[1] + 0.01)).abs() < 1e-15);
+        assert!((moe.e_score_correction_bias.value.host()[0] - (b[0] - 0.01)).abs() < 1e-15);
+        assert!((moe.e_score_correction_bias.value.host()[1] - (b[1] + 0.01)).abs() < 1e-15);
     }
     assert!(model.update_bias(&loads[..2], 0.01).is_err());
 }
@@ -416,7 +417,7 @@ fn bad_windows_and_tokens_are_errors_naming_them() {
     let e = msg(model.loss(&windows(1, 19, 11, 1), 17, &LOSS, 1).unwrap_err());
     assert!(e.contains("self_attn"), "{e}");
     // Nothing was accumulated by the failed calls.
-    assert!(model.params().iter().all(|p| p.grad.iter().all(|&g| g == 0.0)));
+    assert!(model.params().iter().all(|p| p.grad.host().iter().all(|&g| g == 0.0)));
 }
 
 #[test]

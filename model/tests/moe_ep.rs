@@ -53,7 +53,7 @@ fn config() -> ModelConfig {
 fn layer(shard: ExpertShard, precision: Precision, bias: &[f32]) -> MoeLayer<f32> {
     let mut layer = MoeLayer::<f32>::new_sharded(&config(), PREFIX, SEED, shard).unwrap();
     layer.set_precision(precision);
-    layer.e_score_correction_bias.value = bias.to_vec();
+    layer.e_score_correction_bias.set_value(bias).unwrap();
     layer
 }
 
@@ -270,8 +270,8 @@ fn compare(ep: &[RankRun], single: &[RankRun], tol: &Tolerances) -> f64 {
         let gate = format!("{PREFIX}.gate.weight");
         check(
             &format!("rank {r} gate"),
-            &param(&e.layer, &gate).grad,
-            &param(&s.layer, &gate).grad,
+            param(&e.layer, &gate).grad.host(),
+            param(&s.layer, &gate).grad.host(),
             tol.gate,
         );
         for w in ["gate_proj", "up_proj", "down_proj"] {
@@ -279,8 +279,8 @@ fn compare(ep: &[RankRun], single: &[RankRun], tol: &Tolerances) -> f64 {
             // Home-local: the same dy and input in every precision.
             check(
                 &format!("rank {r} {name}"),
-                &param(&e.layer, &name).grad,
-                &param(&s.layer, &name).grad,
+                param(&e.layer, &name).grad.host(),
+                param(&s.layer, &name).grad.host(),
                 None,
             );
         }
@@ -305,9 +305,9 @@ fn compare(ep: &[RankRun], single: &[RankRun], tol: &Tolerances) -> f64 {
             let name = format!("{PREFIX}.experts.{expert}.{w}.weight");
             let mut sum = vec![0f32; param(owner, &name).grad.len()];
             for run in single {
-                sum.iter_mut().zip(&param(&run.layer, &name).grad).for_each(|(a, &b)| *a += b);
+                sum.iter_mut().zip(param(&run.layer, &name).grad.host()).for_each(|(a, &b)| *a += b);
             }
-            worst = worst.max(check(&name, &param(owner, &name).grad, &sum, Some(tol.experts)));
+            worst = worst.max(check(&name, param(owner, &name).grad.host(), &sum, Some(tol.experts)));
             for (r, run) in ep.iter().enumerate() {
                 assert_eq!(
                     run.layer.params().iter().any(|p| p.name == name),
@@ -431,7 +431,7 @@ fn worst(a: &[RankRun], b: &[RankRun], f: impl Fn(&RankRun) -> Vec<f32>) -> f64 
 }
 
 fn gate_grad(r: &RankRun) -> Vec<f32> {
-    param(&r.layer, &format!("{PREFIX}.gate.weight")).grad.clone()
+    param(&r.layer, &format!("{PREFIX}.gate.weight")).grad.to_host_vec()
 }
 
 /// Every routed expert's three weight gradients, concatenated, from the owners (`ep`) or
@@ -443,11 +443,11 @@ fn expert_grads(runs: &[RankRun], ep: bool) -> Vec<f32> {
         for w in ["gate_proj", "up_proj", "down_proj"] {
             let name = format!("{PREFIX}.experts.{e}.{w}.weight");
             if ep {
-                out.extend_from_slice(&param(&runs[e / (n / runs.len())].layer, &name).grad);
+                out.extend_from_slice(param(&runs[e / (n / runs.len())].layer, &name).grad.host());
             } else {
                 let mut sum = vec![0f32; param(&runs[0].layer, &name).grad.len()];
                 for r in runs {
-                    sum.iter_mut().zip(&param(&r.layer, &name).grad).for_each(|(a, &b)| *a += b);
+                    sum.iter_mut().zip(param(&r.layer, &name).grad.host()).for_each(|(a, &b)| *a += b);
                 }
                 out.extend(sum);
             }

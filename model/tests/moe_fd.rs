@@ -126,7 +126,10 @@ fn fd_check(top_k: usize, norm: bool, alpha: f64, seed: u64) {
     let (batch, seq_len, h) = (2, 5, cfg.hidden_size);
     let tokens = batch * seq_len;
     let mut layer = MoeLayer::<f64>::new(&cfg, PREFIX, seed).unwrap();
-    layer.e_score_correction_bias.value = random(8, seed + 1).iter().map(|v| 0.1 * v).collect();
+    layer
+        .e_score_correction_bias
+        .set_value(&random(8, seed + 1).iter().map(|v| 0.1 * v).collect::<Vec<_>>())
+        .unwrap();
     let x = random(tokens * h, seed + 2);
     let r = random(tokens * h, seed + 3);
     let c = 0.7; // upstream gradient of the total loss w.r.t. L_bal
@@ -136,7 +139,7 @@ fn fd_check(top_k: usize, norm: bool, alpha: f64, seed: u64) {
     let selection = chosen_sets(&cache);
     let mut min_margin = f64::INFINITY;
     for (t, (s, chosen)) in cache.scores.chunks(8).zip(&selection).enumerate() {
-        let (set, margin) = brute_route(&layer.routing, s, &layer.e_score_correction_bias.value);
+        let (set, margin) = brute_route(&layer.routing, s, layer.e_score_correction_bias.value.host());
         assert_eq!(&set, chosen, "token {t}");
         min_margin = min_margin.min(margin);
     }
@@ -151,7 +154,7 @@ fn fd_check(top_k: usize, norm: bool, alpha: f64, seed: u64) {
     let mut dx = vec![0.0; tokens * h];
     let grads = layer.backward_input(&cache, &r, c, &mut dx, false, 1, &mut LocalExchange).unwrap();
     layer.backward_weight(&cache, &grads, &x, &kept(&x), 1).unwrap();
-    assert!(layer.e_score_correction_bias.grad.iter().all(|&g| g == 0.0), "the bias gets no gradient");
+    assert!(layer.e_score_correction_bias.grad.host().iter().all(|&g| g == 0.0), "the bias gets no gradient");
 
     let reference = layer.clone();
     let loss = |l: &MoeLayer<f64>, x: &[f64]| {
@@ -163,8 +166,8 @@ fn fd_check(top_k: usize, norm: bool, alpha: f64, seed: u64) {
     check_gradient("moe dx", &x, &dx, 200, |x| loss(&reference, x));
 
     let mut probe = reference.clone();
-    check_gradient("moe gate", &reference.gate.value, &reference.gate.grad, 200, |w| {
-        probe.gate.value.copy_from_slice(w);
+    check_gradient("moe gate", reference.gate.value.host(), reference.gate.grad.host(), 200, |w| {
+        probe.gate.value.host_mut().copy_from_slice(w);
         loss(&probe, &x)
     });
 
@@ -174,20 +177,20 @@ fn fd_check(top_k: usize, norm: bool, alpha: f64, seed: u64) {
         let mut probe = reference.clone();
         let p = &reference.experts[busiest].params_ref()[which];
         check_gradient(&format!("moe expert {busiest} weight {which}"), &p.0, &p.1, 60, |w| {
-            probe.experts[busiest].params_mut()[which].value.copy_from_slice(w);
+            probe.experts[busiest].params_mut()[which].value.host_mut().copy_from_slice(w);
             loss(&probe, &x)
         });
         let mut probe = reference.clone();
         let p = &reference.shared_experts.as_ref().unwrap().params_ref()[which];
         check_gradient(&format!("moe shared weight {which}"), &p.0, &p.1, 60, |w| {
-            probe.shared_experts.as_mut().unwrap().params_mut()[which].value.copy_from_slice(w);
+            probe.shared_experts.as_mut().unwrap().params_mut()[which].value.host_mut().copy_from_slice(w);
             loss(&probe, &x)
         });
     }
     // An expert no token chose gets a zero gradient.
     for (e, ffn) in reference.experts.iter().enumerate() {
         if cache.expert_load[e] == 0 {
-            assert!(ffn.gate_proj.weight.grad.iter().all(|&g| g == 0.0));
+            assert!(ffn.gate_proj.weight.grad.host().iter().all(|&g| g == 0.0));
         }
     }
 }
@@ -199,7 +202,7 @@ trait ParamsRef {
 impl ParamsRef for flotilla_model::ffn::SwiGluFfn<f64> {
     fn params_ref(&self) -> [(Vec<f64>, Vec<f64>); 3] {
         [&self.gate_proj, &self.up_proj, &self.down_proj]
-            .map(|l| (l.weight.value.clone(), l.weight.grad.clone()))
+            .map(|l| (l.weight.value.to_host_vec(), l.weight.grad.to_host_vec()))
     }
 }
 
@@ -294,7 +297,7 @@ fn bias_changes_selection_but_not_weights() {
     let x = random(tokens * 8, 8);
     let mut y = vec![0.0; tokens * 8];
     let before = forward(&layer, &x, 5, 10, 0.0, &mut y, 1).unwrap();
-    layer.e_score_correction_bias.value[7] = 10.0;
+    layer.e_score_correction_bias.value.host_mut()[7] = 10.0;
     let after = forward(&layer, &x, 5, 10, 0.0, &mut y, 1).unwrap();
     assert_eq!(after.expert_load[7], tokens as u64);
     assert_ne!(before.routing.experts, after.routing.experts);
@@ -310,7 +313,10 @@ fn layer_matches_naive_per_token_computation() {
     let (batch, seq_len, h, n, k) = (3, 4, 8, 8, 3);
     let tokens = batch * seq_len;
     let mut layer = MoeLayer::<f64>::new(&cfg, PREFIX, 5).unwrap();
-    layer.e_score_correction_bias.value = random(n, 6).iter().map(|v| 0.2 * v).collect();
+    layer
+        .e_score_correction_bias
+        .set_value(&random(n, 6).iter().map(|v| 0.2 * v).collect::<Vec<_>>())
+        .unwrap();
     let x = random(tokens * h, 9);
     let mut y = vec![0.0; tokens * h];
     let alpha = 0.3;
@@ -327,11 +333,11 @@ fn layer_matches_naive_per_token_computation() {
             let s: Vec<f64> = (0..n)
                 .map(|e| {
                     let u: f64 =
-                        xt.iter().zip(&layer.gate.value[e * h..(e + 1) * h]).map(|(a, b)| a * b).sum();
+                        xt.iter().zip(&layer.gate.value.host()[e * h..(e + 1) * h]).map(|(a, b)| a * b).sum();
                     1.0 / (1.0 + (-u).exp())
                 })
                 .collect();
-            let (chosen, _) = brute_route(&layer.routing, &s, &layer.e_score_correction_bias.value);
+            let (chosen, _) = brute_route(&layer.routing, &s, layer.e_score_correction_bias.value.host());
             let sum: f64 = chosen.iter().map(|&e| s[e]).sum();
             let mut expected = vec![0.0; h];
             shared.forward(&kept(xt), 1, &mut expected, 1).unwrap();
@@ -367,8 +373,11 @@ fn layer_matches_naive_per_token_computation() {
 fn update_bias_follows_the_rule() {
     let mut layer = MoeLayer::<f64>::new(&small_config(2, true), PREFIX, 1).unwrap();
     layer.update_bias(&[5, 1, 2, 2, 3, 1, 2, 0], 0.01).unwrap(); // mean 2
-    assert_eq!(layer.e_score_correction_bias.value, vec![-0.01, 0.01, 0.0, 0.0, -0.01, 0.01, 0.0, 0.01]);
-    assert!(layer.e_score_correction_bias.grad.iter().all(|&g| g == 0.0));
+    assert_eq!(
+        layer.e_score_correction_bias.value.host(),
+        vec![-0.01, 0.01, 0.0, 0.0, -0.01, 0.01, 0.0, 0.01]
+    );
+    assert!(layer.e_score_correction_bias.grad.host().iter().all(|&g| g == 0.0));
     assert_eq!(max_over_mean_load(&[5, 1, 2, 2, 3, 1, 2, 0]), 2.5);
     assert_eq!(max_over_mean_load(&[0; 4]), 1.0);
     let err = layer.update_bias(&[1, 2], 0.01).unwrap_err().to_string();
@@ -391,7 +400,7 @@ fn update_bias_restores_balance() {
     let mut layer = MoeLayer::<f32>::new(&cfg, PREFIX, 2).unwrap();
     let offset: Vec<f32> = (0..h).map(|j| if j % 2 == 0 { 0.5 } else { -0.5 }).collect();
     for e in [1, 2, 5, 6] {
-        for (w, o) in layer.gate.value[e * h..(e + 1) * h].iter_mut().zip(&offset) {
+        for (w, o) in layer.gate.value.host_mut()[e * h..(e + 1) * h].iter_mut().zip(&offset) {
             *w += 0.8 * o;
         }
     }
@@ -409,7 +418,7 @@ fn update_bias_restores_balance() {
     // It settles at 1.4–1.6 (the bias steps by ±γ around balance, so loads oscillate).
     assert!(last < 1.75, "max/mean load went from {first} to {last}");
     for e in [1, 2, 5, 6] {
-        assert!(layer.e_score_correction_bias.value[e] < -0.1, "favoured experts get a negative bias");
+        assert!(layer.e_score_correction_bias.value.host()[e] < -0.1, "favoured experts get a negative bias");
     }
 }
 
@@ -435,7 +444,7 @@ fn results_do_not_depend_on_threads() {
             layer.backward_input(&cache, &dy, 1.0, &mut dx, false, threads, &mut LocalExchange).unwrap();
         layer.backward_weight(&cache, &grads, &x, &kept(&x), threads).unwrap();
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
-        let grads: Vec<Vec<u32>> = layer.params().iter().map(|p| bits(&p.grad)).collect();
+        let grads: Vec<Vec<u32>> = layer.params().iter().map(|p| bits(p.grad.host())).collect();
         (bits(&y), bits(&dx), cache.balance_loss.to_bits(), cache.expert_load, grads)
     };
     assert_eq!(run(1), run(2));
@@ -453,7 +462,7 @@ fn names_shapes_and_errors() {
     );
     assert_eq!(params[1].name, "model.layers.3.mlp.gate.e_score_correction_bias");
     assert_eq!(params[1].shape, vec![8]);
-    assert!(params[1].value.iter().all(|&b| b == 0.0));
+    assert!(params[1].value.host().iter().all(|&b| b == 0.0));
     assert_eq!(params[2].name, "model.layers.3.mlp.shared_experts.gate_proj.weight");
     assert_eq!(params[4].shape, vec![8, 6]);
     assert_eq!(params[5].name, "model.layers.3.mlp.experts.0.gate_proj.weight");

@@ -77,7 +77,7 @@ fn run(l: &mut Linear<f32>, x: &[f32], dy: &[f32], threads: usize) -> Pass {
     l.backward_input(dy, ROWS, &mut dx, false, threads).unwrap();
     l.weight.zero_grad();
     l.backward_weight_from(dy, &kept.wgrad_input(&BE).unwrap(), ROWS, threads).unwrap();
-    Pass { y, dx, dw: l.weight.grad.clone() }
+    Pass { y, dx, dw: l.weight.grad.to_host_vec() }
 }
 
 /// The same on the f32 `x` (`forward`, `backward_weight`): under fp8 Wgrad quantizes `x`
@@ -89,7 +89,7 @@ fn run_f32_input(l: &mut Linear<f32>, x: &[f32], dy: &[f32], threads: usize) -> 
     l.backward_input(dy, ROWS, &mut dx, false, threads).unwrap();
     l.weight.zero_grad();
     l.backward_weight(dy, x, ROWS, threads).unwrap();
-    Pass { y, dx, dw: l.weight.grad.clone() }
+    Pass { y, dx, dw: l.weight.grad.to_host_vec() }
 }
 
 #[test]
@@ -171,7 +171,7 @@ fn bf16_is_rounded_operands_on_the_f32_gemm() {
     let (x, dy) = inputs();
     let mut l = layer(Precision::Bf16);
     let got = run(&mut l, &x, &dy, 2);
-    let (xr, dyr, wr) = (round(&x), round(&dy), round(&l.weight.value));
+    let (xr, dyr, wr) = (round(&x), round(&dy), round(l.weight.value.host()));
     fn view(v: &[f32], r: usize, c: usize) -> MatRef<'_, f32> {
         MatRef::row_major(v, r, c, "m").unwrap()
     }
@@ -191,7 +191,7 @@ fn fp8_gemms_use_the_recipe_granularities() {
     let (x, dy) = inputs();
     let mut l = layer(Precision::Fp8);
     let got = run(&mut l, &x, &dy, 2);
-    let w = &l.weight.value;
+    let w = l.weight.value.host();
 
     // Fprop: x in 1×128 tiles along `in`, W in 128×128 blocks.
     let qx = quantize(&x, ROWS, IN, Granularity::Tile1x128, &FP8_QUANT).unwrap();
@@ -262,7 +262,7 @@ fn accumulating_backward_input_adds_the_product() {
         let kept = l.cache_input(&x, ROWS).unwrap();
         l.backward_weight_from(&dy, &kept.wgrad_input(&BE).unwrap(), ROWS, 1).unwrap();
         let twice: Vec<f32> = base.dw.iter().map(|g| g + g).collect();
-        assert!(bits_equal(&l.weight.grad, &twice), "{precision} Wgrad accumulation");
+        assert!(bits_equal(l.weight.grad.host(), &twice), "{precision} Wgrad accumulation");
     }
 }
 
@@ -459,7 +459,7 @@ fn fp8_recompute_is_bit_identical() {
         let w = windows(&model, 2, 32);
         let stats = model.forward_backward(&w, 32, &loss, 2).unwrap();
         let grads: Vec<Vec<u32>> =
-            model.params().iter().map(|p| p.grad.iter().map(|g| g.to_bits()).collect()).collect();
+            model.params().iter().map(|p| p.grad.host().iter().map(|g| g.to_bits()).collect()).collect();
         (stats.loss.to_bits(), grads)
     };
     assert!(run(false) == run(true));
@@ -473,19 +473,41 @@ fn the_cpu_backend_opened_for_the_model_is_the_default() {
     let run = |set: bool| {
         let mut model = tiny(Precision::Fp8, false);
         if set {
-            model.set_backend(backend::open(Device::Cpu).unwrap());
+            model.set_backend(backend::open(Device::Cpu).unwrap()).unwrap();
         }
         assert_eq!(model.backend(), BE);
+        assert!(
+            model.params().iter().all(|p| p.value.device() == Device::Cpu && p.grad.device() == Device::Cpu)
+        );
         assert!(
             model.layers.iter().all(|b| b.self_attn.o_proj.backend == BE && b.input_layernorm.backend == BE)
         );
         let w = windows(&model, 2, 32);
         let stats = model.forward_backward(&w, 32, &loss, 2).unwrap();
         let grads: Vec<Vec<u32>> =
-            model.params().iter().map(|p| p.grad.iter().map(|g| g.to_bits()).collect()).collect();
+            model.params().iter().map(|p| p.grad.host().iter().map(|g| g.to_bits()).collect()).collect();
         (stats.loss.to_bits(), grads)
     };
     assert!(run(false) == run(true));
+}
+
+/// A pipeline rank's `set_backend` places every parameter it holds on the backend's
+/// device and leaves values and gradients as they were.
+#[test]
+fn a_rank_model_places_its_parameters_on_its_backend() {
+    use flotilla_model::moe::ExpertShard;
+    use flotilla_model::pipeline::{RankModel, StageLayout};
+    let config = Preset::Tiny.config();
+    let layout = StageLayout::new(&config, &[config.num_hidden_layers]).unwrap();
+    let shard = ExpertShard { rank: 0, size: 1 };
+    let mut rank = RankModel::<f32>::new(&config, layout, &[0], shard, 3, false, Precision::Fp32).unwrap();
+    rank.params_mut()[0].grad.host_mut()[0] = 0.5;
+    let before: Vec<_> = rank.params().into_iter().cloned().collect();
+    rank.set_backend(backend::open(Device::Cpu).unwrap()).unwrap();
+    assert_eq!(rank.backend(), BE);
+    let after: Vec<_> = rank.params().into_iter().cloned().collect();
+    assert!(!after.is_empty() && after == before);
+    assert!(after.iter().all(|p| p.value.device() == Device::Cpu && p.grad.device() == Device::Cpu));
 }
 
 /// The whole model's gradients under fp8 against fp32 (one step from the same weights):
@@ -497,7 +519,7 @@ fn fp8_model_gradients_are_close_to_fp32() {
         let mut model = tiny(precision, false);
         let w = windows(&model, 8, 64);
         model.forward_backward(&w, 64, &loss, 2).unwrap();
-        model.params().iter().map(|p| (p.name.clone(), p.grad.clone())).collect::<Vec<_>>()
+        model.params().iter().map(|p| (p.name.clone(), p.grad.to_host_vec())).collect::<Vec<_>>()
     };
     let (reference, fp8) = (grads(Precision::Fp32), grads(Precision::Fp8));
     let flat = |g: &[(String, Vec<f32>)]| g.iter().flat_map(|(_, v)| v.iter().copied()).collect::<Vec<f32>>();
@@ -624,7 +646,11 @@ fn fp8_training_is_deterministic() {
     assert_eq!(losses(&a), losses(&b), "two runs");
     assert_eq!(losses(&a), losses(&c), "1 vs 2 threads");
     for ((p, q), r) in ta.model.params().iter().zip(tb.model.params()).zip(tc.model.params()) {
-        assert!(bits_equal(&p.value, &q.value) && bits_equal(&p.value, &r.value), "{}", p.name);
+        assert!(
+            bits_equal(p.value.host(), q.value.host()) && bits_equal(p.value.host(), r.value.host()),
+            "{}",
+            p.name
+        );
     }
     // And it is not the fp32 run.
     let (d, _) = train("fp32", 4, 2);

@@ -463,8 +463,10 @@ fn fp8_export_is_deepseeks_form_and_loads_back() {
 
     let model = &trained.model;
     let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> =
-        model.params().iter().map(|p| (p.name.clone(), p.shape.clone(), p.value.clone())).collect();
-    tensors.extend(model.mtp_shared_copies().into_iter().map(|(n, p)| (n, p.shape.clone(), p.value.clone())));
+        model.params().iter().map(|p| (p.name.clone(), p.shape.clone(), p.value.to_host_vec())).collect();
+    tensors.extend(
+        model.mtp_shared_copies().into_iter().map(|(n, p)| (n, p.shape.clone(), p.value.to_host_vec())),
+    );
     let ckpt = load_hf(&dir).unwrap();
     assert_eq!(&ckpt.config, model.config());
     assert_eq!(ckpt.tensors.len(), tensors.len());

@@ -164,7 +164,7 @@ fn flatten_grads(trainer: &mut Trainer) -> Vec<f32> {
     let params = trainer.model.trainable_params_mut();
     let mut flat = Vec::with_capacity(params.iter().map(|p| p.grad.len()).sum());
     for p in &params {
-        flat.extend_from_slice(&p.grad);
+        flat.extend_from_slice(p.grad.host());
     }
     flat
 }
@@ -177,7 +177,7 @@ fn scatter_mean_grads(trainer: &mut Trainer, summed: &[f32], world: usize) {
     for p in trainer.model.trainable_params_mut() {
         // The buffer was built from these very parameters, whose lengths do not change.
         let (mine, tail) = rest.split_at(p.grad.len().min(rest.len()));
-        for (g, &s) in p.grad.iter_mut().zip(mine) {
+        for (g, &s) in p.grad.host_mut().iter_mut().zip(mine) {
             *g = s / divisor;
         }
         rest = tail;

@@ -56,7 +56,7 @@ struct RankRun {
 }
 
 fn params_of(trainer: &PipelineTrainer) -> Params {
-    trainer.model.params().into_iter().map(|p| (p.name.clone(), p.value.clone())).collect()
+    trainer.model.params().into_iter().map(|p| (p.name.clone(), p.value.to_host_vec())).collect()
 }
 
 /// Runs every rank of `layout` up to step `STEPS`: each restores the checkpoint `resume`
@@ -129,7 +129,7 @@ fn assert_same_values(what: &str, got: &Params, want: &Params) {
 }
 
 fn trainer_params(trainer: &Trainer) -> Params {
-    trainer.model.params().into_iter().map(|p| (p.name.clone(), p.value.clone())).collect()
+    trainer.model.params().into_iter().map(|p| (p.name.clone(), p.value.to_host_vec())).collect()
 }
 
 #[test]

@@ -58,7 +58,7 @@ async fn run_group(world: usize, session: u64) -> Vec<(Vec<StepRecord>, Vec<Vec<
                     records.push(data_parallel_step(&mut t, &comm).await.expect("a data-parallel step"));
                 }
                 comm.shutdown().await.expect("a clean shutdown");
-                let weights = t.model.params().iter().map(|p| p.value.clone()).collect();
+                let weights = t.model.params().iter().map(|p| p.value.to_host_vec()).collect();
                 (records, weights)
             })
         })
@@ -78,7 +78,7 @@ fn rel(a: f64, b: f64) -> f64 {
 async fn ranks_agree_and_match_one_process() {
     let mut single = trainer();
     let whole: Vec<StepRecord> = (0..STEPS).map(|_| single.train_step().expect("a step")).collect();
-    let single_weights: Vec<Vec<f32>> = single.model.params().iter().map(|p| p.value.clone()).collect();
+    let single_weights: Vec<Vec<f32>> = single.model.params().iter().map(|p| p.value.to_host_vec()).collect();
 
     for (world, session) in [(1, 11), (2, 12), (4, 14)] {
         let ranks = run_group(world, session).await;

@@ -51,7 +51,8 @@ fn run_layout(toml: &str, parallel: Parallel, nodes: &[String]) -> Vec<RankRun> 
             bubble.push(step.bubble_fraction);
             exchange.push(step.exchange);
         }
-        let params = trainer.model.params().into_iter().map(|p| (p.name.clone(), p.value.clone())).collect();
+        let params =
+            trainer.model.params().into_iter().map(|p| (p.name.clone(), p.value.to_host_vec())).collect();
         RankRun { records, params, bubble, exchange }
     })
 }
@@ -67,7 +68,7 @@ fn reference(toml: &str) -> Reference {
     let (config, model) = parse(toml);
     let mut trainer = Trainer::new(config, &model).unwrap();
     let by_name =
-        |t: &Trainer| t.model.params().into_iter().map(|p| (p.name.clone(), p.value.clone())).collect();
+        |t: &Trainer| t.model.params().into_iter().map(|p| (p.name.clone(), p.value.to_host_vec())).collect();
     let initial = by_name(&trainer);
     let records = (0..STEPS).map(|_| trainer.train_step().unwrap()).collect();
     Reference { records, initial, last: by_name(&trainer) }

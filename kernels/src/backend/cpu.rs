@@ -2,7 +2,7 @@
 //! in this crate and nothing else, so it is bit-identical to that function by
 //! construction; the math lives in those functions, not here.
 
-use super::{Backend, Device};
+use super::{Backend, BackendError, Buffer, Device};
 use crate::KernelError;
 use crate::attention::{AttentionShape, attention_backward, attention_forward};
 use crate::gemm::{Accumulation, GemmFloat, GemmOutput, MatMut, MatRef};
@@ -19,6 +19,19 @@ pub struct CpuBackend;
 impl Backend for CpuBackend {
     fn device(&self) -> Device {
         Device::Cpu
+    }
+
+    fn upload<T: GemmFloat>(&self, host: &[T]) -> Result<Buffer<T>, BackendError> {
+        Ok(Buffer::from_host(host.to_vec()))
+    }
+
+    fn download<T: GemmFloat>(&self, buffer: &Buffer<T>) -> Result<Vec<T>, BackendError> {
+        // The CPU's memory is the host's: its buffers are read in place.
+        Ok(buffer.to_host_vec())
+    }
+
+    fn zeros<T: GemmFloat>(&self, len: usize) -> Result<Buffer<T>, BackendError> {
+        Ok(Buffer::from_host(vec![T::zero(); len]))
     }
 
     fn matmul<T: GemmFloat>(

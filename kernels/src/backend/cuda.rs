@@ -5,8 +5,12 @@
 //! uninhabited value, so each op is `match self.never {}`: the compiler proves that no
 //! op can run, and the trait is still checked to be implemented in full. The feature
 //! pulls in no dependency (no CUDA toolkit is needed to build it).
+//!
+//! [`CudaBuffer`] is the device allocation a [`super::Buffer::Cuda`] holds: uninhabited in
+//! the same way, so no code path can meet a CUDA buffer and the host views of
+//! [`super::Buffer`] are total.
 
-use super::{Backend, BackendError, Device};
+use super::{Backend, BackendError, Buffer, Device};
 use crate::KernelError;
 use crate::attention::AttentionShape;
 use crate::gemm::{Accumulation, GemmFloat, GemmOutput, MatMut, MatRef};
@@ -14,6 +18,7 @@ use crate::optim::AdamWConfig;
 use crate::quant::{Fp8Matrix, Granularity, QuantConfig, QuantInput};
 use crate::rope::{RopeLayout, RopeTable};
 use half::bf16;
+use std::marker::PhantomData;
 
 /// No value: a [`CudaBackend`] holding one cannot exist.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -25,6 +30,41 @@ pub struct CudaBackend {
     never: Never,
 }
 
+/// A CUDA device allocation of `T`s. Not constructible in this build (see the module
+/// docs); issue 17 gives it a device pointer and the stream that owns it.
+pub struct CudaBuffer<T> {
+    never: Never,
+    _elements: PhantomData<T>,
+}
+
+impl<T> CudaBuffer<T> {
+    /// Proof that this value does not exist: every use of a CUDA buffer in this build is
+    /// unreachable, and this says so to the compiler.
+    pub(super) fn absurd(&self) -> ! {
+        match self.never {}
+    }
+}
+
+// By hand rather than derived: a derive would require `T: Clone` and so on, and there is
+// nothing of `T` to clone, print or compare.
+impl<T> Clone for CudaBuffer<T> {
+    fn clone(&self) -> Self {
+        self.absurd()
+    }
+}
+
+impl<T> std::fmt::Debug for CudaBuffer<T> {
+    fn fmt(&self, _f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.absurd()
+    }
+}
+
+impl<T> PartialEq for CudaBuffer<T> {
+    fn eq(&self, _other: &Self) -> bool {
+        self.absurd()
+    }
+}
+
 impl CudaBackend {
     /// Opens CUDA device `ordinal`: in this build always [`BackendError::NoCudaKernels`].
     pub fn new(ordinal: usize) -> Result<Self, BackendError> {
@@ -34,6 +74,18 @@ impl CudaBackend {
 
 impl Backend for CudaBackend {
     fn device(&self) -> Device {
+        match self.never {}
+    }
+
+    fn upload<T: GemmFloat>(&self, _host: &[T]) -> Result<Buffer<T>, BackendError> {
+        match self.never {}
+    }
+
+    fn download<T: GemmFloat>(&self, _buffer: &Buffer<T>) -> Result<Vec<T>, BackendError> {
+        match self.never {}
+    }
+
+    fn zeros<T: GemmFloat>(&self, _len: usize) -> Result<Buffer<T>, BackendError> {
         match self.never {}
     }
 

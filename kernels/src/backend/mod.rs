@@ -14,6 +14,10 @@
 //!   its results are those functions' results bit for bit.
 //! - [`DeviceBackend`]: the backend a [`Device`] opened ([`open`]): an enum over the
 //!   implementations built in, itself a [`Backend`] that forwards each call.
+//! - [`Buffer`]: a tensor's storage on its device: `Host(Vec<T>)`, and with the `cuda`
+//!   feature a `Cuda` variant that cannot exist yet. A backend makes them
+//!   ([`Backend::upload`], [`Backend::zeros`]) and reads them back
+//!   ([`Backend::download`]); the model's parameters and gradients are buffers.
 //! - `CudaBackend` (with the `cuda` feature): the place the CUDA kernels go (issue 17).
 //!   Today it cannot be constructed: [`open`] answers [`BackendError::NoCudaKernels`]
 //!   with the feature and [`BackendError::BuiltWithoutCuda`] without it. The feature
@@ -35,16 +39,30 @@
 //! - The CPU backend is the reference: for any inputs each of its methods returns what the
 //!   free function of the same name returns, bit for bit (the unit tests check it on
 //!   several ops), and every other backend is judged against it.
-//! - Buffers are host slices today, with the lengths and shapes the free functions check;
-//!   every shape error is the free function's [`KernelError`] naming the tensor.
+//! - The ops take host slices today, with the lengths and shapes the free functions
+//!   check; every shape error is the free function's [`KernelError`] naming the tensor.
+//! - Outside the backends, a [`Buffer`]'s elements are read or written on the host only
+//!   through [`Buffer::host`], [`Buffer::host_mut`] and [`Buffer::to_host_vec`] (see
+//!   [`Buffer`]'s docs for why those views are total today), so every host access to a
+//!   parameter is greppable, and the CUDA backend replaces exactly those sites with ops
+//!   on buffers.
+//!
+//! ## Why activations stay host vectors
+//! Parameters and gradients are [`Buffer`]s; the activations a layer saves between its
+//! forward, B and W stay `Vec<T>`. The element-wise work between the kernels (residual
+//! adds, the MoE permutation and its routing, the combine's weighted sums) is host code
+//! in the model, not backend ops, so a device-resident activation would be copied back
+//! for it at once. They move to buffers together with the ops that touch them.
 
+mod buffer;
 mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 
+pub use buffer::Buffer;
 pub use cpu::CpuBackend;
 #[cfg(feature = "cuda")]
-pub use cuda::CudaBackend;
+pub use cuda::{CudaBackend, CudaBuffer};
 
 use crate::KernelError;
 use crate::attention::AttentionShape;
@@ -109,6 +127,16 @@ pub fn open(device: Device) -> Result<DeviceBackend, BackendError> {
 pub trait Backend: Send + Sync + std::fmt::Debug {
     /// The device it runs on.
     fn device(&self) -> Device;
+
+    /// A buffer on this backend's device holding a copy of `host`. The CPU's never fails;
+    /// a device backend reports a failed allocation or copy as a [`BackendError`].
+    fn upload<T: GemmFloat>(&self, host: &[T]) -> Result<Buffer<T>, BackendError>;
+
+    /// `buffer`'s elements copied to the host.
+    fn download<T: GemmFloat>(&self, buffer: &Buffer<T>) -> Result<Vec<T>, BackendError>;
+
+    /// A buffer of `len` zeros on this backend's device.
+    fn zeros<T: GemmFloat>(&self, len: usize) -> Result<Buffer<T>, BackendError>;
 
     /// `C = alpha·A·B + beta·C` in `T` ([`crate::gemm::matmul`]).
     fn matmul<T: GemmFloat>(
@@ -361,6 +389,18 @@ macro_rules! dispatch {
 impl Backend for DeviceBackend {
     fn device(&self) -> Device {
         dispatch!(self, b => b.device())
+    }
+
+    fn upload<T: GemmFloat>(&self, host: &[T]) -> Result<Buffer<T>, BackendError> {
+        dispatch!(self, be => be.upload(host))
+    }
+
+    fn download<T: GemmFloat>(&self, buffer: &Buffer<T>) -> Result<Vec<T>, BackendError> {
+        dispatch!(self, be => be.download(buffer))
+    }
+
+    fn zeros<T: GemmFloat>(&self, len: usize) -> Result<Buffer<T>, BackendError> {
+        dispatch!(self, be => be.zeros(len))
     }
 
     fn matmul<T: GemmFloat>(

@@ -139,3 +139,19 @@ fn errors_are_the_free_functions_errors() {
     let err = be.rms_norm_forward(&[0f32; 7], &[1f32; 4], 1e-6, 2, 4, &mut y, &mut rstd).unwrap_err();
     assert_eq!(err, KernelError::LengthMismatch { tensor: "x", expected: 8, actual: 7 });
 }
+
+#[test]
+fn buffers_round_trip_through_the_backend() {
+    let x = random(37, 11);
+    for be in backends() {
+        let buf = be.upload(&x).unwrap();
+        assert_eq!(buf.device(), be.device());
+        assert_eq!(buf.len(), x.len());
+        assert_eq!(bits(buf.host()), bits(&x));
+        assert_eq!(bits(&be.download(&buf).unwrap()), bits(&x));
+        let zeros = be.zeros::<f64>(5).unwrap();
+        assert_eq!(zeros.device(), be.device());
+        assert_eq!(be.download(&zeros).unwrap(), vec![0.0f64; 5]);
+        assert!(be.zeros::<f32>(0).unwrap().is_empty());
+    }
+}

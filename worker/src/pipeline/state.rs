@@ -56,7 +56,7 @@ impl PipelineTrainer {
                     shape: p.shape.clone(),
                     data,
                 };
-                pieces.push(piece(PieceKind::Value, PieceData::F32(p.value[tensor.clone()].to_vec())));
+                pieces.push(piece(PieceKind::Value, PieceData::F32(p.value.host()[tensor.clone()].to_vec())));
                 pieces.push(piece(PieceKind::ExpAvg, PieceData::Bf16(g.m[moments.clone()].to_vec())));
                 pieces.push(piece(PieceKind::ExpAvgSq, PieceData::Bf16(g.v[moments].to_vec())));
             }
@@ -146,13 +146,15 @@ impl PipelineTrainer {
         drop(params);
 
         // Everything read: assign.
+        // Each of `values` has its tensor's length (the reader assembles exactly `p.len()`),
+        // so no `set_value` fails and the restore stays all or nothing.
         for (i, p) in self.model.trainable_params_mut().into_iter().enumerate() {
-            p.value = std::mem::take(&mut values[self.trainable_at[i]]);
+            p.set_value(&values[self.trainable_at[i]]).map_err(|e| e.to_string())?;
         }
         for (_, moe) in self.model.moe_layers_mut() {
             let bias = &mut moe.e_score_correction_bias;
             if let Some(&j) = index_of.get(&bias.name) {
-                bias.value = std::mem::take(&mut values[j]);
+                bias.set_value(&values[j]).map_err(|e| e.to_string())?;
             }
         }
         for (g, (m, v)) in self.groups.iter_mut().zip(moments) {
@@ -186,14 +188,14 @@ impl PipelineTrainer {
         if self.plan.rank != 0 {
             let mut bytes = Vec::new();
             for p in &mine {
-                encode_tensor(&mut bytes, &p.name, &p.value);
+                encode_tensor(&mut bytes, &p.name, p.value.host());
             }
             return handle
                 .block_on(comm.send(0, SAVE_TAG, Bytes::from(bytes)))
                 .map_err(|e| format!("sending this rank's tensors to rank 0: {e}"));
         }
         let mut values: HashMap<String, Vec<f32>> =
-            mine.iter().map(|p| (p.name.clone(), p.value.clone())).collect();
+            mine.iter().map(|p| (p.name.clone(), p.value.to_host_vec())).collect();
         for from in 1..self.plan.coordinates.len() {
             let bytes = handle
                 .block_on(comm.recv(from, SAVE_TAG))
@@ -204,10 +206,7 @@ impl PipelineTrainer {
             .map_err(|e| e.to_string())?;
         for p in model.params_mut() {
             let value = values.remove(&p.name).ok_or_else(|| format!("no rank sent {}", p.name))?;
-            if value.len() != p.len() {
-                return Err(format!("{} has {} values, expected {}", p.name, value.len(), p.len()));
-            }
-            p.value = value;
+            p.set_value(&value).map_err(|e| format!("rank 0 assembling the model: {e}"))?;
         }
         if let Some(extra) = values.keys().next() {
             return Err(format!("a rank sent {extra}, which the model does not have"));

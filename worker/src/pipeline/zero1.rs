@@ -199,7 +199,7 @@ impl PipelineTrainer {
             let mut params = self.model.trainable_params_mut();
             let mut flat = Vec::with_capacity(g.len);
             for &i in &g.params {
-                flat.extend_from_slice(&params[i].grad);
+                flat.extend_from_slice(params[i].grad.host());
             }
             // ZeRO-1 needs only this member's part of the summed gradients.
             if let Some(group) = group {
@@ -220,7 +220,7 @@ impl PipelineTrainer {
             // zeroed, so no tensor holds a gradient that is not the step's.
             let mut offset = 0;
             for &i in &g.params {
-                for (j, dst) in params[i].grad.iter_mut().enumerate() {
+                for (j, dst) in params[i].grad.host_mut().iter_mut().enumerate() {
                     *dst = if part.contains(&(offset + j)) { flat[offset + j] / divisor } else { 0.0 };
                 }
                 offset += params[i].grad.len();
@@ -301,12 +301,12 @@ impl PipelineTrainer {
                 let (a, b) = (lo - range.start, hi - range.start);
                 let (ma, mb) = (lo - part.start, hi - part.start);
                 if scale != 1.0 {
-                    p.grad[a..b].iter_mut().for_each(|x| *x *= scale);
+                    p.grad.host_mut()[a..b].iter_mut().for_each(|x| *x *= scale);
                 }
                 let decay = p.shape.len() >= 2;
                 be.adamw_step(
-                    &mut p.value[a..b],
-                    &p.grad[a..b],
+                    &mut p.value.host_mut()[a..b],
+                    &p.grad.host()[a..b],
                     &mut g.m[ma..mb],
                     &mut g.v[ma..mb],
                     step,
@@ -315,7 +315,7 @@ impl PipelineTrainer {
                     decay,
                 )
                 .map_err(|e| PipelineError::Step { step, detail: format!("AdamW on {}: {e}", p.name) })?;
-                updated.extend_from_slice(&p.value[a..b]);
+                updated.extend_from_slice(&p.value.host()[a..b]);
             }
             let Some(group) = group else { continue };
             let parts = handle.block_on(group.all_gather(encode_f32(&updated))).map_err(|source| {
@@ -340,7 +340,7 @@ impl PipelineTrainer {
             for &i in &g.params {
                 let p = &mut params[i];
                 let (mine, tail) = rest.split_at(p.len());
-                p.value.copy_from_slice(mine);
+                p.value.host_mut().copy_from_slice(mine);
                 rest = tail;
             }
         }
