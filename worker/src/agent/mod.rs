@@ -117,11 +117,14 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 pub use connect::{Connector, InProcessIncoming};
+pub use data_plane::{AbortFn, DataPlane, Rendezvous, TcpDataPlane};
 pub use error::JobError;
+
+use std::sync::Arc;
 
 use crate::comm::CommError;
 use connect::{Backoff, RegisterError, endpoint, register};
-use data_plane::DataPlane;
+use data_plane::Listening;
 use session::{Session, SessionEnd};
 
 /// How a worker finds the coordinator and presents itself.
@@ -229,16 +232,18 @@ const CLOSE_LINGER: Duration = Duration::from_secs(1);
 pub async fn run_worker(options: WorkerOptions, shutdown: CancellationToken) -> Result<(), AgentError> {
     check_runtime()?;
     let coordinator = Connector::endpoint(endpoint(&options)?);
-    run_worker_with(options, coordinator, shutdown).await
+    run_worker_with(options, coordinator, TcpDataPlane, shutdown).await
 }
 
 /// [`run_worker`] with the coordinator reached through `coordinator` rather than by dialing
-/// `options.coordinator` (which then only names the coordinator in logs). Every
+/// `options.coordinator` (which then only names the coordinator in logs), and every job's
+/// data plane made by `data_plane` ([`TcpDataPlane`] is `run_worker`'s). Every
 /// registration attempt asks the connector for a new channel, so a connector that fails
 /// or whose channel breaks is retried with the same backoff as an unreachable URL.
-pub async fn run_worker_with(
+pub async fn run_worker_with<D: DataPlane>(
     options: WorkerOptions,
     coordinator: Connector,
+    data_plane: D,
     shutdown: CancellationToken,
 ) -> Result<(), AgentError> {
     check_runtime()?;
@@ -254,7 +259,7 @@ pub async fn run_worker_with(
     if options.threads == Some(0) {
         return Err(AgentError::InvalidOption { option: "threads", reason: "must be at least 1".into() });
     }
-    let mut plane = DataPlane::bind(&options).await?;
+    let mut plane = Listening::bind(Arc::new(data_plane), &options).await?;
     let mut backoff = Backoff::new(options.initial_backoff, options.max_backoff);
     loop {
         if shutdown.is_cancelled() {
