@@ -8,6 +8,7 @@
 //! assignment (an `Ack` of the [`JobError`]'s kind), one after it is a `WorkerError` at
 //! its step; an abort shows up as the communicator's error and is reported as nothing.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use flotilla_model::checkpoint::WeightDtype;
@@ -24,8 +25,6 @@ use super::error::JobError;
 use super::plan::JobPlan;
 use super::report::{Metrics, ack, dp_step_report, message, pipeline_step_report, refuse, worker_error};
 use super::session::JobEvent;
-use std::sync::Arc;
-
 use crate::comm::Communicator;
 use crate::dp;
 use crate::pipeline::PipelineTrainer;

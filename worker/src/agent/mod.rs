@@ -1,13 +1,15 @@
 //! The worker actor: a worker process's life with the coordinator.
 //!
-//! [`run_worker`] (the CLI's entry) dials the coordinator's URL over TCP;
-//! [`run_worker_with`] takes the coordinator connection as a [`Connector`] instead (any
-//! tonic `Channel` maker: an in-process duplex stream, a simulated network), so tests and
-//! benchmarks drive this very agent against a real coordinator without a socket.
+//! [`run_worker`] (the CLI's entry) dials the coordinator's URL over TCP and runs its jobs
+//! on the TCP data plane; [`run_worker_with`] takes the coordinator connection as a
+//! [`Connector`] instead (any tonic `Channel` maker: an in-process duplex stream, a
+//! simulated network) and the jobs' data plane as a [`DataPlane`] ([`TcpDataPlane`], or
+//! another communicator's), so tests and benchmarks drive this very agent against a real
+//! coordinator without a socket, and a new transport runs the same agent.
 //!
 //! The agent's parts, one file each: `connect` (the [`Connector`], registration and its
-//! backoff, what the worker says about itself), `data_plane` (the listener kept between
-//! jobs and the address registered for it), `session` (the session actor: heartbeats and
+//! backoff, what the worker says about itself), `data_plane` (the [`DataPlane`] trait and
+//! [`TcpDataPlane`], the listener kept between jobs and the address registered for it), `session` (the session actor: heartbeats and
 //! commands), `plan` (an assignment checked into a job plan), `job` (the job task:
 //! trainer, rendezvous, steps), `checkpoint` (restoring a resume and writing shards in the
 //! background), `report` (the messages sent: acknowledgements, step reports, errors, and
