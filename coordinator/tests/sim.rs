@@ -22,6 +22,12 @@
 //! previous registration, `UNAVAILABLE`, a timeout) it redials with jittered exponential
 //! backoff, forgetting its job, and HTTP/2 keepalive pings find a dead connection.
 //!
+//! The workers stay simulated, not the real agent (`run_worker_with`, which
+//! `worker/tests/control_plane.rs` drives against the real coordinator in real time),
+//! because real training does not run in simulated time: its compute blocks an OS thread
+//! for real seconds (`block_in_place`, which turmoil's current-thread host runtimes refuse)
+//! and its data plane is tokio TCP, outside turmoil's simulated network.
+//!
 //! # The fault model
 //!
 //! During the chaos window ([`CHAOS_START`]..[`CHAOS_END`]) each worker host gets a random

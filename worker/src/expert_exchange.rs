@@ -69,7 +69,7 @@ use flotilla_model::expert_parallel::{PayloadRows, join_payload, payload_row_byt
 use flotilla_model::moe::{ExchangeKey, ExchangePhase, ExpertExchange};
 use tokio::runtime::Handle;
 
-use crate::comm::{Communicator, TcpCommunicator};
+use crate::comm::Communicator;
 use crate::tags::{self, Chunk};
 
 /// What the MoE exchanges of a step moved and waited.
@@ -168,8 +168,8 @@ impl EpTopology {
 /// group's ranks, tagged with the chunk, the layer and the phase; the dispatch in two hops
 /// when the group spans nodes (module docs). Runs on a blocking thread and waits on the
 /// data plane through the runtime's handle.
-pub(crate) struct DataPlaneExchange<'a> {
-    pub(crate) comm: &'a TcpCommunicator,
+pub(crate) struct DataPlaneExchange<'a, C: Communicator> {
+    pub(crate) comm: &'a C,
     pub(crate) handle: &'a Handle,
     /// World ranks of the EP group, in EP-rank order.
     pub(crate) group: &'a [usize],
@@ -182,7 +182,7 @@ pub(crate) struct DataPlaneExchange<'a> {
     pub(crate) stats: ExchangeStats,
 }
 
-impl ExpertExchange for DataPlaneExchange<'_> {
+impl<C: Communicator> ExpertExchange for DataPlaneExchange<'_, C> {
     fn group_size(&self) -> usize {
         self.group.len()
     }
@@ -219,7 +219,7 @@ impl ExpertExchange for DataPlaneExchange<'_> {
     }
 }
 
-impl DataPlaneExchange<'_> {
+impl<C: Communicator> DataPlaneExchange<'_, C> {
     /// Every buffer straight to its EP rank.
     fn flat(
         &self,

@@ -2,29 +2,38 @@
 //! (`serve_with_incoming`, with a `FileStore` in a temporary directory) accepts the
 //! connections of [`Connector::in_process`], and every worker is [`run_worker_with`] over
 //! it, so neither end is a stand-in: the protocol, the failure kinds and the recovery are
-//! the ones that run in production. The data plane is loopback TCP.
+//! the ones that run in production. The data plane is loopback TCP, passed in as
+//! [`TcpDataPlane`] (or wrapped, to watch the agent use the data plane it was given).
 //!
 //! What the scripted fakes of `tests/agent.rs` and the coordinator's `tests/service.rs`
 //! cannot show is shown here: a committed checkpoint corrupted on disk is refused by the
 //! real worker with `FAILURE_KIND_CHECKPOINT`, and the real coordinator falls back, on that
 //! kind, to the checkpoint before it; the steps redone report the losses of the first time
-//! bit for bit.
+//! bit for bit; and a job runs through the data plane passed to [`run_worker_with`],
+//! reporting the losses of the same ranks stepped over loopback TCP directly, bit for bit.
 //!
 //! Every wait is under a timeout, so a hang fails the test instead of stalling the suite.
 
 mod common;
 
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use flotilla_coordinator::checkpoint::{list_committed, read_manifest};
 use flotilla_coordinator::service::{CoordinatorConfig, CoordinatorHandle, serve_with_incoming};
 use flotilla_coordinator::store::FileStore;
+use flotilla_model::train::Trainer;
 use flotilla_proto::v1::job_service_client::JobServiceClient;
 use flotilla_proto::v1::{
     GetJobRequest, Job, JobEvent, JobState, SubmitJobRequest, WatchJobRequest, job_event,
 };
-use flotilla_worker::agent::{AgentError, Connector, WorkerOptions, run_worker_with};
+use flotilla_worker::agent::{
+    AbortFn, AgentError, Connector, DataPlane, Rendezvous, TcpDataPlane, WorkerOptions, run_worker_with,
+};
+use flotilla_worker::comm::{CommError, TcpCommunicator, TcpOptions, TcpRendezvous, loopback_group};
+use flotilla_worker::dp::data_parallel_step;
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
@@ -62,8 +71,13 @@ impl Cluster {
         Cluster { coordinator, connector, jobs: JobServiceClient::new(channel), dir }
     }
 
-    /// Starts the real agent as `worker_id`, connected in process.
+    /// Starts the real agent as `worker_id`, connected in process, on the TCP data plane.
     fn worker(&self, worker_id: &str) -> Worker {
+        self.worker_on(worker_id, TcpDataPlane)
+    }
+
+    /// Starts the real agent as `worker_id`, connected in process, on `data_plane`.
+    fn worker_on(&self, worker_id: &str, data_plane: impl DataPlane) -> Worker {
         let mut options = WorkerOptions::new("in-process");
         options.worker_id = Some(worker_id.into());
         options.threads = Some(1);
@@ -71,7 +85,7 @@ impl Cluster {
         options.max_backoff = Duration::from_millis(200);
         options.rendezvous_timeout = Duration::from_secs(30);
         let token = CancellationToken::new();
-        let task = tokio::spawn(run_worker_with(options, self.connector.clone(), token.clone()));
+        let task = tokio::spawn(run_worker_with(options, self.connector.clone(), data_plane, token.clone()));
         Worker { token, task }
     }
 
@@ -209,5 +223,127 @@ async fn a_corrupted_checkpoint_is_refused_by_kind_and_the_one_before_resumes() 
 
     w0.stop().await;
     w1.stop().await;
+    cluster.coordinator.shutdown().await.expect("the coordinator stops");
+}
+
+/// What a [`CountingPlane`] was asked to do.
+#[derive(Default, Debug)]
+struct Counts {
+    binds: AtomicUsize,
+    connects: AtomicUsize,
+    shutdowns: AtomicUsize,
+}
+
+/// The TCP data plane, counting what the agent asks of it: proof that the agent's jobs
+/// go through the data plane passed in, not one of its own.
+struct CountingPlane(Arc<Counts>);
+
+impl DataPlane for CountingPlane {
+    type Listener = TcpRendezvous;
+    type Comm = TcpCommunicator;
+
+    async fn bind(&self, addr: &str) -> Result<TcpRendezvous, CommError> {
+        self.0.binds.fetch_add(1, Ordering::SeqCst);
+        TcpDataPlane.bind(addr).await
+    }
+
+    fn local_addr(&self, listener: &TcpRendezvous) -> String {
+        TcpDataPlane.local_addr(listener)
+    }
+
+    async fn connect(
+        &self,
+        listener: TcpRendezvous,
+        rendezvous: Rendezvous<'_>,
+    ) -> Result<TcpCommunicator, CommError> {
+        self.0.connects.fetch_add(1, Ordering::SeqCst);
+        TcpDataPlane.connect(listener, rendezvous).await
+    }
+
+    fn abort_handle(&self, comm: &TcpCommunicator) -> AbortFn {
+        TcpDataPlane.abort_handle(comm)
+    }
+
+    async fn shutdown(&self, comm: TcpCommunicator) -> Result<(), CommError> {
+        self.0.shutdowns.fetch_add(1, Ordering::SeqCst);
+        TcpDataPlane.shutdown(comm).await
+    }
+}
+
+/// The losses of `steps` data-parallel steps of `toml` on `world` ranks over loopback TCP,
+/// stepped directly (no agent), as rank 0 computed them.
+async fn direct_losses(toml: &str, world: usize, steps: u64) -> Vec<u64> {
+    let (config, model) = common::parse(toml);
+    let comms = timeout(LIMIT, loopback_group(world, TcpOptions::new(77)))
+        .await
+        .expect("rendezvous within the limit")
+        .expect("rendezvous");
+    let tasks: Vec<_> = comms
+        .into_iter()
+        .map(|comm| {
+            let (config, model) = (config.clone(), model.clone());
+            tokio::spawn(async move {
+                let mut trainer = Trainer::new(config, &model).expect("a trainer");
+                let mut losses = Vec::new();
+                for _ in 0..steps {
+                    let record = data_parallel_step(&mut trainer, &comm).await.expect("a step");
+                    losses.push(record.loss.to_bits());
+                }
+                comm.shutdown().await.expect("a clean shutdown");
+                losses
+            })
+        })
+        .collect();
+    let mut per_rank = Vec::new();
+    for task in tasks {
+        per_rank.push(timeout(LIMIT, task).await.expect("the ranks step").expect("no panic"));
+    }
+    per_rank.swap_remove(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_runs_through_the_data_plane_passed_in() {
+    const STEPS: u64 = 3;
+    let toml = common::small_run(STEPS);
+    let mut cluster = Cluster::start().await;
+    let counts: Vec<Arc<Counts>> = (0..2).map(|_| Arc::new(Counts::default())).collect();
+    let workers: Vec<Worker> = counts
+        .iter()
+        .enumerate()
+        .map(|(i, c)| cluster.worker_on(&format!("w{i}"), CountingPlane(c.clone())))
+        .collect();
+    let request = SubmitJobRequest {
+        name: "passed-in".into(),
+        config_toml: toml.clone(),
+        workers: 2,
+        ..SubmitJobRequest::default()
+    };
+    let job_id = cluster.jobs.submit_job(request).await.expect("SubmitJob").into_inner().job_id;
+    let watch = WatchJobRequest { job_id: job_id.clone(), from_revision: 0 };
+    let mut events = cluster.jobs.watch_job(watch).await.expect("WatchJob").into_inner();
+    let mut losses = vec![None; STEPS as usize];
+    let end = loop {
+        let Some(event) = next_event(&mut events).await else { panic!("the watch ended before the job") };
+        note_loss(&event, &mut losses);
+        if let Some(job_event::Event::StateChanged(s)) = &event.event
+            && s.to() >= JobState::Succeeded
+        {
+            break s.clone();
+        }
+    };
+    assert_eq!(end.to(), JobState::Succeeded, "{}", end.reason);
+    let reported: Vec<u64> = losses.iter().map(|l| l.expect("every step reported").to_bits()).collect();
+    assert_eq!(reported, direct_losses(&toml, 2, STEPS).await, "the agent's losses are the direct ranks'");
+
+    for worker in workers {
+        worker.stop().await;
+    }
+    for (i, c) in counts.iter().enumerate() {
+        // One rendezvous and one graceful shutdown for the one job; a bind before
+        // registering, and possibly one more after the job spent the listener.
+        assert_eq!(c.connects.load(Ordering::SeqCst), 1, "w{i}: {c:?}");
+        assert_eq!(c.shutdowns.load(Ordering::SeqCst), 1, "w{i}: {c:?}");
+        assert!((1..=2).contains(&c.binds.load(Ordering::SeqCst)), "w{i}: {c:?}");
+    }
     cluster.coordinator.shutdown().await.expect("the coordinator stops");
 }

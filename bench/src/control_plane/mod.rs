@@ -8,7 +8,11 @@
 //! the `Session` stream with `SessionOpen` first and a `Heartbeat` every interval,
 //! acknowledging any command (`sim_worker.rs`, a stand-in for the real worker). Their
 //! heartbeats are spread evenly over one interval, as in a cluster whose workers started at
-//! different times.
+//! different times. With `--worker-kind agent` the workers are the real agent instead
+//! (`agent_worker.rs`: `flotilla_worker::agent::run_worker_with` over TCP, started spread
+//! over one interval), optionally training the tiny model over all of them after the
+//! window (`--agent-job-steps`); the stand-in stays the default for its exact heartbeat
+//! accounting.
 //!
 //! Phases: start the coordinator; connect every worker; let heartbeats settle for
 //! [`SETTLE_INTERVALS`] intervals; measure for `--measure-seconds` (the coordinator's CPU,
@@ -21,16 +25,21 @@
 //!
 //! Linux only: it reads `/proc`.
 
+mod agent_worker;
 mod coordinator;
 mod report;
 mod sim_worker;
 
+use agent_worker::start_agents;
 use anyhow::{Context, Result, anyhow, ensure};
-use clap::Args;
+use clap::{Args, ValueEnum};
 use coordinator::{CoordinatorProcess, ProcSample, cores_between, cpu_sample, status_field};
 use flotilla_proto::v1::job_service_client::JobServiceClient;
-use flotilla_proto::v1::{HeartbeatStats, ListJobsRequest, ListWorkersRequest, ListWorkersResponse};
-use report::{ClientRtt, Detection, Goals, Kills, Report, median, percentile, print_report, rtt};
+use flotilla_proto::v1::{
+    HeartbeatStats, JobState, ListJobsRequest, ListWorkersRequest, ListWorkersResponse, SubmitJobRequest,
+    WatchJobRequest, job_event,
+};
+use report::{ClientRtt, Detection, Goals, JobFigures, Kills, Report, median, percentile, print_report, rtt};
 use sim_worker::{Shared, SimWorker, start_workers};
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -40,11 +49,32 @@ use tokio::sync::mpsc;
 use tokio::time::MissedTickBehavior;
 use tonic::transport::{Channel, Endpoint};
 
+/// What plays the workers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum WorkerKind {
+    /// The protocol stand-in (`sim_worker.rs`): cheap enough for thousands.
+    Sim,
+    /// The real agent (`flotilla_worker::agent`), idle between heartbeats.
+    Agent,
+}
+
+impl WorkerKind {
+    fn name(self) -> &'static str {
+        match self {
+            WorkerKind::Sim => "sim",
+            WorkerKind::Agent => "agent",
+        }
+    }
+}
+
 #[derive(Args)]
 pub struct ControlPlaneArgs {
-    /// Simulated workers, each with its own connection to the coordinator.
+    /// Workers, each with its own connection to the coordinator.
     #[arg(long, default_value_t = 2048)]
     pub(super) workers: u32,
+    /// What plays them: the protocol stand-in, or the real agent.
+    #[arg(long, value_enum, default_value_t = WorkerKind::Sim)]
+    pub(super) worker_kind: WorkerKind,
     /// How often workers heartbeat (the coordinator's --heartbeat-interval-ms).
     #[arg(long, default_value_t = 1000)]
     pub(super) heartbeat_interval_ms: u64,
@@ -65,6 +95,10 @@ pub struct ControlPlaneArgs {
     /// window's ends). Each call walks every worker inside the cluster actor.
     #[arg(long, default_value_t = 1000)]
     pub(super) list_workers_every_ms: u64,
+    /// With `--worker-kind agent`: after the window, train the tiny model data-parallel
+    /// over every agent for this many steps (0: no job) and time it.
+    #[arg(long, default_value_t = 0)]
+    pub(super) agent_job_steps: u64,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub(super) json: bool,
@@ -108,6 +142,10 @@ fn validate(args: &ControlPlaneArgs) -> Result<()> {
     ensure!(args.heartbeat_interval_ms >= 1, "--heartbeat-interval-ms must be at least 1");
     ensure!(args.measure_seconds >= 1, "--measure-seconds must be at least 1");
     ensure!(args.poll_ms >= 1, "--poll-ms must be at least 1");
+    ensure!(
+        args.agent_job_steps == 0 || args.worker_kind == WorkerKind::Agent,
+        "--agent-job-steps needs --worker-kind agent (simulated workers train nothing)"
+    );
     ensure!(
         u64::from(args.kills) * 2 < u64::from(args.workers),
         "--workers {} must exceed twice --kills {} (a hung and a dropped worker each, and one left)",
@@ -168,6 +206,7 @@ async fn bench(
     let interval = Duration::from_millis(args.heartbeat_interval_ms);
     let timeout = Duration::from_millis(args.heartbeat_timeout_ms);
     let mut report = Report {
+        worker_kind: args.worker_kind.name().into(),
         workers: args.workers,
         heartbeat_interval_ms: args.heartbeat_interval_ms,
         heartbeat_timeout_ms: args.heartbeat_timeout_ms,
@@ -188,7 +227,19 @@ async fn bench(
         ended: ended_tx,
     });
     let connecting = Instant::now();
-    let workers = start_workers(&shared).await?;
+    let workers = match args.worker_kind {
+        WorkerKind::Sim => start_workers(&shared).await?,
+        WorkerKind::Agent => {
+            let agents = start_agents(&shared)?;
+            if let Err(e) = wait_listed(args, interval, &mut list).await {
+                for agent in &agents {
+                    agent.task.abort();
+                }
+                return Err(e);
+            }
+            agents
+        }
+    };
     report.clients.connect_all_s = connecting.elapsed().as_secs_f64();
     let start_stats = settle(args, interval, &mut list).await?;
 
@@ -199,6 +250,9 @@ async fn bench(
         unexpected.push(end);
     }
     report.heartbeats.unexpected_session_ends = unexpected.len();
+    if args.agent_job_steps > 0 {
+        report.job = Some(agent_job(args, &pid, &mut jobs, &mut list).await?);
+    }
 
     report.detection = detect(args, &shared, &workers, &mut list).await?;
     report.goals = goals(&report, timeout);
@@ -206,6 +260,110 @@ async fn bench(
         worker.task.abort();
     }
     Ok(report)
+}
+
+/// The tiny model's run for `steps` steps over `workers` agents: one sequence of 16 tokens
+/// per agent and step, one compute thread each.
+fn tiny_job(workers: u32, steps: u64) -> String {
+    format!(
+        r#"seed = 1
+steps = {steps}
+batch_size = {workers}
+seq_len = 16
+threads = 1
+
+[model]
+preset = "tiny"
+
+[data]
+kind = "synthetic"
+tokens = 65536
+
+[optimizer]
+peak_lr = 3e-3
+warmup_steps = 2
+constant_steps = 10
+decay_steps = 0
+final_lr = 3e-3
+"#
+    )
+}
+
+/// Trains the tiny model data-parallel over every agent and times it from `SubmitJob` to
+/// `Succeeded`, with the coordinator's CPU over that time.
+async fn agent_job(
+    args: &ControlPlaneArgs,
+    pid: &str,
+    jobs: &mut JobServiceClient<Channel>,
+    list: &mut JobServiceClient<Channel>,
+) -> Result<JobFigures> {
+    let give_up = Duration::from_secs(600);
+    let cpu_start = cpu_sample(pid)?;
+    let start = Instant::now();
+    let request = SubmitJobRequest {
+        name: "bench-agents".into(),
+        config_toml: tiny_job(args.workers, args.agent_job_steps),
+        workers: args.workers,
+        ..SubmitJobRequest::default()
+    };
+    let job_id = jobs.submit_job(request).await.map_err(status_error("SubmitJob"))?.into_inner().job_id;
+    let watch = WatchJobRequest { job_id: job_id.clone(), from_revision: 0 };
+    let mut events = jobs.watch_job(watch).await.map_err(status_error("WatchJob"))?.into_inner();
+    let mut step_times = Vec::new();
+    loop {
+        let event = tokio::time::timeout_at((start + give_up).into(), events.message())
+            .await
+            .map_err(|_| anyhow!("job {job_id} did not end within {} s", give_up.as_secs()))?
+            .map_err(status_error("the job's event stream"))?
+            .with_context(|| format!("job {job_id}'s event stream ended before the job"))?;
+        match event.event {
+            Some(job_event::Event::Step(_)) => step_times.push(Instant::now()),
+            Some(job_event::Event::StateChanged(s)) if s.to() >= JobState::Succeeded => {
+                ensure!(s.to() == JobState::Succeeded, "job {job_id} ended {:?}: {}", s.to(), s.reason);
+                break;
+            }
+            _ => {}
+        }
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let cpu_end = cpu_sample(pid)?;
+    let (listed, _) = list_workers(list).await?;
+    let stats = listed.heartbeats.unwrap_or_default();
+    let gaps: Vec<f64> =
+        step_times.windows(2).map(|w| w[1].duration_since(w[0]).as_secs_f64() * 1e3).collect();
+    Ok(JobFigures {
+        steps: step_times.len() as u64,
+        seconds,
+        step_ms_median: median(&gaps),
+        coordinator_cpu_cores: cores_between(&cpu_start, &cpu_end),
+        heartbeat_p99_us: stats.p99_us,
+        heartbeat_max_us: stats.max_us,
+        max_silent_ms: listed.workers.iter().map(|w| w.silent_ms).max().unwrap_or(0),
+    })
+}
+
+/// Waits until the coordinator lists every agent with its session open (they start spread
+/// over one interval, then register with the agent's own backoff).
+async fn wait_listed(
+    args: &ControlPlaneArgs,
+    interval: Duration,
+    list: &mut JobServiceClient<Channel>,
+) -> Result<()> {
+    let give_up = Instant::now() + interval + Duration::from_secs(60);
+    loop {
+        let (response, _) = list_workers(list).await?;
+        let open = response.workers.iter().filter(|w| w.session_open).count();
+        if open == args.workers as usize {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < give_up,
+            "only {open} of {} agents hold a session after {:.0} s",
+            args.workers,
+            give_up.duration_since(Instant::now()).as_secs_f64()
+        );
+        tokio::time::sleep(Duration::from_millis(args.poll_ms)).await;
+    }
 }
 
 /// The client-side probe's two clients, on one connection: `ListJobs`, and `ListWorkers`

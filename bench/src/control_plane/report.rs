@@ -2,6 +2,8 @@
 
 #[derive(serde::Serialize, Default)]
 pub(super) struct Report {
+    /// `sim` (the stand-in of `sim_worker.rs`) or `agent` (real agents, `agent_worker.rs`).
+    pub(super) worker_kind: String,
     pub(super) workers: u32,
     pub(super) heartbeat_interval_ms: u64,
     pub(super) heartbeat_timeout_ms: u64,
@@ -12,6 +14,8 @@ pub(super) struct Report {
     pub(super) heartbeats: HeartbeatFigures,
     pub(super) client_rtt: ClientRtt,
     pub(super) detection: Detection,
+    /// `--agent-job-steps`: a tiny data-parallel job over every agent, after the window.
+    pub(super) job: Option<JobFigures>,
     pub(super) goals: Goals,
     /// Lines the coordinator wrote to stderr (warnings and errors) after it started.
     pub(super) coordinator_log_lines: u64,
@@ -62,6 +66,8 @@ pub(super) struct HeartbeatFigures {
     pub(super) max_silent_ms: u64,
     /// Sessions that ended during the window though nothing killed them.
     pub(super) unexpected_session_ends: usize,
+    /// Heartbeats the simulated workers sent per second; for real agents, their socket
+    /// writes to the coordinator per second (heartbeats and the odd HTTP/2 frame).
     pub(super) sent_by_clients_per_s: f64,
 }
 
@@ -95,6 +101,24 @@ pub(super) struct Kills {
     /// The largest `since_last_heartbeat_ms` minus the heartbeat timeout: how late after
     /// its deadline a silent worker was seen gone (detection delay plus resolution).
     pub(super) max_past_deadline_ms: f64,
+}
+
+/// The job phase: the tiny model trained data-parallel over every agent (each its own
+/// share of a batch of one sequence per agent), from `SubmitJob` to `Succeeded`.
+#[derive(serde::Serialize, Default)]
+pub(super) struct JobFigures {
+    pub(super) steps: u64,
+    /// From `SubmitJob` to the `Succeeded` event: rendezvous, every step, the final save.
+    pub(super) seconds: f64,
+    /// Between consecutive steps' `StepSummary` events, median.
+    pub(super) step_ms_median: f64,
+    /// The coordinator's CPU over the job ÷ its wall time.
+    pub(super) coordinator_cpu_cores: f64,
+    /// The coordinator's heartbeat handling latency at the job's end (over its window).
+    pub(super) heartbeat_p99_us: u64,
+    pub(super) heartbeat_max_us: u64,
+    /// The longest silence of a worker listed when the job ended.
+    pub(super) max_silent_ms: u64,
 }
 
 #[derive(serde::Serialize, Default)]
@@ -158,8 +182,13 @@ pub(super) fn print_report(r: &Report) {
     let c = &r.coordinator;
     let h = &r.heartbeats;
     println!(
-        "control plane: {} workers, heartbeat every {} ms, timeout {} ms, {:.1} s window, {} cores shared by coordinator and clients",
-        r.workers, r.heartbeat_interval_ms, r.heartbeat_timeout_ms, r.measure_seconds, r.machine_cores
+        "control plane: {} {} workers, heartbeat every {} ms, timeout {} ms, {:.1} s window, {} cores shared by coordinator and clients",
+        r.workers,
+        r.worker_kind,
+        r.heartbeat_interval_ms,
+        r.heartbeat_timeout_ms,
+        r.measure_seconds,
+        r.machine_cores
     );
     println!("  connect + register + open session, all workers: {:.2} s", r.clients.connect_all_s);
     println!("coordinator (child process, {} threads)", c.threads);
@@ -175,8 +204,11 @@ pub(super) fn print_report(r: &Report) {
         c.hwm_kib as f64 / 1024.0
     );
     println!(
-        "  heartbeats handled         {:.0}/s (expected {:.0}/s; clients sent {:.0}/s)",
-        h.handled_per_s, h.expected_per_s, h.sent_by_clients_per_s
+        "  heartbeats handled         {:.0}/s (expected {:.0}/s; clients {} {:.0}/s)",
+        h.handled_per_s,
+        h.expected_per_s,
+        if r.worker_kind == "agent" { "wrote to their sockets" } else { "sent" },
+        h.sent_by_clients_per_s
     );
     println!(
         "  handling latency           p50 {} µs, p99 {} µs, max {} µs (the last {} heartbeats, {:.1} s; {} of them before the window)",
@@ -196,6 +228,19 @@ pub(super) fn print_report(r: &Report) {
         "  unary round trip seen by a client: ListJobs p50 {} µs, p99 {} µs, max {} µs ({} calls); ListWorkers p50 {} µs, max {} µs ({} calls)",
         j.p50_us, j.p99_us, j.max_us, j.calls, w.p50_us, w.max_us, w.calls
     );
+    if let Some(job) = &r.job {
+        println!(
+            "job: tiny model, data-parallel over all {} agents, {} steps in {:.2} s (step {:.0} ms median); coordinator CPU {:.3} cores; heartbeat p99 {} µs, max {} µs; longest silence {} ms",
+            r.workers,
+            job.steps,
+            job.seconds,
+            job.step_ms_median,
+            job.coordinator_cpu_cores,
+            job.heartbeat_p99_us,
+            job.heartbeat_max_us,
+            job.max_silent_ms
+        );
+    }
     let d = &r.detection;
     println!(
         "detection (ListWorkers polled every {} ms, a poll takes {:.1} ms: resolution {:.0} ms)",

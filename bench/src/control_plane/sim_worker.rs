@@ -1,6 +1,12 @@
 //! The simulated workers: a stand-in for the worker protocol (`Register`, the `Session`
 //! stream, heartbeats, acknowledgements), one task and one connection each, and the socket
 //! duplicate that lets the bench drop a connection under a worker.
+//!
+//! Kept beside the real agents of `agent_worker.rs` (`--worker-kind agent`), and the
+//! default, not for the count (idle real agents reach the default 2,048 on 2 cores,
+//! BENCHMARKS.md) but for exact accounting: the stand-in knows when it queued each
+//! heartbeat, which the hung-detection goal ("last heartbeat → unlisted" within the
+//! timeout) is judged from, while an agent's is approximated by its last socket write.
 
 use anyhow::{Context, Result, anyhow};
 use flotilla_proto::PROTOCOL_VERSION;
@@ -36,8 +42,8 @@ pub(super) struct KillableConnector {
     pub(super) socket: Arc<Mutex<Option<std::net::TcpStream>>>,
 }
 
-pub(super) type ConnectFuture =
-    Pin<Box<dyn Future<Output = std::io::Result<TokioIo<tokio::net::TcpStream>>> + Send>>;
+pub(super) type ConnectFuture<S = tokio::net::TcpStream> =
+    Pin<Box<dyn Future<Output = std::io::Result<TokioIo<S>>> + Send>>;
 
 impl Service<Uri> for KillableConnector {
     type Response = TokioIo<tokio::net::TcpStream>;

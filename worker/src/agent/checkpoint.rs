@@ -16,6 +16,7 @@ use flotilla_proto::v1::worker_message::Body as Report;
 use flotilla_proto::v1::{CheckpointShard, ResumeFrom};
 use tracing::{info, warn};
 
+use super::data_plane::DataPlane;
 use super::error::JobError;
 use super::job::{Job, Training};
 use super::report::message;
@@ -69,7 +70,7 @@ impl Training {
     }
 }
 
-impl Job {
+impl<D: DataPlane> Job<D> {
     /// After step `step`: if a checkpoint is due, waits for the previous write (if still
     /// running: that wait is part of this step), copies this rank's shard of the state on
     /// this thread (the step's only checkpoint cost, `snapshot_seconds`) and hands it to a

@@ -24,7 +24,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::Code;
 use tonic::transport::{Channel, Endpoint, Uri};
 
-use super::data_plane::DataPlane;
+use super::data_plane::{DataPlane, Listening};
 use super::{AgentError, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, RPC_TIMEOUT, WorkerOptions};
 
 /// Makes the agent's channel to the coordinator, once per registration attempt: a tonic
@@ -161,10 +161,10 @@ pub(super) enum RegisterError {
     Retry(String),
 }
 
-pub(super) async fn register(
+pub(super) async fn register<D: DataPlane>(
     coordinator: &Connector,
     options: &WorkerOptions,
-    plane: &mut DataPlane,
+    plane: &mut Listening<D>,
 ) -> Result<(CoordinatorServiceClient<Channel>, Registration), RegisterError> {
     plane.ensure(options).await.map_err(|e| RegisterError::Retry(format!("data plane: {e}")))?;
     let channel = coordinator

@@ -8,6 +8,7 @@
 //! assignment (an `Ack` of the [`JobError`]'s kind), one after it is a `WorkerError` at
 //! its step; an abort shows up as the communicator's error and is reported as nothing.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use flotilla_model::checkpoint::WeightDtype;
@@ -19,22 +20,24 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::checkpoint::Writer;
-use super::data_plane::resolve;
+use super::data_plane::{DataPlane, Rendezvous};
 use super::error::JobError;
 use super::plan::JobPlan;
 use super::report::{Metrics, ack, dp_step_report, message, pipeline_step_report, refuse, worker_error};
 use super::session::JobEvent;
-use crate::comm::{Communicator, TcpCommunicator, TcpOptions, TcpRendezvous};
+use crate::comm::Communicator;
 use crate::dp;
 use crate::pipeline::PipelineTrainer;
 
 /// A job task: owns the trainer and the communicator from assignment to end.
-pub(super) struct Job {
+pub(super) struct Job<D: DataPlane> {
     pub(super) plan: JobPlan,
     /// The assignment's command id, acknowledged once the data plane is up.
     pub(super) ack_id: u64,
+    /// What makes the job's communicator.
+    pub(super) data_plane: Arc<D>,
     /// Spent by the rendezvous; the session binds the same address again when the task ends.
-    pub(super) listener: Option<TcpRendezvous>,
+    pub(super) listener: Option<D::Listener>,
     pub(super) commands: mpsc::Receiver<(u64, RunSteps)>,
     pub(super) cancel: CancellationToken,
     pub(super) events: mpsc::UnboundedSender<JobEvent>,
@@ -81,7 +84,7 @@ enum Stop {
     Failed { step: u64, error: JobError },
 }
 
-impl Job {
+impl<D: DataPlane> Job<D> {
     pub(super) fn send(&self, msg: WorkerMessage) {
         // The session outlives its job tasks; if it is gone, so is the stream.
         let _ = self.events.send(JobEvent::Send(msg));
@@ -122,7 +125,7 @@ impl Job {
                 // to stop meanwhile (then dropping the communicator cuts the links).
                 tokio::select! {
                     _ = self.cancel.cancelled() => {}
-                    result = comm.shutdown() => if let Err(err) = result {
+                    result = self.data_plane.shutdown(comm) => if let Err(err) = result {
                         debug!(job = %job_id, %err, "data-plane shutdown");
                     },
                 }
@@ -139,7 +142,7 @@ impl Job {
     }
 
     /// Builds the trainer, rendezvouses the data plane and opens the metrics file.
-    async fn start(&mut self) -> Result<(Training, TcpCommunicator, Option<Metrics>), Stop> {
+    async fn start(&mut self) -> Result<(Training, D::Comm, Option<Metrics>), Stop> {
         let failed = |error: JobError| Stop::Failed { step: 0, error };
         // A resumed run restores its checkpoint, which holds the state `init_from` started
         // from and every step since: the HF checkpoint is not read then.
@@ -188,29 +191,19 @@ impl Job {
             .listener
             .take()
             .ok_or_else(|| failed(JobError::Internal("the data-plane listener was spent".into())))?;
-        let mut addrs = Vec::with_capacity(self.plan.world);
-        for (p, addr) in self.plan.peers.iter().enumerate() {
-            if p == self.plan.rank {
-                // Not dialed: the rendezvous only needs the list to be complete.
-                addrs.push(listener.local_addr());
-                continue;
-            }
-            let resolved = tokio::select! {
-                _ = self.cancel.cancelled() => return Err(Stop::Aborted),
-                resolved = resolve(addr) => resolved,
-            };
-            addrs.push(resolved.map_err(|e| {
-                failed(JobError::Communication(format!("rank {p}'s data-plane address {addr:?}: {e}")))
-            })?);
-        }
-        let options = TcpOptions::new(self.plan.session).with_connect_timeout(self.rendezvous_timeout);
+        let rendezvous = Rendezvous {
+            rank: self.plan.rank,
+            peers: &self.plan.peers,
+            session: self.plan.session,
+            timeout: self.rendezvous_timeout,
+        };
         let comm = tokio::select! {
             _ = self.cancel.cancelled() => return Err(Stop::Aborted),
-            comm = listener.connect(self.plan.rank, addrs, options) => {
+            comm = self.data_plane.connect(listener, rendezvous) => {
                 comm.map_err(|e| failed(JobError::Communication(format!("data-plane rendezvous: {e}"))))?
             }
         };
-        let _ = self.events.send(JobEvent::DataPlane(comm.abort_handle()));
+        let _ = self.events.send(JobEvent::DataPlane(self.data_plane.abort_handle(&comm)));
         let metrics = match (&self.plan.output_dir, self.plan.rank) {
             (Some(dir), 0) => Some(
                 match &self.plan.resume {
@@ -228,7 +221,7 @@ impl Job {
     async fn serve(
         &mut self,
         trainer: &mut Training,
-        comm: &TcpCommunicator,
+        comm: &D::Comm,
         metrics: &mut Option<Metrics>,
     ) -> Result<(), Stop> {
         let total = trainer.steps();

@@ -1,13 +1,15 @@
 //! The worker actor: a worker process's life with the coordinator.
 //!
-//! [`run_worker`] (the CLI's entry) dials the coordinator's URL over TCP;
-//! [`run_worker_with`] takes the coordinator connection as a [`Connector`] instead (any
-//! tonic `Channel` maker: an in-process duplex stream, a simulated network), so tests and
-//! benchmarks drive this very agent against a real coordinator without a socket.
+//! [`run_worker`] (the CLI's entry) dials the coordinator's URL over TCP and runs its jobs
+//! on the TCP data plane; [`run_worker_with`] takes the coordinator connection as a
+//! [`Connector`] instead (any tonic `Channel` maker: an in-process duplex stream, a
+//! simulated network) and the jobs' data plane as a [`DataPlane`] ([`TcpDataPlane`], or
+//! another communicator's), so tests and benchmarks drive this very agent against a real
+//! coordinator without a socket, and a new transport runs the same agent.
 //!
 //! The agent's parts, one file each: `connect` (the [`Connector`], registration and its
-//! backoff, what the worker says about itself), `data_plane` (the listener kept between
-//! jobs and the address registered for it), `session` (the session actor: heartbeats and
+//! backoff, what the worker says about itself), `data_plane` (the [`DataPlane`] trait and
+//! [`TcpDataPlane`], the listener kept between jobs and the address registered for it), `session` (the session actor: heartbeats and
 //! commands), `plan` (an assignment checked into a job plan), `job` (the job task:
 //! trainer, rendezvous, steps), `checkpoint` (restoring a resume and writing shards in the
 //! background), `report` (the messages sent: acknowledgements, step reports, errors, and
@@ -117,11 +119,14 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 pub use connect::{Connector, InProcessIncoming};
+pub use data_plane::{AbortFn, DataPlane, Rendezvous, TcpDataPlane};
 pub use error::JobError;
+
+use std::sync::Arc;
 
 use crate::comm::CommError;
 use connect::{Backoff, RegisterError, endpoint, register};
-use data_plane::DataPlane;
+use data_plane::Listening;
 use session::{Session, SessionEnd};
 
 /// How a worker finds the coordinator and presents itself.
@@ -229,16 +234,18 @@ const CLOSE_LINGER: Duration = Duration::from_secs(1);
 pub async fn run_worker(options: WorkerOptions, shutdown: CancellationToken) -> Result<(), AgentError> {
     check_runtime()?;
     let coordinator = Connector::endpoint(endpoint(&options)?);
-    run_worker_with(options, coordinator, shutdown).await
+    run_worker_with(options, coordinator, TcpDataPlane, shutdown).await
 }
 
 /// [`run_worker`] with the coordinator reached through `coordinator` rather than by dialing
-/// `options.coordinator` (which then only names the coordinator in logs). Every
+/// `options.coordinator` (which then only names the coordinator in logs), and every job's
+/// data plane made by `data_plane` ([`TcpDataPlane`] is `run_worker`'s). Every
 /// registration attempt asks the connector for a new channel, so a connector that fails
 /// or whose channel breaks is retried with the same backoff as an unreachable URL.
-pub async fn run_worker_with(
+pub async fn run_worker_with<D: DataPlane>(
     options: WorkerOptions,
     coordinator: Connector,
+    data_plane: D,
     shutdown: CancellationToken,
 ) -> Result<(), AgentError> {
     check_runtime()?;
@@ -254,7 +261,7 @@ pub async fn run_worker_with(
     if options.threads == Some(0) {
         return Err(AgentError::InvalidOption { option: "threads", reason: "must be at least 1".into() });
     }
-    let mut plane = DataPlane::bind(&options).await?;
+    let mut plane = Listening::bind(Arc::new(data_plane), &options).await?;
     let mut backoff = Backoff::new(options.initial_backoff, options.max_backoff);
     loop {
         if shutdown.is_cancelled() {

@@ -24,7 +24,7 @@ use tonic::transport::Channel;
 use tonic::{Status, Streaming};
 use tracing::{info, warn};
 
-use super::data_plane::DataPlane;
+use super::data_plane::{AbortFn, DataPlane, Listening};
 use super::error::JobError;
 use super::job::Job;
 use super::plan::JobPlan;
@@ -33,7 +33,6 @@ use super::{
     CLOSE_LINGER, DEFAULT_HEARTBEAT, JOB_COMMAND_CAPACITY, MIN_HEARTBEAT, OUTBOUND_CAPACITY, RPC_TIMEOUT,
     WorkerOptions,
 };
-use crate::comm::AbortHandle;
 
 /// How a session ended.
 pub(super) enum SessionEnd {
@@ -48,7 +47,7 @@ pub(super) enum JobEvent {
     /// Forward to the coordinator.
     Send(WorkerMessage),
     /// The data plane is up; the session aborts it on `Abort` or when the session ends.
-    DataPlane(AbortHandle),
+    DataPlane(AbortFn),
 }
 
 /// The session's handle on its job task.
@@ -56,7 +55,7 @@ struct RunningJob {
     job_id: String,
     commands: mpsc::Sender<(u64, RunSteps)>,
     cancel: CancellationToken,
-    abort: Option<AbortHandle>,
+    abort: Option<AbortFn>,
     /// The job sent its last word (`JobFinished`, or the `WorkerError` of a failed job):
     /// its task is ending and owns nothing more.
     finished: bool,
@@ -69,16 +68,16 @@ impl RunningJob {
     fn stop(&self, reason: &str) {
         self.cancel.cancel();
         if let Some(abort) = &self.abort {
-            abort.abort(reason);
+            abort(reason);
         }
     }
 }
 
 /// One registration's session: the actor that owns the stream, the heartbeat and the job.
-pub(super) struct Session<'a> {
+pub(super) struct Session<'a, D: DataPlane> {
     options: &'a WorkerOptions,
     registration: Registration,
-    plane: &'a mut DataPlane,
+    plane: &'a mut Listening<D>,
     shutdown: CancellationToken,
     outbound: Option<mpsc::Sender<WorkerMessage>>,
     events_tx: mpsc::UnboundedSender<JobEvent>,
@@ -95,11 +94,11 @@ enum Flow {
     End(SessionEnd),
 }
 
-impl<'a> Session<'a> {
+impl<'a, D: DataPlane> Session<'a, D> {
     pub(super) fn new(
         options: &'a WorkerOptions,
         registration: Registration,
-        plane: &'a mut DataPlane,
+        plane: &'a mut Listening<D>,
         shutdown: CancellationToken,
     ) -> Self {
         let (events_tx, events) = mpsc::unbounded_channel();
@@ -212,7 +211,7 @@ impl<'a> Session<'a> {
                 if let Some(job) = &mut self.job {
                     // An abort that raced the rendezvous reaches the new communicator too.
                     if job.cancel.is_cancelled() {
-                        handle.abort("job aborted");
+                        handle("job aborted");
                     }
                     job.abort = Some(handle);
                 }
@@ -306,6 +305,7 @@ impl<'a> Session<'a> {
         let job = Job {
             plan,
             ack_id: id,
+            data_plane: self.plane.plane.clone(),
             listener: Some(listener),
             commands: commands_rx,
             cancel: cancel.clone(),

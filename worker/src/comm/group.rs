@@ -1,5 +1,6 @@
-//! [`Group`]: point-to-point messages and collectives over a subset of a
-//! [`TcpCommunicator`]'s ranks.
+//! [`Group`]: point-to-point messages and collectives over a subset of a communicator's
+//! ranks, and [`GroupTransport`], what a communicator offers for groups to be carved
+//! from it.
 //!
 //! Pipeline and expert parallelism need collectives over some of the ranks only: a
 //! parameter's gradient is all-reduced over the ranks that hold it (the data-parallel
@@ -9,6 +10,14 @@
 //! messages to build one. It holds the communicator through any handle `C` that
 //! dereferences to it: `Group<&TcpCommunicator>` for a group used within a scope (built
 //! for one step, say), `Group<Arc<TcpCommunicator>>` for one shared between tasks.
+//!
+//! Any communicator that implements [`GroupTransport`] can be carved into groups: the
+//! group needs collective-tagged messages that do not wait to be sent, receives that fail
+//! with the communicator's first link failure, the communicator's collective wrapper
+//! (abort on failure), and a registry of the group ids live on this rank. That is all a
+//! group touches, so code generic over `C: GroupTransport` (the pipeline trainer, the MoE
+//! exchange) runs unchanged on any such communicator: [`super::TcpCommunicator`] today,
+//! an NCCL one later.
 //!
 //! # Invariants
 //!
@@ -58,15 +67,61 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use bytes::Bytes;
 
 use super::ring::{self, RingElement, Transport};
-use super::{
-    CommError, Communicator, MAX_GROUP_ID, TcpCommunicator, WORLD_GROUP_ID, collective_number,
-    describe_collective,
-};
+use super::{CommError, Communicator, MAX_GROUP_ID, WORLD_GROUP_ID, collective_number, describe_collective};
 
-/// A [`Communicator`] over some of a [`TcpCommunicator`]'s ranks, reached through the handle
+/// What a [`Group`] needs of the communicator it is carved from, beyond [`Communicator`]:
+/// the transport layer under the collectives and the communicator's bookkeeping. Ranks
+/// here are the communicator's own (world) ranks; tags are collective tags
+/// ([`super::collective_tag`]), which user sends and receives can never take.
+///
+/// Implementations keep the semantics of [`super`] (module documentation): messages with
+/// the same `(peer, tag)` pair up in the order they were posted, and a broken link or an
+/// abort fails every pending and later collective fetch.
+pub trait GroupTransport: Communicator {
+    /// Queues a collective message for world rank `peer` under the collective tag `tag` and
+    /// returns at once: it never waits for the matching fetch (the ring algorithms post
+    /// before they wait, which is why no step deadlocks).
+    fn post_collective(&self, peer: usize, tag: u64, bytes: Bytes) -> Result<(), CommError>;
+
+    /// The next collective message from world rank `peer` under `tag`. Fails with the
+    /// communicator's first link failure, whichever peer it was with (a collective needs
+    /// everyone), or with [`CommError::Aborted`] once the communicator is aborted.
+    fn fetch_collective(
+        &self,
+        peer: usize,
+        tag: u64,
+    ) -> impl Future<Output = Result<Bytes, CommError>> + Send;
+
+    /// Runs `run`, the collective numbered `number` (see [`collective_number`]) called as
+    /// `op`; if it fails other than by a local abort, aborts the communicator, blaming the
+    /// error's [`CommError::culprit`] (so `run`'s errors must name world ranks), so that
+    /// ranks waiting on this one fail too instead of hanging.
+    fn run_collective<'a, T: Send + 'a>(
+        &'a self,
+        op: &'static str,
+        number: u64,
+        run: impl Future<Output = Result<T, CommError>> + Send + 'a,
+    ) -> impl Future<Output = Result<T, CommError>> + Send + 'a;
+
+    /// Reserves `group_id` for a group being built on this rank; `false` if a live group
+    /// of this communicator holds it already.
+    fn claim_group_id(&self, group_id: u32) -> bool;
+
+    /// Frees `group_id` when its group is dropped.
+    fn release_group_id(&self, group_id: u32);
+
+    /// Whether the communicator has been aborted (or shut down).
+    fn is_aborted(&self) -> bool;
+}
+
+/// A [`Communicator`] over some of a [`GroupTransport`]'s ranks, reached through the handle
 /// `C` (`&TcpCommunicator`, `Arc<TcpCommunicator>`, …); see the module documentation.
 /// Ranks, sizes and roots passed to its methods are group ranks.
-pub struct Group<C: Deref<Target = TcpCommunicator>> {
+pub struct Group<C>
+where
+    C: Deref,
+    C::Target: GroupTransport,
+{
     comm: C,
     group_id: u32,
     /// World ranks, ascending and distinct; `members[rank]` is the caller.
@@ -77,7 +132,11 @@ pub struct Group<C: Deref<Target = TcpCommunicator>> {
     next_seq: AtomicU64,
 }
 
-impl<C: Deref<Target = TcpCommunicator>> Group<C> {
+impl<C> Group<C>
+where
+    C: Deref,
+    C::Target: GroupTransport,
+{
     /// The group `group_id` of `members` (world ranks, ascending and distinct, this rank
     /// among them) over `comm`. Every member must build it with the same members and id;
     /// building it is local (no messages). Fails with [`CommError::InvalidArgument`] when
@@ -165,20 +224,24 @@ impl<C: Deref<Target = TcpCommunicator>> Group<C> {
     }
 }
 
-impl<C: Deref<Target = TcpCommunicator> + Sync> Group<C> {
+impl<C> Group<C>
+where
+    C: Deref + Sync,
+    C::Target: GroupTransport,
+{
     /// Runs the group's collective numbered `number` under the communicator's collective
     /// wrapper (which aborts the communicator if it fails), with errors in world ranks;
     /// aborts the communicator if the returned future is dropped before it completes.
-    fn collective<'a, T: 'a>(
+    fn collective<'a, T: Send + 'a>(
         &'a self,
         op: &'static str,
         number: u64,
         run: impl Future<Output = Result<T, CommError>> + Send + 'a,
     ) -> impl Future<Output = Result<T, CommError>> + Send + 'a {
-        let unfinished = Unfinished { comm: &self.comm, op, number };
+        let unfinished = Unfinished { comm: &*self.comm, op, number };
         async move {
             let result =
-                self.comm.collective(op, number, async { run.await.map_err(|e| self.to_world(e)) }).await;
+                self.comm.run_collective(op, number, async { run.await.map_err(|e| self.to_world(e)) }).await;
             unfinished.disarm();
             result
         }
@@ -196,20 +259,20 @@ impl<C: Deref<Target = TcpCommunicator> + Sync> Group<C> {
 
 /// Armed for the life of a group collective's future; if dropped (rather than forgotten
 /// on completion), the collective was abandoned half-way: abort the communicator.
-struct Unfinished<'a> {
-    comm: &'a TcpCommunicator,
+struct Unfinished<'a, T: GroupTransport + ?Sized> {
+    comm: &'a T,
     op: &'static str,
     number: u64,
 }
 
-impl Unfinished<'_> {
+impl<T: GroupTransport + ?Sized> Unfinished<'_, T> {
     /// The collective completed (successfully or not): nothing to do.
     fn disarm(self) {
         std::mem::forget(self);
     }
 }
 
-impl Drop for Unfinished<'_> {
+impl<T: GroupTransport + ?Sized> Drop for Unfinished<'_, T> {
     fn drop(&mut self) {
         if !self.comm.is_aborted() {
             let reason = format!(
@@ -267,13 +330,21 @@ fn show(members: &[usize]) -> String {
     }
 }
 
-impl<C: Deref<Target = TcpCommunicator>> Drop for Group<C> {
+impl<C> Drop for Group<C>
+where
+    C: Deref,
+    C::Target: GroupTransport,
+{
     fn drop(&mut self) {
         self.comm.release_group_id(self.group_id);
     }
 }
 
-impl<C: Deref<Target = TcpCommunicator>> fmt::Debug for Group<C> {
+impl<C> fmt::Debug for Group<C>
+where
+    C: Deref,
+    C::Target: GroupTransport,
+{
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Group")
             .field("group_id", &self.group_id)
@@ -285,7 +356,11 @@ impl<C: Deref<Target = TcpCommunicator>> fmt::Debug for Group<C> {
 }
 
 /// The ring algorithms' view: group ranks in, world ranks on the wire.
-impl<C: Deref<Target = TcpCommunicator> + Sync> Transport for Group<C> {
+impl<C> Transport for Group<C>
+where
+    C: Deref + Sync,
+    C::Target: GroupTransport,
+{
     fn rank(&self) -> usize {
         self.rank
     }
@@ -295,16 +370,20 @@ impl<C: Deref<Target = TcpCommunicator> + Sync> Transport for Group<C> {
     }
 
     fn post(&self, peer: usize, tag: u64, bytes: Bytes) -> Result<(), CommError> {
-        Transport::post(&*self.comm, self.world_peer(peer)?, tag, bytes)
+        self.comm.post_collective(self.world_peer(peer)?, tag, bytes)
     }
 
     fn fetch(&self, peer: usize, tag: u64) -> impl Future<Output = Result<Bytes, CommError>> + Send {
         let world = self.world_peer(peer);
-        async move { Transport::fetch(&*self.comm, world?, tag).await }
+        async move { self.comm.fetch_collective(world?, tag).await }
     }
 }
 
-impl<C: Deref<Target = TcpCommunicator> + Send + Sync> Communicator for Group<C> {
+impl<C> Communicator for Group<C>
+where
+    C: Deref + Send + Sync,
+    C::Target: GroupTransport,
+{
     fn rank(&self) -> usize {
         self.rank
     }

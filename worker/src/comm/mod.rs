@@ -6,8 +6,11 @@
 //! connection per pair of ranks (CPU workers, tests); an NCCL implementation for GPU
 //! workers will sit beside it. The collective algorithms live in [`ring`], written against
 //! plain tagged send/receive, so every transport that has those shares them.
-//! [`Group`] ([`group`]) is a [`Communicator`] over a subset of a [`TcpCommunicator`]'s
-//! ranks, for collectives that involve only some of them (see *Groups* below).
+//! [`Group`] ([`group`]) is a [`Communicator`] over a subset of the ranks of any
+//! communicator that implements [`GroupTransport`] (the TCP one does), for collectives that
+//! involve only some of them (see *Groups* below). Code above the data plane (the pipeline
+//! trainer, the MoE exchange, the agent's jobs) is generic over `C: GroupTransport`, so a
+//! new transport plugs in beneath it unchanged.
 //!
 //! # Semantics every implementation keeps
 //!
@@ -47,7 +50,7 @@
 //!
 //! Pipeline and expert parallelism reduce most tensors over a subset of the ranks (the
 //! data-parallel replicas of one stage, the ranks sharing an expert) and only a few over
-//! everyone. A [`Group`] is a view of a [`TcpCommunicator`] restricted to `members`, a
+//! everyone. A [`Group`] is a view of a [`GroupTransport`] communicator restricted to `members`, a
 //! sorted list of world ranks that includes the caller, and identified by a `group_id` in
 //! `1..=`[`MAX_GROUP_ID`]: `Group::new(comm, members, group_id)`, where `comm` is any
 //! handle to the communicator (`&TcpCommunicator` for a group built for one step,
@@ -133,7 +136,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use thiserror::Error;
 
-pub use group::Group;
+pub use group::{Group, GroupTransport};
 pub use ring::{RingElement, chunk_range, ring_reference_sum};
 pub use tcp::{AbortHandle, TcpCommunicator, TcpOptions, TcpRendezvous, loopback_group};
 

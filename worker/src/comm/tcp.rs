@@ -63,6 +63,7 @@ use tokio::task::JoinSet;
 use tokio::time::{Instant, sleep, sleep_until, timeout, timeout_at};
 use tokio_util::sync::CancellationToken;
 
+use super::group::GroupTransport;
 use super::ring::{self, RingElement, Transport};
 use super::{
     CONTROL_TAG_BITS, CommError, Communicator, MAX_USER_TAG, MAX_WORLD_SIZE, WORLD_GROUP_ID,
@@ -824,7 +825,7 @@ impl TcpCommunicator {
     /// than by a local abort, aborts the communicator so that ranks waiting on this one fail
     /// too instead of hanging. `run`'s errors must name world ranks: the abort blames
     /// [`CommError::culprit`].
-    pub(crate) async fn collective<T>(
+    async fn collective<T>(
         &self,
         op: &'static str,
         number: u64,
@@ -840,17 +841,6 @@ impl TcpCommunicator {
             self.shared.abort.abort(&reason, err.culprit());
         }
         result
-    }
-
-    /// Reserves `group_id` for a group being built on this rank; `false` if a live group
-    /// holds it already.
-    pub(crate) fn claim_group_id(&self, group_id: u32) -> bool {
-        self.group_ids.lock().unwrap_or_else(PoisonError::into_inner).insert(group_id)
-    }
-
-    /// Frees `group_id` when its group is dropped.
-    pub(crate) fn release_group_id(&self, group_id: u32) {
-        self.group_ids.lock().unwrap_or_else(PoisonError::into_inner).remove(&group_id);
     }
 
     fn all_reduce_generic<'a, T: RingElement>(
@@ -885,6 +875,43 @@ impl Transport for TcpCommunicator {
 
     fn fetch(&self, peer: usize, tag: u64) -> impl Future<Output = Result<Bytes, CommError>> + Send {
         self.receive(peer, tag, true)
+    }
+}
+
+/// What a [`super::Group`] is carried over: the collectives' own transport (collective
+/// receives watch the failure token), the collective wrapper, and the live group ids.
+impl GroupTransport for TcpCommunicator {
+    fn post_collective(&self, peer: usize, tag: u64, bytes: Bytes) -> Result<(), CommError> {
+        self.post_frame(peer, tag, bytes)
+    }
+
+    fn fetch_collective(
+        &self,
+        peer: usize,
+        tag: u64,
+    ) -> impl Future<Output = Result<Bytes, CommError>> + Send {
+        self.receive(peer, tag, true)
+    }
+
+    fn run_collective<'a, T: Send + 'a>(
+        &'a self,
+        op: &'static str,
+        number: u64,
+        run: impl Future<Output = Result<T, CommError>> + Send + 'a,
+    ) -> impl Future<Output = Result<T, CommError>> + Send + 'a {
+        self.collective(op, number, run)
+    }
+
+    fn claim_group_id(&self, group_id: u32) -> bool {
+        self.group_ids.lock().unwrap_or_else(PoisonError::into_inner).insert(group_id)
+    }
+
+    fn release_group_id(&self, group_id: u32) {
+        self.group_ids.lock().unwrap_or_else(PoisonError::into_inner).remove(&group_id);
+    }
+
+    fn is_aborted(&self) -> bool {
+        TcpCommunicator::is_aborted(self)
     }
 }
 

@@ -27,7 +27,7 @@ use flotilla_proto::v1::{ExecutedOp, ScheduledOp};
 use tokio::runtime::Handle;
 
 use super::{PipelineError, PipelineTrainer, decode_f32, encode_f32};
-use crate::comm::{Communicator, TcpCommunicator};
+use crate::comm::Communicator;
 use crate::expert_exchange::{DataPlaneExchange, EpTopology, ExchangeStats};
 use crate::tags;
 
@@ -101,10 +101,10 @@ fn unix_micros() -> u64 {
 impl PipelineTrainer {
     /// Executes the stream; returns the executed instructions, the statistics, and the busy
     /// and total seconds.
-    pub(super) fn run_stream(
+    pub(super) fn run_stream<C: Communicator>(
         &mut self,
         step: u64,
-        comm: &TcpCommunicator,
+        comm: &C,
         handle: &Handle,
     ) -> Result<StreamRun, PipelineError> {
         let plan = &self.plan;
@@ -195,7 +195,7 @@ impl PipelineTrainer {
                     let model = &self.model;
                     let fwd_windows = &windows[forward.micro_batch as usize];
                     let (mut fx, mut bx) = (exchange(forward), exchange(backward));
-                    let run_forward = |fx: &mut DataPlaneExchange<'_>| {
+                    let run_forward = |fx: &mut DataPlaneExchange<'_, C>| {
                         model.forward(forward.stage as usize, fwd_windows, seq, input, &loss, threads, fx)
                     };
                     let (fwd, bwd) = if overlap {

@@ -44,7 +44,7 @@ use flotilla_model::train::{StepRecord, TrainConfig, step_record};
 use flotilla_proto::v1::ExecutedOp;
 use tokio::runtime::Handle;
 
-use crate::comm::{CommError, Group, TcpCommunicator};
+use crate::comm::{CommError, Group, GroupTransport};
 use crate::expert_exchange::ExchangeStats;
 pub use flotilla_layout::{Chunk, Coordinates, Instruction, ScheduleKind};
 pub use plan::PipelinePlan;
@@ -205,10 +205,11 @@ impl PipelineTrainer {
 
     /// Runs one training step (see the module docs). Blocking: call it from a blocking
     /// thread (`block_in_place`, `spawn_blocking` or a plain thread); it waits on the data
-    /// plane through `handle`. Every rank of the job must call it for the same step.
-    pub fn run_step(
+    /// plane through `handle`. Every rank of the job must call it for the same step. Any
+    /// communicator that groups can be carved from runs it (the TCP one, an NCCL one).
+    pub fn run_step<C: GroupTransport>(
         &mut self,
-        comm: &TcpCommunicator,
+        comm: &C,
         handle: &Handle,
     ) -> Result<PipelineStep, PipelineError> {
         let step = self.step + 1;

@@ -25,7 +25,7 @@ use tokio::runtime::Handle;
 
 use super::zero1::HolderKey;
 use super::{PipelinePlan, PipelineTrainer, decode_f32};
-use crate::comm::{Communicator, TcpCommunicator, chunk_range};
+use crate::comm::{Communicator, chunk_range};
 use crate::tags::SAVE_TAG;
 
 impl PipelineTrainer {
@@ -177,9 +177,9 @@ impl PipelineTrainer {
     /// Writes the whole model's weights to `dir` in the HF layout: every rank sends the
     /// tensors it is first to hold to world rank 0, which assembles and writes them. Every
     /// rank of the job must call it. Blocking, like [`PipelineTrainer::run_step`].
-    pub fn save(
+    pub fn save<C: Communicator>(
         &self,
-        comm: &TcpCommunicator,
+        comm: &C,
         handle: &Handle,
         dir: &std::path::Path,
         dtype: flotilla_model::checkpoint::WeightDtype,

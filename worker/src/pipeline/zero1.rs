@@ -28,7 +28,7 @@ use tokio::runtime::Handle;
 
 use super::executor::Tally;
 use super::{PipelineError, PipelinePlan, PipelineTrainer, decode_f32, encode_f32};
-use crate::comm::{Communicator, Group, TcpCommunicator, chunk_range};
+use crate::comm::{Communicator, Group, GroupTransport, chunk_range};
 
 /// A group of tensors with the same holders: what one all-reduce and one ZeRO-1 shard
 /// cover.
@@ -184,11 +184,11 @@ impl PipelineTrainer {
     /// Sums each holder group's gradients over its members and divides by the global
     /// micro-batch count; then one world all-reduce of the squared norm, the losses and the
     /// loads. Returns the global squared gradient norm and the step's statistics.
-    pub(super) fn reduce(
+    pub(super) fn reduce<C: GroupTransport>(
         &mut self,
         step: u64,
-        groups: &[Option<Group<&TcpCommunicator>>],
-        comm: &TcpCommunicator,
+        groups: &[Option<Group<&C>>],
+        comm: &C,
         handle: &Handle,
         tally: Tally,
     ) -> Result<(f64, flotilla_model::StepStats), PipelineError> {
@@ -273,10 +273,10 @@ impl PipelineTrainer {
 
     /// ZeRO-1: each member of a holder group clips and updates its part of the group's
     /// flattened tensors with AdamW, then the group all-gathers the updated values.
-    pub(super) fn update(
+    pub(super) fn update<C: GroupTransport>(
         &mut self,
         step: u64,
-        groups: &[Option<Group<&TcpCommunicator>>],
+        groups: &[Option<Group<&C>>],
         handle: &Handle,
         lr: f32,
         scale: f32,
