@@ -5,6 +5,7 @@ mod bench;
 mod checkpoint;
 mod cluster;
 mod data;
+mod experts;
 mod model_info;
 mod plan;
 mod repro;
@@ -69,6 +70,11 @@ enum Command {
         #[command(subcommand)]
         command: data::DataCommand,
     },
+    /// Plan redundant experts for deployment from recorded expert loads (DeepSeek's EPLB).
+    Experts {
+        #[command(subcommand)]
+        command: experts::ExpertsCommand,
+    },
     /// List, verify and export the checkpoints a run committed under RUN_DIR/checkpoints.
     Checkpoint {
         #[command(subcommand)]
@@ -110,5 +116,6 @@ fn run(cli: Cli) -> Result<()> {
         Command::Workers(args) => cluster::workers(args),
         Command::Checkpoint { command } => checkpoint::run(command),
         Command::Data { command } => data::run(command),
+        Command::Experts { command } => experts::run(command),
     }
 }

@@ -2,7 +2,7 @@
 //! errors on bad input.
 
 mod common;
-use common::{flotilla, flotilla_in, losses, temp_dir};
+use common::{failure, flotilla, flotilla_in, losses, temp_dir};
 
 fn max_rel(row: &serde_json::Value, reference: &str) -> f64 {
     row[reference]["relative"]["max"].as_f64().expect("max relative error")
@@ -602,5 +602,127 @@ fn run_refuses_bad_input_before_starting_anything() {
     let out = flotilla(&["run", example.to_str().unwrap(), "--workers", "3"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("layout needs 4 workers"), "{stderr}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `flotilla experts plan` prints DeepSeek's EPLB README example's `phy2log` as JSON, reads
+/// a run's own metrics.jsonl with the imbalance falling on every layer, and names the file
+/// and the count at fault on bad input.
+#[test]
+fn experts_plan_places_redundant_experts_from_recorded_loads() {
+    let dir = temp_dir("experts");
+    let weights = dir.join("weights.json");
+    std::fs::write(
+        &weights,
+        "[[90,132,40,61,104,165,39,4,73,56,183,86],[20,107,104,64,19,197,187,157,172,86,16,27]]",
+    )
+    .unwrap();
+    let w = weights.to_str().unwrap();
+    let out = flotilla(&[
+        "experts",
+        "plan",
+        "--loads",
+        w,
+        "--replicas",
+        "16",
+        "--nodes",
+        "2",
+        "--gpus-per-node",
+        "4",
+        "--groups",
+        "4",
+        "--json",
+    ]);
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(plan["policy"], "hierarchical");
+    assert_eq!(
+        plan["phy2log"],
+        serde_json::json!([
+            [5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1],
+            [7, 10, 6, 8, 6, 11, 8, 9, 2, 4, 5, 1, 5, 0, 3, 1]
+        ])
+    );
+    assert_eq!(plan["logcnt"][0].as_array().unwrap().iter().map(|c| c.as_u64().unwrap()).sum::<u64>(), 16);
+
+    // A short run's recorded loads: 4 MoE layers of 16 experts, 4 GPUs, 4 redundant copies.
+    let config = dir.join("run.toml");
+    std::fs::write(&config, SHORT_RUN.replace("steps = 40", "steps = 3")).unwrap();
+    let run = dir.join("run");
+    let out = flotilla(&["train", config.to_str().unwrap(), "--out", run.to_str().unwrap()]);
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let metrics = run.join("metrics.jsonl");
+    let m = metrics.to_str().unwrap();
+    let out = flotilla(&[
+        "experts",
+        "plan",
+        "--loads",
+        m,
+        "--replicas",
+        "20",
+        "--nodes",
+        "1",
+        "--gpus-per-node",
+        "4",
+        "--json",
+    ]);
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(plan["steps"], 3);
+    let balance = plan["balance"].as_array().unwrap();
+    assert!(!balance.is_empty());
+    for layer in balance {
+        let (before, after) =
+            (layer["before_ratio"].as_f64().unwrap(), layer["after_ratio"].as_f64().unwrap());
+        assert!(after < before, "max/mean per GPU {before} → {after}");
+    }
+    let text = String::from_utf8_lossy(
+        &flotilla(&[
+            "experts",
+            "plan",
+            "--loads",
+            m,
+            "--replicas",
+            "20",
+            "--nodes",
+            "1",
+            "--gpus-per-node",
+            "4",
+        ])
+        .stdout,
+    )
+    .into_owned();
+    assert!(text.contains("(loads summed over 3 steps)") && text.contains("node 0 gpu 3: experts"), "{text}");
+
+    let bad = flotilla(&[
+        "experts",
+        "plan",
+        "--loads",
+        w,
+        "--replicas",
+        "18",
+        "--nodes",
+        "2",
+        "--gpus-per-node",
+        "4",
+    ]);
+    let stderr = failure(&bad);
+    assert!(
+        stderr.contains("weights.json") && stderr.contains("replicas = 18 does not divide over the 8 GPUs"),
+        "{stderr}"
+    );
+    std::fs::write(dir.join("junk.jsonl"), "{\"step\": 1}\n").unwrap();
+    let junk = dir.join("junk.jsonl");
+    let stderr = failure(&flotilla(&[
+        "experts",
+        "plan",
+        "--loads",
+        junk.to_str().unwrap(),
+        "--replicas",
+        "16",
+        "--nodes",
+        "1",
+    ]));
+    assert!(stderr.contains("junk.jsonl:1: not a metrics.jsonl step record"), "{stderr}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

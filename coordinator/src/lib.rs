@@ -18,6 +18,7 @@
 //! stream each rank is shipped and held to).
 
 pub mod checkpoint;
+pub mod eplb;
 pub mod placement;
 pub mod plan;
 pub mod schedule;
