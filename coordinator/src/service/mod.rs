@@ -31,6 +31,11 @@
 //! reach the cluster actor and each other only through the types there, so the modules
 //! depend on each other without a cycle (`cluster → job, session → messages`).
 //!
+//! Before any handler, [`auth`] has checked the caller: TLS on the port (optionally
+//! mutual), then a tower layer in front of every service that looks the call's bearer
+//! token up in the token file and its RPC in the one role table, so a refused call reaches
+//! no handler and changes nothing.
+//!
 //! The gRPC handlers (`grpc`) are thin: they validate input, ask an actor through its
 //! mailbox and await a oneshot reply, or read the store directly (job reads and watches,
 //! which the store serves consistently without the actors).
