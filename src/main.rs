@@ -115,3 +115,15 @@ fn run(cli: Cli) -> Result<()> {
         Command::Data { command } => data::run(command),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// clap checks its definitions (flag names that `requires` refers to, duplicates) only
+    /// when asked: a mistake would otherwise surface as a panic on a user's command line.
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        super::Cli::command().debug_assert();
+    }
+}
