@@ -1,5 +1,5 @@
 //! The control plane from the command line: `flotilla coordinator`, `worker`, `submit`,
-//! `jobs`, `watch`, `workers`, and `run`, the all-in-one that starts a coordinator in this process,
+//! `jobs`, `watch`, `workers`, `cancel`, and `run`, the all-in-one that starts a coordinator in this process,
 //! spawns worker processes of this binary, submits the run and follows it to the end.
 //! The work is in `flotilla_coordinator::service` and `flotilla_worker::agent`, and the
 //! worker processes of `run` are supervised by `flotilla_supervisor`; this file parses
@@ -8,6 +8,9 @@
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use flotilla_coordinator::schedule::executed_chrome_trace;
+use flotilla_coordinator::service::auth::{
+    AuthChannel, BearerToken, ClientAuth, ClientTls, Role, ServerTls, first_token,
+};
 use flotilla_coordinator::service::{CoordinatorConfig, MAX_JOB_WORKERS, bind_and_serve};
 use flotilla_model::ModelConfig;
 use flotilla_model::train::{ParallelConfig, TrainConfig};
@@ -18,28 +21,76 @@ use flotilla_proto::v1::{
     ListWorkersRequest, SubmitJobRequest, WatchJobRequest, WorkerStatus,
 };
 use flotilla_supervisor::{Event as ProcessEvent, ProcessId, ProcessSpec, RestartPolicy, Supervisor};
-use flotilla_worker::agent::{WorkerOptions, run_worker};
+use flotilla_worker::agent::{CoordinatorTls, WorkerOptions, WorkerToken, run_worker};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 
 /// The coordinator address the client commands dial when `--coordinator` is not given.
-const DEFAULT_COORDINATOR: &str = "http://127.0.0.1:7070";
+/// A bare host:port: `http://`, or `https://` with --tls-ca.
+const DEFAULT_COORDINATOR: &str = "127.0.0.1:7070";
+
+/// How a client reaches the coordinator: TLS and a bearer token (the coordinator's
+/// `--token-file` has it with a role).
+#[derive(Args, Clone, Default)]
+pub struct ClientFlags {
+    /// The CA certificate (PEM) the coordinator's certificate chains to; turns on TLS (a bare
+    /// host:port means https://).
+    #[arg(long, value_name = "PEM")]
+    tls_ca: Option<PathBuf>,
+    /// This client's certificate (PEM), for a coordinator that verifies clients (mutual TLS).
+    #[arg(long, value_name = "PEM", requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<PathBuf>,
+    /// The key (PEM) of --tls-cert.
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// The name the coordinator's certificate carries, when it is not the URL's host.
+    #[arg(long, requires = "tls_ca")]
+    tls_domain: Option<String>,
+    /// The bearer token sent with every call (better in FLOTILLA_TOKEN: a flag shows in `ps`).
+    #[arg(long, env = "FLOTILLA_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+}
+
+impl ClientFlags {
+    fn auth(&self) -> Result<ClientAuth> {
+        let tls = self.tls_ca.as_ref().map(|ca| ClientTls {
+            ca: ca.clone(),
+            identity: self.tls_cert.clone().zip(self.tls_key.clone()),
+            domain: self.tls_domain.clone(),
+        });
+        let token = self.token.as_deref().map(BearerToken::new).transpose().context("--token")?;
+        Ok(ClientAuth { tls, token })
+    }
+}
 
 #[derive(Args)]
 pub struct CoordinatorArgs {
-    /// Where to listen. Loopback by default; another interface needs --allow-remote.
+    /// Where to listen. Loopback by default; another interface needs --tls-cert, --tls-key
+    /// and --token-file (or --insecure).
     #[arg(long, default_value = "127.0.0.1:7070")]
     listen: SocketAddr,
     /// Where jobs and their events are kept across restarts.
     #[arg(long, default_value = "flotilla-state")]
     state_dir: PathBuf,
-    /// Listen on a non-loopback address (the control plane has no authentication yet).
+    /// Serve TLS with this certificate chain (PEM).
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The key (PEM) of --tls-cert.
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Require client certificates chaining to this CA (PEM): mutual TLS.
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    tls_ca: Option<PathBuf>,
+    /// Bearer tokens with roles, one `ROLE TOKEN` per line (admin, viewer, worker); reloaded
+    /// when the file changes. Without it every RPC is open.
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// Listen beyond loopback without TLS or a token file (warned about at every start).
     #[arg(long)]
-    allow_remote: bool,
+    insecure: bool,
     /// How often workers heartbeat, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     heartbeat_interval_ms: u64,
@@ -53,6 +104,9 @@ pub struct WorkerArgs {
     /// The coordinator's URL.
     #[arg(long, default_value = DEFAULT_COORDINATOR)]
     coordinator: String,
+    /// TLS and the worker's token.
+    #[command(flatten)]
+    client: ClientFlags,
     /// The id to register with (default: the coordinator chooses).
     #[arg(long)]
     worker_id: Option<String>,
@@ -85,6 +139,9 @@ pub struct SubmitArgs {
     /// The coordinator's URL.
     #[arg(long, default_value = DEFAULT_COORDINATOR)]
     coordinator: String,
+    /// TLS and the token.
+    #[command(flatten)]
+    client: ClientFlags,
     /// Workers. Default: as many as the config's `[parallel]` layout needs, else 1.
     #[arg(long)]
     workers: Option<u32>,
@@ -105,6 +162,9 @@ pub struct JobsArgs {
     /// The coordinator's URL.
     #[arg(long, default_value = DEFAULT_COORDINATOR)]
     coordinator: String,
+    /// TLS and the token.
+    #[command(flatten)]
+    client: ClientFlags,
     /// One JSON object per job.
     #[arg(long)]
     json: bool,
@@ -115,6 +175,9 @@ pub struct WorkersArgs {
     /// The coordinator's URL.
     #[arg(long, default_value = DEFAULT_COORDINATOR)]
     coordinator: String,
+    /// TLS and the token.
+    #[command(flatten)]
+    client: ClientFlags,
     /// One JSON object per worker, then one with the heartbeat figures.
     #[arg(long)]
     json: bool,
@@ -127,12 +190,30 @@ pub struct WatchArgs {
     /// The coordinator's URL.
     #[arg(long, default_value = DEFAULT_COORDINATOR)]
     coordinator: String,
+    /// TLS and the token.
+    #[command(flatten)]
+    client: ClientFlags,
     /// Resume after this revision (0: from the job's first event).
     #[arg(long, default_value_t = 0)]
     from_revision: u64,
     /// One JSON object per event, for scripts and dashboards.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Args)]
+pub struct CancelArgs {
+    /// The job to cancel.
+    job: String,
+    /// The coordinator's URL.
+    #[arg(long, default_value = DEFAULT_COORDINATOR)]
+    coordinator: String,
+    /// TLS and the (admin) token.
+    #[command(flatten)]
+    client: ClientFlags,
+    /// Why, recorded with the job.
+    #[arg(long, default_value = "cancelled from the command line")]
+    reason: String,
 }
 
 #[derive(Args)]
@@ -172,29 +253,90 @@ pub struct RunArgs {
     /// the config's `max_shard_size`, else transformers' 50GB); more is sharded.
     #[arg(long, value_parser = crate::train::parse_size)]
     max_shard_size: Option<u64>,
+    /// Serve the run's coordinator with TLS, with this certificate chain (PEM); the launcher
+    /// and its workers check it against --tls-ca.
+    #[arg(long, value_name = "PEM", requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<PathBuf>,
+    /// The key (PEM) of --tls-cert.
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// The CA (PEM) the launcher and its workers check the coordinator's certificate against.
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    tls_ca: Option<PathBuf>,
+    /// The name the certificate carries, when it does not cover 127.0.0.1.
+    #[arg(long, requires = "tls_cert")]
+    tls_domain: Option<String>,
+    /// The coordinator checks these tokens (`ROLE TOKEN` lines); the launcher calls with the
+    /// file's first admin token, its workers with its first worker token.
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+}
+
+/// What `flotilla run` tells its coordinator, uses itself, and hands its workers: TLS and
+/// the tokens of `--token-file`.
+struct RunSecurity {
+    coordinator_tls: Option<ServerTls>,
+    launcher: ClientAuth,
+    worker_token: Option<String>,
+}
+
+impl RunSecurity {
+    fn of(args: &RunArgs) -> Result<RunSecurity> {
+        let coordinator_tls = args.tls_cert.clone().zip(args.tls_key.clone()).map(|(cert, key)| ServerTls {
+            cert,
+            key,
+            client_ca: None,
+        });
+        let client_tls =
+            args.tls_ca.clone().map(|ca| ClientTls { ca, identity: None, domain: args.tls_domain.clone() });
+        let (admin, worker_token) = match &args.token_file {
+            None => (None, None),
+            Some(path) => {
+                let admin = first_token(path, Role::Admin)?.with_context(|| {
+                    format!("--token-file {}: the launcher needs an admin token", path.display())
+                })?;
+                let worker = first_token(path, Role::Worker)?.with_context(|| {
+                    format!("--token-file {}: the workers need a worker token", path.display())
+                })?;
+                (Some(BearerToken::new(&admin)?), Some(worker))
+            }
+        };
+        Ok(RunSecurity {
+            coordinator_tls,
+            launcher: ClientAuth { tls: client_tls, token: admin },
+            worker_token,
+        })
+    }
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")
 }
 
-fn url(coordinator: &str) -> String {
-    if coordinator.contains("://") { coordinator.to_string() } else { format!("http://{coordinator}") }
-}
+type JobsClient = JobServiceClient<AuthChannel>;
 
-async fn jobs_client(coordinator: &str) -> Result<JobServiceClient<Channel>> {
-    let endpoint = url(coordinator);
-    JobServiceClient::connect(endpoint.clone())
+async fn jobs_client(coordinator: &str, auth: &ClientAuth) -> Result<JobsClient> {
+    let endpoint = auth.endpoint(coordinator)?;
+    let channel = endpoint
+        .connect()
         .await
-        .with_context(|| format!("--coordinator: cannot reach {endpoint}"))
+        .with_context(|| format!("--coordinator: cannot reach {}", endpoint.uri()))?;
+    Ok(JobServiceClient::with_interceptor(channel, auth.interceptor()))
 }
 
 pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
     runtime()?.block_on(async {
+        let tls = args.tls_cert.zip(args.tls_key).map(|(cert, key)| ServerTls {
+            cert,
+            key,
+            client_ca: args.tls_ca,
+        });
         let config = CoordinatorConfig {
             listen: args.listen,
             state_dir: args.state_dir,
-            allow_remote: args.allow_remote,
+            tls,
+            token_file: args.token_file,
+            insecure: args.insecure,
             heartbeat_interval: Duration::from_millis(args.heartbeat_interval_ms),
             heartbeat_timeout: Duration::from_millis(args.heartbeat_timeout_ms),
             ..CoordinatorConfig::default()
@@ -211,6 +353,12 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
     let runtime = runtime()?;
     let result = runtime.block_on(async {
         let mut options = WorkerOptions::new(args.coordinator);
+        options.tls = args.client.tls_ca.map(|ca| CoordinatorTls {
+            ca,
+            identity: args.client.tls_cert.zip(args.client.tls_key),
+            domain: args.client.tls_domain,
+        });
+        options.token = args.client.token.as_deref().map(WorkerToken::new).transpose()?;
         options.worker_id = args.worker_id;
         options.node_id = args.node_id;
         options.local_rank = args.local_rank;
@@ -301,7 +449,7 @@ pub fn submit(args: SubmitArgs) -> Result<()> {
         (None, None) => 1,
     };
     runtime()?.block_on(async {
-        let mut client = jobs_client(&args.coordinator).await?;
+        let mut client = jobs_client(&args.coordinator, &args.client.auth()?).await?;
         let output_dir = match &args.out {
             Some(out) => absolute(out)?.display().to_string(),
             None => String::new(),
@@ -327,7 +475,7 @@ pub fn submit(args: SubmitArgs) -> Result<()> {
 
 pub fn jobs(args: JobsArgs) -> Result<()> {
     runtime()?.block_on(async {
-        let mut client = jobs_client(&args.coordinator).await?;
+        let mut client = jobs_client(&args.coordinator, &args.client.auth()?).await?;
         let jobs = client.list_jobs(ListJobsRequest {}).await.map_err(status)?.into_inner().jobs;
         for job in &jobs {
             if args.json {
@@ -351,7 +499,7 @@ pub fn jobs(args: JobsArgs) -> Result<()> {
 
 pub fn workers(args: WorkersArgs) -> Result<()> {
     runtime()?.block_on(async {
-        let mut client = jobs_client(&args.coordinator).await?;
+        let mut client = jobs_client(&args.coordinator, &args.client.auth()?).await?;
         let listed = client.list_workers(ListWorkersRequest {}).await.map_err(status)?.into_inner();
         let beats = listed.heartbeats.unwrap_or_default();
         if args.json {
@@ -406,7 +554,7 @@ fn worker_json(w: &WorkerStatus) -> serde_json::Value {
 
 pub fn watch(args: WatchArgs) -> Result<()> {
     runtime()?.block_on(async {
-        let mut client = jobs_client(&args.coordinator).await?;
+        let mut client = jobs_client(&args.coordinator, &args.client.auth()?).await?;
         let job_id = match args.job {
             Some(job) => job,
             None => {
@@ -427,6 +575,19 @@ pub fn watch(args: WatchArgs) -> Result<()> {
                 println!("{}", describe(&event));
             }
         }
+        Ok(())
+    })
+}
+
+pub fn cancel(args: CancelArgs) -> Result<()> {
+    runtime()?.block_on(async {
+        let mut client = jobs_client(&args.coordinator, &args.client.auth()?).await?;
+        let job = client
+            .cancel_job(CancelJobRequest { job_id: args.job, reason: args.reason })
+            .await
+            .map_err(status)?
+            .into_inner();
+        println!("{} {}", job.job_id, state_name(job.state()));
         Ok(())
     })
 }
@@ -578,6 +739,11 @@ fn describe(event: &JobEvent) -> String {
 struct WorkerSpawn {
     exe: PathBuf,
     coordinator: SocketAddr,
+    /// How the workers check the coordinator's certificate; `None`: plaintext.
+    tls: Option<ClientTls>,
+    /// The workers' token, handed over in their environment (not their arguments, which
+    /// any local user can read).
+    token: Option<String>,
     config_base: PathBuf,
     threads: usize,
     count: u32,
@@ -591,11 +757,23 @@ impl WorkerSpawn {
         let per_node = (self.count / self.nodes.max(1)).max(1);
         let mut spec = ProcessSpec::new(format!("worker {rank}"), &self.exe)
             .arg("worker")
-            .args(["--coordinator", &format!("http://{}", self.coordinator)])
+            .args([
+                "--coordinator",
+                &format!("{}://{}", if self.tls.is_some() { "https" } else { "http" }, self.coordinator),
+            ])
             .args(["--worker-id", &worker_id(rank)])
             .args(["--local-rank", &(rank % per_node).to_string()]);
         if self.nodes > 1 {
             spec = spec.args(["--node-id", &format!("node-{}", rank / per_node)]);
+        }
+        if let Some(tls) = &self.tls {
+            spec = spec.arg("--tls-ca").arg(&tls.ca);
+            if let Some(domain) = &tls.domain {
+                spec = spec.args(["--tls-domain", domain]);
+            }
+        }
+        if let Some(token) = &self.token {
+            spec = spec.env("FLOTILLA_TOKEN", token);
         }
         spec = spec
             .args(["--threads", &self.threads.to_string()])
@@ -780,12 +958,19 @@ pub fn run(args: RunArgs) -> Result<()> {
             std::fs::remove_dir_all(&state_dir)
                 .with_context(|| format!("clearing {}", state_dir.display()))?;
         }
-        let coordinator_config = CoordinatorConfig::new(&state_dir);
+        let security = RunSecurity::of(&args)?;
+        let coordinator_config = CoordinatorConfig {
+            tls: security.coordinator_tls.clone(),
+            token_file: args.token_file.clone(),
+            ..CoordinatorConfig::new(&state_dir)
+        };
         let coordinator = bind_and_serve(coordinator_config).await?;
         let addr = coordinator.local_addr();
         let spawn = WorkerSpawn {
             exe: std::env::current_exe().context("locating the flotilla binary to start workers")?,
             coordinator: addr,
+            tls: security.launcher.tls.clone(),
+            token: security.worker_token.clone(),
             config_base,
             threads,
             count: workers,
@@ -793,7 +978,18 @@ pub fn run(args: RunArgs) -> Result<()> {
         };
         let backoff = Duration::from_millis(config.recovery.backoff_ms);
         let mut children = Workers::spawn(&spawn, config.recovery.max_restarts, backoff)?;
-        let outcome = follow(&args, workers, &text, &config, &out, &resume_from, addr, &mut children).await;
+        let outcome = follow(
+            &args,
+            workers,
+            &text,
+            &config,
+            &out,
+            &resume_from,
+            addr,
+            &security.launcher,
+            &mut children,
+        )
+        .await;
         if let Err(e) = coordinator.shutdown_workers("the run is over").await {
             tracing::warn!(error = %e, "asking the workers to shut down");
         }
@@ -851,9 +1047,10 @@ async fn follow(
     out: &Path,
     resume_from: &str,
     coordinator: SocketAddr,
+    auth: &ClientAuth,
     workers: &mut Workers,
 ) -> Result<()> {
-    let mut client = jobs_client(&coordinator.to_string()).await?;
+    let mut client = jobs_client(&coordinator.to_string(), auth).await?;
     let job = client
         .submit_job(SubmitJobRequest {
             name: job_name(&args.config),
@@ -1031,7 +1228,7 @@ struct Finished {
 /// What a run that succeeded prints: its steps and loss, recoveries, last checkpoint,
 /// bubble, where its metrics and weights are, and its trace when `--trace` asked for one.
 async fn print_success(
-    client: &mut JobServiceClient<Channel>,
+    client: &mut JobsClient,
     args: &RunArgs,
     config: &TrainConfig,
     out: &Path,

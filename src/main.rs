@@ -61,6 +61,8 @@ enum Command {
     Jobs(cluster::JobsArgs),
     /// Follow a job's events (state changes, steps, workers joining and lost).
     Watch(cluster::WatchArgs),
+    /// Cancel a job (needs an admin token where the coordinator has a token file).
+    Cancel(cluster::CancelArgs),
     /// List the workers a coordinator counts alive, and its heartbeat handling latency.
     Workers(cluster::WorkersArgs),
     /// Compile, validate, simulate and draw a pipeline schedule (DualPipe, DualPipeV, 1F1B, ZB1P).
@@ -114,8 +116,21 @@ fn run(cli: Cli) -> Result<()> {
         Command::Jobs(args) => cluster::jobs(args),
         Command::Watch(args) => cluster::watch(args),
         Command::Workers(args) => cluster::workers(args),
+        Command::Cancel(args) => cluster::cancel(args),
         Command::Checkpoint { command } => checkpoint::run(command),
         Command::Data { command } => data::run(command),
         Command::Experts { command } => experts::run(command),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// clap checks its definitions (flag names that `requires` refers to, duplicates) only
+    /// when asked: a mistake would otherwise surface as a panic on a user's command line.
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        super::Cli::command().debug_assert();
     }
 }

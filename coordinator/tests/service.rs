@@ -1823,14 +1823,14 @@ async fn unknown_job_is_not_found() {
 }
 
 #[tokio::test]
-async fn listening_beyond_loopback_needs_allow_remote() {
+async fn listening_beyond_loopback_needs_insecure_without_tls_and_tokens() {
     let dir = tempfile::tempdir().unwrap();
     let open = CoordinatorConfig { listen: "0.0.0.0:0".parse().unwrap(), ..config(dir.path()) };
     let refused = bind_and_serve(open.clone()).await.unwrap_err();
     assert!(matches!(refused, ServiceError::RemoteListenRefused { .. }), "{refused:?}");
     assert!(refused.to_string().contains("0.0.0.0:0"), "{refused}");
 
-    let coordinator = start(CoordinatorConfig { allow_remote: true, ..open }).await;
+    let coordinator = start(CoordinatorConfig { insecure: true, ..open }).await;
     assert!(coordinator.local_addr().ip().is_unspecified());
     coordinator.shutdown().await.unwrap();
 

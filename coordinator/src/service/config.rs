@@ -10,6 +10,7 @@ use flotilla_model::ModelConfig;
 use flotilla_model::train::{CheckpointConfig, RecoveryConfig, validate_policy};
 use flotilla_proto::v1::SubmitJobRequest;
 
+use super::auth::ServerTls;
 use super::error::ServiceError;
 use crate::placement::{Parallel, Placement, PlacementError};
 use crate::schedule::ScheduleError;
@@ -27,9 +28,16 @@ pub struct CoordinatorConfig {
     /// A worker not heard from for this long is lost; also the time a registered worker
     /// has to open its session, and a session to send its `SessionOpen`.
     pub heartbeat_timeout: Duration,
-    /// Allows listening on a non-loopback address. Off by default: the control plane has
-    /// no authentication yet, so exposing it must be a decision.
-    pub allow_remote: bool,
+    /// TLS on the port: the certificate, its key and optionally a CA for client
+    /// certificates (mutual TLS); `None` serves plaintext.
+    pub tls: Option<ServerTls>,
+    /// The token file (`ROLE TOKEN` lines, reloaded when it changes); `None` leaves every
+    /// RPC open to whoever reaches the port.
+    pub token_file: Option<PathBuf>,
+    /// Allows listening on a non-loopback address without TLS and a token file (with a
+    /// warning at every start). Off by default: exposing an open control plane must be a
+    /// decision.
+    pub insecure: bool,
     /// The largest gRPC message decoded or encoded, in bytes; larger ones fail with
     /// `OUT_OF_RANGE` (tonic's code for it) and the coordinator carries on.
     pub max_message_bytes: usize,
@@ -95,7 +103,9 @@ impl Default for CoordinatorConfig {
             state_dir: PathBuf::from("flotilla-state"),
             heartbeat_interval: Duration::from_secs(1),
             heartbeat_timeout: Duration::from_secs(5),
-            allow_remote: false,
+            tls: None,
+            token_file: None,
+            insecure: false,
             max_message_bytes: 16 << 20,
             history_retention: 100_000,
             compaction_interval: Duration::from_secs(60),

@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 
 use tonic::{Code, Status};
 
+use super::auth::AuthError;
 use crate::store::{Revision, StoreError};
 
 /// Errors of the control plane. Each maps to one gRPC status code (see the
@@ -53,12 +54,16 @@ pub enum ServiceError {
     /// An invalid coordinator setting.
     #[error("invalid coordinator setting {field}: {reason}")]
     Config { field: String, reason: String },
-    /// Listening on a non-loopback address without `allow_remote`.
+    /// Listening on a non-loopback address without TLS and a token file, and without
+    /// `insecure`.
     #[error(
-        "refusing to listen on {addr}: it is not a loopback address, and the control plane has \
-         no authentication; allow remote listening explicitly to do it"
+        "refusing to listen on {addr}: it is not a loopback address and the coordinator has {missing}; \
+         give a TLS certificate and key and a token file, or accept an open control plane with --insecure"
     )]
-    RemoteListenRefused { addr: SocketAddr },
+    RemoteListenRefused { addr: SocketAddr, missing: &'static str },
+    /// The TLS files or the token file (`INTERNAL`: only at start).
+    #[error(transparent)]
+    Auth(#[from] AuthError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -106,6 +111,7 @@ impl ServiceError {
             ServiceError::Store(StoreError::Closed) => Code::Unavailable,
             ServiceError::Config { .. }
             | ServiceError::RemoteListenRefused { .. }
+            | ServiceError::Auth(_)
             | ServiceError::Bind { .. }
             | ServiceError::Store(_)
             | ServiceError::Reflection(_)

@@ -31,6 +31,11 @@
 //! reach the cluster actor and each other only through the types there, so the modules
 //! depend on each other without a cycle (`cluster → job, session → messages`).
 //!
+//! Before any handler, [`auth`] has checked the caller: TLS on the port (optionally
+//! mutual), then a tower layer in front of every service that looks the call's bearer
+//! token up in the token file and its RPC in the one role table, so a refused call reaches
+//! no handler and changes nothing.
+//!
 //! The gRPC handlers (`grpc`) are thin: they validate input, ask an actor through its
 //! mailbox and await a oneshot reply, or read the store directly (job reads and watches,
 //! which the store serves consistently without the actors).
@@ -81,6 +86,7 @@
 //! - Bad input from the network gets a gRPC status naming the field at fault; it never
 //!   panics the coordinator or stops it serving others.
 
+pub mod auth;
 mod cluster;
 mod config;
 mod error;
@@ -119,6 +125,7 @@ use tonic::transport::server::{Connected, TcpIncoming};
 
 use crate::store::{FileStore, Revision, StateStore, StoreError};
 
+use self::auth::{AuthError, AuthLayer, TokenStore};
 use self::grpc::{CoordinatorApi, JobApi};
 
 /// How long [`CoordinatorHandle::shutdown`] lets the server drain its connections before
@@ -127,20 +134,51 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 type StoreCloser = Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>>;
 
+/// An error with its sources, on one line (tonic's transport errors say little at the top).
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 /// Whether `addr` is a loopback address (IPv4-mapped IPv6 loopback included).
 pub fn is_loopback(addr: &SocketAddr) -> bool {
     addr.ip().to_canonical().is_loopback()
 }
 
-fn check_listen(addr: SocketAddr, allow_remote: bool) -> Result<(), ServiceError> {
-    if allow_remote || is_loopback(&addr) { Ok(()) } else { Err(ServiceError::RemoteListenRefused { addr }) }
+/// The listening rule: a non-loopback address needs TLS and a token file, unless the
+/// operator said `insecure`, which is then warned about at every start.
+fn check_listen(addr: SocketAddr, config: &CoordinatorConfig) -> Result<(), ServiceError> {
+    let missing = match (config.tls.is_some(), config.token_file.is_some()) {
+        (true, true) => return Ok(()),
+        (false, false) => "neither TLS nor a token file",
+        (false, true) => "no TLS",
+        (true, false) => "no token file",
+    };
+    if config.insecure {
+        tracing::warn!(
+            %addr,
+            "--insecure: serving with {missing}; whoever reaches this port can drive the cluster \
+             and read what it is sent"
+        );
+        Ok(())
+    } else if is_loopback(&addr) {
+        Ok(())
+    } else {
+        Err(ServiceError::RemoteListenRefused { addr, missing })
+    }
 }
 
 /// Binds `config.listen` and serves on it: the usual entry point. Refuses a non-loopback
-/// address unless `config.allow_remote` is set.
+/// address without TLS and a token file unless `config.insecure` is set.
 pub async fn bind_and_serve(config: CoordinatorConfig) -> Result<CoordinatorHandle, ServiceError> {
     config.validate()?;
-    check_listen(config.listen, config.allow_remote)?;
+    check_listen(config.listen, &config)?;
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|source| ServiceError::Bind { addr: config.listen, source })?;
@@ -148,8 +186,9 @@ pub async fn bind_and_serve(config: CoordinatorConfig) -> Result<CoordinatorHand
 }
 
 /// Serves on a bound listener, with the file store in `config.state_dir`, which the
-/// returned handle closes on shutdown. Refuses a listener on a non-loopback address unless
-/// `config.allow_remote` is set (`config.listen` is not used).
+/// returned handle closes on shutdown. Refuses a listener on a non-loopback address
+/// without TLS and a token file unless `config.insecure` is set (`config.listen` is not
+/// used).
 pub async fn serve(
     config: CoordinatorConfig,
     listener: TcpListener,
@@ -157,7 +196,7 @@ pub async fn serve(
     config.validate()?;
     let local_addr =
         listener.local_addr().map_err(|source| ServiceError::Bind { addr: config.listen, source })?;
-    check_listen(local_addr, config.allow_remote)?;
+    check_listen(local_addr, &config)?;
     let store = FileStore::open(&config.state_dir).await?;
     // Heartbeats and commands are small messages: do not let Nagle hold them back.
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
@@ -179,7 +218,7 @@ pub async fn serve(
 /// Serves on any stream of connections (e.g. turmoil's simulated TCP, wrapped in a type
 /// implementing [`Connected`]), with a store the caller owns and closes. `local_addr` is
 /// only reported by [`CoordinatorHandle::local_addr`]; the loopback policy is the
-/// caller's, since the transport is.
+/// caller's, since the transport is. TLS and tokens apply as configured.
 pub async fn serve_with_incoming<S, I, IO, IE>(
     config: CoordinatorConfig,
     store: S,
@@ -209,6 +248,25 @@ where
     IO: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
     IE: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
 {
+    // The TLS files and the token file are read before anything starts, so a bad one is
+    // an error naming it and nothing was served.
+    let tls = config.tls.as_ref().map(|tls| tls.load().map(|loaded| (tls.clone(), loaded))).transpose()?;
+    let tokens = match &config.token_file {
+        Some(path) => {
+            let store = TokenStore::open(path)?;
+            tracing::info!(path = %path.display(), tokens = ?store.current(), "token file loaded");
+            Some(Arc::new(store))
+        }
+        None => None,
+    };
+    let mut builder = Server::builder();
+    if let Some((files, loaded)) = tls {
+        builder = builder.tls_config(loaded).map_err(|e| AuthError::Tls {
+            cert: files.cert,
+            key: files.key,
+            reason: error_chain(&e),
+        })?;
+    }
     let config = Arc::new(config);
     let cancel = CancellationToken::new();
     // Jobs interrupted by the previous process are settled before the first request is
@@ -243,10 +301,12 @@ where
     let reflection = reflection_builder().build_v1().map_err(reflection_error)?;
     let reflection_v1alpha = reflection_builder().build_v1alpha().map_err(reflection_error)?;
 
-    let server = Server::builder()
+    let server = builder
         // Keepalive pings find a dead TCP peer even between heartbeats.
         .http2_keepalive_interval(Some(config.heartbeat_interval.max(Duration::from_secs(1))))
         .http2_keepalive_timeout(Some(config.heartbeat_timeout.max(Duration::from_secs(1))))
+        // In front of every service: a refused call reaches no handler.
+        .layer(AuthLayer::new(tokens))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_v1alpha)
@@ -262,7 +322,14 @@ where
             cancel.clone(),
         ))
     });
-    tracing::info!(%local_addr, state_dir = %config.state_dir.display(), "coordinator serving");
+    tracing::info!(
+        %local_addr,
+        state_dir = %config.state_dir.display(),
+        tls = config.tls.is_some(),
+        mutual_tls = config.tls.as_ref().is_some_and(|tls| tls.client_ca.is_some()),
+        tokens = config.token_file.is_some(),
+        "coordinator serving"
+    );
 
     Ok(CoordinatorHandle {
         local_addr,

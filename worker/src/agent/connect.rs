@@ -4,11 +4,18 @@
 //!
 //! Invariant: a registration attempt uses a channel of its own, asked of the connector
 //! when the attempt begins; nothing of a failed attempt is reused.
+//!
+//! Credentials: [`CoordinatorTls`] (the CA the coordinator's certificate chains to, and a
+//! client certificate for a coordinator with mutual TLS) goes into the endpoint
+//! [`run_worker`](super::run_worker) dials, and the [`WorkerToken`] rides on every call of
+//! the channel, whatever connector made it. The token's text is never logged: its `Debug`
+//! is redacted, and errors never quote it.
 
 use std::collections::hash_map::RandomState;
 use std::fmt;
 use std::future::Future;
 use std::hash::{BuildHasher, Hasher};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,12 +24,17 @@ use flotilla_proto::v1::coordinator_service_client::CoordinatorServiceClient;
 use flotilla_proto::v1::{Device, Registration, WorkerInfo};
 use futures::future::BoxFuture;
 use hyper_util::rt::TokioIo;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::DuplexStream;
 use tokio::sync::mpsc;
 use tokio::time::timeout;
 use tokio_stream::wrappers::UnboundedReceiverStream;
-use tonic::Code;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::metadata::{AsciiMetadataValue, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, Uri};
+use tonic::{Code, Request, Status};
 
 use super::data_plane::{DataPlane, Listening};
 use super::{AgentError, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, RPC_TIMEOUT, WorkerOptions};
@@ -104,16 +116,128 @@ impl fmt::Debug for Connector {
     }
 }
 
-/// The coordinator's URL as a tonic endpoint, with the connection timeout and HTTP/2
+/// TLS to the coordinator: the CA its certificate must chain to, and this worker's
+/// certificate for a coordinator that asks for one (mutual TLS).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CoordinatorTls {
+    /// PEM CA certificates (`--tls-ca`).
+    pub ca: PathBuf,
+    /// This worker's PEM certificate and key (`--tls-cert`, `--tls-key`).
+    pub identity: Option<(PathBuf, PathBuf)>,
+    /// The name the coordinator's certificate must carry, when it is not the URL's host.
+    pub domain: Option<String>,
+}
+
+impl CoordinatorTls {
+    /// Reads and checks the files: an error names the option and the file.
+    fn load(&self) -> Result<ClientTlsConfig, AgentError> {
+        let ca = read_certificates(&self.ca, "tls_ca")?;
+        let mut config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
+        if let Some((cert_path, key_path)) = &self.identity {
+            let cert = read_certificates(cert_path, "tls_cert")?;
+            let key = read_file(key_path, "tls_key")?;
+            PrivateKeyDer::from_pem_slice(&key).map_err(|e| AgentError::InvalidOption {
+                option: "tls_key",
+                reason: format!("{} holds no PEM private key: {e}", key_path.display()),
+            })?;
+            config = config.identity(Identity::from_pem(cert, key));
+        }
+        if let Some(domain) = &self.domain {
+            config = config.domain_name(domain.clone());
+        }
+        Ok(config)
+    }
+}
+
+fn read_file(path: &Path, option: &'static str) -> Result<Vec<u8>, AgentError> {
+    std::fs::read(path)
+        .map_err(|e| AgentError::InvalidOption { option, reason: format!("reading {}: {e}", path.display()) })
+}
+
+fn read_certificates(path: &Path, option: &'static str) -> Result<Vec<u8>, AgentError> {
+    let pem = read_file(path, option)?;
+    let bad = |reason: String| AgentError::InvalidOption {
+        option,
+        reason: format!("{}: {reason}", path.display()),
+    };
+    let mut count = 0;
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        cert.map_err(|e| bad(e.to_string()))?;
+        count += 1;
+    }
+    if count == 0 {
+        return Err(bad("no `BEGIN CERTIFICATE` section".into()));
+    }
+    Ok(pem)
+}
+
+/// The bearer token a worker sends (a `worker` token of the coordinator's token file).
+/// Its `Debug` does not show it.
+#[derive(Clone)]
+pub struct WorkerToken(AsciiMetadataValue);
+
+impl WorkerToken {
+    /// `token` as an `authorization: Bearer TOKEN` value; refused if it is empty or has
+    /// characters other than visible ASCII.
+    pub fn new(token: &str) -> Result<WorkerToken, AgentError> {
+        let token = token.trim();
+        let invalid = || AgentError::InvalidOption {
+            option: "token",
+            reason: "is empty or has characters other than visible ASCII".into(),
+        };
+        if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(invalid());
+        }
+        let mut value: AsciiMetadataValue =
+            MetadataValue::try_from(format!("Bearer {token}")).map_err(|_| invalid())?;
+        value.set_sensitive(true);
+        Ok(WorkerToken(value))
+    }
+}
+
+impl fmt::Debug for WorkerToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("WorkerToken(<redacted>)")
+    }
+}
+
+/// Puts the worker's token (if any) on every call.
+#[derive(Clone, Debug)]
+pub(super) struct TokenInterceptor(Option<WorkerToken>);
+
+impl Interceptor for TokenInterceptor {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(token) = &self.0 {
+            request.metadata_mut().insert("authorization", token.0.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// The agent's client of the coordinator: every call carries the worker's token.
+pub(super) type CoordinatorClient = CoordinatorServiceClient<InterceptedService<Channel, TokenInterceptor>>;
+
+/// The coordinator's URL as a tonic endpoint (a bare `host:port` is `https://` with TLS,
+/// `http://` without), with TLS as `options.tls` says, the connection timeout and HTTP/2
 /// keepalive pings (which notice a coordinator that vanished without closing).
 pub(super) fn endpoint(options: &WorkerOptions) -> Result<Endpoint, AgentError> {
-    let url = if options.coordinator.contains("://") {
-        options.coordinator.clone()
-    } else {
-        format!("http://{}", options.coordinator)
+    let invalid = |reason: &str| AgentError::InvalidOption { option: "coordinator", reason: reason.into() };
+    let tls = options.tls.is_some();
+    let url = match options.coordinator.split_once("://") {
+        None => format!("{}://{}", if tls { "https" } else { "http" }, options.coordinator),
+        Some(("https", _)) if !tls => {
+            return Err(invalid("an https:// coordinator needs tls_ca (the CA its certificate chains to)"));
+        }
+        Some(("http", _)) if tls => return Err(invalid("TLS settings are given but the URL is http://")),
+        Some(_) => options.coordinator.clone(),
     };
-    let endpoint = Endpoint::from_shared(url)
+    let mut endpoint = Endpoint::from_shared(url)
         .map_err(|e| AgentError::InvalidOption { option: "coordinator", reason: e.to_string() })?;
+    if let Some(tls) = &options.tls {
+        endpoint = endpoint
+            .tls_config(tls.load()?)
+            .map_err(|e| AgentError::InvalidOption { option: "tls_ca", reason: e.to_string() })?;
+    }
     Ok(endpoint
         .connect_timeout(options.connect_timeout)
         .tcp_nodelay(true)
@@ -165,13 +289,14 @@ pub(super) async fn register<D: DataPlane>(
     coordinator: &Connector,
     options: &WorkerOptions,
     plane: &mut Listening<D>,
-) -> Result<(CoordinatorServiceClient<Channel>, Registration), RegisterError> {
+) -> Result<(CoordinatorClient, Registration), RegisterError> {
     plane.ensure(options).await.map_err(|e| RegisterError::Retry(format!("data plane: {e}")))?;
     let channel = coordinator
         .connect()
         .await
         .map_err(|e| RegisterError::Retry(format!("connecting to {}: {e}", options.coordinator)))?;
-    let mut client = CoordinatorServiceClient::new(channel);
+    let mut client =
+        CoordinatorServiceClient::with_interceptor(channel, TokenInterceptor(options.token.clone()));
     let info = worker_info(options, &plane.advertised);
     let registered = timeout(RPC_TIMEOUT, client.register(info))
         .await

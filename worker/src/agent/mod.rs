@@ -118,7 +118,7 @@ use tokio::time::sleep;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-pub use connect::{Connector, InProcessIncoming};
+pub use connect::{Connector, CoordinatorTls, InProcessIncoming, WorkerToken};
 pub use data_plane::{AbortFn, DataPlane, Rendezvous, TcpDataPlane};
 pub use error::JobError;
 
@@ -132,8 +132,14 @@ use session::{Session, SessionEnd};
 /// How a worker finds the coordinator and presents itself.
 #[derive(Clone, Debug)]
 pub struct WorkerOptions {
-    /// The coordinator's URL (`http://host:port`; a bare `host:port` means `http://`).
+    /// The coordinator's URL (`http://host:port` or `https://host:port`; a bare
+    /// `host:port` means `https://` with `tls`, `http://` without).
     pub coordinator: String,
+    /// TLS to the coordinator (used by [`run_worker`]'s endpoint; a [`Connector`] passed
+    /// to [`run_worker_with`] brings its own transport); `None`: plaintext.
+    pub tls: Option<CoordinatorTls>,
+    /// The `worker` token sent with every call, whatever the connector.
+    pub token: Option<WorkerToken>,
     /// The id to ask for; `None` lets the coordinator choose one at every registration.
     pub worker_id: Option<String>,
     /// The node this worker runs on; `None` means the host name.
@@ -169,6 +175,8 @@ impl WorkerOptions {
     pub fn new(coordinator: impl Into<String>) -> Self {
         WorkerOptions {
             coordinator: coordinator.into(),
+            tls: None,
+            token: None,
             worker_id: None,
             node_id: None,
             local_rank: 0,

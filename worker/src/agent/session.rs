@@ -10,7 +10,6 @@
 use std::time::Duration;
 
 use flotilla_proto::v1::coordinator_message::Body as Command;
-use flotilla_proto::v1::coordinator_service_client::CoordinatorServiceClient;
 use flotilla_proto::v1::worker_message::Body as Report;
 use flotilla_proto::v1::{
     Abort, Assignment, CoordinatorMessage, Heartbeat, Registration, RunSteps, SessionOpen, WorkerMessage,
@@ -20,10 +19,10 @@ use tokio::task::{JoinError, JoinHandle};
 use tokio::time::{Instant, MissedTickBehavior, timeout};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 use tonic::{Status, Streaming};
 use tracing::{info, warn};
 
+use super::connect::CoordinatorClient;
 use super::data_plane::{AbortFn, DataPlane, Listening};
 use super::error::JobError;
 use super::job::Job;
@@ -116,7 +115,7 @@ impl<'a, D: DataPlane> Session<'a, D> {
         }
     }
 
-    pub(super) async fn run(mut self, mut client: CoordinatorServiceClient<Channel>) -> SessionEnd {
+    pub(super) async fn run(mut self, mut client: CoordinatorClient) -> SessionEnd {
         let (tx, rx) = mpsc::channel(OUTBOUND_CAPACITY);
         let open = SessionOpen {
             worker_id: self.registration.worker_id.clone(),
