@@ -653,19 +653,16 @@ fn experts_plan_places_redundant_experts_from_recorded_loads() {
     assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
     let metrics = run.join("metrics.jsonl");
     let m = metrics.to_str().unwrap();
-    let out = flotilla(&[
-        "experts",
-        "plan",
-        "--loads",
-        m,
-        "--replicas",
-        "20",
-        "--nodes",
-        "1",
-        "--gpus-per-node",
-        "4",
-        "--json",
-    ]);
+    // 16 experts → 20 copies on one node of 4 GPUs, as text or JSON.
+    let plan_run = |extra: &[&str]| {
+        let args = [
+            &["experts", "plan", "--loads", m, "--replicas", "20", "--nodes", "1", "--gpus-per-node", "4"],
+            extra,
+        ]
+        .concat();
+        flotilla(&args)
+    };
+    let out = plan_run(&["--json"]);
     assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
     let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(plan["steps"], 3);
@@ -676,22 +673,7 @@ fn experts_plan_places_redundant_experts_from_recorded_loads() {
             (layer["before_ratio"].as_f64().unwrap(), layer["after_ratio"].as_f64().unwrap());
         assert!(after < before, "max/mean per GPU {before} → {after}");
     }
-    let text = String::from_utf8_lossy(
-        &flotilla(&[
-            "experts",
-            "plan",
-            "--loads",
-            m,
-            "--replicas",
-            "20",
-            "--nodes",
-            "1",
-            "--gpus-per-node",
-            "4",
-        ])
-        .stdout,
-    )
-    .into_owned();
+    let text = String::from_utf8_lossy(&plan_run(&[]).stdout).into_owned();
     assert!(text.contains("(loads summed over 3 steps)") && text.contains("node 0 gpu 3: experts"), "{text}");
 
     let bad = flotilla(&[
