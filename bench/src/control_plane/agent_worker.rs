@@ -20,8 +20,8 @@
 use std::io;
 use std::os::fd::AsFd;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
@@ -134,12 +134,7 @@ pub(super) fn start_agents(shared: &Arc<Shared>) -> Result<Vec<SimWorker>> {
     let start = tokio::time::Instant::now();
     let mut agents = Vec::with_capacity(shared.workers as usize);
     for index in 0..shared.workers {
-        let control = Arc::new(WorkerControl {
-            hang: AtomicBool::new(false),
-            last_heartbeat_ns: AtomicU64::new(0),
-            heartbeats: AtomicU64::new(0),
-            socket: Arc::new(Mutex::new(None)),
-        });
+        let control = Arc::new(WorkerControl::default());
         let options = options(shared, index);
         let endpoint = Endpoint::from_shared(options.coordinator.clone())?
             .connect_timeout(options.connect_timeout)

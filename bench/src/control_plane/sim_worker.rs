@@ -70,7 +70,9 @@ impl Service<Uri> for KillableConnector {
     }
 }
 
-/// What the bench can do to a running worker, and what the worker tells it.
+/// What the bench can do to a running worker, and what the worker tells it. A new one:
+/// not hung, no heartbeat yet, no socket.
+#[derive(Default)]
 pub(super) struct WorkerControl {
     /// Stop heartbeating, keep the connection and keep reading (a hung process).
     pub(super) hang: AtomicBool,
@@ -241,12 +243,7 @@ pub(super) async fn start_workers(shared: &Arc<Shared>) -> Result<Vec<SimWorker>
     let (ready_tx, mut ready) = mpsc::unbounded_channel::<Result<()>>();
     let mut workers = Vec::with_capacity(shared.workers as usize);
     for index in 0..shared.workers {
-        let control = Arc::new(WorkerControl {
-            hang: AtomicBool::new(false),
-            last_heartbeat_ns: AtomicU64::new(0),
-            heartbeats: AtomicU64::new(0),
-            socket: Arc::new(Mutex::new(None)),
-        });
+        let control = Arc::new(WorkerControl::default());
         let task = tokio::spawn({
             let shared = shared.clone();
             let control = control.clone();
