@@ -266,9 +266,8 @@ async fn rate_limit_settings_are_checked_at_start() {
     let dir = tempfile::tempdir().unwrap();
     let limits = RateLimits { submit: Some(RateLimit { rate: 0.0, burst: 1 }), register: None };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let refused = serve(CoordinatorConfig { rate_limits: limits, ..config(dir.path()) }, listener)
-        .await
-        .unwrap_err();
+    let refused =
+        serve(CoordinatorConfig { rate_limits: limits, ..config(dir.path()) }, listener).await.unwrap_err();
     assert!(refused.to_string().contains("rate_limits.submit"), "{refused}");
 }
 
@@ -389,9 +388,8 @@ async fn reports_of_an_earlier_assignment_epoch_are_refused_after_a_recovery() {
         epoch: old,
     };
     worker.send(worker_message::Body::Error(error)).await;
-    let (abort, ()) = worker
-        .expect(|body| matches!(body, coordinator_message::Body::Abort(_)).then_some(()))
-        .await;
+    let (abort, ()) =
+        worker.expect(|body| matches!(body, coordinator_message::Body::Abort(_)).then_some(())).await;
     worker.ack(abort).await;
     let (new, first) = worker.accept_and_run().await;
     assert!(new > old, "epochs increase: {old} then {new}");

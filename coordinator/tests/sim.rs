@@ -668,7 +668,8 @@ impl SimWorker {
                 Task::Ready { job_id } if *job_id == run.job_id => {
                     let (job_id, first) = (run.job_id, run.first_step);
                     if run.count == 0 {
-                        let finished = JobFinished { job_id, steps: first.saturating_sub(1), epoch: self.epoch };
+                        let finished =
+                            JobFinished { job_id, steps: first.saturating_sub(1), epoch: self.epoch };
                         *task = Task::Idle;
                         return vec![ack(id, ""), body(worker_message::Body::Finished(finished))];
                     }
@@ -719,7 +720,11 @@ impl SimWorker {
                 };
                 let mut out = vec![body(worker_message::Body::StepReport(report))];
                 if next + 1 == end {
-                    out.push(body(worker_message::Body::Finished(JobFinished { job_id, steps: next, epoch: self.epoch })));
+                    out.push(body(worker_message::Body::Finished(JobFinished {
+                        job_id,
+                        steps: next,
+                        epoch: self.epoch,
+                    })));
                 } else {
                     *task = Task::Running { job_id, next: next + 1, end, at: at + self.step_time };
                 }

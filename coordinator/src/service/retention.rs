@@ -39,7 +39,10 @@ impl JobRetention {
     /// Checks the policy; the error names the setting.
     pub fn validate(&self) -> Result<(), (String, String)> {
         if self.max_age.is_some_and(|age| age.is_zero()) {
-            return Err(("retention.max_age".into(), "must be positive (leave it unset to keep jobs of any age)".into()));
+            return Err((
+                "retention.max_age".into(),
+                "must be positive (leave it unset to keep jobs of any age)".into(),
+            ));
         }
         Ok(())
     }
@@ -110,7 +113,9 @@ pub(crate) async fn retainer<S: StateStore>(
         }
         match prune(&store, &policy, unix_ms()).await {
             Ok(removed) if removed.is_empty() => {}
-            Ok(removed) => tracing::info!(jobs = removed.len(), first = %removed[0], "finished jobs removed by the retention policy"),
+            Ok(removed) => {
+                tracing::info!(jobs = removed.len(), first = %removed[0], "finished jobs removed by the retention policy")
+            }
             Err(ServiceError::Store(StoreError::Closed)) => return,
             Err(e) => tracing::warn!(error = %e, "job retention"),
         }

@@ -130,7 +130,11 @@ impl<D: DataPlane> Job<D> {
                     },
                 }
                 let steps = trainer.step();
-                self.send(message(Report::Finished(JobFinished { job_id: job_id.clone(), steps, epoch: self.plan.epoch })));
+                self.send(message(Report::Finished(JobFinished {
+                    job_id: job_id.clone(),
+                    steps,
+                    epoch: self.plan.epoch,
+                })));
                 info!(job = %job_id, steps, "job finished");
             }
             Err(Stop::Aborted) => info!(job = %job_id, "job aborted"),
