@@ -39,6 +39,11 @@
 //!
 //! # Invariants
 //!
+//! A worker's message changes the job only if [`JobActor::reporter`] accepts it: it comes
+//! from the session that holds the worker's rank in the crew and, where it names one, the
+//! current assignment epoch (one per attempt, sent in every `Assignment`). Anything else
+//! is refused and logged, in that one place.
+//!
 //! Assignments and `RunSteps` go out only after the state they belong to is written, so a
 //! worker never runs steps of a job that the store does not show running. Aborts go out as
 //! soon as the job decides to stop, before the write: stopping the survivors matters more,
