@@ -39,7 +39,7 @@
 //!
 //! # Invariants
 //!
-//! A worker's message changes the job only if [`JobActor::reporter`] accepts it: it comes
+//! A worker's message changes the job only if `reporter` accepts it: it comes
 //! from the session that holds the worker's rank in the crew and, where it names one, the
 //! current assignment epoch (one per attempt, sent in every `Assignment`). Anything else
 //! is refused and logged, in that one place.
