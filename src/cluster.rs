@@ -9,9 +9,9 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use flotilla_coordinator::schedule::executed_chrome_trace;
 use flotilla_coordinator::service::auth::{
-    AuthChannel, BearerToken, ClientAuth, ClientTls, Role, ServerTls, first_token,
+    AuthChannel, BearerToken, ClientAuth, ClientTls, RateLimit, RateLimits, Role, ServerTls, first_token,
 };
-use flotilla_coordinator::service::{CoordinatorConfig, MAX_JOB_WORKERS, bind_and_serve};
+use flotilla_coordinator::service::{CoordinatorConfig, JobRetention, MAX_JOB_WORKERS, bind_and_serve};
 use flotilla_model::ModelConfig;
 use flotilla_model::train::{ParallelConfig, TrainConfig};
 use flotilla_proto::v1::job_event::Event;
@@ -97,6 +97,46 @@ pub struct CoordinatorArgs {
     /// A worker silent for this long is lost, in milliseconds.
     #[arg(long, default_value_t = 5000)]
     heartbeat_timeout_ms: u64,
+    /// Job submissions per second each caller (a token, or an address without
+    /// --token-file) may make, on average; more get RESOURCE_EXHAUSTED.
+    #[arg(long, value_name = "PER_SECOND", default_value_t = 10.0)]
+    submit_rate: f64,
+    /// Job submissions each caller may make at once.
+    #[arg(long, value_name = "CALLS", default_value_t = 100)]
+    submit_burst: u32,
+    /// Worker registrations per second each caller may make, on average (a cluster's
+    /// workers usually share one token, hence one limit).
+    #[arg(long, value_name = "PER_SECOND", default_value_t = 1000.0)]
+    register_rate: f64,
+    /// Worker registrations each caller may make at once.
+    #[arg(long, value_name = "CALLS", default_value_t = 10_000)]
+    register_burst: u32,
+    /// Keep this many finished jobs (the most recently ended) in the state store; older
+    /// ones are deleted (records and events, not their run directories).
+    #[arg(long, value_name = "N", default_value_t = 10_000)]
+    retain_jobs: usize,
+    /// Also delete finished jobs that ended longer ago than this (`90s`, `30m`, `12h`, `7d`).
+    #[arg(long, value_name = "DURATION", value_parser = parse_age)]
+    retain_age: Option<Duration>,
+}
+
+/// A duration for --retain-age: a positive whole number with a unit, `s`, `m`, `h` or `d`.
+fn parse_age(text: &str) -> Result<Duration, String> {
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number.parse().map_err(|_| format!("{text:?} does not start with a whole number"))?;
+    let seconds = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("{text:?} needs a unit: s, m, h or d")),
+    };
+    match n.checked_mul(seconds) {
+        Some(0) => Err("the age must be positive".into()),
+        Some(total) => Ok(Duration::from_secs(total)),
+        None => Err(format!("{text:?} is too long")),
+    }
 }
 
 #[derive(Args)]
@@ -339,6 +379,11 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
             insecure: args.insecure,
             heartbeat_interval: Duration::from_millis(args.heartbeat_interval_ms),
             heartbeat_timeout: Duration::from_millis(args.heartbeat_timeout_ms),
+            rate_limits: RateLimits {
+                submit: Some(RateLimit { rate: args.submit_rate, burst: args.submit_burst }),
+                register: Some(RateLimit { rate: args.register_rate, burst: args.register_burst }),
+            },
+            retention: JobRetention { max_jobs: Some(args.retain_jobs), max_age: args.retain_age },
             ..CoordinatorConfig::default()
         };
         let handle = bind_and_serve(config).await?;
@@ -1291,6 +1336,17 @@ mod tests {
     fn config(recovery: &str) -> TrainConfig {
         let text = format!("{}\n{recovery}", include_str!("../examples/tiny.toml"));
         TrainConfig::from_toml(&text, Path::new(".")).expect("a valid config").0
+    }
+
+    #[test]
+    fn retain_age_takes_a_number_and_a_unit() {
+        assert_eq!(parse_age("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_age("30m"), Ok(Duration::from_secs(1800)));
+        assert_eq!(parse_age("12h"), Ok(Duration::from_secs(43_200)));
+        assert_eq!(parse_age("7d"), Ok(Duration::from_secs(604_800)));
+        for bad in ["", "7", "d", "1.5h", "-1s", "0s", "3w", "99999999999999999999d"] {
+            assert!(parse_age(bad).is_err(), "{bad}");
+        }
     }
 
     fn gave_up() -> LauncherEvent {

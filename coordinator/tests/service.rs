@@ -321,13 +321,15 @@ struct Run {
     /// written and reported after every [`FAKE_CHECKPOINT_INTERVAL`]th step.
     checkpoint_root: Option<std::path::PathBuf>,
     rank: u32,
+    /// The epoch of its assignment, carried back in every job message.
+    epoch: u64,
 }
 
 /// How often fake workers with a checkpoint root write a shard.
 const FAKE_CHECKPOINT_INTERVAL: u64 = 2;
 
 /// Writes rank `rank`'s (fake, 64-byte) shard of step `step`'s checkpoint and says so.
-fn write_fake_shard(root: &Path, job_id: &str, rank: u32, step: u64) -> WorkerMessage {
+fn write_fake_shard(root: &Path, job_id: &str, epoch: u64, rank: u32, step: u64) -> WorkerMessage {
     let dir = root.join(format!("step-{step:08}"));
     std::fs::create_dir_all(&dir).unwrap();
     let file = format!("shard-{rank:05}.safetensors");
@@ -342,6 +344,7 @@ fn write_fake_shard(root: &Path, job_id: &str, rank: u32, step: u64) -> WorkerMe
         snapshot_seconds: 0.001,
         write_seconds: 0.002,
         error: String::new(),
+        epoch,
     };
     WorkerMessage { body: Some(worker_message::Body::CheckpointShard(shard)) }
 }
@@ -362,6 +365,7 @@ async fn run_worker(
     let mut stream = Vec::new();
     let mut checkpoint_root = None;
     let mut rank = 0;
+    let mut epoch = 0;
     loop {
         let next_step = run.as_ref().map(|r| r.at);
         tokio::select! {
@@ -389,6 +393,7 @@ async fn run_worker(
                         checkpoint_root = (!assignment.checkpoint_root.is_empty())
                             .then(|| std::path::PathBuf::from(&assignment.checkpoint_root));
                         rank = assignment.dp_rank;
+                        epoch = assignment.epoch;
                         if let (Behavior::RefuseResume(kind), Some(resume)) = (behavior, &assignment.resume) {
                             let refusal = Ack {
                                 command_id: command.command_id,
@@ -410,6 +415,7 @@ async fn run_worker(
                             stream: stream.clone(),
                             checkpoint_root: checkpoint_root.clone(),
                             rank,
+                            epoch,
                         });
                     }
                     Some(coordinator_message::Body::Abort(_)) => {
@@ -445,7 +451,7 @@ async fn run_worker(
                 if let (Some(step), Some(r)) = (reported, run.as_ref())
                     && let Some(root) = &r.checkpoint_root
                     && step % FAKE_CHECKPOINT_INTERVAL == 0
-                    && tx.send(write_fake_shard(root, &r.job_id, r.rank, step)).await.is_err()
+                    && tx.send(write_fake_shard(root, &r.job_id, r.epoch, r.rank, step)).await.is_err()
                 {
                     return;
                 }
@@ -481,12 +487,13 @@ fn step_message(behavior: Behavior, run: &mut Run) -> Next {
                 step,
                 message,
                 kind: FailureKind::Compute.into(),
+                epoch: run.epoch,
             }));
         }
         _ => {}
     }
     if step >= run.end {
-        let finished = JobFinished { job_id: run.job_id.clone(), steps: run.end };
+        let finished = JobFinished { job_id: run.job_id.clone(), steps: run.end, epoch: run.epoch };
         return Next::SendAndStop(worker_message::Body::Finished(finished));
     }
     run.next += 1;
@@ -512,6 +519,7 @@ fn step_message(behavior: Behavior, run: &mut Run) -> Next {
         cross_node_bytes: 400,
         cross_node_bytes_flat: 700,
         exchange_seconds: 0.003,
+        epoch: run.epoch,
     }))
 }
 

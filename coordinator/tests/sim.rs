@@ -555,6 +555,8 @@ struct SimWorker {
     ledger: Shared,
     rng: ChaCha8Rng,
     step_time: Duration,
+    /// The epoch of the assignment it runs, carried back in its job messages.
+    epoch: u64,
 }
 
 /// Why an incarnation ended.
@@ -648,6 +650,7 @@ impl SimWorker {
         match command.body {
             Some(Body::Assignment(assignment)) => match task {
                 Task::Idle => {
+                    self.epoch = assignment.epoch;
                     let at = now + Duration::from_millis(self.rng.random_range(0..=20));
                     *task = Task::Rendezvous { job_id: assignment.job_id, ack: id, at };
                     vec![]
@@ -665,7 +668,8 @@ impl SimWorker {
                 Task::Ready { job_id } if *job_id == run.job_id => {
                     let (job_id, first) = (run.job_id, run.first_step);
                     if run.count == 0 {
-                        let finished = JobFinished { job_id, steps: first.saturating_sub(1) };
+                        let finished =
+                            JobFinished { job_id, steps: first.saturating_sub(1), epoch: self.epoch };
                         *task = Task::Idle;
                         return vec![ack(id, ""), body(worker_message::Body::Finished(finished))];
                     }
@@ -711,11 +715,16 @@ impl SimWorker {
                     loss: expected_loss(&job_id, next),
                     tokens: 64,
                     compute_seconds: self.step_time.as_secs_f64(),
+                    epoch: self.epoch,
                     ..Default::default()
                 };
                 let mut out = vec![body(worker_message::Body::StepReport(report))];
                 if next + 1 == end {
-                    out.push(body(worker_message::Body::Finished(JobFinished { job_id, steps: next })));
+                    out.push(body(worker_message::Body::Finished(JobFinished {
+                        job_id,
+                        steps: next,
+                        epoch: self.epoch,
+                    })));
                 } else {
                     *task = Task::Running { job_id, next: next + 1, end, at: at + self.step_time };
                 }
@@ -737,7 +746,7 @@ async fn worker_host(host: usize, step_time: Duration, ledger: Shared) -> turmoi
         let seed = ledger.seed ^ ((host as u64) << 40) ^ (ledger.boots[host] << 56);
         ChaCha8Rng::seed_from_u64(seed)
     };
-    let mut worker = SimWorker { host, ledger, rng, step_time };
+    let mut worker = SimWorker { host, ledger, rng, step_time, epoch: 0 };
     let mut backoff = BACKOFF_MIN;
     loop {
         let started = tokio::time::Instant::now();

@@ -868,7 +868,7 @@ fn parse_header(
             .and_then(|a| a.iter().map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok())).collect())
             .filter(|o: &Vec<usize>| o.len() == 2 && o[0] <= o[1])
             .ok_or_else(|| tensor_bad("no valid `data_offsets` [begin, end] in the header".into()))?;
-        let (start, end) = (header_end + offsets[0], header_end.saturating_add(offsets[1]));
+        let (start, end) = (header_end.saturating_add(offsets[0]), header_end.saturating_add(offsets[1]));
         if end > len {
             return Err(tensor_bad(format!(
                 "its data ends at byte {end} but the file has {len} bytes: the file is truncated"

@@ -8,7 +8,10 @@
 //!   whose events carry monotonically increasing revisions.
 //!
 //! The code is generated at build time from `proto/flotilla/v1/*.proto` by protox (pure
-//! Rust) and tonic-prost-build: building needs no system `protoc`.
+//! Rust) and tonic-prost-build: building needs no system `protoc`. Their codec is `codec`'s:
+//! prost's, with a request that does not decode answered `INVALID_ARGUMENT`.
+
+pub mod codec;
 
 /// The generated messages, clients (`*_client`) and servers (`*_server`).
 // An `Assignment` dwarfs the other commands, but there is one per job and rank: boxing it
@@ -20,7 +23,7 @@ pub mod v1 {
 
 /// The protocol version a worker and the coordinator must share; bump it on any change that
 /// an older peer would misread.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// The encoded `FileDescriptorSet` of `flotilla.v1`, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/flotilla_descriptor.bin"));

@@ -41,6 +41,8 @@ use tonic::{Request, Response, Status, Streaming};
 /// Generous: the machine running the suite may be small and shared.
 const LIMIT: Duration = Duration::from_secs(120);
 const HEARTBEAT_MS: u64 = 100;
+/// The epoch of the test's assignments, which every job message must carry back.
+const ASSIGNMENT_EPOCH: u64 = 7;
 
 // ---------------------------------------------------------------------------------------
 // The fake coordinator.
@@ -268,6 +270,7 @@ fn assignment(job: &str, rank: u32, peers: &[&str], toml: String, output_dir: &s
         pipeline: None,
         checkpoint_root: String::new(),
         resume: None,
+        epoch: ASSIGNMENT_EPOCH,
     })
 }
 
@@ -282,13 +285,16 @@ async fn reports_then_finished(session: &mut FakeSession, job: &str, count: u64)
         match session.next().await {
             Report::StepReport(report) => {
                 assert_eq!((report.job_id.as_str(), report.step), (job, step));
+                assert_eq!(report.epoch, ASSIGNMENT_EPOCH, "the report carries its assignment's epoch");
                 reports.push(report);
             }
             other => panic!("expected step {step}'s report, got {other:?}"),
         }
     }
     match session.next().await {
-        Report::Finished(done) => assert_eq!((done.job_id.as_str(), done.steps), (job, count)),
+        Report::Finished(done) => {
+            assert_eq!((done.job_id.as_str(), done.steps, done.epoch), (job, count, ASSIGNMENT_EPOCH))
+        }
         other => panic!("expected JobFinished, got {other:?}"),
     }
     reports

@@ -10,8 +10,9 @@ use flotilla_model::ModelConfig;
 use flotilla_model::train::{CheckpointConfig, RecoveryConfig, validate_policy};
 use flotilla_proto::v1::SubmitJobRequest;
 
-use super::auth::ServerTls;
+use super::auth::{RateLimits, ServerTls};
 use super::error::ServiceError;
+use super::retention::JobRetention;
 use crate::placement::{Parallel, Placement, PlacementError};
 use crate::schedule::ScheduleError;
 use flotilla_layout::{ParallelError, RawParallel};
@@ -46,6 +47,11 @@ pub struct CoordinatorConfig {
     /// gets `OUT_OF_RANGE` and re-reads the job.
     pub history_retention: u64,
     pub compaction_interval: Duration,
+    /// Per-caller rate limits on `SubmitJob` and `Register` (see `auth`'s `limits`).
+    pub rate_limits: RateLimits,
+    /// Which finished jobs the store keeps, applied every `compaction_interval` (see
+    /// `retention`).
+    pub retention: JobRetention,
 }
 
 impl CoordinatorConfig {
@@ -80,6 +86,13 @@ impl CoordinatorConfig {
         if self.history_retention > 0 && self.compaction_interval.is_zero() {
             return bad("compaction_interval", "must be positive when history_retention is set".into());
         }
+        let named = |(field, reason): (String, String)| ServiceError::Config { field, reason };
+        self.rate_limits.validate().map_err(named)?;
+        self.retention.validate().map_err(named)?;
+        let retains = self.retention.max_jobs.is_some() || self.retention.max_age.is_some();
+        if retains && self.compaction_interval.is_zero() {
+            return bad("compaction_interval", "must be positive when a retention policy is set".into());
+        }
         if self.max_message_bytes < MIN_MESSAGE_BYTES {
             return bad(
                 "max_message_bytes",
@@ -109,6 +122,8 @@ impl Default for CoordinatorConfig {
             max_message_bytes: 16 << 20,
             history_retention: 100_000,
             compaction_interval: Duration::from_secs(60),
+            rate_limits: RateLimits::default(),
+            retention: JobRetention::default(),
         }
     }
 }

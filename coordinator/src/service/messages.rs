@@ -228,10 +228,12 @@ pub(crate) struct JobRoute {
     pub reports: mpsc::Sender<WorkerReport>,
 }
 
-/// A job message of one worker, forwarded by its session.
+/// A job message of one worker, forwarded by its session, which says which session it
+/// is: the job accepts it only from the session that holds the worker's rank.
 #[derive(Debug)]
 pub(crate) struct WorkerReport {
     pub worker_id: String,
+    pub conn: ConnId,
     pub body: worker_message::Body,
 }
 

@@ -25,6 +25,9 @@
 //!   ranks executed for `GetStepTimeline` (`timeline`).
 //! - The **history compactor** (`history`) keeps the store's watch history to the last
 //!   `history_retention` revisions, so the store's memory and log stay bounded.
+//! - The **job retainer** (`retention`) deletes the finished jobs the retention policy
+//!   does not keep (the newest `max_jobs`, those younger than `max_age`), records and
+//!   events, which the compactor then compacts out.
 //!
 //! The messages the actors send each other and the handles that send them live apart from
 //! the actors, in `messages`: `cluster` spawns the `session` and `job` actors, and those
@@ -33,8 +36,10 @@
 //!
 //! Before any handler, [`auth`] has checked the caller: TLS on the port (optionally
 //! mutual), then a tower layer in front of every service that looks the call's bearer
-//! token up in the token file and its RPC in the one role table, so a refused call reaches
-//! no handler and changes nothing.
+//! token up in the token file and its RPC in the one role table, and takes a `SubmitJob`
+//! or `Register` from its caller's rate limit, so a refused call reaches no handler and
+//! changes nothing. A request that does not decode is `INVALID_ARGUMENT` (the proto
+//! crate's codec).
 //!
 //! The gRPC handlers (`grpc`) are thin: they validate input, ask an actor through its
 //! mailbox and await a oneshot reply, or read the store directly (job reads and watches,
@@ -83,6 +88,10 @@
 //! - A job's state changes only along [`may_transition`]'s edges, and only its job
 //!   actor writes it.
 //! - A worker belongs to at most one job, and only while it is alive.
+//! - A job message (step report, acknowledgement, error, checkpoint shard, finish) changes
+//!   a job only if it comes from the session that holds its worker's rank and names the
+//!   job's current assignment epoch (`job`'s `reporter`); anything else is refused and
+//!   logged.
 //! - Bad input from the network gets a gRPC status naming the field at fault; it never
 //!   panics the coordinator or stops it serving others.
 
@@ -96,6 +105,7 @@ mod ids;
 mod job;
 mod messages;
 mod records;
+mod retention;
 mod session;
 mod timeline;
 mod watch;
@@ -106,6 +116,7 @@ pub use config::{
 };
 pub use error::ServiceError;
 pub use job::may_transition;
+pub use retention::JobRetention;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -125,7 +136,7 @@ use tonic::transport::server::{Connected, TcpIncoming};
 
 use crate::store::{FileStore, Revision, StateStore, StoreError};
 
-use self::auth::{AuthError, AuthLayer, TokenStore};
+use self::auth::{AuthError, AuthLayer, RateLimiter, TokenStore};
 use self::grpc::{CoordinatorApi, JobApi};
 
 /// How long [`CoordinatorHandle::shutdown`] lets the server drain its connections before
@@ -306,7 +317,7 @@ where
         .http2_keepalive_interval(Some(config.heartbeat_interval.max(Duration::from_secs(1))))
         .http2_keepalive_timeout(Some(config.heartbeat_timeout.max(Duration::from_secs(1))))
         // In front of every service: a refused call reaches no handler.
-        .layer(AuthLayer::new(tokens))
+        .layer(AuthLayer::new(tokens, Arc::new(RateLimiter::new(config.rate_limits.clone()))))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_v1alpha)
@@ -322,6 +333,12 @@ where
             cancel.clone(),
         ))
     });
+    let retainer = tokio::spawn(retention::retainer(
+        store.clone(),
+        config.retention.clone(),
+        config.compaction_interval,
+        cancel.clone(),
+    ));
     tracing::info!(
         %local_addr,
         state_dir = %config.state_dir.display(),
@@ -340,6 +357,7 @@ where
         server: Some(server_task),
         cluster_task: Some(cluster_task),
         compactor,
+        retainer: Some(retainer),
         closer,
     })
 }
@@ -355,6 +373,7 @@ pub struct CoordinatorHandle<S: StateStore + Clone + 'static = FileStore> {
     server: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
     cluster_task: Option<JoinHandle<()>>,
     compactor: Option<JoinHandle<()>>,
+    retainer: Option<JoinHandle<()>>,
     closer: Option<StoreCloser>,
 }
 
@@ -414,6 +433,11 @@ impl<S: StateStore + Clone + 'static> CoordinatorHandle<S> {
             && let Err(e) = compactor.await
         {
             result = result.and(Err(ServiceError::Internal(format!("the history compactor failed: {e}"))));
+        }
+        if let Some(retainer) = self.retainer.take()
+            && let Err(e) = retainer.await
+        {
+            result = result.and(Err(ServiceError::Internal(format!("the job retainer failed: {e}"))));
         }
         if let Some(closer) = self.closer.take() {
             result = result.and(closer.await.map_err(ServiceError::from));

@@ -131,10 +131,12 @@ impl SessionActor {
             | Body::Finished(_)
             | Body::CheckpointShard(_)) => {
                 let Some(owner) = &self.owner else {
-                    tracing::debug!(worker = %self.worker_id, "dropping a job message: the worker has no job");
+                    // A worker with no job has nothing to report: late (its job ended), or
+                    // lying. Refused, and nothing changes.
+                    tracing::warn!(worker = %self.worker_id, conn = self.conn, "refused a job message: the worker holds no rank of any job");
                     return Ok(());
                 };
-                let report = WorkerReport { worker_id: self.worker_id.clone(), body };
+                let report = WorkerReport { worker_id: self.worker_id.clone(), conn: self.conn, body };
                 // Awaited on a bounded mailbox: a worker flooding reports is slowed down
                 // to the pace of its job actor, not buffered without limit.
                 if owner.reports.send(report).await.is_err() {

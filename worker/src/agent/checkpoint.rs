@@ -102,13 +102,14 @@ impl<D: DataPlane> Job<D> {
         let snapshot = dp::run_blocking(|| trainer.snapshot(rank, world));
         let snapshot_seconds = started.elapsed().as_secs_f64();
         let events = self.events.clone();
-        let job_id = self.plan.job_id.clone();
+        let (job_id, epoch) = (self.plan.job_id.clone(), self.plan.epoch);
         let spawned = std::thread::Builder::new().name("checkpoint-writer".into()).spawn(move || {
             let started = std::time::Instant::now();
             let written = write_checkpoint(&root, step, &snapshot);
             drop(snapshot);
             let mut report = CheckpointShard {
                 job_id,
+                epoch,
                 step,
                 snapshot_seconds,
                 write_seconds: started.elapsed().as_secs_f64(),
@@ -132,6 +133,7 @@ impl<D: DataPlane> Job<D> {
             Ok(thread) => self.writer = Some(Writer { step, thread }),
             Err(err) => self.send(message(Report::CheckpointShard(CheckpointShard {
                 job_id: self.plan.job_id.clone(),
+                epoch: self.plan.epoch,
                 step,
                 snapshot_seconds,
                 error: format!("starting the checkpoint writer: {err}"),
@@ -148,6 +150,7 @@ impl<D: DataPlane> Job<D> {
         if dp::run_blocking(|| writer.thread.join()).is_err() {
             self.send(message(Report::CheckpointShard(CheckpointShard {
                 job_id: self.plan.job_id.clone(),
+                epoch: self.plan.epoch,
                 step: writer.step,
                 error: "the checkpoint writer panicked".into(),
                 ..CheckpointShard::default()

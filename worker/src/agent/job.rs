@@ -104,7 +104,7 @@ impl<D: DataPlane> Job<D> {
                     warn!(job = %job_id, checkpoint = %dir, %reason, "assignment refused: bad checkpoint");
                 }
                 self.send(refuse(ack_id, &error));
-                self.send(worker_error(&job_id, 0, &error));
+                self.send(worker_error(&job_id, self.plan.epoch, 0, &error));
                 return;
             }
         };
@@ -130,13 +130,17 @@ impl<D: DataPlane> Job<D> {
                     },
                 }
                 let steps = trainer.step();
-                self.send(message(Report::Finished(JobFinished { job_id: job_id.clone(), steps })));
+                self.send(message(Report::Finished(JobFinished {
+                    job_id: job_id.clone(),
+                    steps,
+                    epoch: self.plan.epoch,
+                })));
                 info!(job = %job_id, steps, "job finished");
             }
             Err(Stop::Aborted) => info!(job = %job_id, "job aborted"),
             Err(Stop::Failed { step, error }) => {
                 warn!(job = %job_id, step, %error, "job failed");
-                self.send(worker_error(&job_id, step, &error));
+                self.send(worker_error(&job_id, self.plan.epoch, step, &error));
             }
         }
     }

@@ -17,6 +17,8 @@ use crate::pipeline::PipelinePlan;
 /// An assignment, checked: everything a job task needs before it touches the network.
 pub(super) struct JobPlan {
     pub(super) job_id: String,
+    /// The assignment epoch, carried back in every job message (see `report`).
+    pub(super) epoch: u64,
     pub(super) rank: usize,
     pub(super) world: usize,
     /// Rank `p`'s data-plane address as the coordinator gave it (this rank's is unused).
@@ -135,6 +137,7 @@ impl JobPlan {
         }
         Ok(JobPlan {
             job_id: a.job_id.clone(),
+            epoch: a.epoch,
             rank,
             world,
             peers,

@@ -35,13 +35,14 @@ pub(super) fn refuse(command_id: u64, error: &JobError) -> WorkerMessage {
     }))
 }
 
-/// Job `job_id` failed at `step` (0: before its first step).
-pub(super) fn worker_error(job_id: &str, step: u64, error: &JobError) -> WorkerMessage {
+/// Job `job_id`'s assignment of `epoch` failed at `step` (0: before its first step).
+pub(super) fn worker_error(job_id: &str, epoch: u64, step: u64, error: &JobError) -> WorkerMessage {
     message(Report::Error(WorkerErrorMsg {
         job_id: job_id.to_string(),
         step,
         message: error.to_string(),
         kind: error.kind().into(),
+        epoch,
     }))
 }
 
@@ -86,6 +87,7 @@ fn step_report(
 ) -> StepReport {
     StepReport {
         job_id: plan.job_id.clone(),
+        epoch: plan.epoch,
         step: r.step,
         loss: r.loss,
         main_ce: r.main_ce,

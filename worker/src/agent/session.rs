@@ -52,6 +52,8 @@ pub(super) enum JobEvent {
 /// The session's handle on its job task.
 struct RunningJob {
     job_id: String,
+    /// Its assignment's epoch, for the reports the session sends for it.
+    epoch: u64,
     commands: mpsc::Sender<(u64, RunSteps)>,
     cancel: CancellationToken,
     abort: Option<AbortFn>,
@@ -230,6 +232,7 @@ impl<'a, D: DataPlane> Session<'a, D> {
         if let (Err(err), Some(job)) = (done, &finished)
             && let Flow::End(end) = self.send(worker_error(
                 &job.job_id,
+                job.epoch,
                 0,
                 &JobError::Internal(format!("the job task failed: {err}")),
             ))
@@ -291,7 +294,7 @@ impl<'a, D: DataPlane> Session<'a, D> {
                 if let Flow::End(end) = self.send(refuse(id, &reason)) {
                     return Flow::End(end);
                 }
-                return self.send(worker_error(&assignment.job_id, 0, &reason));
+                return self.send(worker_error(&assignment.job_id, assignment.epoch, 0, &reason));
             }
         };
         let Some(listener) = self.plane.listener.take() else {
@@ -317,6 +320,7 @@ impl<'a, D: DataPlane> Session<'a, D> {
         let task = tokio::spawn(job.run());
         self.job = Some(RunningJob {
             job_id: assignment.job_id,
+            epoch: assignment.epoch,
             commands,
             cancel,
             abort: None,

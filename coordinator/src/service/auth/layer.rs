@@ -1,26 +1,32 @@
 //! The tower layer in front of every service the coordinator serves: it checks each
-//! request's path and bearer token against `policy` before the request reaches a handler,
-//! so a refused call changes nothing.
+//! request's path and bearer token against `policy`, then takes the call from its caller's
+//! rate limit (`limits`), before the request reaches a handler, so a refused call changes
+//! nothing.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures::future::{Either, Ready, ready};
+use tonic::Status;
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tower::{Layer, Service};
 
+use super::limits::{Caller, Limited, RateLimiter};
 use super::policy;
 use super::tokens::TokenStore;
 
-/// Wraps the server's routes; without a token store every request passes (a coordinator
-/// without `--token-file`).
+/// Wraps the server's routes. Without a token store every request passes the role check
+/// (a coordinator without `--token-file`), and the rate limits count callers by address.
 #[derive(Clone, Debug)]
 pub struct AuthLayer {
     tokens: Option<Arc<TokenStore>>,
+    limiter: Arc<RateLimiter>,
 }
 
 impl AuthLayer {
-    pub fn new(tokens: Option<Arc<TokenStore>>) -> Self {
-        AuthLayer { tokens }
+    pub fn new(tokens: Option<Arc<TokenStore>>, limiter: Arc<RateLimiter>) -> Self {
+        AuthLayer { tokens, limiter }
     }
 }
 
@@ -28,7 +34,7 @@ impl<S> Layer<S> for AuthLayer {
     type Service = Auth<S>;
 
     fn layer(&self, inner: S) -> Auth<S> {
-        Auth { inner, tokens: self.tokens.clone() }
+        Auth { inner, tokens: self.tokens.clone(), limiter: self.limiter.clone() }
     }
 }
 
@@ -37,6 +43,33 @@ impl<S> Layer<S> for AuthLayer {
 pub struct Auth<S> {
     inner: S,
     tokens: Option<Arc<TokenStore>>,
+    limiter: Arc<RateLimiter>,
+}
+
+/// The peer of a request, over plain TCP or TLS.
+fn peer<B>(request: &http::Request<B>) -> Option<SocketAddr> {
+    let extensions = request.extensions();
+    extensions.get::<TcpConnectInfo>().and_then(TcpConnectInfo::remote_addr).or_else(|| {
+        extensions.get::<TlsConnectInfo<TcpConnectInfo>>().and_then(|info| info.get_ref().remote_addr())
+    })
+}
+
+impl<S> Auth<S> {
+    /// The role check, then the rate limit; the status of a refusal.
+    fn admit<B>(&self, request: &http::Request<B>) -> Result<(), Status> {
+        let path = request.uri().path();
+        let caller = match &self.tokens {
+            Some(tokens) => {
+                let authorization = request.headers().get(http::header::AUTHORIZATION).map(|v| v.as_bytes());
+                policy::authorize(path, authorization, &tokens.current())?
+                    .map(|(role, digest)| Caller::Token { digest, role })
+            }
+            None => None,
+        };
+        let Some(limited) = Limited::of(path) else { return Ok(()) };
+        let caller = caller.unwrap_or_else(|| Caller::peer(peer(request).map(|addr| addr.ip())));
+        self.limiter.admit(limited, caller, tokio::time::Instant::now())
+    }
 }
 
 impl<S, B> Service<http::Request<B>> for Auth<S>
@@ -52,26 +85,13 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let Some(tokens) = &self.tokens else { return Either::Right(self.inner.call(request)) };
-        let path = request.uri().path();
-        let authorization = request.headers().get(http::header::AUTHORIZATION).map(|value| value.as_bytes());
-        match policy::check(path, authorization, &tokens.current()) {
-            Ok(_) => Either::Right(self.inner.call(request)),
+        match self.admit(&request) {
+            Ok(()) => Either::Right(self.inner.call(request)),
             Err(status) => {
                 // The peer and the RPC, never the header.
-                let peer = request
-                    .extensions()
-                    .get::<tonic::transport::server::TcpConnectInfo>()
-                    .and_then(|info| info.remote_addr())
-                    .or_else(|| {
-                        request
-                                .extensions()
-                                .get::<tonic::transport::server::TlsConnectInfo<
-                                    tonic::transport::server::TcpConnectInfo,
-                                >>()
-                                .and_then(|info| info.get_ref().remote_addr())
-                    });
-                tracing::info!(rpc = path, ?peer, code = ?status.code(), reason = status.message(), "refused a call");
+                let peer = peer(&request);
+                let rpc = request.uri().path();
+                tracing::info!(rpc, ?peer, code = ?status.code(), reason = status.message(), "refused a call");
                 Either::Left(ready(Ok(status.into_http())))
             }
         }

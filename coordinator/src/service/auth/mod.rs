@@ -5,9 +5,11 @@
 //!   [`TokenStore`] that reloads it when it changes.
 //! - `policy`: [`RPCS`], every RPC with what it needs (admin, viewer or worker), the open
 //!   services (health, reflection), and the check of one request.
-//! - `layer`: the tower layer in front of all services that applies the check, so a
-//!   refused call reaches no handler: `UNAUTHENTICATED` without a known token,
-//!   `PERMISSION_DENIED` for the wrong role.
+//! - `limits`: per-caller token buckets on `SubmitJob` and `Register` ([`RateLimits`]), a
+//!   caller being its token, or its address without a token file.
+//! - `layer`: the tower layer in front of all services that applies the check and the
+//!   limits, so a refused call reaches no handler: `UNAUTHENTICATED` without a known token,
+//!   `PERMISSION_DENIED` for the wrong role, `RESOURCE_EXHAUSTED` over the rate limit.
 //! - `tls`: the server's and the clients' TLS files ([`ServerTls`], [`ClientTls`]) and
 //!   what a client presents ([`ClientAuth`]: TLS and a [`BearerToken`]).
 //!
@@ -17,6 +19,7 @@
 //! `insecure` (see `bind_and_serve`).
 
 mod layer;
+mod limits;
 mod policy;
 mod tls;
 mod tokens;
@@ -24,7 +27,8 @@ mod tokens;
 use std::path::PathBuf;
 
 pub use layer::{Auth, AuthLayer};
-pub use policy::{Access, OPEN_SERVICES, RPCS, access, check};
+pub use limits::{Caller, Limited, MAX_BUCKETS, RateLimit, RateLimiter, RateLimits};
+pub use policy::{Access, OPEN_SERVICES, RPCS, access, authorize, check};
 pub use tls::{
     AuthChannel, BearerInterceptor, BearerToken, ClientAuth, ClientTls, HANDSHAKE_TIMEOUT, ServerTls,
     coordinator_url,

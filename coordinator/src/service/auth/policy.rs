@@ -72,6 +72,16 @@ pub fn access(path: &str) -> Option<Access> {
 /// `UNAUTHENTICATED` without a known bearer token, `PERMISSION_DENIED` for a role the
 /// table does not allow. The messages never contain the token.
 pub fn check(path: &str, authorization: Option<&[u8]>, tokens: &TokenTable) -> Result<Option<Role>, Status> {
+    Ok(authorize(path, authorization, tokens)?.map(|(role, _)| role))
+}
+
+/// [`check`], answering the caller's role and its token's digest (who it is to the rate
+/// limits); `None` for an open service.
+pub fn authorize(
+    path: &str,
+    authorization: Option<&[u8]>,
+    tokens: &TokenTable,
+) -> Result<Option<(Role, [u8; 32])>, Status> {
     let Some(access) = access(path) else { return Ok(None) };
     let Some(header) = authorization else {
         return Err(Status::unauthenticated(format!(
@@ -82,11 +92,11 @@ pub fn check(path: &str, authorization: Option<&[u8]>, tokens: &TokenTable) -> R
     let token = bearer(header).ok_or_else(|| {
         Status::unauthenticated("the authorization header is not `Bearer TOKEN`".to_string())
     })?;
-    let role = tokens
-        .role_of(token)
+    let (role, digest) = tokens
+        .identify(token)
         .ok_or_else(|| Status::unauthenticated("the bearer token is not in the coordinator's token file"))?;
     if access.allows(role) {
-        Ok(Some(role))
+        Ok(Some((role, digest)))
     } else {
         Err(Status::permission_denied(format!(
             "a {role} token may not call {path}: it needs {}",

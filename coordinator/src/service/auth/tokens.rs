@@ -91,6 +91,12 @@ impl TokenTable {
     /// The role of `token`, if the table has it. Every entry is compared, in constant
     /// time, whatever matches.
     pub fn role_of(&self, token: &[u8]) -> Option<Role> {
+        self.identify(token).map(|(role, _)| role)
+    }
+
+    /// The role of `token` and its digest (what identifies the caller to the rate limits),
+    /// if the table has it; compared as [`TokenTable::role_of`] does.
+    pub fn identify(&self, token: &[u8]) -> Option<(Role, [u8; 32])> {
         let hash = sha256(token);
         let mut found = None;
         for (role, known) in &self.entries {
@@ -98,7 +104,7 @@ impl TokenTable {
                 found = Some(*role);
             }
         }
-        found
+        found.map(|role| (role, hash))
     }
 
     /// How many tokens each role has (admin, viewer, worker), for the start-up log.

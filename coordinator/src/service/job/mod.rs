@@ -39,6 +39,11 @@
 //!
 //! # Invariants
 //!
+//! A worker's message changes the job only if `reporter` accepts it: it comes
+//! from the session that holds the worker's rank in the crew and, where it names one, the
+//! current assignment epoch (one per attempt, sent in every `Assignment`). Anything else
+//! is refused and logged, in that one place.
+//!
 //! Assignments and `RunSteps` go out only after the state they belong to is written, so a
 //! worker never runs steps of a job that the store does not show running. Aborts go out as
 //! soon as the job decides to stop, before the write: stopping the survivors matters more,
@@ -180,6 +185,9 @@ pub(crate) struct JobActor<S> {
     /// The loss of every step this coordinator summarized, as bits: redone steps must
     /// reproduce them.
     losses: BTreeMap<u64, u64>,
+    /// The current assignment epoch: one per attempt (rendezvous), from 1. Job messages
+    /// of another epoch are refused.
+    epoch: u64,
 }
 
 impl<S: StateStore + Clone + 'static> JobActor<S> {
@@ -218,6 +226,7 @@ impl<S: StateStore + Clone + 'static> JobActor<S> {
             recovery: None,
             stuck: Vec::new(),
             losses: BTreeMap::new(),
+            epoch: 0,
         };
         (handle, actor)
     }
@@ -367,9 +376,12 @@ impl<S: StateStore + Clone + 'static> JobActor<S> {
 
     async fn on_report(&mut self, report: WorkerReport) -> Result<(), ServiceError> {
         use worker_message::Body;
-        let Some(rank) = self.crew.iter().position(|r| r.worker_id == report.worker_id && !r.lost) else {
-            tracing::debug!(job = %self.record.id, worker = %report.worker_id, "dropping a report from outside the crew");
-            return Ok(());
+        let rank = match self.reporter(&report) {
+            Ok(rank) => rank,
+            Err(why) => {
+                tracing::warn!(job = %self.record.id, worker = %report.worker_id, conn = report.conn, %why, "refused a job message");
+                return Ok(());
+            }
         };
         match report.body {
             Body::Ack(ack) => self.on_ack(rank, ack).await,
@@ -380,6 +392,35 @@ impl<S: StateStore + Clone + 'static> JobActor<S> {
             // Sessions handle these themselves.
             Body::Open(_) | Body::Heartbeat(_) => Ok(()),
         }
+    }
+
+    /// The rank `report` may speak for: its worker's rank in the crew, if it came from the
+    /// session that holds that rank and (for the messages that carry one) names the current
+    /// assignment epoch. The one check of who may report what; anything else is refused,
+    /// and the caller logs it and changes nothing. A message about another job is left to
+    /// the handlers, which drop it.
+    fn reporter(&self, report: &WorkerReport) -> Result<usize, String> {
+        let worker = &report.worker_id;
+        let Some(rank) = self.crew.iter().position(|r| r.worker_id == *worker && !r.lost) else {
+            return Err(format!("worker {worker} holds no rank of the current attempt"));
+        };
+        let holder = self.crew[rank].session.conn;
+        if holder != report.conn {
+            return Err(format!(
+                "it came on session {} of worker {worker}, but rank {rank} is held by its session {holder}",
+                report.conn
+            ));
+        }
+        if let Some((job_id, epoch)) = epoch_of(&report.body)
+            && self.is_ours(job_id, false)
+            && epoch != self.epoch
+        {
+            return Err(format!(
+                "it is of assignment epoch {epoch}, but rank {rank}'s current assignment is of epoch {}",
+                self.epoch
+            ));
+        }
+        Ok(rank)
     }
 
     /// Whether a message names this job; messages about another (an earlier job of the same
@@ -404,6 +445,19 @@ impl<S: StateStore + Clone + 'static> JobActor<S> {
 
     fn proto(&self) -> Job {
         self.record.to_proto(self.revision)
+    }
+}
+
+/// The job and assignment epoch a job message names; `None` for an acknowledgement,
+/// which names its command instead (command ids are never reused).
+fn epoch_of(body: &worker_message::Body) -> Option<(&str, u64)> {
+    use worker_message::Body;
+    match body {
+        Body::StepReport(m) => Some((&m.job_id, m.epoch)),
+        Body::Error(m) => Some((&m.job_id, m.epoch)),
+        Body::Finished(m) => Some((&m.job_id, m.epoch)),
+        Body::CheckpointShard(m) => Some((&m.job_id, m.epoch)),
+        Body::Ack(_) | Body::Open(_) | Body::Heartbeat(_) => None,
     }
 }
 

@@ -11,7 +11,8 @@
 //! Invariants: assignments go out only after the Rendezvous state and its `WorkerJoined`
 //! events are written, and `RunSteps` only after Running is; a job refused before
 //! anything was sent fails without aborting anyone; each rendezvous gets a fresh
-//! data-plane session id, so a peer left over from an earlier one is refused. A refused
+//! data-plane session id, so a peer left over from an earlier one is refused, and a new
+//! assignment epoch, so a job message left over from an earlier one is refused. A refused
 //! assignment is decided on by the `Ack`'s `FailureKind`, never its text:
 //! `FAILURE_KIND_CHECKPOINT` (naming the directory) falls back to the checkpoint before,
 //! any other refusal fails the job.
@@ -110,6 +111,7 @@ impl<S: StateStore + Clone + 'static> JobActor<S> {
         let n = self.crew.len();
         let from = resume.map_or(0, |r| r.step);
         self.resumed_from = from;
+        self.epoch += 1;
         // Steps up to the checkpoint's are done (by this job before a failure, or by the run
         // it resumes); after a recovery, those past it are redone and checked.
         self.record.steps_done = self.record.steps_done.max(from);
@@ -210,6 +212,7 @@ impl<S: StateStore + Clone + 'static> JobActor<S> {
                 pipeline: pipelines.as_mut().and_then(Iterator::next),
                 checkpoint_root: checkpoint_root.clone(),
                 resume: resume.clone(),
+                epoch: self.epoch,
             };
             self.command(
                 rank,
