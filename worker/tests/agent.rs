@@ -230,6 +230,8 @@ fn config(steps: u64) -> String {
 
 fn options(url: String) -> WorkerOptions {
     let mut options = WorkerOptions::new(url);
+    // The scripted jobs write under temporary directories.
+    options.allowed_roots = vec![std::env::temp_dir()];
     options.threads = Some(1);
     options.initial_backoff = Duration::from_millis(50);
     options.max_backoff = Duration::from_millis(200);
