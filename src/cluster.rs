@@ -11,7 +11,9 @@ use flotilla_coordinator::schedule::executed_chrome_trace;
 use flotilla_coordinator::service::auth::{
     AuthChannel, BearerToken, ClientAuth, ClientTls, RateLimit, RateLimits, Role, ServerTls, first_token,
 };
-use flotilla_coordinator::service::{CoordinatorConfig, JobRetention, MAX_JOB_WORKERS, bind_and_serve};
+use flotilla_coordinator::service::{
+    CoordinatorConfig, DEFAULT_MAX_JOB_WORKERS, JobRetention, MAX_JOB_WORKERS, bind_and_serve,
+};
 use flotilla_model::ModelConfig;
 use flotilla_model::train::{ParallelConfig, TrainConfig};
 use flotilla_proto::v1::job_event::Event;
@@ -118,6 +120,19 @@ pub struct CoordinatorArgs {
     /// Also delete finished jobs that ended longer ago than this (`90s`, `30m`, `12h`, `7d`).
     #[arg(long, value_name = "DURATION", value_parser = parse_age)]
     retain_age: Option<Duration>,
+    /// A directory jobs' output, checkpoint, resume and data paths must lie under
+    /// (repeatable; default: the working directory). `..`, paths outside every root and
+    /// symlinks leading out are refused at submission.
+    #[arg(long = "allowed-root", value_name = "DIR")]
+    allowed_roots: Vec<PathBuf>,
+    /// Refuse jobs asking for more workers than this: they could never be placed.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_JOB_WORKERS,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_JOB_WORKERS)))]
+    max_job_workers: u32,
+    /// Refuse jobs whose estimated memory per worker exceeds this (e.g. 64GiB); without
+    /// it, a job is only kept off workers that report less memory than it needs.
+    #[arg(long, value_name = "SIZE", value_parser = crate::plan::parse_bytes)]
+    max_worker_memory: Option<u64>,
 }
 
 /// A duration for --retain-age: a positive whole number with a unit, `s`, `m`, `h` or `d`.
@@ -166,6 +181,15 @@ pub struct WorkerArgs {
     /// Where relative paths in run configs start (text data files).
     #[arg(long, default_value = ".")]
     config_base: PathBuf,
+    /// A directory an assignment's paths (output, checkpoints, data, init-from) must lie
+    /// under (repeatable; default: the working directory); the worker refuses a job
+    /// naming any other path, and never follows a symlink out of the roots.
+    #[arg(long = "allowed-root", value_name = "DIR")]
+    allowed_roots: Vec<PathBuf>,
+    /// The memory this worker's model state may take (e.g. 16GiB), reported to the
+    /// coordinator for placement (default: the machine's memory).
+    #[arg(long, value_name = "SIZE", value_parser = crate::plan::parse_bytes)]
+    memory_limit: Option<u64>,
     /// Stop when standard input closes: `flotilla run` holds its workers' stdin, so they
     /// stop with it however it ends (even killed).
     #[arg(long, hide = true)]
@@ -384,6 +408,9 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
                 register: Some(RateLimit { rate: args.register_rate, burst: args.register_burst }),
             },
             retention: JobRetention { max_jobs: Some(args.retain_jobs), max_age: args.retain_age },
+            allowed_roots: roots_or_cwd(args.allowed_roots),
+            max_job_workers: args.max_job_workers,
+            max_worker_memory: args.max_worker_memory,
             ..CoordinatorConfig::default()
         };
         let handle = bind_and_serve(config).await?;
@@ -410,6 +437,8 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
         options.data_plane_listen = args.data_plane_listen;
         options.threads = args.threads;
         options.config_base = args.config_base;
+        options.allowed_roots = roots_or_cwd(args.allowed_roots);
+        options.memory_bytes = args.memory_limit;
         let shutdown = CancellationToken::new();
         let on_signal = shutdown.clone();
         let watch_stdin = args.exit_with_stdin;
@@ -434,6 +463,22 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
     // A blocking read of stdin (--exit-with-stdin) cannot be interrupted: do not wait for it.
     runtime.shutdown_background();
     result
+}
+
+/// The `--allowed-root` flags, or the working directory without any.
+fn roots_or_cwd(roots: Vec<PathBuf>) -> Vec<PathBuf> {
+    if roots.is_empty() { vec![PathBuf::from(".")] } else { roots }
+}
+
+/// The roots `flotilla run` gives its coordinator and workers: the working directory, the
+/// output directory, the config's directory, and each file or directory the config names
+/// that exists (the local launcher runs the user's own config, so what it names is
+/// allowed; nothing else is).
+fn run_roots(out: &Path, config_base: &Path, config: &TrainConfig) -> Vec<PathBuf> {
+    let mut roots = vec![PathBuf::from("."), out.to_path_buf(), config_base.to_path_buf()];
+    let named = config.data.paths().into_iter().map(|(_, p)| p).chain(config.init_from.clone());
+    roots.extend(named.filter(|p| p.exists()));
+    roots
 }
 
 /// Reads and checks a run config the way the workers will, so that a bad field is
@@ -790,6 +835,7 @@ struct WorkerSpawn {
     /// any local user can read).
     token: Option<String>,
     config_base: PathBuf,
+    allowed_roots: Vec<PathBuf>,
     threads: usize,
     count: u32,
     nodes: u32,
@@ -823,8 +869,11 @@ impl WorkerSpawn {
         spec = spec
             .args(["--threads", &self.threads.to_string()])
             .arg("--config-base")
-            .arg(&self.config_base)
-            .arg("--exit-with-stdin");
+            .arg(&self.config_base);
+        for root in &self.allowed_roots {
+            spec = spec.arg("--allowed-root").arg(root);
+        }
+        spec = spec.arg("--exit-with-stdin");
         spec.lifeline = true;
         spec.restart = restart;
         spec
@@ -1004,9 +1053,11 @@ pub fn run(args: RunArgs) -> Result<()> {
                 .with_context(|| format!("clearing {}", state_dir.display()))?;
         }
         let security = RunSecurity::of(&args)?;
+        let roots = run_roots(&out, &config_base, &config);
         let coordinator_config = CoordinatorConfig {
             tls: security.coordinator_tls.clone(),
             token_file: args.token_file.clone(),
+            allowed_roots: roots.clone(),
             ..CoordinatorConfig::new(&state_dir)
         };
         let coordinator = bind_and_serve(coordinator_config).await?;
@@ -1017,6 +1068,7 @@ pub fn run(args: RunArgs) -> Result<()> {
             tls: security.launcher.tls.clone(),
             token: security.worker_token.clone(),
             config_base,
+            allowed_roots: roots,
             threads,
             count: workers,
             nodes: args.nodes,

@@ -120,7 +120,7 @@ pub fn run(args: PlanArgs) -> Result<()> {
 
 /// Parses a byte count: a number with an optional unit (B, KB…TB in powers of 1000,
 /// KiB…TiB in powers of 1024), case-insensitive.
-fn parse_bytes(text: &str) -> Result<u64, String> {
+pub(crate) fn parse_bytes(text: &str) -> Result<u64, String> {
     let trimmed = text.trim();
     let split = trimmed.trim_end_matches(|c: char| c.is_ascii_alphabetic()).len();
     let (number, unit) = trimmed.split_at(split);

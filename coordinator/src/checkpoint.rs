@@ -149,16 +149,15 @@ fn parse_step_dir_name(name: &str) -> Option<u64> {
     (step_dir_name(step) == name).then_some(step)
 }
 
-/// Why `file` is not a plain file name inside the checkpoint directory, if it is not.
-fn bad_file_name(file: &str) -> Option<&'static str> {
-    if file.is_empty() {
-        Some("is empty")
-    } else if file.contains(['/', '\\']) {
-        Some("must be a plain file name (no `/` or `\\`)")
-    } else if file.contains("..") || file == "." {
-        Some("must be a plain file name (no `..` or `.`)")
-    } else if file.contains('\0') {
-        Some("must not contain NUL")
+/// Why `file` is not a plain file name inside the checkpoint directory, if it is not: the
+/// plain-name rule is `flotilla_model::paths::check_file_name`'s (no separators, not `.`
+/// or `..`, not empty, no NUL), and a shard may not take the manifest's names. The job
+/// actor applies it to every shard a worker reports, before the name reaches a manifest.
+pub fn bad_file_name(file: &str) -> Option<&'static str> {
+    if flotilla_model::paths::check_file_name("file", file).is_err() {
+        Some("must be a plain file name (not empty, no `/`, `\\`, NUL, and not `.` or `..`)")
+    } else if file.contains("..") {
+        Some("must be a plain file name (no `..`)")
     } else if file == MANIFEST_FILE || file == MANIFEST_TMP {
         Some("is the manifest's own name")
     } else {

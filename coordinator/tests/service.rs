@@ -51,6 +51,8 @@ fn config(dir: &Path) -> CoordinatorConfig {
     CoordinatorConfig {
         heartbeat_interval: INTERVAL,
         heartbeat_timeout: TIMEOUT,
+        // Jobs write under the system's temporary directory (`/tmp/out`, temp dirs).
+        allowed_roots: vec![std::env::temp_dir()],
         ..CoordinatorConfig::new(dir)
     }
 }
@@ -1725,32 +1727,32 @@ async fn invalid_submit_names_the_field() {
     let cases = [
         (0, job_config(3), "invalid workers: must be at least 1"),
         (2, "steps = [".to_string(), "invalid config_toml: not valid TOML"),
-        (2, "steps = 0\nbatch_size = 8\n".to_string(), "invalid steps: must be at least 1, got 0"),
+        (2, "steps = 0\nbatch_size = 8\nseq_len = 16\nmodel = { preset = \"tiny\" }\n".to_string(), "invalid steps: must be at least 1, got 0"),
         (
             2,
-            "steps = \"ten\"\nbatch_size = 8\n".to_string(),
+            "steps = \"ten\"\nbatch_size = 8\nseq_len = 16\nmodel = { preset = \"tiny\" }\n".to_string(),
             "invalid steps: must be a positive integer, got a string",
         ),
         (2, "steps = 10\n".to_string(), "invalid batch_size: is missing"),
         (
             3,
-            "steps = 10\nbatch_size = 8\n".to_string(),
+            "steps = 10\nbatch_size = 8\nseq_len = 16\nmodel = { preset = \"tiny\" }\n".to_string(),
             "invalid batch_size: 8 cannot be split evenly over 3",
         ),
         (2, format!("steps = 1\nbatch_size = 2\n#{}\n", "x".repeat(2 << 20)), "invalid config_toml: "),
         (
             2,
-            "steps = 10\nbatch_size = 8\n[checkpoint]\nkeep = 0\n".to_string(),
+            "steps = 10\nbatch_size = 8\nseq_len = 16\nmodel = { preset = \"tiny\" }\n[checkpoint]\nkeep = 0\n".to_string(),
             "invalid checkpoint.keep: must be at least 1",
         ),
         (
             2,
-            "steps = 10\nbatch_size = 8\n[recovery]\nstep_timeout_s = -1.0\n".to_string(),
+            "steps = 10\nbatch_size = 8\nseq_len = 16\nmodel = { preset = \"tiny\" }\n[recovery]\nstep_timeout_s = -1.0\n".to_string(),
             "invalid recovery.step_timeout_s: must be between 0 and 1e7 seconds, got -1",
         ),
         (
             2,
-            "steps = 10\nbatch_size = 8\n[recovery]\nretries = 3\n".to_string(),
+            "steps = 10\nbatch_size = 8\nseq_len = 16\nmodel = { preset = \"tiny\" }\n[recovery]\nretries = 3\n".to_string(),
             "invalid recovery: invalid [recovery] table: unknown field `retries`",
         ),
         (

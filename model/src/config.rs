@@ -347,6 +347,37 @@ impl fmt::Display for Preset {
     }
 }
 
+/// The largest value of each size field a config may have (DeepSeek-V3 671B's value in
+/// the comment). Far above any real model, low enough that no single field can ask for an
+/// allocation beyond 64-bit counts; what a whole job needs is checked against the workers'
+/// memory by the coordinator.
+pub const SIZE_LIMITS: &[(&str, usize)] = &[
+    ("vocab_size", 1 << 21),              // 129,280
+    ("hidden_size", 1 << 16),             // 7,168
+    ("intermediate_size", 1 << 18),       // 18,432
+    ("moe_intermediate_size", 1 << 18),   // 2,048
+    ("num_hidden_layers", 1 << 10),       // 61
+    ("num_attention_heads", 1 << 10),     // 128
+    ("n_shared_experts", 1 << 6),         // 1
+    ("n_routed_experts", 1 << 14),        // 256
+    ("num_experts_per_tok", 1 << 10),     // 8
+    ("n_group", 1 << 14),                 // 8
+    ("topk_group", 1 << 14),              // 4
+    ("moe_layer_freq", 1 << 10),          // 1
+    ("q_lora_rank", 1 << 16),             // 1,536
+    ("kv_lora_rank", 1 << 16),            // 512
+    ("qk_rope_head_dim", 1 << 12),        // 64
+    ("qk_nope_head_dim", 1 << 12),        // 128
+    ("v_head_dim", 1 << 12),              // 128
+    ("max_position_embeddings", 1 << 22), // 163,840
+    ("num_nextn_predict_layers", 1 << 4), // 1
+];
+
+/// The limit of `field` in [`SIZE_LIMITS`] (`usize::MAX` for a field without one).
+pub fn size_limit(field: &str) -> usize {
+    SIZE_LIMITS.iter().find(|(name, _)| *name == field).map_or(usize::MAX, |&(_, limit)| limit)
+}
+
 /// A config read from an HF `config.json`, with the keys flotilla did not use.
 #[derive(Clone, Debug, PartialEq)]
 pub struct HfConfig {
@@ -475,6 +506,7 @@ impl ModelConfig {
                 return invalid(field, "must be at least 1".into());
             }
         }
+        self.validate_bounds()?;
         if self.q_lora_rank == Some(0) {
             return invalid("q_lora_rank", "must be at least 1, or null for a plain query projection".into());
         }
@@ -556,6 +588,39 @@ impl ModelConfig {
                     field,
                     format!("token {id} is outside the vocabulary of {}", self.vocab_size),
                 );
+            }
+        }
+        Ok(())
+    }
+
+    /// Every size within [`SIZE_LIMITS`]: a config that passes cannot ask for a tensor
+    /// whose element count overflows, or an allocation no machine has, by one field alone.
+    fn validate_bounds(&self) -> Result<(), ConfigError> {
+        let sizes = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("moe_intermediate_size", self.moe_intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("n_shared_experts", self.n_shared_experts),
+            ("n_routed_experts", self.n_routed_experts),
+            ("num_experts_per_tok", self.num_experts_per_tok),
+            ("n_group", self.n_group),
+            ("topk_group", self.topk_group),
+            ("moe_layer_freq", self.moe_layer_freq),
+            ("q_lora_rank", self.q_lora_rank.unwrap_or(0)),
+            ("kv_lora_rank", self.kv_lora_rank),
+            ("qk_rope_head_dim", self.qk_rope_head_dim),
+            ("qk_nope_head_dim", self.qk_nope_head_dim),
+            ("v_head_dim", self.v_head_dim),
+            ("max_position_embeddings", self.max_position_embeddings),
+            ("num_nextn_predict_layers", self.num_nextn_predict_layers),
+        ];
+        for (field, value) in sizes {
+            let limit = size_limit(field);
+            if value > limit {
+                return Err(ConfigError::InvalidField { field, detail: format!("{value} is above the limit of {limit}") });
             }
         }
         Ok(())

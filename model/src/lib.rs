@@ -40,6 +40,8 @@
 //!   MTP modules; the loss (main CE + λ·mean MTP CE + balance losses, [`LossConfig`]) with
 //!   full forward/backward accumulating gradients, statistics per step ([`StepStats`]),
 //!   logits for scoring, and the bias update.
+//! - [`paths`]: path confinement ([`paths::AllowedRoots`]), the one rule for the files a
+//!   job may touch, applied by the coordinator at submission and by every worker.
 //!
 //! API boundary: this crate describes and computes the model on plain buffers through
 //! the device seam of `flotilla-kernels` ([`flotilla_kernels::backend`]): every layer holds
@@ -67,6 +69,7 @@ pub mod mtp;
 pub mod norm;
 pub mod param;
 pub mod params;
+pub mod paths;
 pub mod pipeline;
 pub mod precision;
 pub mod shard;

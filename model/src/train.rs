@@ -127,6 +127,116 @@ impl DatasetPaths {
     }
 }
 
+impl DataConfig {
+    /// The sizes of the data table within bounds: a synthetic corpus is generated whole in
+    /// memory, so its `tokens` is at most [`MAX_SYNTHETIC_TOKENS`]; a blend list parses.
+    /// The error is the field and the reason (the coordinator checks this at submission,
+    /// the workers again when they build the trainer).
+    pub fn check(&self) -> Result<(), (&'static str, String)> {
+        match self {
+            DataConfig::Synthetic { tokens } if *tokens as u64 > MAX_SYNTHETIC_TOKENS => Err((
+                "data.tokens",
+                format!("{tokens} is above the limit of {MAX_SYNTHETIC_TOKENS} synthetic tokens"),
+            )),
+            DataConfig::Indexed { path, .. } => path.datasets().map(|_| ()).map_err(|e| ("data.path", e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Every file the data table names, with its field (`data.path`, `data.tokenizer`), in
+    /// the order written (an indexed dataset's prefix gives its `.idx` and `.bin`): what
+    /// path confinement checks.
+    pub fn paths(&self) -> Vec<(&'static str, PathBuf)> {
+        let (data, tokenizer): (Vec<PathBuf>, _) = match self {
+            DataConfig::Synthetic { .. } => return Vec::new(),
+            DataConfig::Text { path, tokenizer } => (vec![path.clone()], tokenizer),
+            DataConfig::Indexed { path, tokenizer } => {
+                let prefixes = match path {
+                    DatasetPaths::One(p) => vec![p.clone()],
+                    DatasetPaths::Blend(items) => items
+                        .iter()
+                        .filter_map(|i| match i {
+                            BlendItem::Prefix(p) => Some(p.clone()),
+                            BlendItem::Weight(_) => None,
+                        })
+                        .collect(),
+                };
+                let files = prefixes
+                    .iter()
+                    .flat_map(|p| {
+                        ["idx", "bin"].map(|ext| {
+                            let mut file = p.clone().into_os_string();
+                            file.push(".");
+                            file.push(ext);
+                            PathBuf::from(file)
+                        })
+                    })
+                    .collect();
+                (files, tokenizer)
+            }
+        };
+        let mut paths: Vec<_> = data.into_iter().map(|p| ("data.path", p)).collect();
+        paths.extend(tokenizer.iter().map(|t| ("data.tokenizer", t.clone())));
+        paths
+    }
+}
+
+/// The most optimizer steps a run may ask for.
+pub const MAX_STEPS: u64 = 1 << 40;
+/// The most sequences per step.
+pub const MAX_BATCH_SIZE: u64 = 1 << 20;
+/// The most tokens per step (`batch_size × seq_len`; DeepSeek-V3's is 15,360 × 4,096 ≈ 2^26).
+pub const MAX_TOKENS_PER_STEP: u64 = 1 << 30;
+/// The largest synthetic corpus, in tokens (generated whole in memory, 4 bytes each).
+pub const MAX_SYNTHETIC_TOKENS: u64 = 1 << 30;
+/// The most compute threads a run may ask for.
+pub const MAX_THREADS: u64 = 1 << 12;
+
+/// A run's sizes, as its TOML gives them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RunSizes {
+    pub steps: u64,
+    pub batch_size: u64,
+    pub seq_len: u64,
+    pub threads: Option<u64>,
+}
+
+/// The one check of a run's sizes against their bounds and the model (`seq_len` at most
+/// `max_position_embeddings`); the error is the field and the reason. The coordinator runs
+/// it at submission and [`TrainConfig::from_toml`] on every worker.
+pub fn validate_run_sizes(sizes: RunSizes, model: &ModelConfig) -> Result<(), (&'static str, String)> {
+    let RunSizes { steps, batch_size, seq_len, threads } = sizes;
+    for (field, value, limit) in [("steps", steps, MAX_STEPS), ("batch_size", batch_size, MAX_BATCH_SIZE)] {
+        if value == 0 {
+            return Err((field, "must be at least 1".into()));
+        }
+        if value > limit {
+            return Err((field, format!("{value} is above the limit of {limit}")));
+        }
+    }
+    let positions = model.max_position_embeddings as u64;
+    if seq_len == 0 || seq_len > positions {
+        return Err((
+            "seq_len",
+            format!("must be between 1 and max_position_embeddings = {positions}, got {seq_len}"),
+        ));
+    }
+    let tokens = batch_size.saturating_mul(seq_len);
+    if tokens > MAX_TOKENS_PER_STEP {
+        return Err((
+            "batch_size",
+            format!(
+                "batch_size × seq_len = {batch_size} × {seq_len} = {tokens} tokens per step is above the limit of {MAX_TOKENS_PER_STEP}"
+            ),
+        ));
+    }
+    match threads {
+        Some(0) => Err(("threads", "must be at least 1".into())),
+        Some(n) if n > MAX_THREADS => Err(("threads", format!("{n} is above the limit of {MAX_THREADS}"))),
+        _ => Ok(()),
+    }
+}
+
 /// A config's relative `path` made relative to the config file's directory `base`.
 fn resolve_relative(path: &mut PathBuf, base: &Path) {
     if path.is_relative() {
@@ -464,31 +574,22 @@ impl TrainConfig {
 
     fn validate(&self, model: &ModelConfig) -> Result<(), TrainError> {
         let bad = |field: &str, detail: String| Err(TrainError::Config(format!("`{field}` {detail}")));
-        if self.steps == 0 {
-            return bad("steps", "must be at least 1".into());
+        let sizes = RunSizes {
+            steps: self.steps,
+            batch_size: self.batch_size as u64,
+            seq_len: self.seq_len as u64,
+            threads: self.threads.map(|t| t as u64),
+        };
+        if let Err((field, reason)) = validate_run_sizes(sizes, model) {
+            return bad(field, reason);
         }
-        if self.batch_size == 0 {
-            return bad("batch_size", "must be at least 1".into());
-        }
-        if self.seq_len == 0 || self.seq_len > model.max_position_embeddings {
-            return bad(
-                "seq_len",
-                format!(
-                    "must be between 1 and max_position_embeddings = {}, got {}",
-                    model.max_position_embeddings, self.seq_len
-                ),
-            );
-        }
-        if self.threads == Some(0) {
-            return bad("threads", "must be at least 1".into());
+        if let Err((field, reason)) = self.data.check() {
+            return bad(field, reason);
         }
         let bytes = match &self.data {
             DataConfig::Synthetic { .. } => true,
             DataConfig::Text { tokenizer, .. } => tokenizer.is_none(),
-            DataConfig::Indexed { path, .. } => {
-                path.datasets().map_err(TrainError::Config)?;
-                false
-            }
+            DataConfig::Indexed { .. } => false,
         };
         if bytes && model.vocab_size < BYTE_VOCAB {
             return bad(

@@ -232,6 +232,8 @@ fn config(steps: u64) -> String {
 
 fn options(url: String) -> WorkerOptions {
     let mut options = WorkerOptions::new(url);
+    // The scripted jobs write under temporary directories.
+    options.allowed_roots = vec![std::env::temp_dir()];
     options.threads = Some(1);
     options.initial_backoff = Duration::from_millis(50);
     options.max_backoff = Duration::from_millis(200);
@@ -511,6 +513,70 @@ async fn bad_assignments_and_commands_are_refused_with_the_reason() {
             session.heartbeats.push((beat.sequence, Instant::now()));
         }
     }
+    token.cancel();
+    finished(task).await.expect("a clean exit");
+}
+
+/// A job whose paths escape the worker's allowed roots is refused before anything is
+/// opened or created, whatever the coordinator let through: `..`, an absolute path
+/// outside, a symlink leading out, a data file outside, a resume shard that is not a plain
+/// file name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn assignments_whose_paths_escape_the_roots_are_refused() {
+    let root = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(outside.path(), root.path().join("link")).unwrap();
+    let mut fake = Fake::start("127.0.0.1:0".parse().unwrap(), PROTOCOL_VERSION);
+    let mut opts = options(fake.url());
+    opts.allowed_roots = vec![root.path().to_path_buf()];
+    let (token, task) = spawn_worker(opts);
+    let info = fake.registration().await;
+    let mut session = fake.opened_session().await;
+    let me = info.data_plane_address.clone();
+    let escaped = outside.path().join("run");
+    let inside = |p: &str| root.path().join(p).display().to_string();
+    let with = |job: &str, edit: &dyn Fn(&mut Assignment)| {
+        let mut command = assignment(job, 0, &[me.as_str()], config(3), &inside("out"), 1);
+        if let Command::Assignment(a) = &mut command {
+            edit(a);
+        }
+        command
+    };
+    let cases: Vec<(Command, &str)> = vec![
+        (with("job-dotdot", &|a| a.output_dir = inside("out/../../x")), "output_dir: "),
+        (with("job-absolute", &|a| a.output_dir = escaped.display().to_string()), "output_dir: "),
+        (with("job-symlink", &|a| a.checkpoint_root = inside("link/ckpt")), "checkpoint_root: "),
+        (
+            with("job-data", &|a| {
+                a.config_toml = config(3).replace(
+                    "kind = \"synthetic\"\ntokens = 65536",
+                    "kind = \"text\"\npath = \"/etc/passwd\"",
+                )
+            }),
+            "data.path: `/etc/passwd`",
+        ),
+        (
+            with("job-shard", &|a| {
+                a.resume = Some(ResumeFrom {
+                    dir: inside("out/checkpoints/r/step-00000002"),
+                    step: 2,
+                    shards: vec![ShardFile { file: "../../x".into(), bytes: 1, crc32: 0 }],
+                })
+            }),
+            "resume.shards.file: `../../x` is not a plain file name",
+        ),
+    ];
+    for (command, reason) in cases {
+        let id = session.command(command);
+        let refused = session.ack(id).await;
+        assert!(refused.error.contains(reason), "{reason}: {refused:?}");
+        assert_eq!(refused.kind(), FailureKind::Assignment, "{refused:?}");
+        assert!(matches!(session.next().await, Report::Error(e) if e.kind() == FailureKind::Assignment));
+    }
+    // Nothing was created, inside the roots or out.
+    assert!(!escaped.exists());
+    assert!(!outside.path().join("ckpt").exists());
+    assert!(!root.path().join("out").exists());
     token.cancel();
     finished(task).await.expect("a clean exit");
 }

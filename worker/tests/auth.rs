@@ -63,6 +63,7 @@ async fn start(dir: &Path) -> CoordinatorHandle {
             client_ca: Some(dir.join("ca.pem")),
         }),
         token_file: Some(tokens),
+        allowed_roots: vec![dir.to_path_buf()],
         ..CoordinatorConfig::new(dir.join("state"))
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -84,6 +85,7 @@ fn options(url: &str, dir: &Path, token: Option<&str>) -> WorkerOptions {
     options.tls = Some(client_tls(dir));
     options.token = token.map(|t| WorkerToken::new(t).unwrap());
     options.worker_id = Some("w0".into());
+    options.allowed_roots = vec![dir.to_path_buf()];
     options.threads = Some(1);
     options.initial_backoff = Duration::from_millis(20);
     options.max_backoff = Duration::from_millis(200);

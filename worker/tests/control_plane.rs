@@ -61,6 +61,7 @@ impl Cluster {
         let config = CoordinatorConfig {
             heartbeat_interval: Duration::from_millis(50),
             heartbeat_timeout: Duration::from_millis(500),
+            allowed_roots: vec![dir.path().to_path_buf()],
             ..CoordinatorConfig::new(&state)
         };
         let (connector, incoming) = Connector::in_process(LINK_BUFFER);
@@ -80,6 +81,7 @@ impl Cluster {
     fn worker_on(&self, worker_id: &str, data_plane: impl DataPlane) -> Worker {
         let mut options = WorkerOptions::new("in-process");
         options.worker_id = Some(worker_id.into());
+        options.allowed_roots = vec![self.dir.path().to_path_buf()];
         options.threads = Some(1);
         options.initial_backoff = Duration::from_millis(20);
         options.max_backoff = Duration::from_millis(200);

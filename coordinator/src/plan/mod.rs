@@ -149,6 +149,40 @@ pub fn plan(
     Planner { model: &model, cluster, shape }.plan(pp, ep)
 }
 
+/// The memory one worker of a submitted job needs, by this planner's model: the fullest
+/// rank's [`MemoryBreakdown`] (its `capacity` is `u64::MAX`: the caller compares `total`
+/// with what the workers have). `layout` is the job's `[parallel]` table; `None` is a
+/// plain data-parallel job, every worker holding the whole model (one stage, one
+/// micro-batch of `batch_size / workers` sequences). The cluster is one node of `workers`
+/// GPUs: bandwidths do not enter memory.
+///
+/// The model is the GPU's (BF16 weights, DESIGN §1.2); a CPU worker keeps FP32 weights
+/// and needs more, so this is a lower bound there: a job refused by it cannot run.
+pub fn job_memory(
+    config: &ModelConfig,
+    workers: u32,
+    batch_size: u64,
+    seq_len: u32,
+    layout: Option<&crate::placement::Parallel>,
+) -> Result<MemoryBreakdown, PlanError> {
+    let (pp, ep, schedule, micro_batches) = match layout {
+        Some(l) => (l.pipeline_ranks(), l.ep, l.schedule, l.micro_batches),
+        None => (1, 1, crate::schedule::ScheduleKind::OneFOneB, 1),
+    };
+    // The planner's data parallelism counts every GPU of a pipeline rank (ep × dp).
+    let dp = u64::from(workers / pp.max(1)).max(1);
+    let per_micro_batch = batch_size / (dp * u64::from(micro_batches.max(1)));
+    let shape = TrainingShape {
+        global_batch: u32::try_from(batch_size).unwrap_or(u32::MAX),
+        micro_batches: Some(micro_batches),
+        micro_batch_size: u32::try_from(per_micro_batch.max(1)).unwrap_or(u32::MAX),
+        seq_len,
+        schedule,
+    };
+    let cluster = ClusterSpec::new(1, workers, u64::MAX);
+    Ok(plan(config, &cluster, &shape, pp, ep)?.memory)
+}
+
 /// Proposes the layout with the shortest estimated time per token among those that fit
 /// (with the default global batch every layout runs the same tokens, so this is the
 /// shortest step), optionally with pp (pipeline ranks) or ep fixed.

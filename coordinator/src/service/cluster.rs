@@ -13,12 +13,18 @@
 //!
 //! # Scheduling
 //!
-//! Jobs wait in one FIFO queue. The head of the queue takes the idle workers (session
-//! open, no job) with the smallest ids once there are enough of them (exactly its world
-//! size: a pipeline job's layout was checked against its worker count at submission);
-//! ranks follow the worker ids, so a given set of workers always gets the same layout (a
-//! pipeline job reorders them by node, local rank and id, see `job`). The queue is strict:
-//! a large job at its head is not overtaken by smaller ones, so it cannot starve.
+//! Jobs wait in one queue, in submission order (a recovering job goes to its front). Each
+//! scheduling pass walks the queue in order, and every job that can be placed now starts:
+//! it takes the idle workers (session open, no job) with the smallest ids among those
+//! with enough memory for it (the planner's estimate per worker, against the memory the
+//! worker reported; a worker that reports none is taken), exactly its world size (a
+//! pipeline job's layout was checked against its worker count at submission). A job that
+//! cannot be placed now waits without holding back the jobs behind it that can
+//! (backfill), so the order among jobs that fit is the queue's, and a pass is a function
+//! of the queue and the idle workers only. Jobs that could never be placed (more workers
+//! than `max_job_workers`, more memory than `max_worker_memory`) were refused at
+//! submission. Ranks follow the worker ids, so a given set of workers always gets the
+//! same layout (a pipeline job reorders them by node, local rank and id, see `job`).
 //!
 //! # Step timelines
 //!
@@ -42,7 +48,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Status, Streaming};
 
-use super::config::{CoordinatorConfig, JobSpec, placement_of};
+use super::config::{CoordinatorConfig, JobSpec, memory_of, placement_of};
 use super::error::ServiceError;
 use super::ids::session_id;
 use super::job::{JobActor, JobEnv, JobPlacement, Launch};
@@ -104,6 +110,8 @@ struct ActiveJob {
     /// Smaller world sizes a recovering data-parallel job accepts when the idle workers
     /// cannot fill `workers` (largest first); empty: exactly `workers`.
     shrink_to: Vec<u32>,
+    /// The planner's estimate of the memory each worker needs (0: unknown, any worker).
+    memory_per_worker: u64,
 }
 
 struct Cluster<S> {
@@ -169,11 +177,12 @@ pub(crate) async fn start<S: StateStore + Clone + 'static>(
         let placement: JobPlacement = placement_of(&record.config_toml, record.workers)
             .map(|p| p.map(Arc::new))
             .map_err(|e| e.to_string());
+        let memory = memory_of(&record.config_toml, record.workers);
         let (handle, mut actor) =
             JobActor::new(store.clone(), record, revision, cluster.job_env(), placement);
         actor.settle_after_restart().await?;
         if !actor.state().is_terminal() {
-            cluster.spawn_job(handle, actor, Launch::Resume);
+            cluster.spawn_job(handle, actor, Launch::Resume, memory);
         }
     }
     let task = tokio::spawn(cluster.run());
@@ -482,12 +491,12 @@ impl<S: StateStore + Clone + 'static> Cluster<S> {
     // ---------------------------------------------------------------------------------
     // Jobs
 
-    fn spawn_job(&mut self, handle: JobHandle, actor: JobActor<S>, launch: Launch) {
+    fn spawn_job(&mut self, handle: JobHandle, actor: JobActor<S>, launch: Launch, memory_per_worker: u64) {
         let job_id = actor.job_id().to_string();
         let workers = actor.workers_needed();
         let task = self.job_tasks.spawn(actor.run(launch));
         self.task_jobs.insert(task.id(), job_id.clone());
-        self.jobs.insert(job_id, ActiveJob { handle, workers, shrink_to: Vec::new() });
+        self.jobs.insert(job_id, ActiveJob { handle, workers, shrink_to: Vec::new(), memory_per_worker });
     }
 
     fn submit(&mut self, spec: JobSpec, reply: oneshot::Sender<Result<Job, ServiceError>>) {
@@ -496,53 +505,69 @@ impl<S: StateStore + Clone + 'static> Cluster<S> {
         let record = JobActor::<S>::new_record(job_id, &spec);
         let placement = Ok(spec.placement.clone());
         let (handle, actor) = JobActor::new(self.store.clone(), record, 0, self.job_env(), placement);
-        self.spawn_job(handle, actor, Launch::Create { reply });
+        self.spawn_job(handle, actor, Launch::Create { reply }, spec.memory_per_worker);
     }
 
-    /// Starts the jobs at the head of the queue while there are enough idle workers.
+    /// Starts, in queue order, every queued job that enough idle workers can hold; the
+    /// others keep their places (see the module docs).
     fn schedule(&mut self) {
-        while let Some(job_id) = self.queue.front() {
-            let Some(job) = self.jobs.get(job_id) else {
-                self.queue.pop_front();
+        let mut position = 0;
+        while position < self.queue.len() {
+            let job_id = self.queue[position].clone();
+            let Some(job) = self.jobs.get(&job_id) else {
+                self.queue.remove(position);
                 continue;
             };
-            let available = self.workers.values().filter(|w| w.session.is_some() && w.job.is_none()).count();
-            let needed = if available >= job.workers as usize {
+            let idle = self.idle_fitting(job.memory_per_worker);
+            let needed = if idle.len() >= job.workers as usize {
                 job.workers as usize
             } else {
-                match job.shrink_to.iter().find(|&&size| size as usize <= available) {
+                match job.shrink_to.iter().find(|&&size| size as usize <= idle.len()) {
                     Some(&size) => size as usize,
-                    None => return,
+                    None => {
+                        position += 1;
+                        continue;
+                    }
                 }
             };
-            let idle: Vec<String> = self
-                .workers
-                .iter()
-                .filter(|(_, w)| w.session.is_some() && w.job.is_none())
-                .map(|(id, _)| id.clone())
-                .take(needed)
-                .collect();
-            let route = job.handle.route();
-            let handle = job.handle.clone();
-            let job_id = job_id.clone();
-            if let Some(job) = self.jobs.get_mut(&job_id) {
-                job.workers = needed as u32;
-                job.shrink_to.clear();
-            }
-            self.queue.pop_front();
-            let mut members = Vec::with_capacity(needed);
-            for worker_id in idle {
-                let Some(worker) = self.workers.get_mut(&worker_id) else { continue };
-                let Some(session) = worker.session.clone() else { continue };
-                worker.job = Some(job_id.clone());
-                // Before the job can send anything: the owner is set ahead of the
-                // assignment in the session's mailbox, so the worker's ack finds it.
-                session.set_owner(Some(route.clone()));
-                members.push(Member { worker_id, info: worker.info.clone(), session });
-            }
-            tracing::info!(job = %job_id, workers = members.len(), "job scheduled");
-            handle.send(JobControl::Start(members));
+            self.queue.remove(position);
+            self.start_job(&job_id, idle.into_iter().take(needed).collect());
         }
+    }
+
+    /// The idle workers (session open, no job) that report at least `memory` bytes, or
+    /// report none, by id.
+    fn idle_fitting(&self, memory: u64) -> Vec<String> {
+        self.workers
+            .iter()
+            .filter(|(_, w)| w.session.is_some() && w.job.is_none())
+            .filter(|(_, w)| {
+                let reported = w.info.devices.iter().fold(0u64, |sum, d| sum.saturating_add(d.memory_bytes));
+                reported == 0 || reported >= memory
+            })
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// Gives `workers` (idle, in rank order) to the job.
+    fn start_job(&mut self, job_id: &str, workers: Vec<String>) {
+        let Some(job) = self.jobs.get_mut(job_id) else { return };
+        job.workers = workers.len() as u32;
+        job.shrink_to.clear();
+        let route = job.handle.route();
+        let handle = job.handle.clone();
+        let mut members = Vec::with_capacity(workers.len());
+        for worker_id in workers {
+            let Some(worker) = self.workers.get_mut(&worker_id) else { continue };
+            let Some(session) = worker.session.clone() else { continue };
+            worker.job = Some(job_id.to_string());
+            // Before the job can send anything: the owner is set ahead of the
+            // assignment in the session's mailbox, so the worker's ack finds it.
+            session.set_owner(Some(route.clone()));
+            members.push(Member { worker_id, info: worker.info.clone(), session });
+        }
+        tracing::info!(job = %job_id, workers = members.len(), "job scheduled");
+        handle.send(JobControl::Start(members));
     }
 
     /// Releases the job's workers (the job aborted them if it had to) and schedules.

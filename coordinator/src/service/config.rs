@@ -7,7 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flotilla_model::ModelConfig;
-use flotilla_model::train::{CheckpointConfig, RecoveryConfig, validate_policy};
+use flotilla_model::paths::AllowedRoots;
+use flotilla_model::train::{
+    CheckpointConfig, DataConfig, RecoveryConfig, RunSizes, validate_policy, validate_run_sizes,
+};
 use flotilla_proto::v1::SubmitJobRequest;
 
 use super::auth::{RateLimits, ServerTls};
@@ -52,6 +55,16 @@ pub struct CoordinatorConfig {
     /// Which finished jobs the store keeps, applied every `compaction_interval` (see
     /// `retention`).
     pub retention: JobRetention,
+    /// The directories a job's output, checkpoint, `resume_from` and data paths must lie
+    /// under (relative ones are relative to the working directory, which is the default);
+    /// see `flotilla_model::paths`.
+    pub allowed_roots: Vec<PathBuf>,
+    /// The most workers one job may ask for (at most [`MAX_JOB_WORKERS`]); larger jobs
+    /// are refused at submission, since they could never be placed.
+    pub max_job_workers: u32,
+    /// The most memory a job may need per worker, by the planner's estimate; `None`: no
+    /// cap (a job is still placed only on workers that report enough memory).
+    pub max_worker_memory: Option<u64>,
 }
 
 impl CoordinatorConfig {
@@ -93,6 +106,15 @@ impl CoordinatorConfig {
         if retains && self.compaction_interval.is_zero() {
             return bad("compaction_interval", "must be positive when a retention policy is set".into());
         }
+        if self.max_job_workers == 0 || self.max_job_workers > MAX_JOB_WORKERS {
+            return bad(
+                "max_job_workers",
+                format!("must be between 1 and {MAX_JOB_WORKERS}, got {}", self.max_job_workers),
+            );
+        }
+        if self.allowed_roots.is_empty() {
+            return bad("allowed_roots", "must name at least one directory".into());
+        }
         if self.max_message_bytes < MIN_MESSAGE_BYTES {
             return bad(
                 "max_message_bytes",
@@ -124,6 +146,9 @@ impl Default for CoordinatorConfig {
             compaction_interval: Duration::from_secs(60),
             rate_limits: RateLimits::default(),
             retention: JobRetention::default(),
+            allowed_roots: vec![PathBuf::from(".")],
+            max_job_workers: DEFAULT_MAX_JOB_WORKERS,
+            max_worker_memory: None,
         }
     }
 }
@@ -132,8 +157,43 @@ impl Default for CoordinatorConfig {
 /// assignment, so it must stay well below the message limit.
 pub const MAX_CONFIG_BYTES: usize = 1 << 20;
 
-/// The most workers one job may ask for.
+/// The most workers any coordinator lets one job ask for (`max_job_workers` is at most
+/// this).
 pub const MAX_JOB_WORKERS: u32 = 1 << 16;
+
+/// The default of `max_job_workers`.
+pub const DEFAULT_MAX_JOB_WORKERS: u32 = 4096;
+
+/// What a submission is checked against: the coordinator's allowed roots, resolved once
+/// when it starts, and its limits.
+#[derive(Clone, Debug)]
+pub struct Admission {
+    roots: AllowedRoots,
+    max_job_workers: u32,
+    max_worker_memory: Option<u64>,
+}
+
+impl Admission {
+    /// The admission rules of `config`; a root that cannot be resolved is an error naming it.
+    pub fn new(config: &CoordinatorConfig) -> Result<Admission, ServiceError> {
+        let roots = AllowedRoots::new(&config.allowed_roots, std::path::Path::new("."))
+            .map_err(|e| ServiceError::Config { field: "allowed_roots".into(), reason: e.to_string() })?;
+        Ok(Admission {
+            roots,
+            max_job_workers: config.max_job_workers,
+            max_worker_memory: config.max_worker_memory,
+        })
+    }
+
+    /// `path` of the request (named by `field`), resolved under the roots, else the
+    /// refusal naming the field and the path.
+    fn confine(&self, field: &str, path: &str) -> Result<String, ServiceError> {
+        self.roots
+            .confine(field, std::path::Path::new(path))
+            .map(|p| p.display().to_string())
+            .map_err(|e| ServiceError::InvalidArgument { field: field.into(), reason: e.detail })
+    }
+}
 
 /// The longest job name and output directory accepted.
 const MAX_NAME_BYTES: usize = 256;
@@ -158,6 +218,9 @@ pub struct JobSpec {
     pub placement: Option<Arc<Placement>>,
     /// A committed checkpoint's directory to start from (empty: none).
     pub resume_from: String,
+    /// The planner's estimate of the memory each worker needs, in bytes: the job is placed
+    /// only on workers that report at least this much (or report none).
+    pub memory_per_worker: u64,
 }
 
 /// What a job does about checkpoints and failures: its config's `[checkpoint]` and
@@ -221,67 +284,66 @@ fn required<T>(value: Option<T>, field: &str) -> Result<T, ServiceError> {
     }
 }
 
-/// Validates a submit request: the worker count, the sizes of the strings, and the config,
-/// which must parse as TOML and have `steps` > 0 and a positive `batch_size`. The error
-/// names the field (`workers`, `steps`, `batch_size`, `parallel.pp`, …).
+/// Validates a submit request against `admission`: the worker count, the sizes of the
+/// strings, the paths, and the config, which must parse as TOML, load its `[model]` (every
+/// size within the model's bounds) and have `steps`, `batch_size` and `seq_len` within the
+/// run's bounds (`flotilla_model::train::validate_run_sizes`, the rule the workers apply
+/// too). The error names the field (`workers`, `steps`, `hidden_size`, `data.path`,
+/// `parallel.pp`, `memory`, …).
 ///
 /// Without a `[parallel]` table the job is plain data parallel, and `batch_size` must
 /// split evenly over the workers. With one, see [`placement_of`].
 ///
-/// The model's full configuration is checked by the workers when they build the trainer;
-/// this is what the coordinator itself needs to plan the job.
-pub fn validate_submit(request: &SubmitJobRequest) -> Result<JobSpec, ServiceError> {
-    let bad = invalid::<JobSpec>;
-    if request.workers == 0 {
-        return bad("workers", "must be at least 1".into());
-    }
-    if request.workers > MAX_JOB_WORKERS {
-        return bad("workers", format!("{} is above the limit of {MAX_JOB_WORKERS}", request.workers));
-    }
-    if request.name.len() > MAX_NAME_BYTES {
-        return bad("name", format!("{} bytes is above the limit of {MAX_NAME_BYTES}", request.name.len()));
-    }
-    if request.output_dir.len() > MAX_PATH_BYTES {
-        return bad(
-            "output_dir",
-            format!("{} bytes is above the limit of {MAX_PATH_BYTES}", request.output_dir.len()),
-        );
-    }
-    if request.config_toml.len() > MAX_CONFIG_BYTES {
-        return bad(
-            "config_toml",
-            format!("{} bytes is above the limit of {MAX_CONFIG_BYTES}", request.config_toml.len()),
-        );
-    }
+/// Paths (`output_dir`, `resume_from`, the `[data]` files and `init_from`) must lie under
+/// the allowed roots (`flotilla_model::paths`); a refusal names the field and the path and
+/// says the same whether or not the path exists. The job's memory per worker is estimated
+/// by the planner (`crate::plan::job_memory`) and refused above `max_worker_memory`.
+pub fn validate_submit(request: &SubmitJobRequest, admission: &Admission) -> Result<JobSpec, ServiceError> {
+    check_request(request, admission)?;
     let table: toml::Table = match request.config_toml.parse() {
         Ok(table) => table,
-        Err(e) => return bad("config_toml", format!("not valid TOML: {}", e.to_string().trim_end())),
+        Err(e) => return invalid("config_toml", format!("not valid TOML: {}", e.to_string().trim_end())),
     };
-    let steps: u64 = required(positive(&table, "steps", "steps")?, "steps")?;
-    let batch_size: u64 = required(positive(&table, "batch_size", "batch_size")?, "batch_size")?;
+    let (steps, batch_size) = check_run(&table, admission)?;
     let placement = placement_in(&table, request.workers)?;
     let policy = policy_in(&table)?;
     if placement.is_some() && policy.recovery.min_workers > 0 {
-        return bad(
+        return invalid(
             "recovery.min_workers",
             "applies to data-parallel jobs only: a [parallel] layout needs exactly its workers".into(),
         );
     }
+    if !request.output_dir.is_empty() {
+        admission.confine("output_dir", &request.output_dir)?;
+    }
     if !request.resume_from.is_empty() {
-        let dir = std::path::Path::new(&request.resume_from);
-        let manifest = crate::checkpoint::read_manifest(dir)
+        let dir = admission.confine("resume_from", &request.resume_from)?;
+        let manifest = crate::checkpoint::read_manifest(std::path::Path::new(&dir))
             .or_else(|e| invalid("resume_from", format!("not a committed checkpoint: {e}")))?;
         if manifest.step > steps {
-            return bad(
+            return invalid(
                 "resume_from",
                 format!("the checkpoint is at step {}, past the run's {steps} steps", manifest.step),
             );
         }
     }
     if placement.is_none() && !batch_size.is_multiple_of(u64::from(request.workers)) {
-        return bad(
+        return invalid(
             "batch_size",
             format!("{batch_size} cannot be split evenly over {} data-parallel workers", request.workers),
+        );
+    }
+    let memory_per_worker = memory_in(&table, request.workers, placement.as_ref())?;
+    if let Some(cap) = admission.max_worker_memory
+        && memory_per_worker > cap
+    {
+        return invalid(
+            "memory",
+            format!(
+                "the job needs {} per worker by the planner's estimate, above this coordinator's per-worker cap of {} (max_worker_memory)",
+                crate::plan::format_bytes(memory_per_worker as f64),
+                crate::plan::format_bytes(cap as f64)
+            ),
         );
     }
     Ok(JobSpec {
@@ -292,7 +354,81 @@ pub fn validate_submit(request: &SubmitJobRequest) -> Result<JobSpec, ServiceErr
         steps,
         placement: placement.map(Arc::new),
         resume_from: request.resume_from.clone(),
+        memory_per_worker,
     })
+}
+
+/// The request's own fields: the worker count and the sizes of its strings.
+fn check_request(request: &SubmitJobRequest, admission: &Admission) -> Result<(), ServiceError> {
+    if request.workers == 0 {
+        return invalid("workers", "must be at least 1".into());
+    }
+    if request.workers > admission.max_job_workers {
+        return invalid(
+            "workers",
+            format!(
+                "{} is above this coordinator's limit of {} workers per job (max_job_workers): the job could never be placed",
+                request.workers, admission.max_job_workers
+            ),
+        );
+    }
+    for (field, value, limit) in [
+        ("name", &request.name, MAX_NAME_BYTES),
+        ("output_dir", &request.output_dir, MAX_PATH_BYTES),
+        ("resume_from", &request.resume_from, MAX_PATH_BYTES),
+        ("config_toml", &request.config_toml, MAX_CONFIG_BYTES),
+    ] {
+        if value.len() > limit {
+            return invalid(field, format!("{} bytes is above the limit of {limit}", value.len()));
+        }
+    }
+    Ok(())
+}
+
+/// The run's sizes, model, data and `init_from` checked; returns `steps` and `batch_size`.
+fn check_run(table: &toml::Table, admission: &Admission) -> Result<(u64, u64), ServiceError> {
+    let steps: u64 = required(positive(table, "steps", "steps")?, "steps")?;
+    let batch_size: u64 = required(positive(table, "batch_size", "batch_size")?, "batch_size")?;
+    let seq_len: u64 = required(positive(table, "seq_len", "seq_len")?, "seq_len")?;
+    let threads: Option<u64> = positive(table, "threads", "threads")?;
+    let model = model_of(table)?;
+    validate_run_sizes(RunSizes { steps, batch_size, seq_len, threads }, &model)
+        .or_else(|(field, reason)| invalid(field, reason))?;
+    if let Some(data) = table.get("data") {
+        let data: DataConfig = data.clone().try_into().or_else(|e: toml::de::Error| {
+            invalid("data", format!("invalid [data] table: {}", e.message().trim_end()))
+        })?;
+        data.check().or_else(|(field, reason)| invalid(field, reason))?;
+        for (field, path) in data.paths() {
+            admission.confine(field, &path.display().to_string())?;
+        }
+    }
+    match table.get("init_from") {
+        None => {}
+        Some(toml::Value::String(dir)) => {
+            admission.confine("init_from", dir)?;
+        }
+        Some(other) => return invalid("init_from", format!("must be a path, got a {}", other.type_str())),
+    }
+    Ok((steps, batch_size))
+}
+
+/// The planner's estimate of the memory each of `workers` workers needs for the job.
+fn memory_in(table: &toml::Table, workers: u32, placement: Option<&Placement>) -> Result<u64, ServiceError> {
+    let model = model_of(table)?;
+    let batch_size: u64 = required(positive(table, "batch_size", "batch_size")?, "batch_size")?;
+    let seq_len: u32 = required(positive(table, "seq_len", "seq_len")?, "seq_len")?;
+    crate::plan::job_memory(&model, workers, batch_size, seq_len, placement.map(Placement::parallel))
+        .map(|memory| memory.total)
+        .or_else(|e| invalid("memory", format!("the planner cannot estimate the job's memory: {e}")))
+}
+
+/// The memory per worker of a stored job's config (0 when it cannot be estimated: a job
+/// accepted by an older coordinator is then placed on any workers).
+pub(crate) fn memory_of(config_toml: &str, workers: u32) -> u64 {
+    let Ok(table) = config_toml.parse::<toml::Table>() else { return 0 };
+    let placement = placement_in(&table, workers).ok().flatten();
+    memory_in(&table, workers, placement.as_ref()).unwrap_or(0)
 }
 
 /// The placement of a job's run TOML on `workers` workers: `None` without a `[parallel]`
@@ -423,9 +559,13 @@ mod tests {
         }
     }
 
+    fn admission() -> Admission {
+        Admission::new(&CoordinatorConfig::default()).unwrap()
+    }
+
     /// The field and reason of a refused request.
     fn refused(request: &SubmitJobRequest) -> (String, String) {
-        match validate_submit(request) {
+        match validate_submit(request, &admission()) {
             Err(ServiceError::InvalidArgument { field, reason }) => (field, reason),
             other => panic!("expected a refusal, got {other:?}"),
         }
@@ -433,7 +573,7 @@ mod tests {
 
     #[test]
     fn without_parallel_the_job_is_data_parallel() {
-        let spec = validate_submit(&request(4, 8, "")).unwrap();
+        let spec = validate_submit(&request(4, 8, ""), &admission()).unwrap();
         assert_eq!(spec.placement, None);
         assert_eq!(refused(&request(3, 8, "")).0, "batch_size");
     }
@@ -441,7 +581,7 @@ mod tests {
     #[test]
     fn a_parallel_table_is_placed() {
         let parallel = "[parallel]\npp = 2\nep = 2\ndp = 2\nmicro_batches = 4\n";
-        let spec = validate_submit(&request(8, 16, parallel)).unwrap();
+        let spec = validate_submit(&request(8, 16, parallel), &admission()).unwrap();
         let placement = spec.placement.expect("a pipeline job");
         assert_eq!(placement.world_size(), 8);
         assert_eq!(placement.parallel().schedule, flotilla_layout::ScheduleKind::DualPipe);
@@ -449,7 +589,7 @@ mod tests {
         // Every key of the table travels typed in the assignment, `overlap` included.
         let off = "[parallel]\npp = 2\nmicro_batches = 4\noverlap = false\n";
         let layout =
-            validate_submit(&request(2, 4, off)).unwrap().placement.unwrap().assignment(1).layout.unwrap();
+            validate_submit(&request(2, 4, off), &admission()).unwrap().placement.unwrap().assignment(1).layout.unwrap();
         assert!(!layout.overlap);
         assert_eq!(layout.schedule_kind(), flotilla_proto::v1::ScheduleKind::DualPipe);
         assert_eq!(placement.stages().len(), 2);
@@ -457,9 +597,9 @@ mod tests {
         // does not, but 20 is not a multiple of ep·dp·micro_batches = 16 either.
         assert_eq!(refused(&request(8, 20, parallel)).0, "batch_size");
         let v = "[parallel]\npp = 4\nschedule = \"dualpipev\"\nmicro_batches = 4\n";
-        assert_eq!(validate_submit(&request(2, 4, v)).unwrap().placement.unwrap().world_size(), 2);
+        assert_eq!(validate_submit(&request(2, 4, v), &admission()).unwrap().placement.unwrap().world_size(), 2);
         let zb = "[parallel]\npp = 3\nschedule = \"zb1p\"\nmicro_batches = 3\n";
-        assert_eq!(validate_submit(&request(3, 3, zb)).unwrap().placement.unwrap().stages().len(), 3);
+        assert_eq!(validate_submit(&request(3, 3, zb), &admission()).unwrap().placement.unwrap().stages().len(), 3);
     }
 
     #[test]

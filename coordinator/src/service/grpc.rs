@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::cluster::validate_worker_info;
-use super::config::{CoordinatorConfig, validate_submit};
+use super::config::{Admission, CoordinatorConfig, validate_submit};
 use super::error::ServiceError;
 use super::messages::{ClusterHandle, ClusterMsg, SessionStream, TimelineAnswer};
 use super::records::{is_valid_id, list_jobs, read_job};
@@ -121,19 +121,20 @@ fn check_job_id(job_id: &str) -> Result<(), ServiceError> {
 pub(crate) struct JobApi<S> {
     cluster: ClusterHandle,
     store: S,
+    admission: Arc<Admission>,
     cancel: CancellationToken,
 }
 
 impl<S> JobApi<S> {
-    pub fn new(cluster: ClusterHandle, store: S, cancel: CancellationToken) -> Self {
-        JobApi { cluster, store, cancel }
+    pub fn new(cluster: ClusterHandle, store: S, admission: Arc<Admission>, cancel: CancellationToken) -> Self {
+        JobApi { cluster, store, admission, cancel }
     }
 }
 
 #[tonic::async_trait]
 impl<S: StateStore + Clone + 'static> JobService for JobApi<S> {
     async fn submit_job(&self, request: Request<SubmitJobRequest>) -> Result<Response<Job>, Status> {
-        let spec = validate_submit(request.get_ref())?;
+        let spec = validate_submit(request.get_ref(), &self.admission)?;
         let job = self.cluster.request(|reply| ClusterMsg::Submit { spec, reply }).await?;
         Ok(Response::new(job))
     }

@@ -111,8 +111,8 @@ mod timeline;
 mod watch;
 
 pub use config::{
-    CoordinatorConfig, JobPolicy, JobSpec, MAX_CONFIG_BYTES, MAX_JOB_CHUNKS, MAX_JOB_WORKERS, job_policy,
-    placement_of, validate_submit,
+    Admission, CoordinatorConfig, DEFAULT_MAX_JOB_WORKERS, JobPolicy, JobSpec, MAX_CONFIG_BYTES, MAX_JOB_CHUNKS,
+    MAX_JOB_WORKERS, job_policy, placement_of, validate_submit,
 };
 pub use error::ServiceError;
 pub use job::may_transition;
@@ -278,6 +278,7 @@ where
             reason: error_chain(&e),
         })?;
     }
+    let admission = Arc::new(Admission::new(&config)?);
     let config = Arc::new(config);
     let cancel = CancellationToken::new();
     // Jobs interrupted by the previous process are settled before the first request is
@@ -288,7 +289,7 @@ where
         CoordinatorServiceServer::new(CoordinatorApi::new(cluster.clone(), config.clone(), cancel.clone()))
             .max_decoding_message_size(config.max_message_bytes)
             .max_encoding_message_size(config.max_message_bytes);
-    let jobs = JobServiceServer::new(JobApi::new(cluster.clone(), store.clone(), cancel.clone()))
+    let jobs = JobServiceServer::new(JobApi::new(cluster.clone(), store.clone(), admission, cancel.clone()))
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
 

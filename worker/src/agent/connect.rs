@@ -337,7 +337,7 @@ fn worker_info(options: &WorkerOptions, data_plane_address: &str) -> WorkerInfo 
             kind: "cpu".into(),
             index: 0,
             name: "cpu".into(),
-            memory_bytes: memory_bytes(),
+            memory_bytes: options.memory_bytes.unwrap_or_else(memory_bytes),
         }],
         data_plane_address: data_plane_address.to_string(),
         protocol_version: PROTOCOL_VERSION,

@@ -165,8 +165,13 @@ pub struct WorkerOptions {
     pub config_base: PathBuf,
     /// The memory this worker's model state may take (weights, gradients, optimizer
     /// shard); `None`: the machine's available memory. An assignment that needs more is
-    /// refused.
+    /// refused. Reported at registration as the CPU device's memory (else the machine's
+    /// total), which the coordinator places jobs by.
     pub memory_bytes: Option<u64>,
+    /// The directories an assignment's paths must lie under (relative ones are relative to
+    /// the working directory, the default); an assignment naming a path outside them is
+    /// refused before anything is opened.
+    pub allowed_roots: Vec<PathBuf>,
 }
 
 impl WorkerOptions {
@@ -189,6 +194,7 @@ impl WorkerOptions {
             rendezvous_timeout: Duration::from_secs(60),
             config_base: PathBuf::from("."),
             memory_bytes: None,
+            allowed_roots: vec![PathBuf::from(".")],
         }
     }
 }

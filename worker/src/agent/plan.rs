@@ -1,11 +1,16 @@
 //! An assignment checked into a [`JobPlan`]: everything a job task needs before it touches
 //! the network. Nothing in an assignment can panic the worker: ranks, peers, the run's
 //! configuration, the pipeline layout and a resume are checked here, and a refusal is a
-//! [`JobError::Assignment`] naming the field.
+//! [`JobError::Assignment`] naming the field. So are its paths: every directory and file
+//! the job would open or create (output, checkpoints, the checkpoint it resumes from and
+//! its shard names, the data, the tokenizer, `init_from`) must lie under this worker's
+//! allowed roots (`flotilla_model::paths`), whatever the coordinator checked, before
+//! anything is opened.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use flotilla_model::config::ModelConfig;
+use flotilla_model::paths::{AllowedRoots, check_file_name};
 use flotilla_model::train::TrainConfig;
 use flotilla_proto::v1::{Assignment, ResumeFrom};
 
@@ -135,6 +140,7 @@ impl JobPlan {
                 )));
             }
         }
+        confine_paths(a, &config, options)?;
         Ok(JobPlan {
             job_id: a.job_id.clone(),
             epoch: a.epoch,
@@ -150,4 +156,28 @@ impl JobPlan {
             resume: a.resume.clone(),
         })
     }
+}
+
+/// Refuses the assignment if any path it names escapes this worker's allowed roots
+/// (relative paths are relative to the working directory; the config's data paths were
+/// made relative to `config_base` by the parse).
+fn confine_paths(a: &Assignment, config: &TrainConfig, options: &WorkerOptions) -> Result<(), JobError> {
+    let refuse = |e: flotilla_model::paths::PathError| JobError::Assignment(e.to_string());
+    let roots = AllowedRoots::new(&options.allowed_roots, Path::new(".")).map_err(refuse)?;
+    let mut paths: Vec<(&str, PathBuf)> = vec![
+        ("output_dir", PathBuf::from(&a.output_dir)),
+        ("checkpoint_root", PathBuf::from(&a.checkpoint_root)),
+    ];
+    if let Some(resume) = &a.resume {
+        paths.push(("resume.dir", PathBuf::from(&resume.dir)));
+        for shard in &resume.shards {
+            check_file_name("resume.shards.file", &shard.file).map_err(refuse)?;
+        }
+    }
+    paths.extend(config.data.paths());
+    paths.extend(config.init_from.iter().map(|dir| ("init_from", dir.clone())));
+    for (field, path) in paths.iter().filter(|(_, p)| !p.as_os_str().is_empty()) {
+        roots.confine(field, path).map_err(refuse)?;
+    }
+    Ok(())
 }

@@ -158,6 +158,12 @@ impl<S: StateStore + Clone + 'static> JobActor<S> {
             self.shards.fail(step, n);
             return Ok(());
         }
+        if let Some(reason) = ckpt::bad_file_name(&shard.file) {
+            let worker = &self.crew[rank].worker_id;
+            tracing::warn!(job = %self.record.id, step, %worker, file = %shard.file.escape_debug(), %reason, "a checkpoint shard's file name is refused; the checkpoint will not be committed");
+            self.shards.fail(step, n);
+            return Ok(());
+        }
         let Some(shards) = self.shards.add(step, rank, n, shard) else { return Ok(()) };
         self.commit_checkpoint(step, shards).await
     }
