@@ -34,7 +34,7 @@
 
 use crate::config::ModelConfig;
 use crate::ffn::{FfnCache, FfnWeightGradInputs, SwiGluFfn};
-use crate::mla::{Mla, MlaCache, MlaWeightGradInputs};
+use crate::mla::{Mla, MlaCache, MlaKvCache, MlaWeightGradInputs};
 use crate::moe::{ExpertExchange, ExpertShard, MoeCache, MoeLayer, MoeWeightGradInputs};
 use crate::norm::{RmsNorm, RmsNormCache};
 use crate::param::Param;
@@ -327,8 +327,56 @@ impl<T: Real> Block<T> {
         let attn = self.self_attn.forward(&attn_input, batch, seq, &mut h, threads)?;
         h.iter_mut().zip(x).for_each(|(h, &x)| *h = x + *h);
 
-        let mut mlp_normed = zeros(n);
-        let mlp_norm = self.post_attention_layernorm.forward(&h, rows, &mut mlp_normed)?;
+        let (mlp_norm, mlp, mlp_input) =
+            self.mlp_forward(&h, batch, seq, balance_alpha, y, threads, exchange)?;
+
+        let (attn_input, mlp_input) =
+            if self.recompute { (None, None) } else { (Some(attn_input), Some(mlp_input)) };
+        Ok(BlockCache { batch, seq, attn_norm, attn_input, attn, h, mlp_norm, mlp_input, mlp })
+    }
+
+    /// Inference: `y = block(x)` for the new tokens of several sequences (`counts[s]` rows
+    /// of sequence `s`, in order; `x`, `y`: `[rows, hidden]`), attention through and into
+    /// each sequence's cache ([`Mla::forward_cached`]); an MoE block routes every row
+    /// through `exchange` with no balance loss.
+    pub fn forward_cached(
+        &self,
+        x: &[T],
+        counts: &[usize],
+        caches: &mut [MlaKvCache<T>],
+        y: &mut [T],
+        threads: usize,
+        exchange: &mut dyn ExpertExchange,
+    ) -> Result<(), ModelError> {
+        let rows: usize = counts.iter().sum();
+        let n = rows * self.hidden;
+        check_len(&self.prefix, "input", n, x.len())?;
+        check_len(&self.prefix, "output", n, y.len())?;
+        let mut attn_input = zeros(n);
+        self.input_layernorm.forward(x, rows, &mut attn_input)?;
+        let mut h = zeros(n);
+        self.self_attn.forward_cached(&attn_input, counts, caches, &mut h, threads)?;
+        h.iter_mut().zip(x).for_each(|(h, &x)| *h = x + *h);
+        self.mlp_forward(&h, 1, rows, 0.0, y, threads, exchange)?;
+        Ok(())
+    }
+
+    /// The block's second half: `y = h + mlp(post_attention_layernorm(h))`, with the norm's
+    /// cache, the MLP's cache and its kept input.
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    fn mlp_forward(
+        &self,
+        h: &[T],
+        batch: usize,
+        seq: usize,
+        balance_alpha: f64,
+        y: &mut [T],
+        threads: usize,
+        exchange: &mut dyn ExpertExchange,
+    ) -> Result<(RmsNormCache<T>, MlpCache<T>, CachedActivation<T>), ModelError> {
+        let rows = batch * seq;
+        let mut mlp_normed = zeros(h.len());
+        let mlp_norm = self.post_attention_layernorm.forward(h, rows, &mut mlp_normed)?;
         let (mlp, mlp_input) = match &self.mlp {
             Mlp::Dense(ffn) => {
                 let input = ffn.cache_input(mlp_normed, rows)?;
@@ -344,11 +392,8 @@ impl<T: Real> Block<T> {
                 (MlpCache::Moe(cache), input)
             }
         };
-        y.iter_mut().zip(&h).for_each(|(y, &h)| *y = h + *y);
-
-        let (attn_input, mlp_input) =
-            if self.recompute { (None, None) } else { (Some(attn_input), Some(mlp_input)) };
-        Ok(BlockCache { batch, seq, attn_norm, attn_input, attn, h, mlp_norm, mlp_input, mlp })
+        y.iter_mut().zip(h).for_each(|(y, &h)| *y = h + *y);
+        Ok((mlp_norm, mlp, mlp_input))
     }
 
     fn check_cache(&self, cache: &BlockCache<T>, x: &[T]) -> Result<usize, ModelError> {

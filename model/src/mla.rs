@@ -41,6 +41,24 @@
 //! Both paths run the same functions on the same values, so every result is bit-identical
 //! either way.
 //!
+//! ## Inference ([`Mla::forward_cached`])
+//! Generation keeps, per layer and sequence, an [`MlaKvCache`]: per token the normed KV
+//! latent `kv_a_layernorm(c_kv)` and the rotated shared rope key, `kv_lora_rank +
+//! qk_rope_head_dim` values — not the `heads·(qk + v)` expanded keys and values (DeepSeek's
+//! `kv_cache`/`pe_cache`). The up-projection `kv_b_proj = [W_UK | W_UV]` per head is absorbed
+//! instead of applied to the cache:
+//!
+//! ```text
+//! score[h, j] = scale · ((q_nope[h]·W_UK[h])·c_kv[j] + q_rope[h]·k_rope[j])     (= scale · q[h]·k[h, j])
+//! o[h]        = (Σ_j softmax_j · c_kv[j]) · W_UV[h]ᵀ                             (= Σ_j softmax_j · v[h, j])
+//! ```
+//!
+//! so a step's new tokens cost GEMMs against the latent cache only. A call appends its
+//! tokens to the cache and attends causally over everything cached (prefill is the call with
+//! the whole prompt, decode the calls with one token each); positions continue from the
+//! cache's length. The results equal [`Mla::forward`]'s up to rounding (the sums are
+//! reassociated), which `tests/generate.rs` checks against the full forward in f64.
+//!
 //! ## Precision ([`Mla::set_precision`])
 //! The projections' inputs are kept as [`CachedActivation`]s, FP8 under fp8
 //! ([`crate::precision`]): the layer input `x` is the caller's ([`Mla::cache_input`]),
@@ -67,6 +85,7 @@ use crate::precision::{CacheBytes, CachedActivation, Precision};
 use crate::{ModelError, Real, check_len};
 use flotilla_kernels::attention::AttentionShape;
 use flotilla_kernels::backend::{Backend, DeviceBackend};
+use flotilla_kernels::gemm::{MatMut, MatRef};
 use flotilla_kernels::quant::ScaleRounding;
 use flotilla_kernels::rope::{RopeConfig, RopeLayout, RopeTable, YarnScaling};
 use std::borrow::Cow;
@@ -223,6 +242,64 @@ pub struct NormedLatent<T> {
     pub normed: CachedActivation<T>,
 }
 
+/// One sequence's inference cache for one MLA layer (see the module doc): per token, the
+/// normed KV latent and the rotated shared rope key, in position order.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MlaKvCache<T> {
+    /// `kv_a_layernorm(c_kv)`, `[len, kv_lora_rank]`.
+    latent: Vec<T>,
+    /// The shared rope key after RoPE, `[len, qk_rope_head_dim]`.
+    k_rope: Vec<T>,
+    len: usize,
+}
+
+impl<T> Default for MlaKvCache<T> {
+    fn default() -> Self {
+        MlaKvCache { latent: Vec::new(), k_rope: Vec::new(), len: 0 }
+    }
+}
+
+impl<T: Real> MlaKvCache<T> {
+    /// Tokens cached: the next token's position.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether no token is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The bytes the cached values take, `len · (kv_lora_rank + qk_rope_head_dim) ·
+    /// size_of::<T>()`.
+    pub fn bytes(&self) -> usize {
+        (self.latent.len() + self.k_rope.len()) * std::mem::size_of::<T>()
+    }
+
+    fn append(&mut self, latent: &[T], k_rope: &[T], tokens: usize) {
+        self.latent.extend_from_slice(latent);
+        self.k_rope.extend_from_slice(k_rope);
+        self.len += tokens;
+    }
+
+    /// Forgets every token from position `len` on (a rejected speculative token).
+    pub fn truncate(&mut self, len: usize, dims: &MlaDims) {
+        if len < self.len {
+            self.latent.truncate(len * dims.kv_lora_rank);
+            self.k_rope.truncate(len * dims.qk_rope_head_dim);
+            self.len = len;
+        }
+    }
+}
+
+impl MlaDims {
+    /// Values an [`MlaKvCache`] keeps per token: `kv_lora_rank + qk_rope_head_dim`
+    /// (DeepSeek-V3: 512 + 64 = 576 per layer).
+    pub fn cached_values_per_token(&self) -> usize {
+        self.kv_lora_rank + self.qk_rope_head_dim
+    }
+}
+
 impl<T: Real> MlaCache<T> {
     /// The bytes held.
     pub fn bytes(&self) -> CacheBytes {
@@ -288,6 +365,22 @@ pub fn rope_config(config: &ModelConfig) -> RopeConfig {
             mscale: s.mscale,
             mscale_all_dim: s.mscale_all_dim,
         }),
+    }
+}
+
+/// Softmax of each of the `n` rows of `scores` (`[n, t]`) over its causal prefix: row `i`
+/// is the token at position `t − n + i` and sees columns `0..=t − n + i`; the rest become 0.
+fn causal_softmax<T: Real>(scores: &mut [T], n: usize, t: usize) {
+    for (i, row) in scores.chunks_exact_mut(t).enumerate() {
+        let (seen, unseen) = row.split_at_mut(t - n + i + 1);
+        let max = seen.iter().copied().fold(T::neg_infinity(), T::max);
+        let mut sum = T::zero();
+        for v in seen.iter_mut() {
+            *v = (*v - max).exp();
+            sum = sum + *v;
+        }
+        seen.iter_mut().for_each(|v| *v = *v / sum);
+        unseen.iter_mut().for_each(|v| *v = T::zero());
     }
 }
 
@@ -537,20 +630,7 @@ impl<T: Real> Mla<T> {
         };
         let mut kv_a = zeros(rows * d.kv_a_width());
         self.kv_a_proj_with_mqa.forward_from(x, rows, &mut kv_a, threads)?;
-        let mut kv_latent = Vec::with_capacity(rows * d.kv_lora_rank);
-        let mut k_rope = Vec::with_capacity(rows * d.qk_rope_head_dim);
-        for row in kv_a.chunks_exact(d.kv_a_width()) {
-            let (latent, rope) = row.split_at(d.kv_lora_rank);
-            kv_latent.extend_from_slice(latent);
-            k_rope.extend_from_slice(rope);
-        }
-        drop(kv_a);
-        self.backend.rope_forward(
-            &mut k_rope,
-            RopeLayout::contiguous(rows, 1, d.qk_rope_head_dim),
-            &pos,
-            &self.rope,
-        )?;
+        let (kv_latent, k_rope) = self.split_kv_a(&kv_a, &pos)?;
 
         // Norms and up projections.
         let normed = self.normed(&q_input, &kv_latent, rows)?;
@@ -574,6 +654,149 @@ impl<T: Real> Mla<T> {
 
         let (normed, heads) = if self.recompute { (None, None) } else { (Some(normed), Some(heads)) };
         Ok(MlaCache { batch, seq, q_input, kv_latent, k_rope, o, lse, normed, heads })
+    }
+
+    /// `kv_a_proj_with_mqa`'s output split into the KV latent and the shared rope key,
+    /// rotated at `pos` (one position per row).
+    fn split_kv_a(&self, kv_a: &[T], pos: &[usize]) -> Result<(Vec<T>, Vec<T>), ModelError> {
+        let d = self.dims;
+        let rows = pos.len();
+        let mut kv_latent = Vec::with_capacity(rows * d.kv_lora_rank);
+        let mut k_rope = Vec::with_capacity(rows * d.qk_rope_head_dim);
+        for row in kv_a.chunks_exact(d.kv_a_width()) {
+            let (latent, rope) = row.split_at(d.kv_lora_rank);
+            kv_latent.extend_from_slice(latent);
+            k_rope.extend_from_slice(rope);
+        }
+        let layout = RopeLayout::contiguous(rows, 1, d.qk_rope_head_dim);
+        self.backend.rope_forward(&mut k_rope, layout, pos, &self.rope)?;
+        Ok((kv_latent, k_rope))
+    }
+
+    /// Inference: `y = MLA(x)` for the new tokens of several sequences at once, `x`, `y`:
+    /// `[rows, hidden]` with `counts[s]` rows of sequence `s` after those of `s − 1`
+    /// (`x` is the block's normed input, as for [`Mla::cache_input`]). Sequence `s`'s
+    /// tokens take the positions after `caches[s]`'s, are appended to it, and attend to
+    /// everything cached through the absorbed up-projections (module doc).
+    pub fn forward_cached(
+        &self,
+        x: &[T],
+        counts: &[usize],
+        caches: &mut [MlaKvCache<T>],
+        y: &mut [T],
+        threads: usize,
+    ) -> Result<(), ModelError> {
+        let d = self.dims;
+        if counts.len() != caches.len() {
+            return Err(self.tensor_error(format!(
+                "{} token counts for {} sequence caches",
+                counts.len(),
+                caches.len()
+            )));
+        }
+        let rows: usize = counts.iter().sum();
+        check_len(&self.prefix, "input", rows * d.hidden, x.len())?;
+        check_len(&self.prefix, "output", rows * d.hidden, y.len())?;
+        let mut pos = Vec::with_capacity(rows);
+        for (cache, &n) in caches.iter().zip(counts) {
+            let end = cache.len + n;
+            if end > self.rope.max_positions() {
+                return Err(self.tensor_error(format!(
+                    "a sequence of {end} tokens passes max_position_embeddings = {}",
+                    self.rope.max_positions()
+                )));
+            }
+            pos.extend(cache.len..end);
+        }
+
+        let mut q = zeros(rows * d.q_width());
+        match &self.query {
+            QueryProjection::LowRank { q_a_proj, q_a_layernorm, q_b_proj } => {
+                let mut c_q = zeros(rows * q_a_proj.out_features);
+                q_a_proj.forward(x, rows, &mut c_q, threads)?;
+                let mut normed = zeros(c_q.len());
+                q_a_layernorm.forward(&c_q, rows, &mut normed)?;
+                q_b_proj.forward(&normed, rows, &mut q, threads)?;
+            }
+            QueryProjection::Plain { q_proj } => q_proj.forward(x, rows, &mut q, threads)?,
+        }
+        self.backend.rope_forward(&mut q, d.q_rope_layout(rows), &pos, &self.rope)?;
+        let mut kv_a = zeros(rows * d.kv_a_width());
+        self.kv_a_proj_with_mqa.forward(x, rows, &mut kv_a, threads)?;
+        let (kv_latent, k_rope) = self.split_kv_a(&kv_a, &pos)?;
+        let mut latent = zeros(kv_latent.len());
+        self.kv_a_layernorm.forward(&kv_latent, rows, &mut latent)?;
+
+        let mut o = zeros(rows * d.o_width());
+        let mut row = 0;
+        for (cache, &n) in caches.iter_mut().zip(counts).filter(|(_, n)| **n > 0) {
+            let (r, rope) = (d.kv_lora_rank, d.qk_rope_head_dim);
+            cache.append(&latent[row * r..(row + n) * r], &k_rope[row * rope..(row + n) * rope], n);
+            let q = &q[row * d.q_width()..(row + n) * d.q_width()];
+            self.absorbed_attention(
+                q,
+                n,
+                cache,
+                &mut o[row * d.o_width()..(row + n) * d.o_width()],
+                threads,
+            )?;
+            row += n;
+        }
+        self.o_proj.forward(&o, rows, y, threads)
+    }
+
+    /// The attention of one sequence's `n` newest tokens (rotated queries `q`, `[n, heads·qk]`)
+    /// over its cache, which already holds them: `o`, `[n, heads·v]`, overwritten.
+    fn absorbed_attention(
+        &self,
+        q: &[T],
+        n: usize,
+        cache: &MlaKvCache<T>,
+        o: &mut [T],
+        threads: usize,
+    ) -> Result<(), ModelError> {
+        let d = self.dims;
+        let (nope, rope, r, vd) = (d.qk_nope_head_dim, d.qk_rope_head_dim, d.kv_lora_rank, d.v_head_dim);
+        let (t, qk, per_head) = (cache.len, d.qk_head_dim(), nope + vd);
+        let be = &self.backend;
+        let w = self.kv_b_proj.weight.value.host();
+        let latent = MatRef::row_major(&cache.latent, t, r, "cached latent")?;
+        let k_rope = MatRef::row_major(&cache.k_rope, t, rope, "cached rope key")?;
+        let (mut q_abs, mut scores, mut o_latent) = (zeros(n * r), zeros(n * t), zeros(n * r));
+        let stride = (d.heads * qk) as isize;
+        for h in 0..d.heads {
+            let q_nope = MatRef::new(&q[h * qk..], n, nope, stride, 1, "q_nope")?;
+            let q_rope = MatRef::new(&q[h * qk + nope..], n, rope, stride, 1, "q_rope")?;
+            let w_uk = MatRef::row_major(&w[h * per_head * r..(h * per_head + nope) * r], nope, r, "W_UK")?;
+            let w_uv =
+                MatRef::row_major(&w[(h * per_head + nope) * r..(h + 1) * per_head * r], vd, r, "W_UV")?;
+            be.matmul(
+                MatMut::row_major(&mut q_abs, n, r, "q_abs")?,
+                T::zero(),
+                q_nope,
+                w_uk,
+                T::one(),
+                threads,
+            )?;
+            let q_abs = MatRef::row_major(&q_abs, n, r, "q_abs")?;
+            let mut s = MatMut::row_major(&mut scores, n, t, "scores")?;
+            be.matmul(s.reborrow(), T::zero(), q_abs, latent.t(), self.softmax_scale, threads)?;
+            be.matmul(s, T::one(), q_rope, k_rope.t(), self.softmax_scale, threads)?;
+            causal_softmax(&mut scores, n, t);
+            let p = MatRef::row_major(&scores, n, t, "probabilities")?;
+            be.matmul(
+                MatMut::row_major(&mut o_latent, n, r, "o_latent")?,
+                T::zero(),
+                p,
+                latent,
+                T::one(),
+                threads,
+            )?;
+            let o_h = MatMut::new(&mut o[h * vd..], n, vd, (d.heads * vd) as isize, 1, "o")?;
+            let o_latent = MatRef::row_major(&o_latent, n, r, "o_latent")?;
+            be.matmul(o_h, T::zero(), o_latent, w_uv.t(), T::one(), threads)?;
+        }
+        Ok(())
     }
 
     /// The rotated queries: the plain path's are the cache's `q_input`.

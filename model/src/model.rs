@@ -44,7 +44,7 @@ use crate::block::{Block, BlockCache};
 use crate::config::ModelConfig;
 use crate::embedding::Embedding;
 use crate::linear::Linear;
-use crate::mla::Mla;
+use crate::mla::{Mla, MlaDims, MlaKvCache};
 use crate::moe::{LocalExchange, MoeLayer};
 use crate::mtp::{MtpCache, MtpModule};
 use crate::norm::{RmsNorm, RmsNormCache};
@@ -827,6 +827,116 @@ impl<T: Real> Model<T> {
         Ok(logits)
     }
 
+    /// Empty inference caches for `sequences` sequences ([`Model::forward_cached`]).
+    pub fn kv_cache(&self, sequences: usize) -> KvCache<T> {
+        let empty = || vec![MlaKvCache::default(); sequences];
+        KvCache {
+            main: self.layers.iter().map(|_| empty()).collect(),
+            mtp: self.mtp.iter().map(|_| empty()).collect(),
+            dims: Some(MlaDims::from_config(&self.config)),
+        }
+    }
+
+    /// The bytes the main model's cache takes per token: `num_hidden_layers ·
+    /// (kv_lora_rank + qk_rope_head_dim) · size_of::<T>()` (MLA's compressed cache).
+    pub fn kv_bytes_per_token(&self) -> usize {
+        self.layers.len()
+            * MlaDims::from_config(&self.config).cached_values_per_token()
+            * std::mem::size_of::<T>()
+    }
+
+    /// Inference: the main model's last hidden state `h^0` (before `model.norm`), `[rows,
+    /// hidden]`, for the new tokens of several sequences (`counts[s]` of sequence `s`, in
+    /// order), each continuing its sequence in `cache` (which they are appended to).
+    pub fn forward_cached(
+        &self,
+        tokens: &[u32],
+        counts: &[usize],
+        cache: &mut KvCache<T>,
+        threads: usize,
+    ) -> Result<Vec<T>, ModelError> {
+        self.check_cached_call(tokens, counts, cache.main.first().map_or(0, Vec::len))?;
+        let hidden = self.config.hidden_size;
+        let mut x = zeros(tokens.len() * hidden);
+        self.embed_tokens.forward(tokens, &mut x)?;
+        for (block, caches) in self.layers.iter().zip(&mut cache.main) {
+            let mut y = zeros(x.len());
+            block.forward_cached(&x, counts, caches, &mut y, threads, &mut LocalExchange)?;
+            x = y;
+        }
+        Ok(x)
+    }
+
+    /// Inference through the first MTP module: `h^1` for the new positions of several
+    /// sequences, from the main model's `h^0` at those positions and the tokens that follow
+    /// them (`next_tokens`), each continuing its sequence in `cache`'s module caches.
+    pub fn mtp_forward_cached(
+        &self,
+        h0: &[T],
+        next_tokens: &[u32],
+        counts: &[usize],
+        cache: &mut KvCache<T>,
+        threads: usize,
+    ) -> Result<Vec<T>, ModelError> {
+        let (Some(module), Some(caches)) = (self.mtp.first(), cache.mtp.first_mut()) else {
+            return Err(ModelError::Tensor {
+                tensor: "mtp".into(),
+                detail: "the model has no MTP module (num_nextn_predict_layers = 0)".into(),
+            });
+        };
+        self.check_cached_call(next_tokens, counts, caches.len())?;
+        let mut emb = zeros(h0.len());
+        self.embed_tokens.forward(next_tokens, &mut emb)?;
+        let mut h1 = zeros(h0.len());
+        module.forward_cached(h0, &emb, counts, caches, &mut h1, threads, &mut LocalExchange)?;
+        Ok(h1)
+    }
+
+    /// The logits `[rows, vocab]` of hidden states `h`: the main head's (`model.norm`), or
+    /// with `mtp` the first MTP module's (`shared_head.norm`, the shared head).
+    pub fn head_logits(&self, h: &[T], mtp: bool, threads: usize) -> Result<Vec<T>, ModelError> {
+        let (hidden, vocab) = (self.config.hidden_size, self.config.vocab_size);
+        let norm = match (mtp, self.mtp.first()) {
+            (false, _) => &self.norm,
+            (true, Some(module)) => &module.shared_head_norm,
+            (true, None) => {
+                return Err(ModelError::Tensor {
+                    tensor: "mtp".into(),
+                    detail: "the model has no MTP module".into(),
+                });
+            }
+        };
+        let rows = h.len() / hidden;
+        check_len(&norm.weight.name, "hidden states", rows * hidden, h.len())?;
+        let mut normed = zeros(h.len());
+        norm.forward(h, rows, &mut normed)?;
+        let mut logits = zeros(rows * vocab);
+        head_forward(&self.backend, self.head_weight(), &normed, rows, &mut logits, threads)?;
+        Ok(logits)
+    }
+
+    /// Checks a cached call's tokens (in the vocabulary, `Σ counts` of them) and its
+    /// sequence count against the cache's.
+    fn check_cached_call(
+        &self,
+        tokens: &[u32],
+        counts: &[usize],
+        sequences: usize,
+    ) -> Result<(), ModelError> {
+        let invalid = |detail: String| Err(ModelError::Tensor { tensor: "tokens".into(), detail });
+        if counts.len() != sequences {
+            return invalid(format!("{} token counts for a cache of {sequences} sequences", counts.len()));
+        }
+        if counts.iter().sum::<usize>() != tokens.len() {
+            return invalid(format!(
+                "{} tokens for counts summing to {}",
+                tokens.len(),
+                counts.iter().sum::<usize>()
+            ));
+        }
+        self.embed_tokens.check_tokens(tokens)
+    }
+
     /// `log p(tokens[i + 1] | tokens[..=i])` under the main head for `i = 0..len − 1`
     /// (`len − 1` values; at least 2 tokens), from [`Model::logits`].
     pub fn next_token_log_probs(&self, tokens: &[u32], threads: usize) -> Result<Vec<f64>, ModelError> {
@@ -843,6 +953,37 @@ impl<T: Real> Model<T> {
             .zip(&tokens[1..])
             .map(|(row, &next)| Ok(to_f64(self.backend.log_softmax_at(row, next)?)))
             .collect()
+    }
+}
+
+/// The inference caches of a batch of sequences ([`Model::kv_cache`]): an [`MlaKvCache`]
+/// per sequence for every main block and every MTP module's block.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KvCache<T> {
+    /// `[block][sequence]`.
+    main: Vec<Vec<MlaKvCache<T>>>,
+    /// `[module][sequence]`.
+    mtp: Vec<Vec<MlaKvCache<T>>>,
+    dims: Option<MlaDims>,
+}
+
+impl<T: Real> KvCache<T> {
+    /// Positions the main model has cached for `sequence` (0 for an unknown one).
+    pub fn len(&self, sequence: usize) -> usize {
+        self.main.first().and_then(|l| l.get(sequence)).map_or(0, MlaKvCache::len)
+    }
+
+    /// The bytes the main model's caches hold, over every sequence.
+    pub fn main_bytes(&self) -> usize {
+        self.main.iter().flatten().map(MlaKvCache::bytes).sum()
+    }
+
+    /// Forgets `sequence`'s positions from `len` on in the main model (a rejected
+    /// speculative token; the MTP modules' caches are fed only accepted positions).
+    pub fn truncate_main(&mut self, sequence: usize, len: usize) {
+        if let Some(dims) = self.dims {
+            self.main.iter_mut().filter_map(|l| l.get_mut(sequence)).for_each(|c| c.truncate(len, &dims));
+        }
     }
 }
 

@@ -58,6 +58,7 @@
 use crate::block::{Block, BlockCache, BlockWeightGradInputs};
 use crate::config::ModelConfig;
 use crate::linear::Linear;
+use crate::mla::MlaKvCache;
 use crate::moe::{ExpertExchange, ExpertShard};
 use crate::norm::{RmsNorm, RmsNormCache};
 use crate::param::Param;
@@ -281,6 +282,31 @@ impl<T: Real> MtpModule<T> {
         let block = self.block.forward(&block_input, batch, seq, balance_alpha, out, threads, exchange)?;
         let concat = (!self.recompute).then_some(concat);
         Ok(MtpCache { batch, seq, enorm, hnorm, concat, block_input, block })
+    }
+
+    /// Inference: `h^k` into `out` for the new positions of several sequences
+    /// (`counts[s]` rows of sequence `s`, in order), attention through each sequence's
+    /// cache of this module's block ([`Block::forward_cached`]); `h_prev` and `emb` as in
+    /// [`MtpModule::forward`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_cached(
+        &self,
+        h_prev: &[T],
+        emb: &[T],
+        counts: &[usize],
+        caches: &mut [MlaKvCache<T>],
+        out: &mut [T],
+        threads: usize,
+        exchange: &mut dyn ExpertExchange,
+    ) -> Result<(), ModelError> {
+        let rows: usize = counts.iter().sum();
+        let n = rows * self.hidden;
+        check_len(&self.hnorm.weight.name, "previous hidden state", n, h_prev.len())?;
+        check_len(&self.enorm.weight.name, "embeddings", n, emb.len())?;
+        let (concat, _, _) = self.concat(h_prev, emb, rows)?;
+        let mut block_input = zeros(n);
+        self.eh_proj.forward_from(&concat, rows, &mut block_input, threads)?;
+        self.block.forward_cached(&block_input, counts, caches, out, threads, exchange)
     }
 
     /// B: from `d_out`, the gradient at `h^k`, writes (overwriting) the gradients at the
