@@ -11,7 +11,9 @@ use flotilla_coordinator::schedule::executed_chrome_trace;
 use flotilla_coordinator::service::auth::{
     AuthChannel, BearerToken, ClientAuth, ClientTls, Role, ServerTls, first_token,
 };
-use flotilla_coordinator::service::{CoordinatorConfig, DEFAULT_MAX_JOB_WORKERS, MAX_JOB_WORKERS, bind_and_serve};
+use flotilla_coordinator::service::{
+    CoordinatorConfig, DEFAULT_MAX_JOB_WORKERS, MAX_JOB_WORKERS, bind_and_serve,
+};
 use flotilla_model::ModelConfig;
 use flotilla_model::train::{ParallelConfig, TrainConfig};
 use flotilla_proto::v1::job_event::Event;
@@ -819,10 +821,8 @@ impl WorkerSpawn {
         if let Some(token) = &self.token {
             spec = spec.env("FLOTILLA_TOKEN", token);
         }
-        spec = spec
-            .args(["--threads", &self.threads.to_string()])
-            .arg("--config-base")
-            .arg(&self.config_base);
+        spec =
+            spec.args(["--threads", &self.threads.to_string()]).arg("--config-base").arg(&self.config_base);
         for root in &self.allowed_roots {
             spec = spec.arg("--allowed-root").arg(root);
         }
