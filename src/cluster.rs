@@ -866,10 +866,8 @@ impl WorkerSpawn {
         if let Some(token) = &self.token {
             spec = spec.env("FLOTILLA_TOKEN", token);
         }
-        spec = spec
-            .args(["--threads", &self.threads.to_string()])
-            .arg("--config-base")
-            .arg(&self.config_base);
+        spec =
+            spec.args(["--threads", &self.threads.to_string()]).arg("--config-base").arg(&self.config_base);
         for root in &self.allowed_roots {
             spec = spec.arg("--allowed-root").arg(root);
         }

@@ -487,6 +487,9 @@ fn start_coordinator(port: u16, state: &Path) -> Child {
         .args(["coordinator", "--listen", &format!("127.0.0.1:{port}"), "--state-dir"])
         .arg(state)
         .args(["--heartbeat-interval-ms", "200", "--heartbeat-timeout-ms", "2000"])
+        // The job writes beside the state directory, in the test's temporary directory.
+        .arg("--allowed-root")
+        .arg(state.parent().expect("the state directory has a parent"))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -521,6 +524,8 @@ fn a_killed_coordinator_started_again_resumes_the_job_from_its_checkpoint() {
                 "--threads",
                 &threads,
             ])
+            .arg("--allowed-root")
+            .arg(&dir)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

@@ -55,7 +55,9 @@ async fn jobs(addr: SocketAddr) -> JobServiceClient<Channel> {
 /// A data-parallel run of the tiny model; `extra` goes at the top level, `tables` after
 /// the `[model]` table.
 fn run(batch_size: u64, extra: &str, tables: &str) -> String {
-    format!("steps = 3\nbatch_size = {batch_size}\nseq_len = 16\n{extra}\n[model]\npreset = \"tiny\"\n{tables}")
+    format!(
+        "steps = 3\nbatch_size = {batch_size}\nseq_len = 16\n{extra}\n[model]\npreset = \"tiny\"\n{tables}"
+    )
 }
 
 fn request(config_toml: String, workers: u32) -> SubmitJobRequest {
@@ -235,7 +237,8 @@ async fn resume_from_outside_the_roots_does_not_reveal_whether_it_exists() {
     assert!(present.starts_with("invalid resume_from: "), "{present}");
     assert_eq!(present.replace("present", "X"), absent.replace("absent", "X"));
     // Inside the roots, what is wrong with the checkpoint may be said.
-    let inside = SubmitJobRequest { resume_from: root.path().display().to_string(), ..request(run(4, "", ""), 1) };
+    let inside =
+        SubmitJobRequest { resume_from: root.path().display().to_string(), ..request(run(4, "", ""), 1) };
     let message = refused(&mut client, inside).await;
     assert!(message.starts_with("invalid resume_from: not a committed checkpoint"), "{message}");
     coordinator.shutdown().await.unwrap();

@@ -620,7 +620,10 @@ impl ModelConfig {
         for (field, value) in sizes {
             let limit = size_limit(field);
             if value > limit {
-                return Err(ConfigError::InvalidField { field, detail: format!("{value} is above the limit of {limit}") });
+                return Err(ConfigError::InvalidField {
+                    field,
+                    detail: format!("{value} is above the limit of {limit}"),
+                });
             }
         }
         Ok(())

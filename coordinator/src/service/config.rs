@@ -588,8 +588,13 @@ mod tests {
         assert!(placement.parallel().overlap);
         // Every key of the table travels typed in the assignment, `overlap` included.
         let off = "[parallel]\npp = 2\nmicro_batches = 4\noverlap = false\n";
-        let layout =
-            validate_submit(&request(2, 4, off), &admission()).unwrap().placement.unwrap().assignment(1).layout.unwrap();
+        let layout = validate_submit(&request(2, 4, off), &admission())
+            .unwrap()
+            .placement
+            .unwrap()
+            .assignment(1)
+            .layout
+            .unwrap();
         assert!(!layout.overlap);
         assert_eq!(layout.schedule_kind(), flotilla_proto::v1::ScheduleKind::DualPipe);
         assert_eq!(placement.stages().len(), 2);
@@ -597,9 +602,15 @@ mod tests {
         // does not, but 20 is not a multiple of ep·dp·micro_batches = 16 either.
         assert_eq!(refused(&request(8, 20, parallel)).0, "batch_size");
         let v = "[parallel]\npp = 4\nschedule = \"dualpipev\"\nmicro_batches = 4\n";
-        assert_eq!(validate_submit(&request(2, 4, v), &admission()).unwrap().placement.unwrap().world_size(), 2);
+        assert_eq!(
+            validate_submit(&request(2, 4, v), &admission()).unwrap().placement.unwrap().world_size(),
+            2
+        );
         let zb = "[parallel]\npp = 3\nschedule = \"zb1p\"\nmicro_batches = 3\n";
-        assert_eq!(validate_submit(&request(3, 3, zb), &admission()).unwrap().placement.unwrap().stages().len(), 3);
+        assert_eq!(
+            validate_submit(&request(3, 3, zb), &admission()).unwrap().placement.unwrap().stages().len(),
+            3
+        );
     }
 
     #[test]

@@ -126,7 +126,12 @@ pub(crate) struct JobApi<S> {
 }
 
 impl<S> JobApi<S> {
-    pub fn new(cluster: ClusterHandle, store: S, admission: Arc<Admission>, cancel: CancellationToken) -> Self {
+    pub fn new(
+        cluster: ClusterHandle,
+        store: S,
+        admission: Arc<Admission>,
+        cancel: CancellationToken,
+    ) -> Self {
         JobApi { cluster, store, admission, cancel }
     }
 }

@@ -111,8 +111,8 @@ mod timeline;
 mod watch;
 
 pub use config::{
-    Admission, CoordinatorConfig, DEFAULT_MAX_JOB_WORKERS, JobPolicy, JobSpec, MAX_CONFIG_BYTES, MAX_JOB_CHUNKS,
-    MAX_JOB_WORKERS, job_policy, placement_of, validate_submit,
+    Admission, CoordinatorConfig, DEFAULT_MAX_JOB_WORKERS, JobPolicy, JobSpec, MAX_CONFIG_BYTES,
+    MAX_JOB_CHUNKS, MAX_JOB_WORKERS, job_policy, placement_of, validate_submit,
 };
 pub use error::ServiceError;
 pub use job::may_transition;
