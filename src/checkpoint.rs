@@ -4,11 +4,13 @@
 //! Listing and verifying are `flotilla_coordinator::checkpoint`'s; reading the shards is
 //! `flotilla_model::shard`'s; this file resolves paths and prints.
 
+use crate::experts::{self, StepWindow};
 use anyhow::{Context, Result, bail, ensure};
 use clap::{Args, Subcommand, ValueEnum};
 use flotilla_coordinator::checkpoint::{
     Committed, MANIFEST_FILE, Manifest, find_committed, read_manifest, verify as verify_shards,
 };
+use flotilla_coordinator::eplb::Cluster;
 use flotilla_model::Model;
 use flotilla_model::checkpoint::{DEFAULT_MAX_SHARD_SIZE, INDEX_FILE, WeightDtype, is_weights_file_name};
 use flotilla_model::shard::{CheckpointReader, ShardFile};
@@ -61,6 +63,21 @@ pub struct ExportArgs {
     /// model.safetensors.index.json, as `save_pretrained` writes it.
     #[arg(long, value_parser = crate::train::parse_size)]
     max_shard_size: Option<u64>,
+    /// Also write eplb.json: a redundant-expert placement for serving on this many physical
+    /// experts per layer (as `flotilla experts plan --replicas`), from the loads the run
+    /// recorded up to the checkpoint's step.
+    #[arg(long, value_name = "R")]
+    eplb_replicas: Option<usize>,
+    /// Nodes of the serving cluster (with --eplb-replicas).
+    #[arg(long, value_name = "N", default_value_t = 1, requires = "eplb_replicas")]
+    eplb_nodes: usize,
+    /// GPUs per node of the serving cluster (with --eplb-replicas).
+    #[arg(long, value_name = "G", default_value_t = 8, requires = "eplb_replicas")]
+    eplb_gpus_per_node: usize,
+    /// The loads to place (with --eplb-replicas): a JSON array of per-layer loads or a
+    /// metrics.jsonl (default: the run's metrics.jsonl, steps up to the checkpoint's).
+    #[arg(long, value_name = "FILE", requires = "eplb_replicas")]
+    eplb_loads: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -293,6 +310,11 @@ fn export(args: ExportArgs) -> Result<()> {
         );
     }
 
+    // Placed before anything is written, so that bad loads leave no half-export behind.
+    let placement = match args.eplb_replicas {
+        Some(replicas) => Some(place_experts(&args, replicas, &dir, &manifest, &model)?),
+        None => None,
+    };
     if let Ok(entries) = std::fs::read_dir(&args.out) {
         for entry in entries.flatten() {
             let name = entry.file_name();
@@ -333,7 +355,85 @@ fn export(args: ExportArgs) -> Result<()> {
         weights,
         args.dtype.name()
     );
+    if let Some(placement) = placement {
+        println!("wrote {}", placement.write(&args.out)?);
+    }
     Ok(())
+}
+
+/// The file `checkpoint export --eplb-replicas` writes beside the model.
+pub const PLACEMENT_FILE: &str = "eplb.json";
+
+/// An expert placement to write beside an exported model.
+struct ExpertPlacement {
+    json: serde_json::Value,
+    summary: String,
+}
+
+impl ExpertPlacement {
+    /// Writes [`PLACEMENT_FILE`] into `out`; returns a line saying what was written.
+    fn write(&self, out: &Path) -> Result<String> {
+        let path = out.join(PLACEMENT_FILE);
+        std::fs::write(&path, serde_json::to_string_pretty(&self.json)? + "\n")
+            .with_context(|| format!("writing {}", path.display()))?;
+        Ok(format!("{} ({})", path.display(), self.summary))
+    }
+}
+
+/// The placement of the loads the run recorded up to the checkpoint's step (or
+/// `--eplb-loads`), over the model's expert groups.
+fn place_experts(
+    args: &ExportArgs,
+    replicas: usize,
+    checkpoint: &Path,
+    manifest: &Manifest,
+    model: &Model<f32>,
+) -> Result<ExpertPlacement> {
+    let (loads, window) = match &args.eplb_loads {
+        Some(file) => (file.clone(), StepWindow::default()),
+        None => (run_metrics(checkpoint)?, StepWindow { until: Some(manifest.step), last: None }),
+    };
+    let recorded = experts::read_loads(&loads, window)?;
+    let cluster = Cluster {
+        replicas,
+        groups: model.config().n_group.max(1),
+        nodes: args.eplb_nodes,
+        gpus_per_node: args.eplb_gpus_per_node,
+    };
+    let placement = experts::place(&recorded, cluster, &loads)?;
+    let worst = placement.balance.iter().map(|b| b.after_ratio).fold(0.0, f64::max);
+    let summary = format!(
+        "{:?} placement of {} layers on {} nodes × {} GPUs, {replicas} physical experts per layer, worst max/mean load per GPU {worst:.3}, from {}",
+        placement.policy,
+        placement.phy2log.len(),
+        cluster.nodes,
+        cluster.gpus_per_node,
+        loads.display()
+    );
+    Ok(ExpertPlacement { json: experts::placement_json(&recorded, cluster, &placement), summary })
+}
+
+/// The metrics.jsonl of the run a checkpoint belongs to
+/// (`RUN_DIR/checkpoints/<run_id>/step-N` → `RUN_DIR/metrics.jsonl`).
+fn run_metrics(checkpoint: &Path) -> Result<PathBuf> {
+    let run_dir = checkpoint
+        .ancestors()
+        .nth(3)
+        .filter(|_| checkpoint.ancestors().nth(2).and_then(Path::file_name) == Some("checkpoints".as_ref()))
+        .with_context(|| {
+            format!(
+                "{}: not under a run's checkpoints/, so give the loads with --eplb-loads",
+                checkpoint.display()
+            )
+        })?;
+    let metrics = run_dir.join("metrics.jsonl");
+    ensure!(
+        metrics.is_file(),
+        "{}: no metrics.jsonl in the run directory {}, so give the loads with --eplb-loads",
+        checkpoint.display(),
+        run_dir.display()
+    );
+    Ok(metrics)
 }
 
 fn plural(n: u64, one: &str, many: &str) -> String {

@@ -1,6 +1,7 @@
 //! `flotilla experts plan`: redundant-expert placement for deployment from recorded expert
 //! loads. The algorithm is `flotilla_coordinator::eplb`; this reads the loads, parses
-//! flags and prints.
+//! flags and prints. `flotilla checkpoint export --eplb-replicas` writes the same placement
+//! beside an exported model through [`placement_json`] and [`read_loads`].
 
 use anyhow::{Context, Result, bail, ensure};
 use clap::{Args, Subcommand};
@@ -26,6 +27,16 @@ pub struct PlanArgs {
     /// With a metrics.jsonl: sum only its last N steps.
     #[arg(long, value_name = "N")]
     last: Option<usize>,
+    #[command(flatten)]
+    cluster: ClusterArgs,
+    /// Print `phy2log`, `log2phy` and `logcnt` (EPLB's names) and the loads per GPU as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// The serving cluster an expert placement is for.
+#[derive(Args)]
+pub struct ClusterArgs {
     /// Physical experts per layer: the logical experts plus redundant copies, a multiple of
     /// the GPU count (EPLB's `num_replicas`).
     #[arg(long)]
@@ -39,9 +50,17 @@ pub struct PlanArgs {
     /// Expert groups of group-limited routing (the model's `n_group`); 1 places globally.
     #[arg(long, default_value_t = 1)]
     groups: usize,
-    /// Print `phy2log`, `log2phy` and `logcnt` (EPLB's names) and the loads per GPU as JSON.
-    #[arg(long)]
-    json: bool,
+}
+
+impl ClusterArgs {
+    fn cluster(&self) -> Cluster {
+        Cluster {
+            replicas: self.replicas,
+            groups: self.groups,
+            nodes: self.nodes,
+            gpus_per_node: self.gpus_per_node,
+        }
+    }
 }
 
 pub fn run(command: ExpertsCommand) -> Result<()> {
@@ -52,48 +71,67 @@ pub fn run(command: ExpertsCommand) -> Result<()> {
 
 /// Loads read from a file: per layer, its name (HF layer index for a run's metrics) and
 /// per-expert loads.
-struct Recorded {
+pub struct Recorded {
     layers: Vec<String>,
     loads: Vec<Vec<f64>>,
     /// Steps summed, for a metrics.jsonl.
     steps: Option<usize>,
 }
 
+/// Which step records of a metrics.jsonl are summed.
+#[derive(Clone, Copy, Default)]
+pub struct StepWindow {
+    /// Only steps up to this one (an exported checkpoint's step: later loads are of a later
+    /// model).
+    pub until: Option<u64>,
+    /// Of those, only the last N.
+    pub last: Option<usize>,
+}
+
 fn plan(args: PlanArgs) -> Result<()> {
-    let recorded = read_loads(&args.loads, args.last)?;
-    let cluster = Cluster {
-        replicas: args.replicas,
-        groups: args.groups,
-        nodes: args.nodes,
-        gpus_per_node: args.gpus_per_node,
-    };
+    let recorded = read_loads(&args.loads, StepWindow { until: None, last: args.last })?;
+    let cluster = args.cluster.cluster();
     let placement =
         eplb::rebalance(&recorded.loads, cluster).with_context(|| format!("{}", args.loads.display()))?;
     if args.json {
-        let json = serde_json::json!({
-            "policy": placement.policy,
-            "layers": recorded.layers,
-            "steps": recorded.steps,
-            "cluster": cluster,
-            "phy2log": placement.phy2log,
-            "log2phy": placement.log2phy,
-            "logcnt": placement.logcnt,
-            "balance": placement.balance,
-        });
-        println!("{}", serde_json::to_string_pretty(&json)?);
+        println!("{}", serde_json::to_string_pretty(&placement_json(&recorded, cluster, &placement))?);
     } else {
         print!("{}", format_placement(&recorded, cluster, &placement));
     }
     Ok(())
 }
 
-fn read_loads(path: &Path, last: Option<usize>) -> Result<Recorded> {
+/// A placement as `experts plan --json` prints it and `checkpoint export` writes it:
+/// EPLB's `phy2log`, `log2phy` and `logcnt`, with the layers they are for (HF layer
+/// indices for a run's loads), the steps summed, the cluster and the balance per layer.
+pub fn placement_json(recorded: &Recorded, cluster: Cluster, placement: &Placement) -> serde_json::Value {
+    serde_json::json!({
+        "policy": placement.policy,
+        "layers": recorded.layers,
+        "steps": recorded.steps,
+        "cluster": cluster,
+        "phy2log": placement.phy2log,
+        "log2phy": placement.log2phy,
+        "logcnt": placement.logcnt,
+        "balance": placement.balance,
+    })
+}
+
+/// The placement for `loads` on `cluster`, with the file named in its error.
+pub fn place(recorded: &Recorded, cluster: Cluster, loads: &Path) -> Result<Placement> {
+    eplb::rebalance(&recorded.loads, cluster).with_context(|| format!("{}", loads.display()))
+}
+
+/// Reads per-layer expert loads from a JSON array or a run's metrics.jsonl (`window` picks
+/// its steps; it must be empty for a JSON array).
+pub fn read_loads(path: &Path, window: StepWindow) -> Result<Recorded> {
+    let StepWindow { until, last } = window;
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let trimmed = text.trim_start();
     if trimmed.starts_with('[') {
         ensure!(
-            last.is_none(),
-            "--last applies to a run's metrics.jsonl, and {} is a JSON array",
+            last.is_none() && until.is_none(),
+            "picking steps applies to a run's metrics.jsonl, and {} is a JSON array",
             path.display()
         );
         let loads: Vec<Vec<f64>> = serde_json::from_str(&text).with_context(|| {
@@ -106,7 +144,9 @@ fn read_loads(path: &Path, last: Option<usize>) -> Result<Recorded> {
     for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
         let record: StepRecord = serde_json::from_str(line)
             .with_context(|| format!("{}:{}: not a metrics.jsonl step record", path.display(), n + 1))?;
-        records.push(record);
+        if until.is_none_or(|until| record.step <= until) {
+            records.push(record);
+        }
     }
     let skip = match last {
         Some(0) => bail!("--last must be at least 1"),
@@ -133,9 +173,10 @@ fn read_loads(path: &Path, last: Option<usize>) -> Result<Recorded> {
             }
         }
     }
+    let upto = until.map_or_else(String::new, |step| format!(" up to step {step}"));
     ensure!(
         !sums.is_empty(),
-        "{}: no step records with expert loads (a model with no MoE layer?)",
+        "{}: no step records with expert loads{upto} (a model with no MoE layer?)",
         path.display()
     );
     Ok(Recorded {

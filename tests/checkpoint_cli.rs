@@ -285,3 +285,105 @@ fn checkpoint_export_writes_an_hf_model_with_the_checkpoints_tensors() {
 fn loaded_f32_tensors(dir: &Path) -> std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)> {
     load_hf(dir).unwrap().tensors
 }
+
+/// `checkpoint export --eplb-replicas` writes eplb.json beside the model: the placement of
+/// the loads the run recorded up to the exported checkpoint's step (not those of later
+/// steps, which are of a later model), over the model's expert groups; the same placement
+/// `experts plan` computes from those loads.
+#[test]
+fn checkpoint_export_writes_the_expert_placement_of_the_loads_up_to_its_step() {
+    use flotilla_model::train::{LayerLoad, StepRecord};
+    let run_dir = tempfile::tempdir().unwrap();
+    let early = commit_step(run_dir.path(), 2, true);
+    commit_step(run_dir.path(), 4, true);
+    // Steps 1–2 load expert 0 most; steps 3–4 load expert 15 most, so the placement says
+    // which steps it summed.
+    let loads = |step: u64| -> Vec<u64> {
+        (0..16u64).map(|e| if step <= 2 { 200 - 10 * e } else { 50 + 10 * e + step }).collect()
+    };
+    let record = |step: u64| StepRecord {
+        step,
+        loss: 5.0,
+        main_ce: 5.0,
+        mtp_ce: vec![],
+        balance_loss: 0.0,
+        lr: 1e-3,
+        grad_norm: 1.0,
+        tokens_per_s: 1.0,
+        max_expert_load: 1.0,
+        mean_expert_load: 1.0,
+        expert_loads: vec![LayerLoad { layer: 1, tokens: loads(step) }],
+    };
+    let metrics: String = (1..=4).map(|s| serde_json::to_string(&record(s)).unwrap() + "\n").collect();
+    std::fs::write(run_dir.path().join("metrics.jsonl"), metrics).unwrap();
+
+    let placed = |checkpoint: &Path| -> serde_json::Value {
+        let out_dir = tempfile::tempdir().unwrap();
+        let out = flotilla(&[
+            "checkpoint",
+            "export",
+            arg(checkpoint),
+            "--out",
+            arg(out_dir.path()),
+            "--eplb-replicas",
+            "20",
+            "--eplb-nodes",
+            "2",
+            "--eplb-gpus-per-node",
+            "2",
+        ]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert!(
+            text(&out.stdout).contains("eplb.json (Hierarchical placement of 1 layers"),
+            "{}",
+            text(&out.stdout)
+        );
+        serde_json::from_str(&std::fs::read_to_string(out_dir.path().join("eplb.json")).unwrap()).unwrap()
+    };
+    let planned = |steps: std::ops::RangeInclusive<u64>| -> serde_json::Value {
+        let dir = tempfile::tempdir().unwrap();
+        let summed: Vec<u64> = (0..16).map(|e| steps.clone().map(|s| loads(s)[e]).sum()).collect();
+        let file = dir.path().join("loads.json");
+        std::fs::write(&file, serde_json::to_string(&[summed]).unwrap()).unwrap();
+        let out = flotilla(&[
+            "experts",
+            "plan",
+            "--loads",
+            arg(&file),
+            "--replicas",
+            "20",
+            "--nodes",
+            "2",
+            "--gpus-per-node",
+            "2",
+            "--groups",
+            "4",
+            "--json",
+        ]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+
+    let at_2 = placed(&early);
+    assert_eq!(at_2["steps"], 2);
+    assert_eq!(at_2["layers"], serde_json::json!(["1"]));
+    assert_eq!(at_2["cluster"]["groups"], 4, "the tiny model's n_group");
+    assert_eq!(at_2["phy2log"], planned(1..=2)["phy2log"]);
+    // The run directory exports its latest checkpoint, step 4, with all four steps' loads.
+    let at_4 = placed(run_dir.path());
+    assert_eq!(at_4["steps"], 4);
+    assert_eq!(at_4["phy2log"], planned(1..=4)["phy2log"]);
+    assert_ne!(at_2["phy2log"], at_4["phy2log"]);
+
+    // A checkpoint moved out of its run has no metrics to read: the error says what to give.
+    let moved = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(&early).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), moved.path().join(entry.file_name())).unwrap();
+    }
+    let out = flotilla(&["checkpoint", "export", arg(moved.path()), "--out", "x", "--eplb-replicas", "20"]);
+    assert!(!out.status.success() && text(&out.stderr).contains("--eplb-loads"), "{}", text(&out.stderr));
+    // The cluster flags mean nothing without --eplb-replicas.
+    let out = flotilla(&["checkpoint", "export", arg(&early), "--out", "x", "--eplb-nodes", "2"]);
+    assert!(!out.status.success() && text(&out.stderr).contains("--eplb-replicas"), "{}", text(&out.stderr));
+}
