@@ -41,7 +41,7 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 64)]
     max_new_tokens: usize,
     /// 0 = greedy; otherwise the logits' divisor before sampling.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     temperature: f64,
     /// Sample from the smallest set of most likely tokens with at least this mass, in (0, 1].
     #[arg(long, default_value_t = 1.0)]

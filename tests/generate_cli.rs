@@ -129,13 +129,13 @@ fn generate_refuses_bad_input_naming_the_flag_or_line() {
     let dir = temp_dir("generate-bad");
     let file = dir.join("prompts.jsonl");
     std::fs::write(&file, "{\"tokens\": [1, 2]}\n{\"tokens\": [1, \"a\"]}\n").unwrap();
-    let err = run(&["--prompts", file.to_str().unwrap()]);
+    let err = run(&["--prompts", file.to_str().unwrap(), "--max-new-tokens", "4"]);
     assert!(err.contains(&format!("{}:2", file.display())) && err.contains("tokens[1]"), "{err}");
     std::fs::write(&file, "{\"tokens\": [1, 2]}\n\n{\"tokens\": []}\n").unwrap();
-    let err = run(&["--prompts", file.to_str().unwrap()]);
+    let err = run(&["--prompts", file.to_str().unwrap(), "--max-new-tokens", "4"]);
     assert!(err.contains(&format!("{}:3", file.display())) && err.contains("empty"), "{err}");
     std::fs::write(&file, "\n").unwrap();
-    let err = run(&["--prompts", file.to_str().unwrap()]);
+    let err = run(&["--prompts", file.to_str().unwrap(), "--max-new-tokens", "4"]);
     assert!(err.contains("no prompts"), "{err}");
     let err = run(&["--prompts", dir.join("missing.jsonl").to_str().unwrap()]);
     assert!(err.contains("missing.jsonl"), "{err}");
