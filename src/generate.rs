@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 pub struct GenerateArgs {
     /// The model: an HF-layout directory (config.json + *.safetensors, as `flotilla train`
     /// and transformers write it; its MTP module is loaded when it has one), a committed
-    /// checkpoint's directory (holding manifest.json), or a run directory (its latest
-    /// committed checkpoint).
+    /// checkpoint's directory (holding manifest.json), or a run directory without final
+    /// weights (its latest committed checkpoint).
     #[arg(long)]
     model: PathBuf,
     /// One prompt as text, encoded with the tokenizer (see --tokenizer).
@@ -80,12 +80,13 @@ struct Loaded {
     source: String,
 }
 
-/// Loads `dir`: a committed checkpoint or run directory through
-/// [`crate::checkpoint::load_committed`], else an HF-layout directory. An HF directory
-/// without MTP tensors (as transformers saves) is loaded as a model without MTP: a seeded
-/// module's drafts would be noise.
+/// Loads `dir`: an HF-layout directory when it has a config.json (a run directory's final
+/// weights win over its checkpoints), else a committed checkpoint or run directory through
+/// [`crate::checkpoint::load_committed`]. An HF directory without MTP tensors (as
+/// transformers saves) is loaded as a model without MTP: a seeded module's drafts would be
+/// noise.
 fn load_model(dir: &Path) -> Result<Loaded> {
-    if crate::checkpoint::is_checkpoint_or_run_dir(dir) {
+    if !dir.join("config.json").is_file() && crate::checkpoint::is_checkpoint_or_run_dir(dir) {
         let loaded = crate::checkpoint::load_committed(dir)?;
         let source =
             format!("step {} of {} ({})", loaded.manifest.step, loaded.manifest.run_id, loaded.dir.display());
@@ -348,10 +349,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
 fn name_prompt(e: flotilla_model::generate::GenerateError, named: &[(String, PromptLine)]) -> anyhow::Error {
     use flotilla_model::generate::GenerateError;
     if let GenerateError::Invalid { field, detail } = &e {
-        if let Some(i) = field.strip_prefix("prompts[").and_then(|r| r.strip_suffix(']')) {
-            if let Some((at, _)) = i.parse::<usize>().ok().and_then(|i| named.get(i)) {
-                return anyhow::anyhow!("{at}: prompt {detail}");
-            }
+        let index = field.strip_prefix("prompts[").and_then(|r| r.strip_suffix(']'));
+        if let Some((at, _)) = index.and_then(|i| i.parse::<usize>().ok()).and_then(|i| named.get(i)) {
+            return anyhow::anyhow!("{at}: prompt {detail}");
         }
         let flag = match field.as_str() {
             "max_new_tokens" => "--max-new-tokens",

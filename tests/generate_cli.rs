@@ -17,8 +17,11 @@ fn checkpoint() -> String {
     fixtures().join("hf_checkpoints/sharded_bf16").to_str().unwrap().to_owned()
 }
 
+/// A prompt and transformers' generated ids for it.
+type Case = (Vec<u32>, Vec<u32>);
+
 /// The fixture's prompts with transformers' generated ids, and its eos and length limit.
-fn reference() -> (Vec<(Vec<u32>, Vec<u32>)>, u32, usize) {
+fn reference() -> (Vec<Case>, u32, usize) {
     let text = std::fs::read_to_string(fixtures().join("hf_generate/greedy.json")).unwrap();
     let json: serde_json::Value = serde_json::from_str(&text).unwrap();
     let ids = |v: &serde_json::Value| -> Vec<u32> {
