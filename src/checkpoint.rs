@@ -246,8 +246,26 @@ fn resolve_checkpoint(path: &Path) -> Result<(PathBuf, Manifest)> {
     Ok((latest.dir, latest.manifest))
 }
 
-fn export(args: ExportArgs) -> Result<()> {
-    let (dir, manifest) = resolve_checkpoint(&args.path)?;
+/// A committed checkpoint's weights, loaded into a model.
+pub struct LoadedCheckpoint {
+    /// The checkpoint's directory (the one holding manifest.json).
+    pub dir: PathBuf,
+    /// Its manifest.
+    pub manifest: Manifest,
+    /// The model with every parameter from the shards.
+    pub model: Model<f32>,
+    /// Tensors read.
+    pub tensors: usize,
+    /// Values read.
+    pub values: usize,
+}
+
+/// Loads the checkpoint `path` names (itself if it holds a manifest, else the latest
+/// committed one under it as a run directory) into a model; every parameter must be in the
+/// shards with its shape; tensors the model lacks are named in a warning on stderr.
+/// `checkpoint export` and `generate` both load through here.
+pub fn load_committed(path: &Path) -> Result<LoadedCheckpoint> {
+    let (dir, manifest) = resolve_checkpoint(path)?;
     let mut shards = manifest.shards.clone();
     shards.sort_by_key(|s| s.rank);
     let files: Vec<ShardFile> =
@@ -309,7 +327,17 @@ fn export(args: ExportArgs) -> Result<()> {
             extra.join(", ")
         );
     }
+    Ok(LoadedCheckpoint { dir, manifest, model, tensors: used.len(), values })
+}
 
+/// Whether `path` names a committed checkpoint or a run directory (rather than, say, an
+/// HF-layout model directory).
+pub fn is_checkpoint_or_run_dir(path: &Path) -> bool {
+    is_checkpoint_dir(path) || path.join("checkpoints").is_dir()
+}
+
+fn export(args: ExportArgs) -> Result<()> {
+    let LoadedCheckpoint { dir, manifest, model, tensors, values } = load_committed(&args.path)?;
     // Placed before anything is written, so that bad loads leave no half-export behind.
     let placement = match args.eplb_replicas {
         Some(replicas) => Some(place_experts(&args, replicas, &dir, &manifest, &model)?),
@@ -345,7 +373,7 @@ fn export(args: ExportArgs) -> Result<()> {
         "exported step {} of {} ({}, {} values) from {}",
         manifest.step,
         manifest.run_id,
-        plural(used.len() as u64, "tensor", "tensors"),
+        plural(tensors as u64, "tensor", "tensors"),
         values,
         dir.display()
     );

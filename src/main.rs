@@ -6,6 +6,7 @@ mod checkpoint;
 mod cluster;
 mod data;
 mod experts;
+mod generate;
 mod model_info;
 mod plan;
 mod repro;
@@ -37,6 +38,9 @@ enum Command {
     Train(train::TrainArgs),
     /// Score tokens or text under a saved HF-layout DeepSeek-V3 checkpoint.
     Score(train::ScoreArgs),
+    /// Generate text or tokens from a trained model (greedy, temperature, top-p; MTP
+    /// speculative decoding), over MLA's compressed KV cache.
+    Generate(generate::GenerateArgs),
     /// Print a model configuration's parameter breakdown (total, activated per token, MTP).
     ModelInfo(model_info::ModelInfoArgs),
     /// Lay a model out over a cluster (pipeline stages, expert shards, data parallelism) and
@@ -108,6 +112,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Plan(args) => plan::run(args),
         Command::Train(args) => train::train(args),
         Command::Score(args) => train::score(args),
+        Command::Generate(args) => generate::run(args),
         Command::Schedule(args) => schedule::run(args),
         Command::Run(args) => cluster::run(args),
         Command::Coordinator(args) => cluster::coordinator(args),

@@ -387,3 +387,57 @@ fn checkpoint_export_writes_the_expert_placement_of_the_loads_up_to_its_step() {
     let out = flotilla(&["checkpoint", "export", arg(&early), "--out", "x", "--eplb-nodes", "2"]);
     assert!(!out.status.success() && text(&out.stderr).contains("--eplb-replicas"), "{}", text(&out.stderr));
 }
+
+/// `flotilla generate --json`'s lines for `model` and `extra` flags.
+fn generate_lines(model: &Path, extra: &[&str]) -> Vec<serde_json::Value> {
+    let mut args = vec!["generate", "--model", arg(model), "--max-new-tokens", "12", "--json"];
+    args.extend_from_slice(extra);
+    let out = flotilla(&args);
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    text(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+#[test]
+fn generate_reads_a_committed_checkpoint_as_its_export_and_speculates_losslessly() {
+    let run_dir = tempfile::tempdir().unwrap();
+    commit_step(run_dir.path(), 10, true);
+    let out_dir = tempfile::tempdir().unwrap();
+    let hf = out_dir.path().join("hf");
+    let out = flotilla(&["checkpoint", "export", arg(run_dir.path()), "--out", arg(&hf), "--dtype", "f32"]);
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    let prompts = out_dir.path().join("prompts.jsonl");
+    std::fs::write(&prompts, "{\"prompt\": \"To be, or not\"}\n{\"tokens\": [84, 104, 101]}\n").unwrap();
+    let file = ["--prompts", arg(&prompts)];
+
+    // The run directory (its latest checkpoint) and its f32 export are the same model; the
+    // export keeps the MTP module, so both can speculate.
+    let from_run = generate_lines(run_dir.path(), &file);
+    let from_export = generate_lines(&hf, &file);
+    assert_eq!(from_run.len(), 2);
+    for (a, b) in from_run.iter().zip(&from_export) {
+        assert_eq!(a["tokens"], b["tokens"]);
+        assert_eq!(a["tokens"].as_array().unwrap().len(), 12);
+        // A byte vocabulary decodes to text.
+        assert!(a["text"].is_string(), "{a}");
+    }
+    assert_eq!(from_run[0]["prompt_tokens"].as_array().unwrap().len(), "To be, or not".len());
+
+    // MTP speculation gives plain greedy's tokens, in no more steps.
+    for model in [run_dir.path(), hf.as_path()] {
+        let speculative = generate_lines(model, &[file[0], file[1], "--speculative", "mtp"]);
+        for (plain, spec) in from_run.iter().zip(&speculative) {
+            assert_eq!(plain["tokens"], spec["tokens"], "{}", model.display());
+        }
+        let stats = &speculative[0]["stats"];
+        let (drafts, accepted) = (stats["drafts"].as_u64().unwrap(), stats["accepted"].as_u64().unwrap());
+        assert!(drafts > 0 && accepted <= drafts, "{stats}");
+        assert_eq!(stats["acceptance_rate"].as_f64().unwrap(), accepted as f64 / drafts as f64);
+        let plain_steps = from_run[0]["stats"]["decode_steps"].as_u64().unwrap();
+        assert!(stats["decode_steps"].as_u64().unwrap() <= plain_steps, "{stats}");
+    }
+    // Batches of one give the same tokens as one batch of two.
+    let alone = generate_lines(run_dir.path(), &[file[0], file[1], "--batch-size", "1"]);
+    for (a, b) in from_run.iter().zip(&alone) {
+        assert_eq!(a["tokens"], b["tokens"]);
+    }
+}
