@@ -22,11 +22,14 @@
 //!   sample, and are not scored either.
 //!
 //! ## Normalization ([`LossNormalization`])
-//! Per micro-batch, as pre-training's mean over positions: `token` weighs each counted
-//! position `1/N` (N counted positions of the head in the micro-batch); `sample` takes each
-//! sample's mean over its own counted positions, then the mean over the samples that have
-//! any. The weights of every head sum to 1 (or are all 0 when nothing counts), so the
-//! loss terms keep the scale of pre-training's.
+//! Over the step's whole batch, whatever its split into micro-batches and ranks: `token`
+//! weighs each scored position `1/N` (N scored positions of the head in the batch);
+//! `sample` takes each sample's mean over its own scored positions, then the mean over the
+//! batch's samples that have any. A micro-batch or rank holding `b` of the `B` windows
+//! scales its weights by `B / b` ([`BatchCounts`], [`loss_weights`]), since the trainers
+//! average the micro-batches' and ranks' gradients as pre-training's means; so the
+//! weights of every head sum to 1 over the batch (or are all 0 when nothing counts), the
+//! loss terms keep pre-training's scale, and every layout computes the same loss.
 //!
 //! ## Invariants
 //! A mask covers its window token for token, and each segment's tokens are contiguous;
@@ -64,6 +67,52 @@ pub struct Sft<'a> {
     pub masks: &'a [SampleMask],
     /// How the losses are averaged.
     pub normalization: LossNormalization,
+    /// The counts of the step's whole batch, when these windows are one micro-batch (or one
+    /// rank's share) of it; `None`: the windows are the whole batch.
+    pub batch: Option<&'a BatchCounts>,
+}
+
+/// What a step's whole batch counts, per head: scored positions (`token`) or samples with
+/// any (`sample`), so that every micro-batch and rank weighs its units by the global
+/// count and the mean of their losses is the whole batch's.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BatchCounts {
+    /// Windows in the batch.
+    pub windows: usize,
+    /// Units per head: the main head first, then MTP depth `1..=D`.
+    pub units: Vec<usize>,
+}
+
+impl BatchCounts {
+    /// The counts of `masks` (the whole batch) for `heads` heads (`1 + D`).
+    pub fn of(masks: &[SampleMask], seq: usize, heads: usize, normalization: LossNormalization) -> Self {
+        let units = (1..=heads).map(|offset| samples(masks, seq, offset).iter().map(|s| unit_count(s, normalization)).sum()).collect();
+        BatchCounts { windows: masks.len(), units }
+    }
+}
+
+/// A sample's units: its scored positions under `token`, 1 under `sample`.
+fn unit_count(positions: &[usize], normalization: LossNormalization) -> usize {
+    match normalization {
+        LossNormalization::Token => positions.len(),
+        LossNormalization::Sample => 1,
+    }
+}
+
+/// The scored positions (`b·seq + t`) of the head `offset` ahead, grouped by sample; only
+/// samples with any.
+fn samples(masks: &[SampleMask], seq: usize, offset: usize) -> Vec<Vec<usize>> {
+    let mut out: Vec<(usize, u32, Vec<usize>)> = Vec::new();
+    for (b, mask) in masks.iter().enumerate() {
+        for t in (0..seq).filter(|&t| scored(mask, t, offset)) {
+            let seg = mask.segments[t];
+            match out.last_mut() {
+                Some((row, s, idx)) if *row == b && *s == seg => idx.push(b * seq + t),
+                _ => out.push((b, seg, vec![b * seq + t])),
+            }
+        }
+    }
+    out.into_iter().map(|(_, _, idx)| idx).collect()
 }
 
 /// The attention spans of a packed batch's input positions, and their RoPE positions.
@@ -159,39 +208,31 @@ pub fn target_counts(masks: &[SampleMask], seq: usize, offset: usize) -> Vec<boo
 }
 
 /// The loss weight of every position `[batch·seq]` for the head `offset` tokens ahead,
-/// normalized as the module doc says (they sum to 1, or are all 0 when nothing counts).
+/// normalized as the module doc says: over the whole batch, a position weighs
+/// `(B / b) / N` (`token`; `N` scored positions in the batch of `B` windows, `b` of them
+/// here) or `(B / b) / (S · n_s)` (`sample`; `S` samples with any, `n_s` of its own); so
+/// the weights of the whole batch's micro-batches, averaged, sum to 1 (all 0 when nothing
+/// counts).
 pub fn loss_weights(sft: &Sft<'_>, seq: usize, offset: usize) -> Vec<f64> {
-    let counted = target_counts(sft.masks, seq, offset);
-    let mut weights = vec![0.0; counted.len()];
-    match sft.normalization {
-        LossNormalization::Token => {
-            let n = counted.iter().filter(|&&c| c).count();
-            if n > 0 {
-                let w = 1.0 / n as f64;
-                weights.iter_mut().zip(&counted).filter(|(_, c)| **c).for_each(|(x, _)| *x = w);
-            }
-        }
-        LossNormalization::Sample => {
-            // (row, segment) → counted positions, in order of appearance.
-            let mut samples: Vec<(usize, u32, Vec<usize>)> = Vec::new();
-            for (b, mask) in sft.masks.iter().enumerate() {
-                for t in 0..seq {
-                    if !counted[b * seq + t] {
-                        continue;
-                    }
-                    let seg = mask.segments[t];
-                    match samples.last_mut() {
-                        Some((row, s, idx)) if *row == b && *s == seg => idx.push(b * seq + t),
-                        _ => samples.push((b, seg, vec![b * seq + t])),
-                    }
-                }
-            }
-            let count = samples.len() as f64;
-            for (_, _, idx) in &samples {
-                let w = 1.0 / (idx.len() as f64 * count);
-                idx.iter().for_each(|&i| weights[i] = w);
-            }
-        }
+    let groups = samples(sft.masks, seq, offset);
+    let local: usize = groups.iter().map(|g| unit_count(g, sft.normalization)).sum();
+    let (share, units) = match sft.batch {
+        Some(batch) => (
+            batch.windows as f64 / sft.masks.len().max(1) as f64,
+            batch.units.get(offset - 1).copied().unwrap_or(local),
+        ),
+        None => (1.0, local),
+    };
+    let mut weights = vec![0.0; sft.masks.len() * seq];
+    if units == 0 {
+        return weights;
+    }
+    for g in &groups {
+        let w = match sft.normalization {
+            LossNormalization::Token => share / units as f64,
+            LossNormalization::Sample => share / (units as f64 * g.len() as f64),
+        };
+        g.iter().for_each(|&i| weights[i] = w);
     }
     weights
 }
@@ -216,14 +257,14 @@ mod tests {
         // MTP depth 1: t predicts t+2: 0→2 ✓, 1→3 ✗, 3→5 ✓, 4→6 ✓, 5→7 padding ✗.
         assert_eq!(target_counts(std::slice::from_ref(&m), 6, 2), [true, false, false, true, true, false]);
         let tok = loss_weights(
-            &Sft { masks: std::slice::from_ref(&m), normalization: LossNormalization::Token },
+            &Sft { masks: std::slice::from_ref(&m), normalization: LossNormalization::Token, batch: None },
             6,
             1,
         );
         assert_eq!(tok, [0.25, 0.25, 0.0, 0.0, 0.25, 0.25]);
         let m2 = mask(&[0, 0, 0, 1, 1, 1, 1, 2], &[0, 1, 1, 0, 1, 1, 1, 0]);
         let smp = loss_weights(
-            &Sft { masks: std::slice::from_ref(&m2), normalization: LossNormalization::Sample },
+            &Sft { masks: std::slice::from_ref(&m2), normalization: LossNormalization::Sample, batch: None },
             6,
             1,
         );

@@ -17,7 +17,7 @@ use crate::data::{
     Window, synthetic_corpus,
 };
 use crate::model::{LossConfig, Model, StepStats};
-use crate::packing::{LossNormalization, SampleMask, Sft};
+use crate::packing::{BatchCounts, LossNormalization, SampleMask, Sft};
 use crate::precision::Precision;
 use crate::shard::{CheckpointReader, Piece, PieceData, PieceKind, ShardError, ShardHeader, Snapshot};
 use flotilla_kernels::backend::Backend;
@@ -767,6 +767,24 @@ pub struct Trainer {
     pub init: Option<FillReport>,
 }
 
+/// The counts of step `step`'s whole batch (windows `0..batch_size`) for `heads` heads
+/// (`1 + D`), for packed SFT data (`None` otherwise): what every micro-batch and rank
+/// normalizes by ([`crate::packing::BatchCounts`]). Every rank computes it from the data,
+/// as it draws its own windows.
+pub fn batch_counts(
+    sampler: &DataSampler,
+    config: &TrainConfig,
+    step: u64,
+    heads: usize,
+) -> Result<Option<BatchCounts>, DataError> {
+    let (Some(normalization), DataSampler::Sft(sft)) = (config.sft_normalization(), sampler) else {
+        return Ok(None);
+    };
+    let masks: Vec<SampleMask> =
+        (0..config.batch_size as u64).filter_map(|i| sft.window(step, i).sft).collect();
+    Ok(Some(BatchCounts::of(&masks, config.seq_len, heads, normalization)))
+}
+
 /// A batch's tokens and, for packed SFT windows, their masks (all or none: a batch that
 /// mixes both is an error).
 pub fn split_windows(windows: Vec<Window>) -> Result<(Vec<Vec<u32>>, Option<Vec<SampleMask>>), DataError> {
@@ -876,11 +894,12 @@ impl Trainer {
             .map(|i| self.sampler.window(step, i))
             .collect::<Result<Vec<Window>, DataError>>()?;
         let (windows, masks) = split_windows(drawn)?;
+        let counts = batch_counts(&self.sampler, &self.config, step, 1 + self.model.mtp_depth())?;
         self.model.zero_grad();
         let (seq_len, loss) = (self.config.seq_len, &self.config.loss);
         let stats = match (self.config.sft_normalization(), &masks) {
             (Some(normalization), Some(masks)) => {
-                let sft = Sft { masks, normalization };
+                let sft = Sft { masks, normalization, batch: counts.as_ref() };
                 self.model.forward_backward_packed(&windows, &sft, seq_len, loss, self.threads)?
             }
             _ => self.model.forward_backward(&windows, seq_len, loss, self.threads)?,

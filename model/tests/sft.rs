@@ -11,6 +11,7 @@ use flotilla_model::mla::Mla;
 use flotilla_model::packing::{LossNormalization, Packing, SampleMask, Sft};
 use flotilla_model::train::{TrainConfig, Trainer};
 use flotilla_model::{LossConfig, Model, ModelConfig, Preset};
+use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::path::Path;
@@ -151,7 +152,7 @@ fn packing_boundaries_match_a_hand_computed_example() {
     let p = Packing::new(std::slice::from_ref(mask), 8, 10).unwrap();
     assert_eq!(p.spans(), &[(0, 0..6), (0, 6..8)]);
     assert_eq!(p.positions(), &[0, 1, 2, 3, 4, 5, 0, 1]);
-    let sft = Sft { masks: std::slice::from_ref(mask), normalization: LossNormalization::Token };
+    let sft = Sft { masks: std::slice::from_ref(mask), normalization: LossNormalization::Token, batch: None };
     // Main head (t → t+1): 0→1 ✗ 1→2 ✗ (prompt) 2→3 ✓ 3→4 ✓ 4→5 ✓ 5→6 ✗ (next sample's
     // prompt) 6→7 ✓ 7→8 ✓.
     let w = flotilla_model::packing::loss_weights(&sft, 8, 1);
@@ -160,7 +161,7 @@ fn packing_boundaries_match_a_hand_computed_example() {
     // the next sample) 6→8 ✓ 7→9 ✓.
     let w = flotilla_model::packing::loss_weights(&sft, 8, 2);
     assert_eq!(w, [0.0, 0.2, 0.2, 0.2, 0.0, 0.0, 0.2, 0.2]);
-    let sft = Sft { masks: std::slice::from_ref(mask), normalization: LossNormalization::Sample };
+    let sft = Sft { masks: std::slice::from_ref(mask), normalization: LossNormalization::Sample, batch: None };
     let (sixth, quarter) = (1.0 / 6.0, 0.25);
     let w = flotilla_model::packing::loss_weights(&sft, 8, 1);
     assert_eq!(w, [0.0, 0.0, sixth, sixth, sixth, 0.0, quarter, quarter]);
@@ -286,7 +287,7 @@ fn packed_model_loss_and_gradients_equal_the_samples_run_alone() {
     let mask = SampleMask { segments, targets };
 
     let mut packed = Model::<f64>::new(&cfg, 3, false).unwrap();
-    let sft = Sft { masks: std::slice::from_ref(&mask), normalization: LossNormalization::Sample };
+    let sft = Sft { masks: std::slice::from_ref(&mask), normalization: LossNormalization::Sample, batch: None };
     let stats = packed.forward_backward_packed(&[window], &sft, seq, &loss, 1).unwrap();
 
     let mut alone = Model::<f64>::new(&cfg, 3, false).unwrap();
@@ -327,7 +328,7 @@ fn mtp_never_scores_across_a_sample_boundary() {
             .collect();
         let targets = (0..window.len()).map(|t| segments[t] == 1).collect();
         let mask = SampleMask { segments, targets };
-        let sft = Sft { masks: std::slice::from_ref(&mask), normalization: LossNormalization::Token };
+        let sft = Sft { masks: std::slice::from_ref(&mask), normalization: LossNormalization::Token, batch: None };
         model.loss_packed(&[window], &sft, seq, &loss, 1).unwrap()
     };
     let first = run(&[2, 7, 1, 8]);
@@ -341,13 +342,16 @@ fn mtp_never_scores_across_a_sample_boundary() {
     assert!(first.mtp_ce[0] > 0.0 && first.main_ce > 0.0);
 }
 
-/// `n` strings of 3 to 5 letters of `a..=e` from `seed`.
+/// `n` strings of 3 to 5 distinct letters of `a..=z` from `seed`.
 fn strings(n: usize, seed: u64) -> Vec<String> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     (0..n)
         .map(|_| {
             let len = rng.random_range(3..=5);
-            (0..len).map(|_| char::from(b'a' + rng.random_range(0..5u8))).collect()
+            let alpha: u8 = std::env::var("SFT_ALPHA").unwrap_or("26".into()).parse().unwrap();
+            let mut letters: Vec<u8> = (b'A'..b'A' + alpha).collect();
+            letters.shuffle(&mut rng);
+            letters[..len].iter().map(|&b| char::from(b)).collect()
         })
         .collect()
 }
@@ -364,28 +368,31 @@ fn sft_learns_to_reverse_short_strings() {
         })
         .collect();
     std::fs::write(dir.join("reverse.jsonl"), lines.join("\n")).unwrap();
-    let toml = r#"
+    let exp = std::env::var("SFT_EXP").unwrap_or("300,3e-3,64,2,1,8,72".into());
+    let e: Vec<&str> = exp.split(',').collect();
+    let (steps, lr, hidden, layers, mtp, batch, seq) = (e[0], e[1], e[2], e[3], e[4], e[5], e[6]);
+    let toml = format!(r#"
         seed = 1
-        steps = 300
-        batch_size = 8
-        seq_len = 96
+        steps = {steps}
+        batch_size = {batch}
+        seq_len = {seq}
         threads = 2
         [model]
         preset = "tiny"
-        num_hidden_layers = 2
-        hidden_size = 64
+        num_hidden_layers = {layers}
+        hidden_size = {hidden}
         num_attention_heads = 2
-        num_nextn_predict_layers = 1
+        num_nextn_predict_layers = {mtp}
         [data]
         kind = "sft"
         path = "reverse.jsonl"
         loss_normalization = "token"
         [optimizer]
-        peak_lr = 3e-3
+        peak_lr = {lr}
         warmup_steps = 20
-        constant_steps = 180
-        decay_steps = 100
-        final_lr = 3e-4
+        constant_steps = 0
+        decay_steps = {steps}
+        final_lr = 1e-4
         beta1 = 0.9
         beta2 = 0.95
         eps = 1e-8
@@ -394,11 +401,13 @@ fn sft_learns_to_reverse_short_strings() {
         [loss]
         mtp_lambda = 0.3
         balance_alpha = 1e-4
-    "#;
-    let (config, model_cfg) = TrainConfig::from_toml(toml, &dir).unwrap();
+    "#);
+    let steps: u64 = steps.parse().unwrap();
+    let (config, model_cfg) = TrainConfig::from_toml(&toml, &dir).unwrap();
     let mut trainer = Trainer::new(config, &model_cfg).unwrap();
     let mut last = 0.0;
-    for _ in 0..300 {
+    let t0 = std::time::Instant::now();
+    for _ in 0..steps {
         last = trainer.train_step().unwrap().main_ce;
     }
     // Held-out strings (another seed), greedy, stopped at the end token.
@@ -418,7 +427,7 @@ fn sft_learns_to_reverse_short_strings() {
         })
         .count();
     let accuracy = correct as f64 / tests.len() as f64;
-    eprintln!("final main CE {last:.4}, greedy exact match {correct}/{}", tests.len());
+    eprintln!("{exp}: final main CE {last:.4}, greedy exact match {correct}/{} in {:?}", tests.len(), t0.elapsed());
     std::fs::remove_dir_all(&dir).ok();
     assert!(accuracy >= 0.8, "greedy exact match {accuracy} below 0.8 (final CE {last})");
 }

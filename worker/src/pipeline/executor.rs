@@ -31,6 +31,7 @@ use crate::comm::Communicator;
 use crate::expert_exchange::{DataPlaneExchange, EpTopology, ExchangeStats};
 use crate::tags;
 use flotilla_model::packing::Sft;
+use flotilla_model::train::batch_counts;
 
 /// What executing the stream produced.
 pub(super) struct StreamRun {
@@ -125,7 +126,12 @@ impl PipelineTrainer {
         let windows: Vec<MicroBatch> =
             (0..plan.parallel.micro_batches).map(|m| self.windows(step, m)).collect::<Result<_, _>>()?;
         let normalization = self.config.sft_normalization().unwrap_or_default();
-        let sft = |mb: &MicroBatch| mb.masks.as_deref().map(|masks| Sft { masks, normalization });
+        let heads = 1 + self.model.config().num_nextn_predict_layers;
+        let counts = batch_counts(&self.sampler, &self.config, step, heads)
+            .map_err(|e| PipelineError::Step { step, detail: format!("reading the data: {e}") })?;
+        let sft = |mb: &MicroBatch| {
+            mb.masks.as_deref().map(|masks| Sft { masks, normalization, batch: counts.as_ref() })
+        };
         let mut tally = Tally {
             loads: vec![vec![0; self.model.config().n_routed_experts]; self.moe_layers.len()],
             ..Tally::default()
