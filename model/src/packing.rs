@@ -86,7 +86,9 @@ pub struct BatchCounts {
 impl BatchCounts {
     /// The counts of `masks` (the whole batch) for `heads` heads (`1 + D`).
     pub fn of(masks: &[SampleMask], seq: usize, heads: usize, normalization: LossNormalization) -> Self {
-        let units = (1..=heads).map(|offset| samples(masks, seq, offset).iter().map(|s| unit_count(s, normalization)).sum()).collect();
+        let units = (1..=heads)
+            .map(|offset| samples(masks, seq, offset).iter().map(|s| unit_count(s, normalization)).sum())
+            .collect();
         BatchCounts { windows: masks.len(), units }
     }
 }

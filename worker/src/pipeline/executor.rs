@@ -30,7 +30,7 @@ use super::{MicroBatch, PipelineError, PipelineTrainer, decode_f32, encode_f32};
 use crate::comm::Communicator;
 use crate::expert_exchange::{DataPlaneExchange, EpTopology, ExchangeStats};
 use crate::tags;
-use flotilla_model::packing::Sft;
+use flotilla_model::packing::{BatchCounts, LossNormalization, Sft};
 use flotilla_model::train::batch_counts;
 
 /// What executing the stream produced.
@@ -129,9 +129,14 @@ impl PipelineTrainer {
         let heads = 1 + self.model.config().num_nextn_predict_layers;
         let counts = batch_counts(&self.sampler, &self.config, step, heads)
             .map_err(|e| PipelineError::Step { step, detail: format!("reading the data: {e}") })?;
-        let sft = |mb: &MicroBatch| {
-            mb.masks.as_deref().map(|masks| Sft { masks, normalization, batch: counts.as_ref() })
-        };
+        let counts = counts.as_ref();
+        fn sft<'a>(
+            mb: &'a MicroBatch,
+            normalization: LossNormalization,
+            batch: Option<&'a BatchCounts>,
+        ) -> Option<Sft<'a>> {
+            mb.masks.as_deref().map(|masks| Sft { masks, normalization, batch })
+        }
         let mut tally = Tally {
             loads: vec![vec![0; self.model.config().n_routed_experts]; self.moe_layers.len()],
             ..Tally::default()
@@ -167,7 +172,7 @@ impl PipelineTrainer {
                         .forward_packed(
                             c.stage as usize,
                             &mb.tokens,
-                            sft(mb).as_ref(),
+                            sft(mb, normalization, counts).as_ref(),
                             seq,
                             input,
                             &loss,
@@ -205,7 +210,7 @@ impl PipelineTrainer {
                         Self::backward_inputs(&mut inflight, backward, last).map_err(stream_err)?;
                     let model = &self.model;
                     let fwd_windows = &windows[forward.micro_batch as usize];
-                    let fwd_sft = sft(fwd_windows);
+                    let fwd_sft = sft(fwd_windows, normalization, counts);
                     let (mut fx, mut bx) = (exchange(forward), exchange(backward));
                     let run_forward = |fx: &mut DataPlaneExchange<'_, C>| {
                         model.forward_packed(
