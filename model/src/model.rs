@@ -24,6 +24,11 @@
 //! layer's sequence-wise balance loss of weight α = [`LossConfig::balance_alpha`] (the
 //! mean over the call's sequences, see [`crate::moe`]; α = 0 disables it).
 //!
+//! A packed SFT batch ([`Model::forward_backward_packed`], [`crate::packing`]) replaces
+//! each mean over positions by a weighted sum: the weights are 0 where the target is not a
+//! response token of the position's own sample, and normalize per token or per sample over
+//! the step's batch; attention then stays inside each sample.
+//!
 //! ## Backward
 //! [`Model::forward_backward`] runs the forward (keeping every layer's cache and input),
 //! the fused cross-entropy forward/backward of every head (llm.c's in-place classifier:

@@ -434,3 +434,17 @@ fn sft_learns_to_reverse_short_strings() {
     // the packing or the loss, which leaves the model near chance.
     assert!(accuracy >= 0.4, "greedy exact match {accuracy} below 0.4 (final CE {last})");
 }
+
+/// The shipped example parses and its conversations load, pack and fit their windows.
+#[test]
+fn the_example_config_loads() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/sft-reverse.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let (config, model) = TrainConfig::from_toml(&text, path.parent().unwrap()).unwrap();
+    let sampler = config.sampler(model.vocab_size, model.num_nextn_predict_layers).unwrap();
+    let flotilla_model::data::DataSampler::Sft(sft) = &sampler else { panic!("not SFT data") };
+    let stats = sft.stats();
+    assert_eq!((stats.samples, stats.truncated), (400, 0));
+    assert!(stats.windows < stats.samples, "{stats:?}: packing puts several conversations in a window");
+    assert_eq!(config.sft_normalization(), Some(LossNormalization::Token));
+}
