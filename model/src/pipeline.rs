@@ -519,6 +519,7 @@ impl<T: Real> RankModel<T> {
 
     /// Norm, head and fused cross-entropy of `h` against `targets`, the logits turned
     /// into their gradient scaled by `scale`. Returns the mean CE.
+    #[allow(clippy::too_many_arguments)]
     fn head_pass(
         &self,
         norm: &RmsNorm<T>,

@@ -785,9 +785,12 @@ pub fn batch_counts(
     Ok(Some(BatchCounts::of(&masks, config.seq_len, heads, normalization)))
 }
 
+/// A batch's token windows and, for packed SFT data, their sample masks.
+pub type SplitWindows = (Vec<Vec<u32>>, Option<Vec<SampleMask>>);
+
 /// A batch's tokens and, for packed SFT windows, their masks (all or none: a batch that
 /// mixes both is an error).
-pub fn split_windows(windows: Vec<Window>) -> Result<(Vec<Vec<u32>>, Option<Vec<SampleMask>>), DataError> {
+pub fn split_windows(windows: Vec<Window>) -> Result<SplitWindows, DataError> {
     let packed = windows.iter().filter(|w| w.sft.is_some()).count();
     if packed != 0 && packed != windows.len() {
         return Err(DataError::Config(format!(

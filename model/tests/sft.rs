@@ -295,8 +295,8 @@ fn packed_model_loss_and_gradients_equal_the_samples_run_alone() {
     let mut alone = Model::<f64>::new(&cfg, 3, false).unwrap();
     let mut mean = 0.0;
     for s in &samples {
-        mean +=
-            alone.forward_backward(&[s.clone()], s.len() - 1, &loss, 1).unwrap().loss / samples.len() as f64;
+        mean += alone.forward_backward(std::slice::from_ref(s), s.len() - 1, &loss, 1).unwrap().loss
+            / samples.len() as f64;
     }
     assert!((stats.loss - mean).abs() <= 1e-12 * mean.abs(), "packed {} vs alone {mean}", stats.loss);
     let n = samples.len() as f64;
