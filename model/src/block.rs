@@ -37,6 +37,7 @@ use crate::ffn::{FfnCache, FfnWeightGradInputs, SwiGluFfn};
 use crate::mla::{Mla, MlaCache, MlaKvCache, MlaWeightGradInputs};
 use crate::moe::{ExpertExchange, ExpertShard, MoeCache, MoeLayer, MoeWeightGradInputs};
 use crate::norm::{RmsNorm, RmsNormCache};
+use crate::packing::Packing;
 use crate::param::Param;
 use crate::precision::{CacheBytes, CachedActivation, Precision};
 use crate::{ModelError, Real, check_len};
@@ -312,6 +313,24 @@ impl<T: Real> Block<T> {
         threads: usize,
         exchange: &mut dyn ExpertExchange,
     ) -> Result<BlockCache<T>, ModelError> {
+        self.forward_packed(x, batch, seq, None, balance_alpha, y, threads, exchange)
+    }
+
+    /// [`Block::forward`] over a packed batch: attention stays inside each sample of
+    /// `packing` ([`Mla::forward_packed`]); the MoE balance loss still treats each packed
+    /// sequence as one.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_packed(
+        &self,
+        x: &[T],
+        batch: usize,
+        seq: usize,
+        packing: Option<&Arc<Packing>>,
+        balance_alpha: f64,
+        y: &mut [T],
+        threads: usize,
+        exchange: &mut dyn ExpertExchange,
+    ) -> Result<BlockCache<T>, ModelError> {
         let rows = batch.checked_mul(seq).ok_or_else(|| ModelError::Tensor {
             tensor: self.prefix.clone(),
             detail: format!("{batch} × {seq} rows overflow usize"),
@@ -324,7 +343,7 @@ impl<T: Real> Block<T> {
         let attn_norm = self.input_layernorm.forward(x, rows, &mut attn_input)?;
         let attn_input = self.self_attn.cache_input(attn_input, rows)?;
         let mut h = zeros(n);
-        let attn = self.self_attn.forward(&attn_input, batch, seq, &mut h, threads)?;
+        let attn = self.self_attn.forward_packed(&attn_input, batch, seq, packing, &mut h, threads)?;
         h.iter_mut().zip(x).for_each(|(h, &x)| *h = x + *h);
 
         let (mlp_norm, mlp, mlp_input) =

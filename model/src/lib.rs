@@ -68,6 +68,7 @@ pub mod model;
 pub mod moe;
 pub mod mtp;
 pub mod norm;
+pub mod packing;
 pub mod param;
 pub mod params;
 pub mod paths;

@@ -80,6 +80,7 @@ pub const LATENT_NORM_EPS: f64 = 1e-6;
 use crate::config::ModelConfig;
 use crate::linear::Linear;
 use crate::norm::{RmsNorm, RmsNormCache};
+use crate::packing::Packing;
 use crate::param::Param;
 use crate::precision::{CacheBytes, CachedActivation, Precision};
 use crate::{ModelError, Real, check_len};
@@ -230,6 +231,9 @@ pub struct MlaCache<T> {
     pub normed: Option<NormedLatents<T>>,
     /// The per-head `q`, `k`, `v`; `None` when made with `recompute`.
     pub heads: Option<HeadActivations<T>>,
+    /// The samples of a packed batch: attention ran once per span, at positions restarting
+    /// in each ([`crate::packing`]); `None`: one sample per sequence.
+    pub packing: Option<Arc<Packing>>,
 }
 
 /// One RMSNorm's output with its saved `rstd`.
@@ -607,11 +611,26 @@ impl<T: Real> Mla<T> {
         y: &mut [T],
         threads: usize,
     ) -> Result<MlaCache<T>, ModelError> {
+        self.forward_packed(x, batch, seq, None, y, threads)
+    }
+
+    /// [`Mla::forward`] over a packed batch: with `packing`, every sample of a sequence
+    /// attends only within itself, at positions from 0 ([`crate::packing`]); the backward
+    /// follows the cache's packing.
+    pub fn forward_packed(
+        &self,
+        x: &CachedActivation<T>,
+        batch: usize,
+        seq: usize,
+        packing: Option<&Arc<Packing>>,
+        y: &mut [T],
+        threads: usize,
+    ) -> Result<MlaCache<T>, ModelError> {
         let rows = self.rows(batch, seq)?;
         let d = self.dims;
         check_len(&self.prefix, "input", rows * d.hidden, x.len())?;
         check_len(&self.prefix, "output", rows * d.hidden, y.len())?;
-        let pos = positions(batch, seq);
+        let pos = self.positions_of(packing, batch, seq)?;
 
         // Down projections: the query latent (or the plain queries), the KV latent and the
         // shared rope key.
@@ -639,21 +658,122 @@ impl<T: Real> Mla<T> {
         let mut o = zeros(rows * d.o_width());
         let mut lse = zeros(batch * d.heads * seq);
         let q = self.query_of(&q_input, &heads);
-        self.backend.attention_forward(
-            &mut o,
-            &mut lse,
-            q,
-            &heads.k,
-            &heads.v,
-            self.attention_shape(batch, seq),
-            self.softmax_scale,
-        )?;
+        match packing {
+            None => self.backend.attention_forward(
+                &mut o,
+                &mut lse,
+                q,
+                &heads.k,
+                &heads.v,
+                self.attention_shape(batch, seq),
+                self.softmax_scale,
+            )?,
+            Some(p) => self.packed_attention_forward(p, &mut o, &mut lse, q, &heads.k, &heads.v)?,
+        }
         // Power-of-two scales, so that Wgrad's re-tiling adds no error (report §3.3.3).
         let o = self.o_proj.cache_input_with(o, rows, ScaleRounding::PowerOfTwo)?;
         self.o_proj.forward_from(&o, rows, y, threads)?;
 
         let (normed, heads) = if self.recompute { (None, None) } else { (Some(normed), Some(heads)) };
-        Ok(MlaCache { batch, seq, q_input, kv_latent, k_rope, o, lse, normed, heads })
+        let packing = packing.cloned();
+        Ok(MlaCache { batch, seq, q_input, kv_latent, k_rope, o, lse, normed, heads, packing })
+    }
+
+    /// The RoPE position of every row: `0..seq` per sequence, or per sample when packed
+    /// (checked against the batch's shape).
+    fn positions_of(
+        &self,
+        packing: Option<&Arc<Packing>>,
+        batch: usize,
+        seq: usize,
+    ) -> Result<Vec<usize>, ModelError> {
+        match packing {
+            None => Ok(positions(batch, seq)),
+            Some(p) if p.batch() == batch && p.seq() == seq => Ok(p.positions().to_vec()),
+            Some(p) => Err(self.tensor_error(format!(
+                "a packing of {} × {} positions for a call of {batch} × {seq}",
+                p.batch(),
+                p.seq()
+            ))),
+        }
+    }
+
+    /// The attention core once per packed sample: each span is a contiguous run of rows
+    /// of `q`, `k`, `v`, `o` (`[rows, heads, dim]`), so it runs as a batch of one; its
+    /// log-sum-exp rows go to their places in `lse` (`[batch, heads, seq]`).
+    fn packed_attention_forward(
+        &self,
+        packing: &Packing,
+        o: &mut [T],
+        lse: &mut [T],
+        q: &[T],
+        k: &[T],
+        v: &[T],
+    ) -> Result<(), ModelError> {
+        let d = self.dims;
+        let (heads, qk, vd, seq) = (d.heads, d.qk_head_dim(), d.v_head_dim, packing.seq());
+        for (b, span) in packing.spans() {
+            let (r0, r1) = (b * seq + span.start, b * seq + span.end);
+            let n = span.len();
+            let mut lse_s = zeros(heads * n);
+            self.backend.attention_forward(
+                &mut o[r0 * heads * vd..r1 * heads * vd],
+                &mut lse_s,
+                &q[r0 * heads * qk..r1 * heads * qk],
+                &k[r0 * heads * qk..r1 * heads * qk],
+                &v[r0 * heads * vd..r1 * heads * vd],
+                self.attention_shape(1, n),
+                self.softmax_scale,
+            )?;
+            for h in 0..heads {
+                let at = (b * heads + h) * seq + span.start;
+                lse[at..at + n].copy_from_slice(&lse_s[h * n..(h + 1) * n]);
+            }
+        }
+        Ok(())
+    }
+
+    /// The backward of [`Mla::packed_attention_forward`], span by span.
+    #[allow(clippy::too_many_arguments)]
+    fn packed_attention_backward(
+        &self,
+        packing: &Packing,
+        dq: &mut [T],
+        dk: &mut [T],
+        dv: &mut [T],
+        d_o: &[T],
+        q: &[T],
+        k: &[T],
+        v: &[T],
+        o: &[T],
+        lse: &[T],
+    ) -> Result<(), ModelError> {
+        let d = self.dims;
+        let (heads, qk, vd, seq) = (d.heads, d.qk_head_dim(), d.v_head_dim, packing.seq());
+        for (b, span) in packing.spans() {
+            let (r0, r1) = (b * seq + span.start, b * seq + span.end);
+            let n = span.len();
+            let mut lse_s = Vec::with_capacity(heads * n);
+            for h in 0..heads {
+                let at = (b * heads + h) * seq + span.start;
+                lse_s.extend_from_slice(&lse[at..at + n]);
+            }
+            let (qs, vs) = (r0 * heads * qk..r1 * heads * qk, r0 * heads * vd..r1 * heads * vd);
+            self.backend.attention_backward(
+                &mut dq[qs.clone()],
+                &mut dk[qs.clone()],
+                &mut dv[vs.clone()],
+                &d_o[vs.clone()],
+                &q[qs.clone()],
+                &k[qs],
+                &v[vs.clone()],
+                &o[vs],
+                &lse_s,
+                self.attention_shape(1, n),
+                self.softmax_scale,
+            )?;
+        }
+        Ok(())
     }
 
     /// `kv_a_proj_with_mqa`'s output split into the KV latent and the shared rope key,
@@ -898,7 +1018,7 @@ impl<T: Real> Mla<T> {
         let d = self.dims;
         check_len(&self.prefix, "output gradient", rows * d.hidden, dy.len())?;
         check_len(&self.prefix, "input gradient", rows * d.hidden, dx.len())?;
-        let pos = positions(cache.batch, cache.seq);
+        let pos = self.positions_of(cache.packing.as_ref(), cache.batch, cache.seq)?;
 
         let recomputed;
         let (normed, heads) = match (&cache.normed, &cache.heads) {
@@ -917,21 +1037,29 @@ impl<T: Real> Mla<T> {
         let mut d_q = zeros(rows * d.q_width());
         let mut d_k = zeros(rows * d.q_width());
         let mut d_v = zeros(rows * d.o_width());
-        self.backend.attention_backward(
-            &mut d_q,
-            &mut d_k,
-            &mut d_v,
-            &d_o,
-            self.query_of(&cache.q_input, heads),
-            &heads.k,
-            &heads.v,
-            // Dequantized under fp8: the report's attention backward reads the
-            // low-precision copy too, and no f32 one is kept.
-            &cache.o.values(&self.backend)?,
-            &cache.lse,
-            self.attention_shape(cache.batch, cache.seq),
-            self.softmax_scale,
-        )?;
+        // Dequantized under fp8: the report's attention backward reads the low-precision
+        // copy too, and no f32 one is kept.
+        let o = cache.o.values(&self.backend)?;
+        let q = self.query_of(&cache.q_input, heads);
+        match &cache.packing {
+            None => self.backend.attention_backward(
+                &mut d_q,
+                &mut d_k,
+                &mut d_v,
+                &d_o,
+                q,
+                &heads.k,
+                &heads.v,
+                &o,
+                &cache.lse,
+                self.attention_shape(cache.batch, cache.seq),
+                self.softmax_scale,
+            )?,
+            Some(p) => self.packed_attention_backward(
+                p, &mut d_q, &mut d_k, &mut d_v, &d_o, q, &heads.k, &heads.v, &o, &cache.lse,
+            )?,
+        }
+        drop(o);
         drop(d_o);
 
         // Disassemble k and v: kv_b's gradient per head, the shared key's summed over heads.

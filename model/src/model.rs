@@ -24,6 +24,11 @@
 //! layer's sequence-wise balance loss of weight α = [`LossConfig::balance_alpha`] (the
 //! mean over the call's sequences, see [`crate::moe`]; α = 0 disables it).
 //!
+//! A packed SFT batch ([`Model::forward_backward_packed`], [`crate::packing`]) replaces
+//! each mean over positions by a weighted sum: the weights are 0 where the target is not a
+//! response token of the position's own sample, and normalize per token or per sample over
+//! the step's batch; attention then stays inside each sample.
+//!
 //! ## Backward
 //! [`Model::forward_backward`] runs the forward (keeping every layer's cache and input),
 //! the fused cross-entropy forward/backward of every head (llm.c's in-place classifier:
@@ -48,12 +53,14 @@ use crate::mla::{Mla, MlaDims, MlaKvCache};
 use crate::moe::{LocalExchange, MoeLayer};
 use crate::mtp::{MtpCache, MtpModule};
 use crate::norm::{RmsNorm, RmsNormCache};
+use crate::packing::{Packing, Sft};
 use crate::param::Param;
 use crate::precision::{CacheBytes, Precision, check_precision};
 use crate::{ModelError, Real, check_len};
 use flotilla_kernels::backend::{Backend, DeviceBackend};
 use flotilla_kernels::gemm::{MatMut, MatRef};
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 
 /// The weights of the loss terms.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -172,7 +179,8 @@ pub(crate) struct HeadPass<T> {
 
 /// Applies `norm` and the head `w` (`[vocab, hidden]`) to `h` and scores `targets`; with
 /// `train`, the logits are overwritten by their gradient, scaled by `scale`. Returns the
-/// mean CE.
+/// mean CE, or with `weights` (one per row, a packed batch's [`crate::packing::loss_weights`])
+/// the weighted sum `Σ w_i·CE_i`, whose gradient rows are then scaled by `scale·w_i`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn head_pass<T: Real>(
     be: &DeviceBackend,
@@ -181,24 +189,81 @@ pub(crate) fn head_pass<T: Real>(
     h: &[T],
     rows: usize,
     targets: &[u32],
+    weights: Option<&[T]>,
     scale: T,
     train: bool,
     threads: usize,
 ) -> Result<(T, HeadPass<T>), ModelError> {
     let vocab = w.shape[0];
+    if let Some(weights) = weights {
+        check_len(&w.name, "loss weights", rows, weights.len())?;
+    }
     let mut normed = zeros(h.len());
     let norm_cache = norm.forward(h, rows, &mut normed)?;
     let mut logits = zeros(rows * vocab);
     head_forward(be, w, &normed, rows, &mut logits, threads)?;
     let mut losses = zeros(rows);
-    let loss = if train {
-        be.cross_entropy_forward_backward_in_place(&mut logits, targets, rows, vocab, scale, &mut losses)?
-    } else {
-        let loss = be.cross_entropy_forward(&logits, targets, rows, vocab, &mut losses)?;
-        logits = Vec::new();
-        loss
+    let weighted = |losses: &[T], weights: &[T]| {
+        losses
+            .iter()
+            .zip(weights)
+            .fold(T::zero(), |acc, (&l, &w)| if w == T::zero() { acc } else { acc + w * l })
+    };
+    let loss = match (train, weights) {
+        (true, None) => {
+            be.cross_entropy_forward_backward_in_place(&mut logits, targets, rows, vocab, scale, &mut losses)?
+        }
+        (true, Some(weights)) => {
+            be.cross_entropy_forward_backward_in_place(
+                &mut logits,
+                targets,
+                rows,
+                vocab,
+                T::one(),
+                &mut losses,
+            )?;
+            for (row, &wi) in logits.chunks_exact_mut(vocab).zip(weights) {
+                let f = scale * wi;
+                row.iter_mut().for_each(|g| *g = *g * f);
+            }
+            weighted(&losses, weights)
+        }
+        (false, weights) => {
+            let loss = be.cross_entropy_forward(&logits, targets, rows, vocab, &mut losses)?;
+            logits = Vec::new();
+            weights.map_or(loss, |w| weighted(&losses, w))
+        }
     };
     Ok((loss, HeadPass { norm: norm_cache, normed, dlogits: logits }))
+}
+
+/// A packed batch's loss weights for the head `offset` tokens ahead, in `T`.
+pub(crate) fn packed_weights<T: Real>(
+    sft: Option<&Sft<'_>>,
+    seq: usize,
+    offset: usize,
+) -> Result<Option<Vec<T>>, ModelError> {
+    sft.map(|s| {
+        crate::packing::loss_weights(s, seq, offset).into_iter().map(|w| cast(w, "loss weight")).collect()
+    })
+    .transpose()
+}
+
+/// The packing of a packed batch's windows (one mask per window, each covering it).
+pub(crate) fn packing_of(
+    sft: Option<&Sft<'_>>,
+    windows: usize,
+    seq: usize,
+    window_len: usize,
+) -> Result<Option<Arc<Packing>>, ModelError> {
+    let Some(sft) = sft else { return Ok(None) };
+    if sft.masks.len() != windows {
+        return Err(ModelError::Tensor {
+            tensor: "sample masks".into(),
+            detail: format!("{} masks for {windows} windows", sft.masks.len()),
+        });
+    }
+    Ok(Some(Arc::new(Packing::new(sft.masks, seq, window_len)?)))
 }
 
 /// One MTP module's forward.
@@ -254,7 +319,7 @@ fn to_f64<T: Real>(v: T) -> f64 {
     v.to_f64().unwrap_or(f64::NAN)
 }
 
-fn cast<T: Real>(v: f64, what: &str) -> Result<T, ModelError> {
+pub(crate) fn cast<T: Real>(v: f64, what: &str) -> Result<T, ModelError> {
     T::from(v).ok_or_else(|| ModelError::Tensor {
         tensor: what.into(),
         detail: format!("{v} does not convert to the element type"),
@@ -599,6 +664,7 @@ impl<T: Real> Model<T> {
         mut x: Vec<T>,
         batch: usize,
         seq: usize,
+        packing: Option<&Arc<Packing>>,
         alpha: f64,
         keep: bool,
         stats: &mut StepStats,
@@ -607,7 +673,8 @@ impl<T: Real> Model<T> {
         let (mut xs, mut caches) = (Vec::new(), Vec::new());
         for (i, block) in self.layers.iter().enumerate() {
             let mut y = zeros(x.len());
-            let cache = block.forward(&x, batch, seq, alpha, &mut y, threads, &mut LocalExchange)?;
+            let cache =
+                block.forward_packed(&x, batch, seq, packing, alpha, &mut y, threads, &mut LocalExchange)?;
             record_moe(stats, i, &cache);
             if keep {
                 xs.push(std::mem::replace(&mut x, y));
@@ -626,11 +693,12 @@ impl<T: Real> Model<T> {
         h: &[T],
         rows: usize,
         targets: &[u32],
+        weights: Option<&[T]>,
         scale: T,
         train: bool,
         threads: usize,
     ) -> Result<(T, HeadPass<T>), ModelError> {
-        head_pass(&self.backend, self.head_weight(), norm, h, rows, targets, scale, train, threads)
+        head_pass(&self.backend, self.head_weight(), norm, h, rows, targets, weights, scale, train, threads)
     }
 
     /// The forward pass over validated windows: statistics, and with `train` everything
@@ -638,6 +706,7 @@ impl<T: Real> Model<T> {
     fn forward(
         &self,
         windows: &[Vec<u32>],
+        sft: Option<&Sft<'_>>,
         seq_len: usize,
         loss_cfg: &LossConfig,
         train: bool,
@@ -645,6 +714,7 @@ impl<T: Real> Model<T> {
     ) -> Result<(StepStats, Option<Activations<T>>), ModelError> {
         loss_cfg.validate()?;
         let batch = self.check_windows(windows, seq_len)?;
+        let packing = packing_of(sft, batch, seq_len, self.window_len(seq_len))?;
         let (seq, d) = (seq_len, self.mtp_depth());
         let rows = batch * seq;
         let hidden = self.config.hidden_size;
@@ -654,18 +724,31 @@ impl<T: Real> Model<T> {
         let inputs = Self::gather_tokens(windows, 0, seq);
         let mut x = zeros(rows * hidden);
         self.embed_tokens.forward(&inputs, &mut x)?;
-        let (h0, mut xs, blocks) = self.run_blocks(x, batch, seq, alpha, train, &mut stats, threads)?;
+        let (h0, mut xs, blocks) =
+            self.run_blocks(x, batch, seq, packing.as_ref(), alpha, train, &mut stats, threads)?;
 
         let inv_rows = 1.0 / rows as f64;
         let mut heads = Vec::with_capacity(d + 1);
         let targets = Self::gather_tokens(windows, 1, seq);
-        let (main_ce, head) =
-            self.head_pass(&self.norm, &h0, rows, &targets, cast(inv_rows, "loss scale")?, train, threads)?;
+        let weights = packed_weights::<T>(sft, seq, 1)?;
+        // A packed batch's weights already hold the mean; pre-training's is `1/rows`.
+        let main_scale = if sft.is_some() { 1.0 } else { inv_rows };
+        let (main_ce, head) = self.head_pass(
+            &self.norm,
+            &h0,
+            rows,
+            &targets,
+            weights.as_deref(),
+            cast(main_scale, "loss scale")?,
+            train,
+            threads,
+        )?;
         stats.main_ce = to_f64(main_ce);
         heads.push(head);
 
+        let mtp_rows = if sft.is_some() { 1.0 } else { inv_rows };
         let mtp_scale: T =
-            if d > 0 { cast(loss_cfg.mtp_lambda / d as f64 * inv_rows, "loss scale")? } else { T::zero() };
+            if d > 0 { cast(loss_cfg.mtp_lambda / d as f64 * mtp_rows, "loss scale")? } else { T::zero() };
         let mut passes: Vec<MtpPass<T>> = Vec::with_capacity(d);
         let mut last: Option<Vec<T>> = None;
         for module in &self.mtp {
@@ -679,12 +762,30 @@ impl<T: Real> Model<T> {
                 (None, None) => &h0,
             };
             let mut h = zeros(rows * hidden);
-            let cache =
-                module.forward(h_prev, &emb, batch, seq, alpha, &mut h, threads, &mut LocalExchange)?;
+            let cache = module.forward_packed(
+                h_prev,
+                &emb,
+                batch,
+                seq,
+                packing.as_ref(),
+                alpha,
+                &mut h,
+                threads,
+                &mut LocalExchange,
+            )?;
             record_moe(&mut stats, module.layer(), &cache.block);
             let targets = Self::gather_tokens(windows, k + 1, seq);
-            let (loss, head) =
-                self.head_pass(&module.shared_head_norm, &h, rows, &targets, mtp_scale, train, threads)?;
+            let weights = packed_weights::<T>(sft, seq, k + 1)?;
+            let (loss, head) = self.head_pass(
+                &module.shared_head_norm,
+                &h,
+                rows,
+                &targets,
+                weights.as_deref(),
+                mtp_scale,
+                train,
+                threads,
+            )?;
             stats.mtp_ce.push(to_f64(loss));
             if train {
                 heads.push(head);
@@ -712,7 +813,38 @@ impl<T: Real> Model<T> {
         loss_cfg: &LossConfig,
         threads: usize,
     ) -> Result<StepStats, ModelError> {
-        Ok(self.forward(windows, seq_len, loss_cfg, false, threads)?.0)
+        Ok(self.forward(windows, None, seq_len, loss_cfg, false, threads)?.0)
+    }
+
+    /// The loss of a packed batch ([`crate::packing`]) without gradients: as
+    /// [`Model::forward_backward_packed`] reports it.
+    pub fn loss_packed(
+        &self,
+        windows: &[Vec<u32>],
+        sft: &Sft<'_>,
+        seq_len: usize,
+        loss_cfg: &LossConfig,
+        threads: usize,
+    ) -> Result<StepStats, ModelError> {
+        Ok(self.forward(windows, Some(sft), seq_len, loss_cfg, false, threads)?.0)
+    }
+
+    /// [`Model::forward_backward`] over a packed batch: attention stays inside each
+    /// sample, RoPE positions restart per sample, and each head scores only the response
+    /// tokens of a position's own sample, weighted as `sft.normalization` says
+    /// ([`crate::packing`]). `CE_main` and `CE_k` are then those weighted means.
+    pub fn forward_backward_packed(
+        &mut self,
+        windows: &[Vec<u32>],
+        sft: &Sft<'_>,
+        seq_len: usize,
+        loss_cfg: &LossConfig,
+        threads: usize,
+    ) -> Result<StepStats, ModelError> {
+        let (stats, activations) = self.forward(windows, Some(sft), seq_len, loss_cfg, true, threads)?;
+        let act = activations.expect("a training forward keeps its activations");
+        self.backward(act, threads)?;
+        Ok(stats)
     }
 
     /// Forward, loss and full backward over `windows` (each `seq_len + 1 + D` tokens): every
@@ -725,7 +857,7 @@ impl<T: Real> Model<T> {
         loss_cfg: &LossConfig,
         threads: usize,
     ) -> Result<StepStats, ModelError> {
-        let (stats, activations) = self.forward(windows, seq_len, loss_cfg, true, threads)?;
+        let (stats, activations) = self.forward(windows, None, seq_len, loss_cfg, true, threads)?;
         let act = activations.expect("a training forward keeps its activations");
         self.backward(act, threads)?;
         Ok(stats)
@@ -741,7 +873,7 @@ impl<T: Real> Model<T> {
         loss_cfg: &LossConfig,
         threads: usize,
     ) -> Result<CacheBytes, ModelError> {
-        let (_, activations) = self.forward(windows, seq_len, loss_cfg, true, threads)?;
+        let (_, activations) = self.forward(windows, None, seq_len, loss_cfg, true, threads)?;
         Ok(activations.map_or(CacheBytes::default(), |a| a.bytes()))
     }
 
@@ -819,7 +951,7 @@ impl<T: Real> Model<T> {
         let mut x = zeros(rows * hidden);
         self.embed_tokens.forward(tokens, &mut x)?;
         let mut stats = StepStats::default();
-        let (h, _, _) = self.run_blocks(x, 1, rows, 0.0, false, &mut stats, threads)?;
+        let (h, _, _) = self.run_blocks(x, 1, rows, None, 0.0, false, &mut stats, threads)?;
         let mut normed = zeros(rows * hidden);
         self.norm.forward(&h, rows, &mut normed)?;
         let mut logits = zeros(rows * vocab);

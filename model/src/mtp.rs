@@ -61,6 +61,7 @@ use crate::linear::Linear;
 use crate::mla::MlaKvCache;
 use crate::moe::{ExpertExchange, ExpertShard};
 use crate::norm::{RmsNorm, RmsNormCache};
+use crate::packing::Packing;
 use crate::param::Param;
 use crate::precision::{CacheBytes, CachedActivation, Precision};
 use crate::{ModelError, Real, check_len};
@@ -271,6 +272,24 @@ impl<T: Real> MtpModule<T> {
         threads: usize,
         exchange: &mut dyn ExpertExchange,
     ) -> Result<MtpCache<T>, ModelError> {
+        self.forward_packed(h_prev, emb, batch, seq, None, balance_alpha, out, threads, exchange)
+    }
+
+    /// [`MtpModule::forward`] over a packed batch: the block's attention stays inside each
+    /// sample of `packing` ([`Block::forward_packed`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_packed(
+        &self,
+        h_prev: &[T],
+        emb: &[T],
+        batch: usize,
+        seq: usize,
+        packing: Option<&Arc<Packing>>,
+        balance_alpha: f64,
+        out: &mut [T],
+        threads: usize,
+        exchange: &mut dyn ExpertExchange,
+    ) -> Result<MtpCache<T>, ModelError> {
         let rows = self.rows(batch, seq)?;
         let n = rows * self.hidden;
         check_len(&self.hnorm.weight.name, "previous hidden state", n, h_prev.len())?;
@@ -279,7 +298,16 @@ impl<T: Real> MtpModule<T> {
         let (concat, enorm, hnorm) = self.concat(h_prev, emb, rows)?;
         let mut block_input = zeros(n);
         self.eh_proj.forward_from(&concat, rows, &mut block_input, threads)?;
-        let block = self.block.forward(&block_input, batch, seq, balance_alpha, out, threads, exchange)?;
+        let block = self.block.forward_packed(
+            &block_input,
+            batch,
+            seq,
+            packing,
+            balance_alpha,
+            out,
+            threads,
+            exchange,
+        )?;
         let concat = (!self.recompute).then_some(concat);
         Ok(MtpCache { batch, seq, enorm, hnorm, concat, block_input, block })
     }

@@ -46,10 +46,13 @@ use crate::config::ModelConfig;
 use crate::embedding::Embedding;
 use crate::linear::Linear;
 use crate::mla::Mla;
-use crate::model::{HeadPass, LossConfig, head_backward_input, head_backward_weight, head_pass};
+use crate::model::{
+    HeadPass, LossConfig, head_backward_input, head_backward_weight, head_pass, packed_weights, packing_of,
+};
 use crate::moe::{ExpertExchange, ExpertShard, MoeLayer};
 use crate::mtp::{MtpCache, MtpModule, MtpWeightGradInputs};
 use crate::norm::RmsNorm;
+use crate::packing::Sft;
 use crate::param::Param;
 use crate::precision::{Precision, check_precision};
 use crate::{ModelError, Real};
@@ -516,16 +519,18 @@ impl<T: Real> RankModel<T> {
 
     /// Norm, head and fused cross-entropy of `h` against `targets`, the logits turned
     /// into their gradient scaled by `scale`. Returns the mean CE.
+    #[allow(clippy::too_many_arguments)]
     fn head_pass(
         &self,
         norm: &RmsNorm<T>,
         h: &[T],
         rows: usize,
         targets: &[u32],
+        weights: Option<&[T]>,
         scale: T,
         threads: usize,
     ) -> Result<(T, HeadPass<T>), ModelError> {
-        head_pass(&self.backend, self.head_weight()?, norm, h, rows, targets, scale, true, threads)
+        head_pass(&self.backend, self.head_weight()?, norm, h, rows, targets, weights, scale, true, threads)
     }
 
     /// The forward of chunk (micro-batch of `windows`, `stage`): `input` is the previous
@@ -542,9 +547,28 @@ impl<T: Real> RankModel<T> {
         threads: usize,
         exchange: &mut dyn ExpertExchange,
     ) -> Result<ChunkForward<T>, ModelError> {
+        self.forward_packed(stage, windows, None, seq_len, input, loss, threads, exchange)
+    }
+
+    /// [`RankModel::forward`] over a packed batch: every stage receives the windows' masks
+    /// (as it receives their tokens), keeps attention inside each sample, and the last
+    /// stage weighs its heads as [`crate::Model::forward_backward_packed`] does.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_packed(
+        &self,
+        stage: usize,
+        windows: &[Vec<u32>],
+        sft: Option<&Sft<'_>>,
+        seq_len: usize,
+        input: Option<Vec<T>>,
+        loss: &LossConfig,
+        threads: usize,
+        exchange: &mut dyn ExpertExchange,
+    ) -> Result<ChunkForward<T>, ModelError> {
         loss.validate()?;
         let range = self.stage_blocks(stage)?;
         let batch = self.check_windows(windows, seq_len)?;
+        let packing = packing_of(sft, batch, seq_len, self.window_len(seq_len))?;
         let (seq, hidden) = (seq_len, self.config.hidden_size);
         let rows = batch * seq;
         let n = rows * hidden;
@@ -584,7 +608,8 @@ impl<T: Real> RankModel<T> {
         let (mut xs, mut caches) = (Vec::new(), Vec::new());
         for (block, &layer) in self.blocks[range.clone()].iter().zip(&self.block_layers[range]) {
             let mut y = zeros(n);
-            let cache = block.forward(&x, batch, seq, alpha, &mut y, threads, exchange)?;
+            let cache =
+                block.forward_packed(&x, batch, seq, packing.as_ref(), alpha, &mut y, threads, exchange)?;
             record_moe(&mut stats, layer, &cache);
             xs.push(std::mem::replace(&mut x, y));
             caches.push(cache);
@@ -601,12 +626,22 @@ impl<T: Real> RankModel<T> {
         let inv_rows = 1.0 / rows as f64;
         let norm = self.norm.as_ref().ok_or_else(|| self.missing("model.norm"))?;
         let targets = Self::gather_tokens(windows, 1, seq);
-        let (main_ce, head) =
-            self.head_pass(norm, &h0, rows, &targets, cast(inv_rows, "loss scale")?, threads)?;
+        let weights = packed_weights::<T>(sft, seq, 1)?;
+        // A packed batch's weights already hold the mean; pre-training's is `1/rows`.
+        let per_row = if sft.is_some() { 1.0 } else { inv_rows };
+        let (main_ce, head) = self.head_pass(
+            norm,
+            &h0,
+            rows,
+            &targets,
+            weights.as_deref(),
+            cast(per_row, "loss scale")?,
+            threads,
+        )?;
         stats.main_ce = Some(to_f64(main_ce));
         let mut heads = vec![head];
         let mtp_scale: T =
-            if d > 0 { cast(loss.mtp_lambda / d as f64 * inv_rows, "loss scale")? } else { T::zero() };
+            if d > 0 { cast(loss.mtp_lambda / d as f64 * per_row, "loss scale")? } else { T::zero() };
         let mut passes: Vec<MtpPass<T>> = Vec::with_capacity(d);
         for module in &self.mtp {
             let k = module.depth();
@@ -615,11 +650,29 @@ impl<T: Real> RankModel<T> {
             self.embedding()?.forward(&tokens, &mut emb)?;
             let h_prev = passes.last().map_or(&h0, |p| &p.h);
             let mut h = zeros(n);
-            let mtp_cache = module.forward(h_prev, &emb, batch, seq, alpha, &mut h, threads, exchange)?;
+            let mtp_cache = module.forward_packed(
+                h_prev,
+                &emb,
+                batch,
+                seq,
+                packing.as_ref(),
+                alpha,
+                &mut h,
+                threads,
+                exchange,
+            )?;
             record_moe(&mut stats, module.layer(), &mtp_cache.block);
             let targets = Self::gather_tokens(windows, k + 1, seq);
-            let (ce, head) =
-                self.head_pass(&module.shared_head_norm, &h, rows, &targets, mtp_scale, threads)?;
+            let weights = packed_weights::<T>(sft, seq, k + 1)?;
+            let (ce, head) = self.head_pass(
+                &module.shared_head_norm,
+                &h,
+                rows,
+                &targets,
+                weights.as_deref(),
+                mtp_scale,
+                threads,
+            )?;
             stats.mtp_ce.push(to_f64(ce));
             heads.push(head);
             passes.push(MtpPass { tokens, emb, h, cache: mtp_cache });

@@ -13,9 +13,11 @@ use crate::checkpoint::{
 };
 use crate::config::{ConfigError, ModelConfig};
 use crate::data::{
-    BYTE_VOCAB, DataError, DataSampler, IndexedDataset, IndexedSampler, Sampler, Tokenizer, synthetic_corpus,
+    BYTE_VOCAB, DataError, DataSampler, IndexedDataset, IndexedSampler, Sampler, SftSampler, Tokenizer,
+    Window, synthetic_corpus,
 };
 use crate::model::{LossConfig, Model, StepStats};
+use crate::packing::{BatchCounts, LossNormalization, SampleMask, Sft};
 use crate::precision::Precision;
 use crate::shard::{CheckpointReader, Piece, PieceData, PieceKind, ShardError, ShardHeader, Snapshot};
 use flotilla_kernels::backend::Backend;
@@ -55,6 +57,21 @@ pub enum DataConfig {
         /// first out-of-vocabulary token.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         tokenizer: Option<PathBuf>,
+    },
+    /// Supervised fine-tuning: JSONL conversations (`messages`, or `prompt`/`response`)
+    /// rendered with the default template, loss on the responses only, packed several to
+    /// a window with attention kept inside each sample ([`crate::data::sft`],
+    /// [`crate::packing`]).
+    Sft {
+        /// The JSONL file (relative to the config file).
+        path: PathBuf,
+        /// A Hugging Face `tokenizer.json` (relative to the config file); absent: bytes.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tokenizer: Option<PathBuf>,
+        /// `"token"` (default: every response token of a micro-batch weighs the same) or
+        /// `"sample"` (every sample does).
+        #[serde(default)]
+        loss_normalization: LossNormalization,
     },
 }
 
@@ -149,7 +166,9 @@ impl DataConfig {
     pub fn paths(&self) -> Vec<(&'static str, PathBuf)> {
         let (data, tokenizer): (Vec<PathBuf>, _) = match self {
             DataConfig::Synthetic { .. } => return Vec::new(),
-            DataConfig::Text { path, tokenizer } => (vec![path.clone()], tokenizer),
+            DataConfig::Text { path, tokenizer } | DataConfig::Sft { path, tokenizer, .. } => {
+                (vec![path.clone()], tokenizer)
+            }
             DataConfig::Indexed { path, tokenizer } => {
                 let prefixes = match path {
                     DatasetPaths::One(p) => vec![p.clone()],
@@ -555,7 +574,7 @@ impl TrainConfig {
         let fix = |p: &mut PathBuf| resolve_relative(p, base);
         match &mut config.data {
             DataConfig::Synthetic { .. } => {}
-            DataConfig::Text { path, tokenizer } => {
+            DataConfig::Text { path, tokenizer } | DataConfig::Sft { path, tokenizer, .. } => {
                 fix(path);
                 tokenizer.iter_mut().for_each(fix);
             }
@@ -588,7 +607,7 @@ impl TrainConfig {
         }
         let bytes = match &self.data {
             DataConfig::Synthetic { .. } => true,
-            DataConfig::Text { tokenizer, .. } => tokenizer.is_none(),
+            DataConfig::Text { tokenizer, .. } | DataConfig::Sft { tokenizer, .. } => tokenizer.is_none(),
             DataConfig::Indexed { .. } => false,
         };
         if bytes && model.vocab_size < BYTE_VOCAB {
@@ -616,9 +635,9 @@ impl TrainConfig {
     pub fn tokenizer(&self) -> Result<Tokenizer, TrainError> {
         let path = match &self.data {
             DataConfig::Synthetic { .. } => None,
-            DataConfig::Text { tokenizer, .. } | DataConfig::Indexed { tokenizer, .. } => {
-                tokenizer.as_deref()
-            }
+            DataConfig::Text { tokenizer, .. }
+            | DataConfig::Indexed { tokenizer, .. }
+            | DataConfig::Sft { tokenizer, .. } => tokenizer.as_deref(),
         };
         Ok(Tokenizer::load(path, None)?)
     }
@@ -635,6 +654,9 @@ impl TrainConfig {
             }
             DataConfig::Indexed { .. } => Err(TrainError::Config(
                 "`data.kind = \"indexed\"` is read memory-mapped, not as one stream".into(),
+            )),
+            DataConfig::Sft { .. } => Err(TrainError::Config(
+                "`data.kind = \"sft\"` is read as packed conversations, not as one stream".into(),
             )),
         }
     }
@@ -665,6 +687,22 @@ impl TrainConfig {
                     self.batch_size,
                 )?))
             }
+            DataConfig::Sft { path, .. } => Ok(DataSampler::Sft(SftSampler::open(
+                path,
+                &self.tokenizer()?,
+                self.seed,
+                self.seq_len,
+                mtp_depth,
+                self.batch_size,
+            )?)),
+        }
+    }
+
+    /// How a packed SFT batch's losses are averaged; `None` for pre-training data.
+    pub fn sft_normalization(&self) -> Option<LossNormalization> {
+        match &self.data {
+            DataConfig::Sft { loss_normalization, .. } => Some(*loss_normalization),
+            _ => None,
         }
     }
 }
@@ -727,6 +765,48 @@ pub struct Trainer {
     step: u64,
     /// What `init_from` loaded, when the run started from an HF checkpoint.
     pub init: Option<FillReport>,
+}
+
+/// The counts of step `step`'s whole batch (windows `0..batch_size`) for `heads` heads
+/// (`1 + D`), for packed SFT data (`None` otherwise): what every micro-batch and rank
+/// normalizes by ([`crate::packing::BatchCounts`]). Every rank computes it from the data,
+/// as it draws its own windows.
+pub fn batch_counts(
+    sampler: &DataSampler,
+    config: &TrainConfig,
+    step: u64,
+    heads: usize,
+) -> Result<Option<BatchCounts>, DataError> {
+    let (Some(normalization), DataSampler::Sft(sft)) = (config.sft_normalization(), sampler) else {
+        return Ok(None);
+    };
+    let masks: Vec<SampleMask> =
+        (0..config.batch_size as u64).filter_map(|i| sft.window(step, i).sft).collect();
+    Ok(Some(BatchCounts::of(&masks, config.seq_len, heads, normalization)))
+}
+
+/// A batch's token windows and, for packed SFT data, their sample masks.
+pub type SplitWindows = (Vec<Vec<u32>>, Option<Vec<SampleMask>>);
+
+/// A batch's tokens and, for packed SFT windows, their masks (all or none: a batch that
+/// mixes both is an error).
+pub fn split_windows(windows: Vec<Window>) -> Result<SplitWindows, DataError> {
+    let packed = windows.iter().filter(|w| w.sft.is_some()).count();
+    if packed != 0 && packed != windows.len() {
+        return Err(DataError::Config(format!(
+            "a batch of {} windows mixes {packed} packed SFT windows with pre-training ones",
+            windows.len()
+        )));
+    }
+    let mut masks = Vec::with_capacity(packed);
+    let tokens = windows
+        .into_iter()
+        .map(|w| {
+            masks.extend(w.sft);
+            w.tokens
+        })
+        .collect();
+    Ok((tokens, (packed > 0).then_some(masks)))
 }
 
 /// Fills `params` (the tensors this process or rank holds) from the HF checkpoint `dir`
@@ -813,12 +893,20 @@ impl Trainer {
         let step = self.step + 1;
         let share = (batch / size) as u64;
         let first = rank as u64 * share;
-        let windows = (first..first + share)
-            .map(|i| Ok(self.sampler.window(step, i)?.tokens))
-            .collect::<Result<Vec<Vec<u32>>, DataError>>()?;
+        let drawn = (first..first + share)
+            .map(|i| self.sampler.window(step, i))
+            .collect::<Result<Vec<Window>, DataError>>()?;
+        let (windows, masks) = split_windows(drawn)?;
+        let counts = batch_counts(&self.sampler, &self.config, step, 1 + self.model.mtp_depth())?;
         self.model.zero_grad();
-        let stats =
-            self.model.forward_backward(&windows, self.config.seq_len, &self.config.loss, self.threads)?;
+        let (seq_len, loss) = (self.config.seq_len, &self.config.loss);
+        let stats = match (self.config.sft_normalization(), &masks) {
+            (Some(normalization), Some(masks)) => {
+                let sft = Sft { masks, normalization, batch: counts.as_ref() };
+                self.model.forward_backward_packed(&windows, &sft, seq_len, loss, self.threads)?
+            }
+            _ => self.model.forward_backward(&windows, seq_len, loss, self.threads)?,
+        };
         if !stats.loss.is_finite() {
             return Err(TrainError::Diverged { step, loss: stats.loss });
         }

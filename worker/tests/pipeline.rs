@@ -170,6 +170,44 @@ fn indexed_data_trains_like_one_process() {
     assert_matches(&runs, &want, 1e-5, 1e-3);
 }
 
+/// Packed SFT data (conversations of several lengths, two to four per window, loss on the
+/// responses only) under pp 2 × ep 2: every stage draws the windows' sample masks with
+/// their tokens, so the ranks' losses and weights are the single process's, and a second
+/// run repeats the first bit for bit.
+#[test]
+fn sft_data_trains_like_one_process() {
+    let dir = std::env::temp_dir().join(format!("flotilla-pipeline-sft-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let lines: Vec<String> = (0..40)
+        .map(|i| {
+            let prompt: String = (0..1 + i % 4).map(|k| char::from(b'a' + ((i + k) % 26) as u8)).collect();
+            let reply: String = prompt.chars().rev().collect();
+            if i % 3 == 0 {
+                format!(r#"{{"prompt": "{prompt}", "response": "{reply}"}}"#)
+            } else {
+                format!(
+                    r#"{{"messages": [{{"role": "system", "content": "r"}}, {{"role": "user", "content": "{prompt}"}}, {{"role": "assistant", "content": "{reply}"}}]}}"#
+                )
+            }
+        })
+        .collect();
+    std::fs::write(dir.join("chat.jsonl"), lines.join("\n")).unwrap();
+    let table = format!(
+        "[data]\nkind = \"sft\"\npath = \"{}\"\nloss_normalization = \"sample\"\n",
+        dir.join("chat.jsonl").display()
+    );
+    let toml = run_toml("fp32")
+        .replace("[data]\nkind = \"synthetic\"\ntokens = 65536\n", &table)
+        .replace("seq_len = 16\n", "seq_len = 80\n");
+    assert!(toml.contains("sft") && toml.contains("seq_len = 80"), "{toml}");
+    let want = reference(&toml);
+    let layout = || parallel(ScheduleKind::DualPipe, 2, 2, 1);
+    let runs = run_layout(&toml, layout(), &[]);
+    assert_matches(&runs, &want, 1e-5, 1e-3);
+    assert_bit_identical(&runs, &run_layout(&toml, layout(), &[]));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 #[test]
 fn a_layout_repeats_bit_for_bit() {
     let toml = run_toml("fp32");

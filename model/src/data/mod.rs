@@ -12,16 +12,19 @@
 //! Two kinds of source: a token stream in memory ([`Sampler`]: the synthetic corpus, a
 //! text file), whose windows start at a seeded uniform position; and Megatron-LM indexed
 //! datasets ([`indexed`], memory-mapped) and their blends, whose windows follow a seeded
-//! per-epoch order ([`sample`]). [`DataSampler`] is either. [`tokenizer`] holds the byte
+//! per-epoch order ([`sample`]); and SFT conversations packed several to a window with a
+//! loss mask ([`sft`]). [`DataSampler`] is any of them. [`tokenizer`] holds the byte
 //! and Hugging Face tokenizers, [`prepare`] turns text into an indexed dataset.
 
 pub mod indexed;
 pub mod prepare;
 pub mod sample;
+pub mod sft;
 pub mod tokenizer;
 
 pub use indexed::{IndexedDataset, IndexedWriter, TokenDtype};
 pub use sample::IndexedSampler;
+pub use sft::SftSampler;
 pub use tokenizer::Tokenizer;
 
 use crate::ModelError;
@@ -137,6 +140,9 @@ pub fn synthetic_corpus(seed: u64, len: usize) -> Vec<u32> {
 pub struct Window {
     /// `seq_len + 1 + mtp_depth` consecutive tokens.
     pub tokens: Vec<u32>,
+    /// A packed SFT window's samples and loss targets ([`crate::packing`]); `None`:
+    /// pre-training, one stream, every position scored.
+    pub sft: Option<crate::packing::SampleMask>,
 }
 
 /// Draws windows from a token stream.
@@ -179,7 +185,7 @@ impl Sampler {
         let key = self.seed ^ stable_hash(&format!("batch {step} {index}"));
         let mut rng = ChaCha8Rng::seed_from_u64(key);
         let start = rng.random_range(0..=self.data.len() - self.window);
-        Window { tokens: self.data[start..start + self.window].to_vec() }
+        Window { tokens: self.data[start..start + self.window].to_vec(), sft: None }
     }
 }
 
@@ -190,6 +196,8 @@ pub enum DataSampler {
     Stream(Sampler),
     /// Indexed datasets, memory-mapped, possibly blended.
     Indexed(IndexedSampler),
+    /// Packed SFT conversations ([`sft`]).
+    Sft(SftSampler),
 }
 
 impl DataSampler {
@@ -198,6 +206,7 @@ impl DataSampler {
         match self {
             DataSampler::Stream(s) => Ok(s.window(step, index)),
             DataSampler::Indexed(s) => s.window(step, index),
+            DataSampler::Sft(s) => Ok(s.window(step, index)),
         }
     }
 
@@ -205,7 +214,7 @@ impl DataSampler {
     pub fn stream(&self) -> Option<&[u32]> {
         match self {
             DataSampler::Stream(s) => Some(&s.data),
-            DataSampler::Indexed(_) => None,
+            DataSampler::Indexed(_) | DataSampler::Sft(_) => None,
         }
     }
 }

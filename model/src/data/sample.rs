@@ -180,7 +180,7 @@ impl IndexedSampler {
     pub fn window(&self, step: u64, index: u64) -> Result<Window, DataError> {
         let g = step.saturating_sub(1) * self.batch_size + index;
         let (d, start) = self.locate(g);
-        Ok(Window { tokens: self.sources[d].data.read(start, self.window)? })
+        Ok(Window { tokens: self.sources[d].data.read(start, self.window)?, sft: None })
     }
 }
 

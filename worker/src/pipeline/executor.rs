@@ -26,10 +26,12 @@ use flotilla_model::pipeline::{ChunkCache, ChunkStats, ChunkWeightGrads};
 use flotilla_proto::v1::{ExecutedOp, ScheduledOp};
 use tokio::runtime::Handle;
 
-use super::{PipelineError, PipelineTrainer, decode_f32, encode_f32};
+use super::{MicroBatch, PipelineError, PipelineTrainer, decode_f32, encode_f32};
 use crate::comm::Communicator;
 use crate::expert_exchange::{DataPlaneExchange, EpTopology, ExchangeStats};
 use crate::tags;
+use flotilla_model::packing::{BatchCounts, LossNormalization, Sft};
+use flotilla_model::train::batch_counts;
 
 /// What executing the stream produced.
 pub(super) struct StreamRun {
@@ -121,8 +123,20 @@ impl PipelineTrainer {
         let seq = self.config.seq_len;
         let loss = self.config.loss;
         let threads = self.threads;
-        let windows: Vec<Vec<Vec<u32>>> =
+        let windows: Vec<MicroBatch> =
             (0..plan.parallel.micro_batches).map(|m| self.windows(step, m)).collect::<Result<_, _>>()?;
+        let normalization = self.config.sft_normalization().unwrap_or_default();
+        let heads = 1 + self.model.config().num_nextn_predict_layers;
+        let counts = batch_counts(&self.sampler, &self.config, step, heads)
+            .map_err(|e| PipelineError::Step { step, detail: format!("reading the data: {e}") })?;
+        let counts = counts.as_ref();
+        fn sft<'a>(
+            mb: &'a MicroBatch,
+            normalization: LossNormalization,
+            batch: Option<&'a BatchCounts>,
+        ) -> Option<Sft<'a>> {
+            mb.masks.as_deref().map(|masks| Sft { masks, normalization, batch })
+        }
         let mut tally = Tally {
             loads: vec![vec![0; self.model.config().n_routed_experts]; self.moe_layers.len()],
             ..Tally::default()
@@ -152,11 +166,13 @@ impl PipelineTrainer {
                 Instruction::Forward { chunk: c } => {
                     let input = Self::forward_input(&mut inflight, c).map_err(stream_err)?;
                     let mut ex = exchange(c);
+                    let mb = &windows[c.micro_batch as usize];
                     let out = self
                         .model
-                        .forward(
+                        .forward_packed(
                             c.stage as usize,
-                            &windows[c.micro_batch as usize],
+                            &mb.tokens,
+                            sft(mb, normalization, counts).as_ref(),
                             seq,
                             input,
                             &loss,
@@ -194,9 +210,19 @@ impl PipelineTrainer {
                         Self::backward_inputs(&mut inflight, backward, last).map_err(stream_err)?;
                     let model = &self.model;
                     let fwd_windows = &windows[forward.micro_batch as usize];
+                    let fwd_sft = sft(fwd_windows, normalization, counts);
                     let (mut fx, mut bx) = (exchange(forward), exchange(backward));
                     let run_forward = |fx: &mut DataPlaneExchange<'_, C>| {
-                        model.forward(forward.stage as usize, fwd_windows, seq, input, &loss, threads, fx)
+                        model.forward_packed(
+                            forward.stage as usize,
+                            &fwd_windows.tokens,
+                            fwd_sft.as_ref(),
+                            seq,
+                            input,
+                            &loss,
+                            threads,
+                            fx,
+                        )
                     };
                     let (fwd, bwd) = if overlap {
                         // The two chunks on two threads: one's all-to-all waits while the

@@ -37,10 +37,11 @@ use bytes::Bytes;
 use flotilla_kernels::backend::Backend;
 use flotilla_model::ModelError;
 use flotilla_model::config::ModelConfig;
-use flotilla_model::data::DataSampler;
+use flotilla_model::data::{DataError, DataSampler};
 use flotilla_model::moe::ExpertShard;
+use flotilla_model::packing::SampleMask;
 use flotilla_model::pipeline::{RankModel, StageLayout};
-use flotilla_model::train::{StepRecord, TrainConfig, step_record};
+use flotilla_model::train::{StepRecord, TrainConfig, split_windows, step_record};
 use flotilla_proto::v1::ExecutedOp;
 use tokio::runtime::Handle;
 
@@ -50,6 +51,12 @@ pub use flotilla_layout::{Chunk, Coordinates, Instruction, ScheduleKind};
 pub use plan::PipelinePlan;
 
 use executor::StreamRun;
+
+/// One micro-batch's windows: their tokens and, for packed SFT data, their sample masks.
+pub(crate) struct MicroBatch {
+    tokens: Vec<Vec<u32>>,
+    masks: Option<Vec<SampleMask>>,
+}
 use zero1::HolderGroup;
 
 /// Why a pipeline step failed.
@@ -188,19 +195,20 @@ impl PipelineTrainer {
         self.plan.parallel.global_micro_batches()
     }
 
-    /// The windows of micro-batch `m` of this rank's pipeline for `step`.
-    fn windows(&self, step: u64, m: u32) -> Result<Vec<Vec<u32>>, PipelineError> {
+    /// The windows of micro-batch `m` of this rank's pipeline for `step`, with their
+    /// sample masks when the data is packed SFT (every stage draws both, as it draws the
+    /// tokens: the masks travel with the batch to every stage).
+    fn windows(&self, step: u64, m: u32) -> Result<MicroBatch, PipelineError> {
         let per = self.config.batch_size as u64 / self.global_micro_batches();
         let first =
             (self.plan.pipeline_index() * u64::from(self.plan.parallel.micro_batches) + u64::from(m)) * per;
-        (first..first + per)
-            .map(|i| {
-                self.sampler
-                    .window(step, i)
-                    .map(|w| w.tokens)
-                    .map_err(|e| PipelineError::Step { step, detail: format!("reading the data: {e}") })
-            })
-            .collect()
+        let read = |e: DataError| PipelineError::Step { step, detail: format!("reading the data: {e}") };
+        let drawn = (first..first + per)
+            .map(|i| self.sampler.window(step, i))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(read)?;
+        let (tokens, masks) = split_windows(drawn).map_err(read)?;
+        Ok(MicroBatch { tokens, masks })
     }
 
     /// Runs one training step (see the module docs). Blocking: call it from a blocking
