@@ -349,8 +349,9 @@ where
         ))
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, cancel.clone().cancelled_owned());
-    let server_task = tokio::spawn(server);
+    // Until the feed has listed the jobs (a moment after start), the job series are empty.
     let feeder = tokio::spawn(metrics::feeder(timed.clone(), metrics.clone(), cancel.clone()));
+    let server_task = tokio::spawn(server);
     let compactor = (config.history_retention > 0).then(|| {
         tokio::spawn(history::compactor(
             timed.clone(),
