@@ -129,16 +129,25 @@ async fn jobs(addr: SocketAddr, auth: &ClientAuth) -> JobServiceClient<AuthChann
     JobServiceClient::with_interceptor(channel(addr, auth).await, auth.interceptor())
 }
 
-fn job_config(steps: u64) -> String {
+fn job_config(steps: u64, max_restarts: u32) -> String {
     format!(
-        "seed = 0\nsteps = {steps}\nbatch_size = 12\nseq_len = 16\n\n[model]\npreset = \"tiny\"\n\n[recovery]\nmax_restarts = 0\n"
+        "seed = 0\nsteps = {steps}\nbatch_size = 12\nseq_len = 16\n\n[model]\npreset = \"tiny\"\n\n[recovery]\nmax_restarts = {max_restarts}\nbackoff_ms = 10\n"
     )
 }
 
 async fn submit(client: &mut JobServiceClient<AuthChannel>, workers: u32, steps: u64) -> String {
+    submit_with(client, workers, steps, 0).await
+}
+
+async fn submit_with(
+    client: &mut JobServiceClient<AuthChannel>,
+    workers: u32,
+    steps: u64,
+    max_restarts: u32,
+) -> String {
     let request = SubmitJobRequest {
         name: format!("metrics-{workers}x{steps}"),
-        config_toml: job_config(steps),
+        config_toml: job_config(steps, max_restarts),
         workers,
         output_dir: std::env::temp_dir().join("flotilla-metrics-test").display().to_string(),
         resume_from: String::new(),
@@ -260,8 +269,9 @@ fn tool(name: &str) -> Option<PathBuf> {
 // Fake workers
 
 /// A fake worker: registers, opens its session, heartbeats, acknowledges assignments and
-/// aborts, and runs steps (one report every 5 ms) until the last, or until `stall_at`
-/// (exclusive), where it goes quiet with heartbeats on, as if stuck in a step.
+/// aborts, and runs steps (one report every 5 ms) until the last, or, in its first run,
+/// until `stall_at` (exclusive), where it goes quiet with heartbeats on, as if stuck in a
+/// step; a later run (after a recovery) runs every step.
 struct FakeWorker {
     task: JoinHandle<()>,
 }
@@ -307,7 +317,7 @@ async fn run_worker(
     _client: CoordinatorServiceClient<AuthChannel>,
     tx: mpsc::Sender<WorkerMessage>,
     mut inbound: tonic::Streaming<CoordinatorMessage>,
-    stall_at: Option<u64>,
+    mut stall_at: Option<u64>,
 ) {
     let send = |body| WorkerMessage { body: Some(body) };
     let ack = |command_id| send(worker_message::Body::Ack(Ack { command_id, ..Ack::default() }));
@@ -353,6 +363,7 @@ async fn run_worker(
                 let step = r.next;
                 if stall_at.is_some_and(|n| step >= n) {
                     run = None;
+                    stall_at = None;
                     continue;
                 }
                 let body = if step >= r.end {
@@ -645,6 +656,50 @@ async fn per_rank_series_live_while_a_job_runs_and_go_when_it_ends() {
     for worker in workers {
         worker.stop().await;
     }
+    coordinator.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_recovery_is_counted_by_its_cause() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = start(config(dir.path())).await;
+    let addr = coordinator.local_addr();
+    let none = auth(None, None);
+    // Both stall in step 3 of their first run; the job is placed on them (the spare
+    // registers after the job runs).
+    let survivor = FakeWorker::start(addr, &none, "w-0", Some(3)).await;
+    let doomed = FakeWorker::start(addr, &none, "w-1", Some(3)).await;
+    let mut client = jobs(addr, &none).await;
+    const STEPS: u64 = 6;
+    let job = submit_with(&mut client, 2, STEPS, 1).await;
+    let rank = |r: u32| format!("flotilla_rank_last_step{{job_id=\"{job}\",rank=\"{r}\"}}");
+    scrape_until(addr, |text| sample(text, &rank(0)) == Some(2.0) && sample(text, &rank(1)) == Some(2.0))
+        .await;
+    let spare = FakeWorker::start(addr, &none, "w-2", None).await;
+    // A crashed process: the stream breaks, the job recovers from the seeded start on the
+    // survivor and the spare, and runs to the end.
+    doomed.stop().await;
+    wait_for_state(&mut client, &job, JobState::Succeeded).await;
+    let text = scrape_until(addr, |text| {
+        sample(text, "flotilla_recoveries_total{cause=\"worker_lost\"}") == Some(1.0)
+    })
+    .await;
+    for cause in ["worker_error", "step_timeout", "coordinator_restarted", "checkpoint_unloadable"] {
+        assert_eq!(
+            sample(&text, &format!("flotilla_recoveries_total{{cause=\"{cause}\"}}")),
+            Some(0.0),
+            "{cause}"
+        );
+    }
+    assert_eq!(sample(&text, &format!("flotilla_job_restarts{{job_id=\"{job}\"}}")), Some(1.0), "{text}");
+    assert_eq!(
+        sample(&text, &format!("flotilla_job_steps_completed{{job_id=\"{job}\"}}")),
+        Some(STEPS as f64)
+    );
+    assert!(!text.contains("rank=\""), "{text}");
+
+    survivor.stop().await;
+    spare.stop().await;
     coordinator.shutdown().await.unwrap();
 }
 
