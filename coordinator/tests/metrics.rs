@@ -1,9 +1,10 @@
 //! `GET /metrics` on a real coordinator on a loopback port, with jobs driven by fake
 //! workers (tonic clients in this process that run steps the way `service.rs`'s do): the
-//! values after a job, the per-rank series while a job runs and after it ends, the per-job
-//! series after retention removes the job, the exposition through `promtool check
+//! values after a job, the per-rank series while a job runs and after it ends, a recovery
+//! counted by its cause, the per-job series after retention removes the job, the exposition through `promtool check
 //! metrics`, 401/403/200 by token role over TLS, the Grafana dashboard's expressions
-//! against a scrape, and a real Prometheus scraping over TLS with a viewer token.
+//! against a scrape, and a real Prometheus scraping over TLS (HTTP/2 and HTTP/1.1) with a
+//! viewer token.
 //!
 //! `promtool` and `prometheus` come from Debian's `prometheus` package (.ci/run installs
 //! it). Under `CI=true` a missing binary fails the test; elsewhere the test says why it
@@ -416,13 +417,18 @@ fn free_port() -> u16 {
 }
 
 impl Prometheus {
-    /// Starts `binary` scraping `target` every second over TLS (HTTP/2: the coordinator's
-    /// TLS offers only `h2`) with the CA `ca` and the bearer token in `token_file`.
+    /// Starts `binary` scraping `target` every second over TLS with the CA `ca` and the
+    /// bearer token in `token_file`, as two scrape jobs: `flotilla` over HTTP/2, and
+    /// `flotilla-http1` over HTTP/1.1 (`enable_http2: false`, Prometheus' default, whose
+    /// client sends no ALPN, so the coordinator's `h2`-only ALPN does not refuse it).
     fn start(binary: &Path, target: SocketAddr, ca: &Path, token_file: &Path) -> Prometheus {
         let dir = tempfile::tempdir().unwrap();
         let config = format!(
             "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
              scrape_configs:\n  - job_name: flotilla\n    scheme: https\n    enable_http2: true\n    \
+             tls_config:\n      ca_file: {ca}\n    authorization:\n      type: Bearer\n      \
+             credentials_file: {token}\n    static_configs:\n      - targets: ['{target}']\n  \
+             - job_name: flotilla-http1\n    scheme: https\n    enable_http2: false\n    \
              tls_config:\n      ca_file: {ca}\n    authorization:\n      type: Bearer\n      \
              credentials_file: {token}\n    static_configs:\n      - targets: ['{target}']\n",
             ca = ca.display(),
@@ -629,9 +635,15 @@ async fn per_rank_series_live_while_a_job_runs_and_go_when_it_ends() {
     let job = submit(&mut client, 2, 10).await;
     let rank = |r: u32| format!("flotilla_rank_last_step{{job_id=\"{job}\",rank=\"{r}\"}}");
     let age = |r: u32| format!("flotilla_rank_heartbeat_age_seconds{{job_id=\"{job}\",rank=\"{r}\"}}");
-    let text =
-        scrape_until(addr, |text| sample(text, &rank(0)) == Some(2.0) && sample(text, &rank(1)) == Some(2.0))
-            .await;
+    let steps = format!("flotilla_job_steps_completed{{job_id=\"{job}\"}}");
+    // The ranks' steps are set as their reports arrive, the job's step once its summary is
+    // written (and the feed has seen it).
+    let text = scrape_until(addr, |text| {
+        sample(text, &rank(0)) == Some(2.0)
+            && sample(text, &rank(1)) == Some(2.0)
+            && sample(text, &steps) == Some(2.0)
+    })
+    .await;
     for r in 0..2 {
         let seconds =
             sample(&text, &age(r)).unwrap_or_else(|| panic!("no heartbeat age of rank {r}:\n{text}"));
@@ -639,7 +651,6 @@ async fn per_rank_series_live_while_a_job_runs_and_go_when_it_ends() {
     }
     assert_eq!(sample(&text, "flotilla_jobs{state=\"running\"}"), Some(1.0), "{text}");
     assert_eq!(sample(&text, "flotilla_workers{state=\"assigned\"}"), Some(2.0), "{text}");
-    assert_eq!(sample(&text, &format!("flotilla_job_steps_completed{{job_id=\"{job}\"}}")), Some(2.0));
     // With a job running, every series the dashboard queries exists.
     check_dashboard(&text);
 
@@ -793,6 +804,14 @@ async fn a_real_prometheus_scrapes_a_finished_job_over_tls() {
     server.wait_for(&format!("flotilla_job_steps_completed{{job_id=\"{job}\"}}"), &STEPS.to_string()).await;
     server.wait_for("flotilla_jobs{state=\"succeeded\"}", "1").await;
     server.wait_for("up{job=\"flotilla\"}", "1").await;
+    // And over HTTP/1.1 on the same TLS port.
+    server.wait_for("up{job=\"flotilla-http1\"}", "1").await;
+    server
+        .wait_for(
+            &format!("flotilla_job_steps_completed{{job_id=\"{job}\",job=\"flotilla-http1\"}}"),
+            &STEPS.to_string(),
+        )
+        .await;
     server.wait_for(&format!("flotilla_job_loss{{job_id=\"{job}\"}}"), &loss(STEPS).to_string()).await;
     drop(server);
 
