@@ -56,6 +56,7 @@ use super::messages::{
     ClusterHandle, ClusterMsg, ConnId, JobControl, JobHandle, Member, OUTBOUND_QUEUE, SessionHandle,
     SessionStream, TimelineAnswer, WorkersSnapshot,
 };
+use super::metrics::Metrics;
 use super::records::{self, is_valid_id};
 use super::session::SessionActor;
 use super::timeline::EndedTimelines;
@@ -117,6 +118,7 @@ struct ActiveJob {
 struct Cluster<S> {
     config: Arc<CoordinatorConfig>,
     store: S,
+    metrics: Arc<Metrics>,
     mailbox: mpsc::Receiver<ClusterMsg>,
     /// Given to children; keeping it also keeps the mailbox open until shutdown.
     me: mpsc::Sender<ClusterMsg>,
@@ -141,12 +143,14 @@ struct Cluster<S> {
 pub(crate) async fn start<S: StateStore + Clone + 'static>(
     config: Arc<CoordinatorConfig>,
     store: S,
+    metrics: Arc<Metrics>,
     cancel: CancellationToken,
 ) -> Result<(ClusterHandle, JoinHandle<()>), ServiceError> {
     let (me, mailbox) = mpsc::channel(MAILBOX);
     let mut cluster = Cluster {
         config,
         store: store.clone(),
+        metrics,
         mailbox,
         me: me.clone(),
         cancel,
@@ -196,6 +200,7 @@ impl<S: StateStore + Clone + 'static> Cluster<S> {
             cancel: self.cancel.clone(),
             commands: self.commands.clone(),
             stop_timeout: self.config.heartbeat_timeout,
+            metrics: self.metrics.clone(),
         }
     }
 

@@ -25,6 +25,9 @@
 //!   ranks executed for `GetStepTimeline` (`timeline`).
 //! - The **history compactor** (`history`) keeps the store's watch history to the last
 //!   `history_retention` revisions, so the store's memory and log stay bounded.
+//! - The **metrics feed** (`metrics`) follows the store (a list, then a watch of every
+//!   key) into the Prometheus registry that `GET /metrics` serves on the same port; the
+//!   job actors, the store wrapper and the auth layer add to it directly.
 //! - The **job retainer** (`retention`) deletes the finished jobs the retention policy
 //!   does not keep (the newest `max_jobs`, those younger than `max_age`), records and
 //!   events, which the compactor then compacts out.
@@ -104,6 +107,7 @@ mod history;
 mod ids;
 mod job;
 mod messages;
+pub mod metrics;
 mod records;
 mod retention;
 mod session;
@@ -116,6 +120,7 @@ pub use config::{
 };
 pub use error::ServiceError;
 pub use job::may_transition;
+pub use metrics::Metrics;
 pub use retention::JobRetention;
 
 use std::future::Future;
@@ -131,6 +136,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tonic::service::Routes;
 use tonic::transport::Server;
 use tonic::transport::server::{Connected, TcpIncoming};
 
@@ -138,6 +144,7 @@ use crate::store::{FileStore, Revision, StateStore, StoreError};
 
 use self::auth::{AuthError, AuthLayer, RateLimiter, TokenStore};
 use self::grpc::{CoordinatorApi, JobApi};
+use self::metrics::TimedStore;
 
 /// How long [`CoordinatorHandle::shutdown`] lets the server drain its connections before
 /// it drops them.
@@ -281,21 +288,25 @@ where
     let admission = Arc::new(Admission::new(&config)?);
     let config = Arc::new(config);
     let cancel = CancellationToken::new();
+    let metrics = Arc::new(Metrics::new());
+    // The service's own store handle: every operation timed. The handle keeps the plain one.
+    let timed = TimedStore::new(store.clone(), metrics.clone());
     // Jobs interrupted by the previous process are settled before the first request is
     // served, so no client ever sees a state nobody is driving.
-    let (cluster, cluster_task) = cluster::start(config.clone(), store.clone(), cancel.clone()).await?;
+    let (cluster, cluster_task) =
+        cluster::start(config.clone(), timed.clone(), metrics.clone(), cancel.clone()).await?;
 
     let coordinator =
         CoordinatorServiceServer::new(CoordinatorApi::new(cluster.clone(), config.clone(), cancel.clone()))
             .max_decoding_message_size(config.max_message_bytes)
             .max_encoding_message_size(config.max_message_bytes);
-    let jobs = JobServiceServer::new(JobApi::new(cluster.clone(), store.clone(), admission, cancel.clone()))
+    let jobs = JobServiceServer::new(JobApi::new(cluster.clone(), timed.clone(), admission, cancel.clone()))
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<CoordinatorServiceServer<CoordinatorApi>>().await;
-    health.set_serving::<JobServiceServer<JobApi<S>>>().await;
+    health.set_serving::<JobServiceServer<JobApi<TimedStore<S>>>>().await;
     // Both reflection versions: `grpc.reflection.v1` for current grpcurl, and `v1alpha`,
     // which older grpcurl, Postman, Evans, BloomRPC and grpcio-reflection clients call.
     let reflection_builder = || {
@@ -313,29 +324,44 @@ where
     let reflection = reflection_builder().build_v1().map_err(reflection_error)?;
     let reflection_v1alpha = reflection_builder().build_v1alpha().map_err(reflection_error)?;
 
-    let server = builder
-        // Keepalive pings find a dead TCP peer even between heartbeats.
-        .http2_keepalive_interval(Some(config.heartbeat_interval.max(Duration::from_secs(1))))
-        .http2_keepalive_timeout(Some(config.heartbeat_timeout.max(Duration::from_secs(1))))
-        // In front of every service: a refused call reaches no handler.
-        .layer(AuthLayer::new(tokens, Arc::new(RateLimiter::new(config.rate_limits.clone()))))
+    let mut routes = Routes::builder();
+    routes
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_v1alpha)
         .add_service(coordinator)
-        .add_service(jobs)
+        .add_service(jobs);
+    // `GET /metrics` beside the gRPC services, on the same port.
+    let routes =
+        Routes::from(metrics::route(routes.routes().into_axum_router(), metrics.clone(), cluster.clone()));
+    let server = builder
+        // Keepalive pings find a dead TCP peer even between heartbeats.
+        .http2_keepalive_interval(Some(config.heartbeat_interval.max(Duration::from_secs(1))))
+        .http2_keepalive_timeout(Some(config.heartbeat_timeout.max(Duration::from_secs(1))))
+        // HTTP/1.1 too, for Prometheus (which scrapes over HTTP/1.1 unless told otherwise);
+        // gRPC clients speak HTTP/2 and are told apart by the connection preface.
+        .accept_http1(true)
+        // In front of every route: a refused call reaches no handler.
+        .layer(AuthLayer::new(
+            tokens,
+            Arc::new(RateLimiter::new(config.rate_limits.clone())),
+            metrics.clone(),
+        ))
+        .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, cancel.clone().cancelled_owned());
+    // Until the feed has listed the jobs (a moment after start), the job series are empty.
+    let feeder = tokio::spawn(metrics::feeder(timed.clone(), metrics.clone(), cancel.clone()));
     let server_task = tokio::spawn(server);
     let compactor = (config.history_retention > 0).then(|| {
         tokio::spawn(history::compactor(
-            store.clone(),
+            timed.clone(),
             config.history_retention,
             config.compaction_interval,
             cancel.clone(),
         ))
     });
     let retainer = tokio::spawn(retention::retainer(
-        store.clone(),
+        timed.clone(),
         config.retention.clone(),
         config.compaction_interval,
         cancel.clone(),
@@ -359,6 +385,8 @@ where
         cluster_task: Some(cluster_task),
         compactor,
         retainer: Some(retainer),
+        feeder: Some(feeder),
+        metrics,
         closer,
     })
 }
@@ -375,6 +403,8 @@ pub struct CoordinatorHandle<S: StateStore + Clone + 'static = FileStore> {
     cluster_task: Option<JoinHandle<()>>,
     compactor: Option<JoinHandle<()>>,
     retainer: Option<JoinHandle<()>>,
+    feeder: Option<JoinHandle<()>>,
+    metrics: Arc<Metrics>,
     closer: Option<StoreCloser>,
 }
 
@@ -388,6 +418,12 @@ impl<S: StateStore + Clone + 'static> CoordinatorHandle<S> {
     /// The coordinator's state store.
     pub fn store(&self) -> &S {
         &self.store
+    }
+
+    /// The coordinator's metrics, as `GET /metrics` serves them (without the series read
+    /// from the worker table at scrape time).
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     /// Asks every connected worker to shut down (the `Shutdown` command): the end of an
@@ -439,6 +475,11 @@ impl<S: StateStore + Clone + 'static> CoordinatorHandle<S> {
             && let Err(e) = retainer.await
         {
             result = result.and(Err(ServiceError::Internal(format!("the job retainer failed: {e}"))));
+        }
+        if let Some(feeder) = self.feeder.take()
+            && let Err(e) = feeder.await
+        {
+            result = result.and(Err(ServiceError::Internal(format!("the metrics feed failed: {e}"))));
         }
         if let Some(closer) = self.closer.take() {
             result = result.and(closer.await.map_err(ServiceError::from));

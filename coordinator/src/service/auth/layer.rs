@@ -1,7 +1,9 @@
 //! The tower layer in front of every service the coordinator serves: it checks each
 //! request's path and bearer token against `policy`, then takes the call from its caller's
 //! rate limit (`limits`), before the request reaches a handler, so a refused call changes
-//! nothing.
+//! nothing. It also counts every request and refusal into the metrics. A refused gRPC call
+//! gets a gRPC status; a refused plain-HTTP request (`/metrics`) gets HTTP 401 (with
+//! `WWW-Authenticate: Bearer`) or 403.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,6 +17,7 @@ use tower::{Layer, Service};
 use super::limits::{Caller, Limited, RateLimiter};
 use super::policy;
 use super::tokens::TokenStore;
+use crate::service::metrics::Metrics;
 
 /// Wraps the server's routes. Without a token store every request passes the role check
 /// (a coordinator without `--token-file`), and the rate limits count callers by address.
@@ -22,11 +25,12 @@ use super::tokens::TokenStore;
 pub struct AuthLayer {
     tokens: Option<Arc<TokenStore>>,
     limiter: Arc<RateLimiter>,
+    metrics: Arc<Metrics>,
 }
 
 impl AuthLayer {
-    pub fn new(tokens: Option<Arc<TokenStore>>, limiter: Arc<RateLimiter>) -> Self {
-        AuthLayer { tokens, limiter }
+    pub fn new(tokens: Option<Arc<TokenStore>>, limiter: Arc<RateLimiter>, metrics: Arc<Metrics>) -> Self {
+        AuthLayer { tokens, limiter, metrics }
     }
 }
 
@@ -34,7 +38,12 @@ impl<S> Layer<S> for AuthLayer {
     type Service = Auth<S>;
 
     fn layer(&self, inner: S) -> Auth<S> {
-        Auth { inner, tokens: self.tokens.clone(), limiter: self.limiter.clone() }
+        Auth {
+            inner,
+            tokens: self.tokens.clone(),
+            limiter: self.limiter.clone(),
+            metrics: self.metrics.clone(),
+        }
     }
 }
 
@@ -44,6 +53,7 @@ pub struct Auth<S> {
     inner: S,
     tokens: Option<Arc<TokenStore>>,
     limiter: Arc<RateLimiter>,
+    metrics: Arc<Metrics>,
 }
 
 /// The peer of a request, over plain TCP or TLS.
@@ -85,6 +95,7 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        self.metrics.request(request.uri().path());
         match self.admit(&request) {
             Ok(()) => Either::Right(self.inner.call(request)),
             Err(status) => {
@@ -92,8 +103,30 @@ where
                 let peer = peer(&request);
                 let rpc = request.uri().path();
                 tracing::info!(rpc, ?peer, code = ?status.code(), reason = status.message(), "refused a call");
-                Either::Left(ready(Ok(status.into_http())))
+                self.metrics.refused(rpc, status.code());
+                let response = if policy::is_http(rpc) { http_refusal(&status) } else { status.into_http() };
+                Either::Left(ready(Ok(response)))
             }
         }
     }
+}
+
+/// A refusal of a plain-HTTP request: 401 (with the scheme to use) without a known token,
+/// 403 for the wrong role, 429 over a rate limit; the status's message as the body.
+fn http_refusal(status: &Status) -> http::Response<tonic::body::Body> {
+    let code = match status.code() {
+        tonic::Code::Unauthenticated => http::StatusCode::UNAUTHORIZED,
+        tonic::Code::PermissionDenied => http::StatusCode::FORBIDDEN,
+        tonic::Code::ResourceExhausted => http::StatusCode::TOO_MANY_REQUESTS,
+        _ => http::StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    let body = axum::body::Body::from(format!("{}\n", status.message()));
+    let mut response = http::Response::new(tonic::body::Body::new(body));
+    *response.status_mut() = code;
+    let headers = response.headers_mut();
+    headers.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain; charset=utf-8"));
+    if code == http::StatusCode::UNAUTHORIZED {
+        headers.insert(http::header::WWW_AUTHENTICATE, http::HeaderValue::from_static("Bearer"));
+    }
+    response
 }

@@ -3,13 +3,15 @@
 //!
 //! - `tokens`: the token file (`ROLE TOKEN` per line), its table of digests, and the
 //!   [`TokenStore`] that reloads it when it changes.
-//! - `policy`: [`RPCS`], every RPC with what it needs (admin, viewer or worker), the open
-//!   services (health, reflection), and the check of one request.
+//! - `policy`: [`RPCS`], every RPC with what it needs (admin, viewer or worker),
+//!   [`HTTP_ROUTES`] (`/metrics`), the open services (health, reflection), and the check
+//!   of one request.
 //! - `limits`: per-caller token buckets on `SubmitJob` and `Register` ([`RateLimits`]), a
 //!   caller being its token, or its address without a token file.
 //! - `layer`: the tower layer in front of all services that applies the check and the
 //!   limits, so a refused call reaches no handler: `UNAUTHENTICATED` without a known token,
-//!   `PERMISSION_DENIED` for the wrong role, `RESOURCE_EXHAUSTED` over the rate limit.
+//!   `PERMISSION_DENIED` for the wrong role, `RESOURCE_EXHAUSTED` over the rate limit
+//!   (HTTP 401 and 403 on the plain-HTTP routes).
 //! - `tls`: the server's and the clients' TLS files ([`ServerTls`], [`ClientTls`]) and
 //!   what a client presents ([`ClientAuth`]: TLS and a [`BearerToken`]).
 //!
@@ -28,7 +30,7 @@ use std::path::PathBuf;
 
 pub use layer::{Auth, AuthLayer};
 pub use limits::{Caller, Limited, MAX_BUCKETS, RateLimit, RateLimiter, RateLimits};
-pub use policy::{Access, OPEN_SERVICES, RPCS, access, authorize, check};
+pub use policy::{Access, HTTP_ROUTES, OPEN_SERVICES, RPCS, access, authorize, check, is_http};
 pub use tls::{
     AuthChannel, BearerInterceptor, BearerToken, ClientAuth, ClientTls, HANDSHAKE_TIMEOUT, ServerTls,
     coordinator_url,

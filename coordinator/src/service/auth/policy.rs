@@ -1,9 +1,11 @@
-//! Who may call what: the one table of RPCs and the roles they need, and the check of a
-//! request's `authorization` header against it.
+//! Who may call what: the one table of RPCs and plain-HTTP routes and the roles they
+//! need, and the check of a request's `authorization` header against it.
 //!
 //! Invariant: every RPC the coordinator serves is in [`RPCS`] or under an
-//! [`OPEN_SERVICES`] prefix (a test walks the served descriptors); a path in neither needs
-//! `admin`, so an RPC added without an entry is closed, not open.
+//! [`OPEN_SERVICES`] prefix (a test walks the served descriptors), and every plain-HTTP
+//! route (`/metrics`) is in [`HTTP_ROUTES`]; a path in none needs `admin`, so a route added
+//! without an entry is closed, not open. gRPC and HTTP paths pass the same check; only
+//! the form of a refusal differs (a gRPC status, or HTTP 401/403: [`is_http`]).
 
 use tonic::Status;
 
@@ -53,6 +55,16 @@ pub const RPCS: &[(&str, Access)] = &[
     ("/flotilla.v1.JobService/GetStepTimeline", Access::Viewer),
 ];
 
+/// The plain-HTTP routes on the same port, with what they need. A refusal is an HTTP
+/// status (401 without a known token, 403 for the wrong role), not a gRPC one, since an
+/// HTTP client such as Prometheus reads only the status line.
+pub const HTTP_ROUTES: &[(&str, Access)] = &[(crate::service::metrics::METRICS_PATH, Access::Viewer)];
+
+/// Whether `path` is one of [`HTTP_ROUTES`].
+pub fn is_http(path: &str) -> bool {
+    HTTP_ROUTES.iter().any(|(route, _)| *route == path)
+}
+
 /// Services open to anyone, for probes and tools: health and both reflection versions.
 pub const OPEN_SERVICES: &[&str] = &[
     "/grpc.health.v1.Health/",
@@ -60,12 +72,17 @@ pub const OPEN_SERVICES: &[&str] = &[
     "/grpc.reflection.v1alpha.ServerReflection/",
 ];
 
-/// What the RPC at `path` needs; `None` for an open service.
+/// What the RPC or route at `path` needs; `None` for an open service.
 pub fn access(path: &str) -> Option<Access> {
     if OPEN_SERVICES.iter().any(|prefix| path.starts_with(prefix)) {
         return None;
     }
-    Some(RPCS.iter().find(|(rpc, _)| *rpc == path).map_or(Access::Admin, |(_, access)| *access))
+    Some(
+        RPCS.iter()
+            .chain(HTTP_ROUTES)
+            .find(|(route, _)| *route == path)
+            .map_or(Access::Admin, |(_, access)| *access),
+    )
 }
 
 /// Checks a request to `path` with its `authorization` header against `tokens`:
@@ -187,5 +204,20 @@ mod tests {
         let status = check("/flotilla.v1.JobService/Drain", Some(header.as_bytes()), &tokens).unwrap_err();
         assert_eq!(status.code(), Code::PermissionDenied);
         assert_eq!(access("/grpc.health.v1.Healthy/Check"), Some(Access::Admin));
+    }
+
+    #[test]
+    fn metrics_needs_a_viewer_or_an_admin() {
+        let tokens = table();
+        assert!(is_http("/metrics") && !is_http("/metrics/") && !is_http("/flotilla.v1.JobService/GetJob"));
+        for (token, allowed) in [(ADMIN, true), (VIEWER, true), (WORKER, false)] {
+            let header = format!("Bearer {token}");
+            let result = check("/metrics", Some(header.as_bytes()), &tokens);
+            assert_eq!(result.is_ok(), allowed, "{token}");
+            if !allowed {
+                assert_eq!(result.unwrap_err().code(), Code::PermissionDenied);
+            }
+        }
+        assert_eq!(check("/metrics", None, &tokens).unwrap_err().code(), Code::Unauthenticated);
     }
 }

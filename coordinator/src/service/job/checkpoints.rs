@@ -17,7 +17,7 @@
 use std::collections::BTreeMap;
 
 use flotilla_proto::v1::{
-    Ack, CheckpointCommitted, CheckpointShard, JobState, ResumeFrom, ShardFile, job_event,
+    Ack, CheckpointCommitted, CheckpointShard, JobState, RecoveryCause, ResumeFrom, ShardFile, job_event,
 };
 
 use super::JobActor;
@@ -271,7 +271,7 @@ impl<S: StateStore + Clone + 'static> JobActor<S> {
                 .await;
         }
         let cause = format!("worker {worker} cannot load the checkpoint {dir}: {}", ack.error);
-        self.begin_recovery(cause, false).await?;
+        self.begin_recovery(cause, RecoveryCause::CheckpointUnloadable, false).await?;
         if let Some(recovery) = &mut self.recovery
             && !recovery.skipped.contains(&dir)
         {

@@ -68,7 +68,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
-use flotilla_proto::v1::{Job, JobState, worker_message};
+use flotilla_proto::v1::{Job, JobState, RecoveryCause, worker_message};
 use tokio::sync::{mpsc, oneshot};
 // Tokio's clock, so that paused-time tests and simulations see the timeouts they set.
 use tokio::time::Instant;
@@ -80,6 +80,7 @@ use self::steps::StepTracker;
 use super::config::{JobPolicy, JobSpec, job_policy};
 use super::error::ServiceError;
 use super::messages::{ClusterMsg, JobControl, JobHandle, SessionHandle, TimelineAnswer, WorkerReport};
+use super::metrics::Metrics;
 use super::records::{JobRecord, unix_ms};
 use super::timeline::JobTimelines;
 use crate::placement::Placement;
@@ -122,6 +123,8 @@ pub(crate) struct JobEnv {
     pub commands: Arc<AtomicU64>,
     /// How long an aborted worker has to confirm that it stopped.
     pub stop_timeout: Duration,
+    /// Where accepted step reports set their rank's last step.
+    pub metrics: Arc<Metrics>,
 }
 
 /// How a job actor begins.
@@ -275,7 +278,7 @@ impl<S: StateStore + Clone + 'static> JobActor<S> {
     pub async fn settle_after_restart(&mut self) -> Result<(), ServiceError> {
         match self.record.state {
             JobState::Running | JobState::Rendezvous | JobState::Recovering => {
-                self.begin_recovery(RESTART_REASON.into(), true).await
+                self.begin_recovery(RESTART_REASON.into(), RecoveryCause::CoordinatorRestarted, true).await
             }
             _ => Ok(()),
         }

@@ -43,7 +43,7 @@
 
 use std::time::Duration;
 
-use flotilla_proto::v1::{JobState, Recovery, WorkerError, WorkerLost, job_event};
+use flotilla_proto::v1::{JobState, Recovery, RecoveryCause, WorkerError, WorkerLost, job_event};
 use tokio::time::Instant;
 
 use super::JobActor;
@@ -55,6 +55,8 @@ use crate::store::StateStore;
 /// A recovery from its detection to the first step past the failure.
 pub(super) struct RecoveryProgress {
     pub(super) cause: String,
+    /// `cause` as a closed set, for `Recovery.cause_kind`.
+    pub(super) kind: RecoveryCause,
     pub(super) restart: u32,
     pub(super) detected: Instant,
     pub(super) detected_unix_ms: u64,
@@ -92,7 +94,12 @@ impl<S: StateStore + Clone + 'static> JobActor<S> {
         match self.record.state {
             // The step in flight (or the rendezvous) cannot complete without the lost rank.
             JobState::Running | JobState::Rendezvous => {
-                self.begin_recovery(format!("worker {worker_id} lost: {cause}"), true).await
+                self.begin_recovery(
+                    format!("worker {worker_id} lost: {cause}"),
+                    RecoveryCause::WorkerLost,
+                    true,
+                )
+                .await
             }
             _ => Ok(()),
         }
@@ -110,7 +117,7 @@ impl<S: StateStore + Clone + 'static> JobActor<S> {
         let reason = format!("worker {worker} failed at step {}: {}", error.step, error.message);
         match self.record.state {
             // Its peers' errors (their collectives failing) follow; the recovery ignores them.
-            JobState::Running => self.begin_recovery(reason, true).await,
+            JobState::Running => self.begin_recovery(reason, RecoveryCause::WorkerError, true).await,
             JobState::Rendezvous => self.fail(reason).await,
             _ => Ok(()),
         }
@@ -124,7 +131,12 @@ impl<S: StateStore + Clone + 'static> JobActor<S> {
     /// `recovery.max_restarts` (a failure does; falling back from a checkpoint that cannot
     /// be loaded does not, and cannot loop: each is tried once). With none left the job
     /// fails, naming the cause.
-    pub(super) async fn begin_recovery(&mut self, cause: String, counts: bool) -> Result<(), ServiceError> {
+    pub(super) async fn begin_recovery(
+        &mut self,
+        cause: String,
+        kind: RecoveryCause,
+        counts: bool,
+    ) -> Result<(), ServiceError> {
         let max = self.policy.recovery.max_restarts;
         if counts && self.record.restarts >= max {
             // The history still shows the failure detected (Recovering), then the decision.
@@ -154,6 +166,7 @@ impl<S: StateStore + Clone + 'static> JobActor<S> {
         let reached = self.record.steps_done.max(previous.as_ref().map_or(0, |p| p.reached));
         let mut recovery = RecoveryProgress {
             cause: cause.clone(),
+            kind,
             restart: self.record.restarts,
             detected: now,
             detected_unix_ms: unix_ms(),
@@ -173,6 +186,7 @@ impl<S: StateStore + Clone + 'static> JobActor<S> {
                 // Falling back to an older checkpoint is part of the recovery under way: it
                 // keeps that failure's cause and detection time.
                 recovery.cause = previous.cause;
+                recovery.kind = previous.kind;
                 recovery.detected = previous.detected;
                 recovery.detected_unix_ms = previous.detected_unix_ms;
             }
@@ -270,7 +284,7 @@ impl<S: StateStore + Clone + 'static> JobActor<S> {
             "step {step} did not complete within {timeout} s (recovery.step_timeout_s); not reported by {}",
             missing.join(", ")
         );
-        self.begin_recovery(cause, true).await
+        self.begin_recovery(cause, RecoveryCause::StepTimeout, true).await
     }
 
     /// Ends the recovery under way once `step` is past the point the job had reached (or is
@@ -290,6 +304,7 @@ impl<S: StateStore + Clone + 'static> JobActor<S> {
             replace_seconds: crew.duration_since(requeued).as_secs_f64(),
             reload_seconds: resumed.duration_since(crew).as_secs_f64(),
             cause: recovery.cause,
+            cause_kind: recovery.kind.into(),
             restart: recovery.restart,
             from_step: self.resumed_from,
             steps_redone: recovery.reached.saturating_sub(self.resumed_from),

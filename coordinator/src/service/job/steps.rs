@@ -56,6 +56,7 @@ impl<S: StateStore + Clone + 'static> JobActor<S> {
             let worker = &self.crew[rank].worker_id;
             return self.fail(format!("worker {worker} sent an invalid step report: {violation}")).await;
         }
+        self.env.metrics.rank_step(&self.record.id, rank as u32, step);
         if let Some(timelines) = &mut self.timelines {
             timelines.record(step, rank, executed, reported_bubble);
         }
@@ -270,5 +271,6 @@ fn summarize(reports: &[StepReport], observed_seconds: f64) -> StepSummary {
         cross_node_bytes: reports.iter().map(|r| r.cross_node_bytes).fold(0, u64::saturating_add),
         cross_node_bytes_flat: reports.iter().map(|r| r.cross_node_bytes_flat).fold(0, u64::saturating_add),
         exchange_seconds: reports.iter().map(|r| r.exchange_seconds).fold(0.0, f64::max),
+        step_seconds: seconds,
     }
 }
