@@ -13,7 +13,7 @@ use flotilla_worker::comm::{
     CommError, Communicator, DataPlaneSecret, MAX_USER_TAG, TcpCommunicator, TcpOptions, TcpRendezvous,
     loopback_group, ring_reference_sum,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, sleep, timeout};
 
