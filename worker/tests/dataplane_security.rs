@@ -92,7 +92,8 @@ async fn all_reduce_works(comms: &[TcpCommunicator]) {
 /// Reads until the other end closes; true if it sent nothing (no proof, no hello).
 async fn closed_without_a_word(stream: &mut TcpStream) -> bool {
     let mut rest = Vec::new();
-    matches!(timeout(LIMIT, stream.read_to_end(&mut rest)).await, Ok(Ok(_)) | Ok(Err(_))) && rest.is_empty()
+    // A reset counts as a close; only a hang within the limit does not.
+    timeout(LIMIT, stream.read_to_end(&mut rest)).await.is_ok() && rest.is_empty()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
