@@ -17,6 +17,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         .build_client(true)
         .codec_path("crate::codec::FlotillaCodec")
+        // Its `Debug` is written by hand (`src/lib.rs`): it holds the data-plane secret.
+        .skip_debug([".flotilla.v1.Assignment"])
         .compile_fds(descriptors)?;
     Ok(())
 }

@@ -172,9 +172,14 @@ pub struct WorkerArgs {
     /// This worker's index on its node.
     #[arg(long, default_value_t = 0)]
     local_rank: u32,
-    /// Where the data plane listens.
+    /// Where the data plane listens. Beyond loopback it needs TLS to the coordinator
+    /// (--tls-ca), over which each job's data-plane secret arrives, or --insecure.
     #[arg(long, default_value = "127.0.0.1:0")]
     data_plane_listen: String,
+    /// Let the data plane listen beyond loopback over a plaintext coordinator connection
+    /// (warned about at every start).
+    #[arg(long)]
+    insecure: bool,
     /// Compute threads (default: the run config's `threads`, else all cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -435,6 +440,7 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
         options.node_id = args.node_id;
         options.local_rank = args.local_rank;
         options.data_plane_listen = args.data_plane_listen;
+        options.insecure = args.insecure;
         options.threads = args.threads;
         options.config_base = args.config_base;
         options.allowed_roots = roots_or_cwd(args.allowed_roots);

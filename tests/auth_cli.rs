@@ -96,3 +96,13 @@ fn the_coordinator_refuses_to_listen_beyond_loopback_unprotected_and_names_bad_f
     assert!(stderr.contains("absent.pem"), "{stderr}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_worker_refuses_a_data_plane_beyond_loopback_over_a_plaintext_coordinator() {
+    // Refused before it dials anything (nothing listens on port 1), naming the flag.
+    let out =
+        flotilla(&["worker", "--coordinator", "http://127.0.0.1:1", "--data-plane-listen", "0.0.0.0:0"]);
+    let stderr = failure(&out);
+    assert!(stderr.contains("--data-plane-listen") && stderr.contains("0.0.0.0:"), "{stderr}");
+    assert!(stderr.contains("plaintext") && stderr.contains("--insecure"), "{stderr}");
+}

@@ -763,6 +763,14 @@ async fn two_worker_job_runs_to_success_with_step_summaries() {
     assert_eq!(assign_a.peers[1].data_plane_address, info("w-b").data_plane_address);
     assert_eq!(assign_a.peers[0].node_id, "node-w-a");
     assert_eq!(assign_a.data_plane_session, assign_b.data_plane_session);
+    // And the same data-plane secret, 32 random bytes, which no event shows.
+    assert_eq!(assign_a.data_plane_secret.len(), 32);
+    assert_eq!(assign_a.data_plane_secret, assign_b.data_plane_secret);
+    assert!(assign_a.data_plane_secret.iter().any(|&b| b != 0));
+    let secret_hex: String = assign_a.data_plane_secret.iter().map(|b| format!("{b:02x}")).collect();
+    let secret_list = format!("{:?}", assign_a.data_plane_secret);
+    let shown = format!("{events:?} {assign_a:?}");
+    assert!(!shown.contains(&secret_hex) && !shown.contains(&secret_list), "the secret leaked");
     assert_eq!(assign_a.config_toml, job_config(3));
     assert_eq!(assign_a.output_dir, "/tmp/out");
     let run = a

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput};
-use flotilla_worker::comm::{Communicator, TcpCommunicator, TcpOptions, loopback_group};
+use flotilla_worker::comm::{Communicator, DataPlaneSecret, TcpCommunicator, TcpOptions, loopback_group};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Runtime;
@@ -65,7 +65,7 @@ fn bench_all_reduce(c: &mut Criterion, rt: &Runtime) {
     group.sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(4));
     for n in [2usize, 4] {
         let comms: Vec<Arc<TcpCommunicator>> = rt
-            .block_on(loopback_group(n, TcpOptions::new(1)))
+            .block_on(loopback_group(n, TcpOptions::new(1, DataPlaneSecret::random())))
             .expect("loopback rendezvous")
             .into_iter()
             .map(Arc::new)

@@ -30,7 +30,9 @@ use flotilla_proto::v1::{
     RunSteps, ShardFile, Shutdown, StepReport, WorkerInfo, WorkerMessage,
 };
 use flotilla_worker::agent::{AgentError, WorkerOptions, run_worker};
-use flotilla_worker::comm::{Communicator, TcpOptions, TcpRendezvous};
+use flotilla_worker::comm::handshake::{HELLO_LEN, Hello};
+use flotilla_worker::comm::{Communicator, DataPlaneSecret, TcpOptions, TcpRendezvous};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep, timeout};
@@ -273,7 +275,18 @@ fn assignment(job: &str, rank: u32, peers: &[&str], toml: String, output_dir: &s
         checkpoint_root: String::new(),
         resume: None,
         epoch: ASSIGNMENT_EPOCH,
+        data_plane_secret: secret_bytes(session),
     })
+}
+
+/// The data-plane secret the fake coordinator hands out with `session` (any 32 bytes do:
+/// the test's own ranks use the same).
+fn secret_bytes(session: u64) -> Vec<u8> {
+    (0..32u8).map(|i| i.wrapping_mul(31).wrapping_add(session as u8)).collect()
+}
+
+fn secret(session: u64) -> DataPlaneSecret {
+    DataPlaneSecret::from_bytes(&secret_bytes(session)).expect("32 bytes")
 }
 
 fn run_steps(job: &str, first_step: u64, count: u64) -> Command {
@@ -637,7 +650,7 @@ async fn abort_unblocks_a_collective_waiting_on_a_peer() {
     let rank1 = TcpRendezvous::bind("127.0.0.1:0").await.unwrap();
     let rank1_addr = rank1.local_addr().to_string();
     let peers = vec![info.data_plane_address.parse().unwrap(), rank1.local_addr()];
-    let connecting = tokio::spawn(rank1.connect(1, peers, TcpOptions::new(42)));
+    let connecting = tokio::spawn(rank1.connect(1, peers, TcpOptions::new(42, secret(42))));
     let id =
         session.command(assignment("job-a", 0, &[&info.data_plane_address, &rank1_addr], config(3), "", 42));
     assert_eq!(session.ack(id).await.error, "");
@@ -716,6 +729,109 @@ async fn two_workers_train_together() {
     token_b.cancel();
     finished(task_a).await.expect("a clean exit");
     finished(task_b).await.expect("a clean exit");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hellos_planted_on_the_workers_data_plane_before_the_job_do_not_fail_it() {
+    let mut fake = Fake::start("127.0.0.1:0".parse().unwrap(), PROTOCOL_VERSION);
+    let spawn = |id: &str| {
+        let mut opts = options(fake.url());
+        opts.worker_id = Some(id.into());
+        spawn_worker(opts)
+    };
+    let (token_a, task_a) = spawn("a");
+    let (token_b, task_b) = spawn("b");
+    let infos = [fake.registration().await, fake.registration().await];
+    let mut sessions = [fake.session().await, fake.session().await];
+    let mut opened = Vec::new();
+    for s in &mut sessions {
+        match s.next_any().await {
+            Report::Open(open) => opened.push(open.worker_id),
+            other => panic!("expected SessionOpen, got {other:?}"),
+        }
+    }
+    let address = |worker: &str| {
+        infos.iter().find(|i| i.worker_id == worker).expect("registered").data_plane_address.clone()
+    };
+    let addrs = [address(&opened[0]), address(&opened[1])];
+    let peers = [addrs[0].as_str(), addrs[1].as_str()];
+    // Before the job: well-formed hellos of another session, claiming rank 0, on both
+    // workers' data-plane ports (issue 19: this used to fail the job outright), held open.
+    let mut planted = Vec::new();
+    for addr in &addrs {
+        for session in [6, 666] {
+            let mut s = tokio::net::TcpStream::connect(addr.as_str()).await.unwrap();
+            s.write_all(&Hello::new(0, 2, session).encode()).await.unwrap();
+            planted.push(s);
+        }
+    }
+    let mut acks = Vec::new();
+    for (rank, s) in sessions.iter_mut().enumerate() {
+        acks.push(s.command(assignment("job-planted", rank as u32, &peers, config(1), "", 6)));
+    }
+    for (s, id) in sessions.iter_mut().zip(acks) {
+        assert_eq!(s.ack(id).await.error, "", "the rendezvous succeeds");
+    }
+    for s in &mut sessions {
+        let id = s.command(run_steps("job-planted", 1, 1));
+        assert_eq!(s.ack(id).await.error, "");
+    }
+    let a = reports_then_finished(&mut sessions[0], "job-planted", 1).await;
+    let b = reports_then_finished(&mut sessions[1], "job-planted", 1).await;
+    assert_eq!(a[0].loss.to_bits(), b[0].loss.to_bits(), "the gradient all-reduce completed");
+    // The strangers were answered at most with a hello, never a proof.
+    for mut s in planted {
+        let mut got = Vec::new();
+        let _ = timeout(LIMIT, s.read_to_end(&mut got)).await.expect("the stranger was dropped");
+        assert!(got.len() <= HELLO_LEN, "a stranger got {} bytes", got.len());
+    }
+    token_a.cancel();
+    token_b.cancel();
+    finished(task_a).await.expect("a clean exit");
+    finished(task_b).await.expect("a clean exit");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_rendezvous_reports_neither_the_session_nor_the_secret() {
+    let mut fake = Fake::start("127.0.0.1:0".parse().unwrap(), PROTOCOL_VERSION);
+    let (token, task) = spawn_worker(options(fake.url()));
+    let info = fake.registration().await;
+    let mut session = fake.opened_session().await;
+    // The worker is rank 1 of session S; rank 0 (this test) holds the secret but speaks
+    // of another session: an authenticated mismatch, which fails the rendezvous.
+    let theirs: u64 = 0x5eed_1234_abcd_9876;
+    let ours: u64 = 0x0bad_cafe_0123_4567;
+    let rank0 = TcpRendezvous::bind("127.0.0.1:0").await.unwrap();
+    let rank0_addr = rank0.local_addr().to_string();
+    let peers = vec![rank0.local_addr(), info.data_plane_address.parse().unwrap()];
+    let connecting = tokio::spawn(rank0.connect(0, peers, TcpOptions::new(ours, secret(theirs))));
+    let id = session.command(assignment(
+        "job-s",
+        1,
+        &[&rank0_addr, &info.data_plane_address],
+        config(1),
+        "",
+        theirs,
+    ));
+    let refused = session.ack(id).await;
+    let reason = refused.error.clone();
+    assert!(reason.contains("another session"), "{reason}");
+    let error = match session.next().await {
+        Report::Error(e) => e.message,
+        other => panic!("expected the WorkerError, got {other:?}"),
+    };
+    let rank0_err = timeout(LIMIT, connecting).await.unwrap().unwrap().unwrap_err().to_string();
+    let bytes = secret_bytes(theirs);
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    for text in [&reason, &error, &rank0_err] {
+        for session in [theirs, ours] {
+            assert!(!text.contains(&session.to_string()), "the session leaked: {text}");
+            assert!(!text.contains(&format!("{session:x}")), "the session leaked: {text}");
+        }
+        assert!(!text.contains(&hex) && !text.contains(&format!("{bytes:?}")), "the secret leaked: {text}");
+    }
+    token.cancel();
+    finished(task).await.expect("a clean exit");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -840,7 +956,7 @@ async fn a_lost_coordinator_aborts_the_running_job_and_the_worker_comes_back() {
     let rank1 = TcpRendezvous::bind("127.0.0.1:0").await.unwrap();
     let rank1_addr = rank1.local_addr().to_string();
     let peers = vec![info.data_plane_address.parse().unwrap(), rank1.local_addr()];
-    let connecting = tokio::spawn(rank1.connect(1, peers, TcpOptions::new(8)));
+    let connecting = tokio::spawn(rank1.connect(1, peers, TcpOptions::new(8, secret(8))));
     let id =
         session.command(assignment("job-x", 0, &[&info.data_plane_address, &rank1_addr], config(3), "", 8));
     assert_eq!(session.ack(id).await.error, "");

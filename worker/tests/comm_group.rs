@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use flotilla_worker::comm::{
-    CommError, Communicator, Group, MAX_GROUP_ID, MAX_USER_TAG, TcpCommunicator, TcpOptions, loopback_group,
-    ring_reference_sum,
+    CommError, Communicator, DataPlaneSecret, Group, MAX_GROUP_ID, MAX_USER_TAG, TcpCommunicator, TcpOptions,
+    loopback_group, ring_reference_sum,
 };
 use futures::FutureExt;
 use tokio::time::{sleep, timeout};
@@ -22,7 +22,7 @@ const LIMIT: Duration = Duration::from_secs(60);
 const HANG_GUARD: Duration = Duration::from_secs(30);
 
 fn options() -> TcpOptions {
-    TcpOptions::new(21)
+    TcpOptions::new(21, DataPlaneSecret::random())
         .with_connect_timeout(Duration::from_secs(20))
         .with_shutdown_linger(Duration::from_secs(2))
 }

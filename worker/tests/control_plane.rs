@@ -32,7 +32,9 @@ use flotilla_proto::v1::{
 use flotilla_worker::agent::{
     AbortFn, AgentError, Connector, DataPlane, Rendezvous, TcpDataPlane, WorkerOptions, run_worker_with,
 };
-use flotilla_worker::comm::{CommError, TcpCommunicator, TcpOptions, TcpRendezvous, loopback_group};
+use flotilla_worker::comm::{
+    CommError, DataPlaneSecret, TcpCommunicator, TcpOptions, TcpRendezvous, loopback_group,
+};
 use flotilla_worker::dp::data_parallel_step;
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
@@ -276,7 +278,7 @@ impl DataPlane for CountingPlane {
 /// stepped directly (no agent), as rank 0 computed them.
 async fn direct_losses(toml: &str, world: usize, steps: u64) -> Vec<u64> {
     let (config, model) = common::parse(toml);
-    let comms = timeout(LIMIT, loopback_group(world, TcpOptions::new(77)))
+    let comms = timeout(LIMIT, loopback_group(world, TcpOptions::new(77, DataPlaneSecret::random())))
         .await
         .expect("rendezvous within the limit")
         .expect("rendezvous");

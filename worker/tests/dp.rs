@@ -15,7 +15,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use flotilla_model::train::{StepRecord, TrainConfig, Trainer};
-use flotilla_worker::comm::{TcpOptions, loopback_group};
+use flotilla_worker::comm::{DataPlaneSecret, TcpOptions, loopback_group};
 use flotilla_worker::dp::{data_parallel_step, data_parallel_step_timed};
 use tokio::time::timeout;
 
@@ -44,7 +44,7 @@ fn bits(r: &StepRecord) -> (u64, Vec<u64>, u64, Vec<Vec<u64>>) {
 
 /// Per rank: the records of `STEPS` steps and the final weights.
 async fn run_group(world: usize, session: u64) -> Vec<(Vec<StepRecord>, Vec<Vec<f32>>)> {
-    let comms = timeout(LIMIT, loopback_group(world, TcpOptions::new(session)))
+    let comms = timeout(LIMIT, loopback_group(world, TcpOptions::new(session, DataPlaneSecret::random())))
         .await
         .expect("rendezvous hung")
         .expect("rendezvous");
@@ -145,7 +145,8 @@ async fn the_same_layout_repeats_its_bits() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn timings_are_reported_and_a_dead_peer_fails_the_step() {
-    let mut comms = loopback_group(2, TcpOptions::new(31)).await.expect("rendezvous");
+    let mut comms =
+        loopback_group(2, TcpOptions::new(31, DataPlaneSecret::random())).await.expect("rendezvous");
     let survivor = comms.remove(0);
     // Rank 1 dies before the step: rank 0 computes, then its all-reduce fails naming rank 1.
     drop(comms);
@@ -158,7 +159,7 @@ async fn timings_are_reported_and_a_dead_peer_fails_the_step() {
     assert!(text.contains("step 1") && text.contains("gradients"), "{text}");
     assert_eq!(t.step(), 0, "no update was applied");
 
-    let comms = loopback_group(1, TcpOptions::new(32)).await.expect("rendezvous");
+    let comms = loopback_group(1, TcpOptions::new(32, DataPlaneSecret::random())).await.expect("rendezvous");
     let timed = data_parallel_step_timed(&mut t, &comms[0]).await.expect("a step");
     assert_eq!(timed.record.step, 1);
     assert!(timed.compute > Duration::ZERO);
@@ -166,7 +167,7 @@ async fn timings_are_reported_and_a_dead_peer_fails_the_step() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn a_current_thread_runtime_still_steps() {
-    let comms = loopback_group(1, TcpOptions::new(41)).await.expect("rendezvous");
+    let comms = loopback_group(1, TcpOptions::new(41, DataPlaneSecret::random())).await.expect("rendezvous");
     let mut t = trainer();
     let mut one = trainer();
     let record = data_parallel_step(&mut t, &comms[0]).await.expect("a step");
@@ -175,7 +176,7 @@ async fn a_current_thread_runtime_still_steps() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_uneven_split_is_refused() {
-    let comms = loopback_group(3, TcpOptions::new(51)).await.expect("rendezvous");
+    let comms = loopback_group(3, TcpOptions::new(51, DataPlaneSecret::random())).await.expect("rendezvous");
     let mut t = trainer();
     let err = data_parallel_step(&mut t, &comms[0]).await.expect_err("4 windows over 3 ranks");
     assert!(err.to_string().contains("batch_size 4 cannot be split evenly over 3"), "{err}");

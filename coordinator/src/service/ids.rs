@@ -1,6 +1,8 @@
 //! Identifiers the coordinator hands out that nobody may guess: a worker's session id
 //! (binding its `Session` stream to its registration) and a rendezvous's data-plane
-//! session (so a peer left over from an earlier rendezvous is refused).
+//! session (so a peer left over from an earlier rendezvous is refused), and a rendezvous's
+//! data-plane secret, the one of these that is a credential: drawn from the operating
+//! system's CSPRNG (`ring::rand::SystemRandom`), never logged or stored.
 //!
 //! Invariant: two calls in one process never return the same inputs to the hash (a
 //! process-wide counter is part of them), so ids differ even within one millisecond.
@@ -25,4 +27,16 @@ pub(crate) fn random_u64() -> u64 {
 /// A worker's session id: 128 unpredictable bits, in hex.
 pub(crate) fn session_id() -> String {
     format!("{:016x}{:016x}", random_u64(), random_u64())
+}
+
+/// Bytes in a data-plane secret.
+pub(crate) const DATA_PLANE_SECRET_LEN: usize = 32;
+
+/// A fresh data-plane secret: 32 bytes from the operating system's CSPRNG. `None` only if
+/// the system cannot supply randomness, which the caller treats as an internal failure.
+pub(crate) fn data_plane_secret() -> Option<Vec<u8>> {
+    use ring::rand::SecureRandom;
+    let mut secret = vec![0u8; DATA_PLANE_SECRET_LEN];
+    ring::rand::SystemRandom::new().fill(&mut secret).ok()?;
+    Some(secret)
 }

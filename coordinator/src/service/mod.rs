@@ -129,6 +129,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use flotilla_proto::listen::Listen;
 use flotilla_proto::v1::coordinator_service_server::CoordinatorServiceServer;
 use flotilla_proto::v1::job_service_server::JobServiceServer;
 use futures::Stream;
@@ -164,31 +165,29 @@ fn error_chain(error: &dyn std::error::Error) -> String {
     text
 }
 
-/// Whether `addr` is a loopback address (IPv4-mapped IPv6 loopback included).
-pub fn is_loopback(addr: &SocketAddr) -> bool {
-    addr.ip().to_canonical().is_loopback()
-}
+pub use flotilla_proto::listen::is_loopback;
 
-/// The listening rule: a non-loopback address needs TLS and a token file, unless the
-/// operator said `insecure`, which is then warned about at every start.
+/// The listening rule (`flotilla_proto::listen`, shared with the workers' data plane): a
+/// non-loopback address needs TLS and a token file, unless the operator said `insecure`,
+/// which is then warned about at every start.
 fn check_listen(addr: SocketAddr, config: &CoordinatorConfig) -> Result<(), ServiceError> {
     let missing = match (config.tls.is_some(), config.token_file.is_some()) {
-        (true, true) => return Ok(()),
-        (false, false) => "neither TLS nor a token file",
-        (false, true) => "no TLS",
-        (true, false) => "no token file",
+        (true, true) => None,
+        (false, false) => Some("neither TLS nor a token file"),
+        (false, true) => Some("no TLS"),
+        (true, false) => Some("no token file"),
     };
-    if config.insecure {
-        tracing::warn!(
-            %addr,
-            "--insecure: serving with {missing}; whoever reaches this port can drive the cluster \
-             and read what it is sent"
-        );
-        Ok(())
-    } else if is_loopback(&addr) {
-        Ok(())
-    } else {
-        Err(ServiceError::RemoteListenRefused { addr, missing })
+    match flotilla_proto::listen::check_listen(addr, missing, config.insecure) {
+        Listen::Allowed => Ok(()),
+        Listen::Insecure { missing } => {
+            tracing::warn!(
+                %addr,
+                "--insecure: serving with {missing}; whoever reaches this port can drive the cluster \
+                 and read what it is sent"
+            );
+            Ok(())
+        }
+        Listen::Refused { missing } => Err(ServiceError::RemoteListenRefused { addr, missing }),
     }
 }
 

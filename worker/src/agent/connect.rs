@@ -48,26 +48,44 @@ use super::{AgentError, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, RPC_TIMEOUT, Work
 pub struct Connector {
     connect: Arc<dyn Fn() -> BoxFuture<'static, Result<Channel, tonic::transport::Error>> + Send + Sync>,
     what: String,
+    /// Whether what travels over its channels is safe from the network: TLS, or no
+    /// network at all (in process). The data-plane secret arrives over it.
+    confidential: bool,
 }
 
 impl Connector {
     /// Dials `endpoint` (its URI, timeouts and keepalive as configured on it).
+    /// Confidential when the URI is `https://` (tonic dials those only with TLS).
     pub fn endpoint(endpoint: Endpoint) -> Self {
         let what = endpoint.uri().to_string();
+        let tls = endpoint.uri().scheme_str() == Some("https");
         Connector::from_fn(what, move || {
             let endpoint = endpoint.clone();
             async move { endpoint.connect().await }
         })
+        .with_confidential(tls)
     }
 
     /// Calls `connect` for every registration attempt; `what` names the coordinator in
-    /// `Debug` output.
+    /// `Debug` output. Not confidential unless [`Connector::with_confidential`] says so.
     pub fn from_fn<F, Fut>(what: impl Into<String>, connect: F) -> Self
     where
         F: Fn() -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<Channel, tonic::transport::Error>> + Send + 'static,
     {
-        Connector { connect: Arc::new(move || Box::pin(connect())), what: what.into() }
+        Connector { connect: Arc::new(move || Box::pin(connect())), what: what.into(), confidential: false }
+    }
+
+    /// Declares whether this connector's channels are safe from the network (TLS, or no
+    /// network at all): the worker's data-plane listening rule depends on it.
+    pub fn with_confidential(mut self, confidential: bool) -> Self {
+        self.confidential = confidential;
+        self
+    }
+
+    /// Whether this connector's channels are safe from the network.
+    pub fn is_confidential(&self) -> bool {
+        self.confidential
     }
 
     /// An in-process link to a coordinator in this process: every channel the connector
@@ -75,6 +93,7 @@ impl Connector {
     /// the returned [`InProcessIncoming`], the connections a server accepts (the
     /// coordinator's `serve_with_incoming` takes it as is). No socket, no port; the link
     /// breaks when the server drops the stream's end or the incoming is dropped.
+    /// Confidential: nothing leaves the process.
     pub fn in_process(buffer: usize) -> (Connector, InProcessIncoming) {
         let (accepted, incoming) = mpsc::unbounded_channel();
         let connector = Connector::from_fn("in-process", move || {
@@ -98,7 +117,7 @@ impl Connector {
                     .await
             }
         });
-        (connector, UnboundedReceiverStream::new(incoming))
+        (connector.with_confidential(true), UnboundedReceiverStream::new(incoming))
     }
 
     /// A new channel to the coordinator.
@@ -112,7 +131,10 @@ pub type InProcessIncoming = UnboundedReceiverStream<Result<DuplexStream, std::i
 
 impl fmt::Debug for Connector {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Connector").field("coordinator", &self.what).finish()
+        f.debug_struct("Connector")
+            .field("coordinator", &self.what)
+            .field("confidential", &self.confidential)
+            .finish()
     }
 }
 

@@ -19,7 +19,9 @@ use std::time::Duration;
 use tracing::warn;
 
 use super::WorkerOptions;
-use crate::comm::{CommError, GroupTransport, TcpCommunicator, TcpOptions, TcpRendezvous};
+use crate::comm::{
+    CommError, DataPlaneLimits, DataPlaneSecret, GroupTransport, TcpCommunicator, TcpOptions, TcpRendezvous,
+};
 
 /// Aborts a job's communicator from the session's task (see
 /// [`crate::comm::Communicator::abort`]).
@@ -28,12 +30,17 @@ pub type AbortFn = Box<dyn Fn(&str) + Send + Sync>;
 /// One job's rendezvous, as the assignment gives it.
 #[derive(Debug, Clone, Copy)]
 pub struct Rendezvous<'a> {
+    /// The assignment's `data_plane_secret`: every connection proves it holds it.
+    pub secret: &'a DataPlaneSecret,
+    /// The job's frame and buffer bounds ([`DataPlaneLimits::for_job`]).
+    pub limits: DataPlaneLimits,
     /// This worker's rank in the job's world.
     pub rank: usize,
     /// Every rank's data-plane address as registered with the coordinator, this rank's
     /// included (at `rank`; an implementation uses its own listener there).
     pub peers: &'a [String],
-    /// The assignment's `data_plane_session`: peers of another session are refused.
+    /// The assignment's `data_plane_session`: an authenticated peer of another session
+    /// is refused.
     pub session: u64,
     /// How long the whole rendezvous may take.
     pub timeout: Duration,
@@ -109,7 +116,9 @@ impl DataPlane for TcpDataPlane {
                 .map_err(|e| CommError::io(format!("rank {p}'s data-plane address {addr:?}"), e))?;
             addrs.push(resolved);
         }
-        let options = TcpOptions::new(rendezvous.session).with_connect_timeout(rendezvous.timeout);
+        let options = TcpOptions::new(rendezvous.session, rendezvous.secret.clone())
+            .with_connect_timeout(rendezvous.timeout)
+            .with_limits(rendezvous.limits);
         listener.connect(rendezvous.rank, addrs, options).await
     }
 
@@ -127,7 +136,7 @@ impl DataPlane for TcpDataPlane {
 pub(super) struct Listening<D: DataPlane> {
     pub(super) plane: Arc<D>,
     pub(super) listener: Option<D::Listener>,
-    bound: String,
+    pub(super) bound: String,
     pub(super) advertised: String,
 }
 

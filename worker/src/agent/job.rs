@@ -198,6 +198,8 @@ impl<D: DataPlane> Job<D> {
         let rendezvous = Rendezvous {
             rank: self.plan.rank,
             peers: &self.plan.peers,
+            secret: &self.plan.secret,
+            limits: self.plan.limits,
             session: self.plan.session,
             timeout: self.rendezvous_timeout,
         };

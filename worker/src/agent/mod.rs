@@ -16,8 +16,9 @@
 //! rank 0's `metrics.jsonl`), `error` ([`JobError`]: every failure reported, typed by the
 //! proto's `FailureKind`).
 //!
-//! [`run_worker`] binds the data-plane listener (so its address can be registered), then
-//! loops until shut down:
+//! [`run_worker`] binds the data-plane listener (so its address can be registered; a
+//! non-loopback one only as [`check_data_plane_listen`] allows), then loops until shut
+//! down:
 //!
 //! 1. **Dial and register.** Connect to the coordinator and call `Register` with this
 //!    worker's host, cores, devices, data-plane address, protocol version, node, local rank
@@ -31,8 +32,10 @@
 //!      `Ack` naming the field, plus a `WorkerError`, both of kind `FAILURE_KIND_ASSIGNMENT`;
 //!      so is a `resume` past the run's `steps`), then start the job on its own task, which builds the trainer, restores
 //!      the checkpoint in `resume` if there is one (below), rendezvouses the data plane
-//!      with the peers' addresses under the assignment's `data_plane_session`, and only
-//!      then acknowledges.
+//!      with the peers' addresses under the assignment's `data_plane_session` and
+//!      `data_plane_secret` (which every connection proves it holds; the secret is never
+//!      logged), with the job's frame bounds (`DataPlaneLimits::for_job`), and only then
+//!      acknowledges.
 //!    - **Resume.** `Assignment.resume` names a committed checkpoint: its directory, its
 //!      step and every shard with its size and CRC-32. The job opens them all
 //!      ([`flotilla_model::shard::CheckpointReader`], which checks sizes and checksums
@@ -127,6 +130,7 @@ use std::sync::Arc;
 use crate::comm::CommError;
 use connect::{Backoff, RegisterError, endpoint, register};
 use data_plane::Listening;
+use flotilla_proto::listen::Listen;
 use session::{Session, SessionEnd};
 
 /// How a worker finds the coordinator and presents itself.
@@ -148,6 +152,10 @@ pub struct WorkerOptions {
     pub local_rank: u32,
     /// Where the data plane listens (`127.0.0.1:0` by default: loopback, any free port).
     pub data_plane_listen: String,
+    /// Accept a data plane listening beyond loopback although the connection to the
+    /// coordinator, over which the data-plane secret arrives, is plaintext (`--insecure`;
+    /// warned about at every start). See [`check_data_plane_listen`].
+    pub insecure: bool,
     /// The data-plane address to register when it differs from the bound one (a listener
     /// on `0.0.0.0` is reached through a routable address); `None` registers the bound one.
     pub data_plane_advertise: Option<String>,
@@ -186,6 +194,7 @@ impl WorkerOptions {
             node_id: None,
             local_rank: 0,
             data_plane_listen: "127.0.0.1:0".into(),
+            insecure: false,
             data_plane_advertise: None,
             threads: None,
             initial_backoff: Duration::from_millis(100),
@@ -214,6 +223,13 @@ pub enum AgentError {
     /// The data-plane listener could not be bound.
     #[error("data plane: {0}")]
     DataPlane(#[from] CommError),
+    /// The listening rule refused the data-plane address ([`check_data_plane_listen`]).
+    #[error(
+        "refusing to listen for the data plane on {addr} (`data_plane_listen`, --data-plane-listen): it is \
+         not a loopback address and {missing}, over which this job's data-plane secret would travel in \
+         clear; reach the coordinator over TLS (--tls-ca), listen on loopback, or accept this with --insecure"
+    )]
+    DataPlaneListenRefused { addr: std::net::SocketAddr, missing: &'static str },
     /// The coordinator refused this worker for a reason retrying cannot fix.
     #[error("the coordinator refused this worker: {0}")]
     Refused(String),
@@ -276,6 +292,7 @@ pub async fn run_worker_with<D: DataPlane>(
         return Err(AgentError::InvalidOption { option: "threads", reason: "must be at least 1".into() });
     }
     let mut plane = Listening::bind(Arc::new(data_plane), &options).await?;
+    check_data_plane_listen(&plane.bound, coordinator.is_confidential(), options.insecure)?;
     let mut backoff = Backoff::new(options.initial_backoff, options.max_backoff);
     loop {
         if shutdown.is_cancelled() {
@@ -308,6 +325,30 @@ pub async fn run_worker_with<D: DataPlane>(
             _ = shutdown.cancelled() => return Ok(()),
             _ = sleep(delay) => {}
         }
+    }
+}
+
+/// The data plane's listening rule (the one of `flotilla_proto::listen`, which the
+/// coordinator's port obeys too). Every data-plane connection must prove it holds the
+/// rendezvous's secret, so a listener beyond loopback admits nobody else, provided the
+/// secret cannot be read on its way here: a non-loopback `bound` address needs a
+/// confidential connection to the coordinator (TLS, or in process), unless `insecure`,
+/// which is warned about. An address that is not an IP socket address (another
+/// [`DataPlane`]'s form) is the data plane's own business.
+pub fn check_data_plane_listen(bound: &str, confidential: bool, insecure: bool) -> Result<(), AgentError> {
+    let Ok(addr) = bound.parse::<std::net::SocketAddr>() else { return Ok(()) };
+    let missing = (!confidential).then_some("the connection to the coordinator is plaintext");
+    match flotilla_proto::listen::check_listen(addr, missing, insecure) {
+        Listen::Allowed => Ok(()),
+        Listen::Insecure { missing } => {
+            warn!(
+                %addr,
+                "--insecure: the data plane listens while {missing}; whoever reads that connection \
+                 can join this worker's jobs on the data plane"
+            );
+            Ok(())
+        }
+        Listen::Refused { missing } => Err(AgentError::DataPlaneListenRefused { addr, missing }),
     }
 }
 

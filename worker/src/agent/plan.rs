@@ -17,6 +17,7 @@ use flotilla_proto::v1::{Assignment, ResumeFrom};
 use super::WorkerOptions;
 use super::connect::host_name;
 use super::error::JobError;
+use crate::comm::{DataPlaneLimits, DataPlaneSecret};
 use crate::pipeline::PipelinePlan;
 
 /// An assignment, checked: everything a job task needs before it touches the network.
@@ -29,6 +30,10 @@ pub(super) struct JobPlan {
     /// Rank `p`'s data-plane address as the coordinator gave it (this rank's is unused).
     pub(super) peers: Vec<String>,
     pub(super) session: u64,
+    /// The rendezvous's secret (redacted in `Debug`; never logged).
+    pub(super) secret: DataPlaneSecret,
+    /// The job's frame and buffer bounds on the data plane.
+    pub(super) limits: DataPlaneLimits,
     pub(super) config: TrainConfig,
     pub(super) model: ModelConfig,
     pub(super) output_dir: Option<PathBuf>,
@@ -141,6 +146,9 @@ impl JobPlan {
             }
         }
         confine_paths(a, &config, options)?;
+        let secret = DataPlaneSecret::from_bytes(&a.data_plane_secret)
+            .map_err(|e| JobError::Assignment(e.to_string()))?;
+        let limits = DataPlaneLimits::for_job(&model, &config);
         Ok(JobPlan {
             job_id: a.job_id.clone(),
             epoch: a.epoch,
@@ -148,6 +156,8 @@ impl JobPlan {
             world,
             peers,
             session: a.data_plane_session,
+            secret,
+            limits,
             config,
             model,
             output_dir,

@@ -215,6 +215,7 @@ where
             | CommError::PeerAborted { .. }
             | CommError::FrameTooLarge { .. }
             | CommError::MessageTooLarge { .. }
+            | CommError::BufferOverflow { .. }
             | CommError::Aborted { .. }
             | CommError::Handshake { .. }
             | CommError::HandshakeFrom { .. }

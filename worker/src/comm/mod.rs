@@ -125,6 +125,8 @@
 //! to get there.)
 
 pub mod group;
+pub mod handshake;
+pub mod limits;
 pub mod ring;
 pub mod tcp;
 
@@ -137,6 +139,8 @@ use bytes::Bytes;
 use thiserror::Error;
 
 pub use group::{Group, GroupTransport};
+pub use handshake::DataPlaneSecret;
+pub use limits::DataPlaneLimits;
 pub use ring::{RingElement, chunk_range, ring_reference_sum};
 pub use tcp::{AbortHandle, TcpCommunicator, TcpOptions, TcpRendezvous, loopback_group};
 
@@ -233,6 +237,13 @@ pub enum CommError {
     #[error("message for rank {peer} with tag {tag:#x} has {len} bytes, above the maximum frame of {max}")]
     MessageTooLarge { peer: usize, tag: u64, len: u64, max: u64 },
 
+    /// A peer sent more than this rank may hold for receives it has not posted yet.
+    #[error(
+        "rank {peer} sent a {len}-byte message with tag {tag:#x} that nobody is receiving yet, with \
+         {buffered} bytes buffered from it already: above the limit of {max}"
+    )]
+    BufferOverflow { peer: usize, tag: u64, len: u64, buffered: u64, max: u64 },
+
     #[error("message from rank {peer} with tag {tag:#x} has {got} bytes, expected {expected} ({op})")]
     SizeMismatch { op: &'static str, peer: usize, tag: u64, expected: usize, got: usize },
 
@@ -277,6 +288,7 @@ impl CommError {
             | CommError::PeerAborted { peer, .. }
             | CommError::FrameTooLarge { peer, .. }
             | CommError::MessageTooLarge { peer, .. }
+            | CommError::BufferOverflow { peer, .. }
             | CommError::SizeMismatch { peer, .. }
             | CommError::LengthMismatch { peer, .. }
             | CommError::Handshake { peer, .. } => Some(*peer),

@@ -4,24 +4,39 @@
 //!
 //! Every rank binds a listener ([`TcpRendezvous::bind`]), the addresses are exchanged out
 //! of band (through the coordinator; [`loopback_group`] does it in-process), and every
-//! rank calls [`TcpRendezvous::connect`] with the full address list. For each pair the
-//! lower rank dials the higher one, retrying with exponential backoff until the deadline;
-//! the higher rank accepts. Both ends send a hello right away — magic `FLOTILLA`, protocol
-//! version, rank, world size, session id — and check the other's: a wrong version,
-//! session, world size or rank, or a rank that connects twice, fails the rendezvous with an
-//! error naming the peer. A connection that is not a flotilla peer at all (bad magic,
-//! closed or silent before its hello: a port scanner, a health probe) is dropped and the
-//! acceptor keeps waiting. `TCP_NODELAY` is set on every connection.
+//! rank calls [`TcpRendezvous::connect`] with the full address list and the rendezvous's
+//! [`DataPlaneSecret`]. For each pair the lower rank dials the higher one, retrying with
+//! exponential backoff until the deadline; the higher rank accepts. Every connection runs
+//! the mutual challenge–response of [`super::handshake`] before a single frame is read.
+//!
+//! A connection that does not complete it (garbage, a bad magic or version, a wrong
+//! proof, a replayed proof, silence, a close half-way: a port scanner, a health probe, an
+//! attacker, a rank of another rendezvous) is a *stranger*: dropped and logged with its
+//! address, and the acceptor keeps waiting; it never fails the rendezvous. At most
+//! [`MAX_PENDING_HANDSHAKES`] handshakes are in progress at once, each for at most
+//! [`HANDSHAKE_TIMEOUT`]; a connection arriving when all are taken evicts the oldest, so a
+//! flood of silent strangers cannot keep a real peer, whose handshake takes one round
+//! trip, out. A dialer whose handshake fails dials again until the deadline. Only a peer
+//! that proved it holds the secret can fail the rendezvous: a wrong world size or session,
+//! a rank that is not the one dialed or that dials the wrong way, a rank that connects
+//! twice, each an error naming the peer (and never the session or the secret).
+//! `TCP_NODELAY` is set on every connection.
 //!
 //! # Frames
 //!
-//! The hello is 28 bytes: `b"FLOTILLA" | version: u32 | rank: u32 | world size: u32 |
-//! session: u64`, little-endian. After the hellos a connection carries frames
-//! `tag: u64 LE | len: u64 LE | payload`. Frames whose tag has both top bits set are the
-//! transport's own: *goodbye* (`u64::MAX`, empty: graceful shutdown follows) and *abort*
-//! (`u64::MAX − 1`, payload: the rank the sender blames as `u64` LE, `u64::MAX` for none,
-//! then its reason in UTF-8). A frame announcing more than [`TcpOptions::max_frame_bytes`]
-//! fails the link before anything is allocated; `send` refuses such a message up front.
+//! After the handshake a connection carries frames `tag: u64 LE | len: u64 LE | payload`.
+//! Frames whose tag has both top bits set are the transport's own: *goodbye* (`u64::MAX`,
+//! empty: graceful shutdown follows) and *abort* (`u64::MAX − 1`, payload: the rank the
+//! sender blames as `u64` LE, `u64::MAX` for none, then its reason in UTF-8).
+//!
+//! Bounds ([`DataPlaneLimits`], set per job by [`DataPlaneLimits::for_job`]): a frame
+//! announcing more than `max_frame_bytes` fails the link with
+//! [`CommError::FrameTooLarge`] before anything is allocated, and `send` refuses such a
+//! message up front ([`CommError::MessageTooLarge`]). A payload is read in chunks of at
+//! most [`READ_CHUNK`] more than has arrived (the buffer grows by doubling), so a frame
+//! announced but never sent costs at most one chunk. A link holds at most
+//! `max_buffered_bytes` of messages that arrived before their receive was posted; a frame
+//! that would exceed it fails the link with [`CommError::BufferOverflow`].
 //!
 //! # Tasks and state
 //!
@@ -35,16 +50,17 @@
 //! # Failure
 //!
 //! Each link has a cancellation token, a child of the communicator's abort token. A read
-//! or write error, an oversized or malformed frame, an abort frame, or end of stream
-//! without a goodbye fails the link: the peer's mailbox is closed with that error (pending
-//! receives wake, later ones fail at once), the link's tasks stop and close the socket (so
-//! the peer notices too), and the communicator's *failure* token fires, failing every
-//! pending and later collective with the first such error. A goodbye closes only the
-//! mailbox, with [`CommError::PeerClosed`]. A collective that fails for any reason but a
-//! local abort aborts the communicator, which closes every link after an abort frame, so a
-//! rank waiting on this one further round the ring fails instead of hanging. The
-//! collectives of a [`super::Group`] are this communicator's collectives as far as all
-//! of this goes: they watch the same failure token and abort the same communicator.
+//! or write error, an oversized or malformed frame, a buffer overflow, an abort frame, or
+//! end of stream without a goodbye fails the link: the peer's mailbox is closed with that
+//! error (pending receives wake, later ones fail at once), the link's tasks stop and close
+//! the socket (so the peer notices too), and the communicator's *failure* token fires,
+//! failing every pending and later collective with the first such error. A goodbye closes
+//! only the mailbox, with [`CommError::PeerClosed`]. A collective that fails for any
+//! reason but a local abort aborts the communicator, which closes every link after an
+//! abort frame, so a rank waiting on this one further round the ring fails instead of
+//! hanging. The collectives of a [`super::Group`] are this communicator's collectives as
+//! far as all of this goes: they watch the same failure token and abort the same
+//! communicator.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
@@ -53,7 +69,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Duration;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes};
 use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -64,15 +80,14 @@ use tokio::time::{Instant, sleep, sleep_until, timeout, timeout_at};
 use tokio_util::sync::CancellationToken;
 
 use super::group::GroupTransport;
+use super::handshake::{self, DataPlaneSecret, Hello, NotAPeer};
+use super::limits::DataPlaneLimits;
 use super::ring::{self, RingElement, Transport};
 use super::{
     CONTROL_TAG_BITS, CommError, Communicator, MAX_USER_TAG, MAX_WORLD_SIZE, WORLD_GROUP_ID,
     collective_number, describe_collective,
 };
 
-const MAGIC: [u8; 8] = *b"FLOTILLA";
-const PROTOCOL_VERSION: u32 = 1;
-const HELLO_LEN: usize = 28;
 const HEADER_LEN: usize = 16;
 /// Control frame: the sender shuts down gracefully; nothing follows.
 const GOODBYE_TAG: u64 = u64::MAX;
@@ -82,8 +97,14 @@ const ABORT_TAG: u64 = u64::MAX - 1;
 const MAX_ABORT_REASON: usize = 4096;
 /// How long an aborting writer tries to get its abort frame out before closing anyway.
 const ABORT_NOTICE_TIMEOUT: Duration = Duration::from_millis(200);
-/// How long an accepted connection may take to send its hello.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an accepted connection may take to complete its handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The most handshakes an acceptor runs at once; one more evicts the oldest.
+pub const MAX_PENDING_HANDSHAKES: usize = 64;
+/// Strangers logged one by one per rendezvous; the rest are counted.
+const STRANGERS_LOGGED: u64 = 16;
+/// A payload's buffer grows by at most this much beyond what has arrived.
+pub const READ_CHUNK: usize = 1 << 20;
 /// Socket-side buffers: small frames coalesce in them; a large payload bypasses them, except
 /// for the part the reader's buffer picked up along with the frame's header (copied once
 /// more), which is why they are kept small.
@@ -94,25 +115,27 @@ const MAX_BACKOFF: Duration = Duration::from_millis(500);
 /// Rendezvous and link settings.
 #[derive(Debug, Clone)]
 pub struct TcpOptions {
-    /// Identifies one rendezvous (one job incarnation); peers from another session are
-    /// refused.
+    /// Identifies one rendezvous (one job incarnation). Not a credential: the secret is.
     pub session: u64,
+    /// What every connection proves it holds before a frame is read.
+    pub secret: DataPlaneSecret,
     /// Deadline for the whole rendezvous: dialing (with retries), accepting, handshakes.
     pub connect_timeout: Duration,
-    /// Largest payload a frame may announce; larger ones fail the link (not allocated).
-    pub max_frame_bytes: u64,
+    /// The frame and buffer bounds of every link.
+    pub limits: DataPlaneLimits,
     /// How long [`TcpCommunicator::shutdown`] waits for queued frames to drain and for
     /// peers to say goodbye.
     pub shutdown_linger: Duration,
 }
 
 impl TcpOptions {
-    /// Defaults: 30 s to rendezvous, 1 GiB frames, 2 s shutdown linger.
-    pub fn new(session: u64) -> Self {
+    /// Defaults: 30 s to rendezvous, [`DataPlaneLimits::FLOOR`], 2 s shutdown linger.
+    pub fn new(session: u64, secret: DataPlaneSecret) -> Self {
         TcpOptions {
             session,
+            secret,
             connect_timeout: Duration::from_secs(30),
-            max_frame_bytes: 1 << 30,
+            limits: DataPlaneLimits::FLOOR,
             shutdown_linger: Duration::from_secs(2),
         }
     }
@@ -122,8 +145,18 @@ impl TcpOptions {
         self
     }
 
+    pub fn with_limits(mut self, limits: DataPlaneLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
     pub fn with_max_frame_bytes(mut self, max: u64) -> Self {
-        self.max_frame_bytes = max;
+        self.limits.max_frame_bytes = max;
+        self
+    }
+
+    pub fn with_max_buffered_bytes(mut self, max: u64) -> Self {
+        self.limits.max_buffered_bytes = max;
         self
     }
 
@@ -173,12 +206,12 @@ impl TcpRendezvous {
         if rank >= world_size {
             return Err(CommError::InvalidPeer { peer: rank, world_size });
         }
-        let me = Hello { version: PROTOCOL_VERSION, rank, world_size, session: options.session };
+        let me = Me { rank, world_size, session: options.session, secret: &options.secret };
         let deadline = Instant::now() + options.connect_timeout;
-        let accept = accept_lower(&self.listener, me, deadline, options.connect_timeout);
+        let accept = accept_lower(&self.listener, &me, deadline, options.connect_timeout);
         let dial = futures::future::try_join_all(
             ((rank + 1)..world_size)
-                .map(|peer| dial_higher(me, peer, peers[peer], deadline, options.connect_timeout)),
+                .map(|peer| dial_higher(&me, peer, peers[peer], deadline, options.connect_timeout)),
         );
         let (lower, higher) = tokio::try_join!(accept, dial)?;
         let mut streams: Vec<Option<TcpStream>> = lower.into_iter().map(Some).collect();
@@ -188,65 +221,27 @@ impl TcpRendezvous {
     }
 }
 
-/// What both ends of a new connection send first.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Hello {
-    version: u32,
+/// This rank in its rendezvous: what its hellos say and the secret it proves.
+struct Me<'a> {
     rank: usize,
     world_size: usize,
     session: u64,
+    secret: &'a DataPlaneSecret,
 }
 
-impl Hello {
-    fn encode(&self) -> [u8; HELLO_LEN] {
-        let mut out = [0u8; HELLO_LEN];
-        out[..8].copy_from_slice(&MAGIC);
-        out[8..12].copy_from_slice(&self.version.to_le_bytes());
-        // Ranks and world sizes are below MAX_WORLD_SIZE, which fits u32.
-        out[12..16].copy_from_slice(&(self.rank as u32).to_le_bytes());
-        out[16..20].copy_from_slice(&(self.world_size as u32).to_le_bytes());
-        out[20..28].copy_from_slice(&self.session.to_le_bytes());
-        out
-    }
-
-    /// `None` when the magic is wrong: not a flotilla peer.
-    fn decode(bytes: &[u8; HELLO_LEN]) -> Option<Hello> {
-        let u32_at = |at: usize| u32::from_le_bytes(std::array::from_fn(|i| bytes[at + i]));
-        (bytes[..8] == MAGIC).then(|| Hello {
-            version: u32_at(8),
-            rank: u32_at(12) as usize,
-            world_size: u32_at(16) as usize,
-            session: u64::from_le_bytes(std::array::from_fn(|i| bytes[20 + i])),
-        })
-    }
-
-    /// Why `theirs` cannot join `self`'s group, if it cannot.
-    fn mismatch(&self, theirs: &Hello) -> Option<String> {
-        if theirs.version != self.version {
-            Some(format!("protocol version {}, this rank speaks {}", theirs.version, self.version))
-        } else if theirs.session != self.session {
-            Some(format!(
-                "session {}, this rank (rank {}) is in session {}",
-                theirs.session, self.rank, self.session
-            ))
-        } else if theirs.world_size != self.world_size {
-            Some(format!("world size {}, this rank's is {}", theirs.world_size, self.world_size))
-        } else {
-            None
-        }
+impl Me<'_> {
+    /// A hello with a nonce fresh for one connection.
+    fn hello(&self) -> Hello {
+        Hello::new(self.rank, self.world_size, self.session)
     }
 }
 
-async fn exchange_hello(stream: &mut TcpStream, me: &Hello) -> std::io::Result<Option<Hello>> {
-    stream.write_all(&me.encode()).await?;
-    let mut buf = [0u8; HELLO_LEN];
-    stream.read_exact(&mut buf).await?;
-    Ok(Hello::decode(&buf))
-}
-
-/// The lower rank's side of one pair: dial `peer` until it answers or the deadline passes.
+/// The lower rank's side of one pair: dial `peer` until a handshake with it succeeds or
+/// the deadline passes. Whatever answers at `addr` without proving it holds the secret is
+/// not `peer`: dialed again after a backoff. An authenticated peer that disagrees (world
+/// size, session, rank) fails the rendezvous.
 async fn dial_higher(
-    me: Hello,
+    me: &Me<'_>,
     peer: usize,
     addr: SocketAddr,
     deadline: Instant,
@@ -255,70 +250,138 @@ async fn dial_higher(
     let timed_out =
         |what: String| CommError::RendezvousTimeout { rank: me.rank, timeout: total, missing: what };
     let mut backoff = FIRST_BACKOFF;
-    let mut stream = loop {
-        match timeout_at(deadline, TcpStream::connect(addr)).await {
-            Ok(Ok(stream)) => break stream,
-            Ok(Err(e)) => {
-                if Instant::now() + backoff >= deadline {
-                    return Err(timed_out(format!("could not connect to rank {peer} at {addr}: {e}")));
-                }
-                sleep(backoff).await;
-                backoff = (backoff * 2).min(MAX_BACKOFF);
-            }
+    loop {
+        let why = match timeout_at(deadline, TcpStream::connect(addr)).await {
             Err(_) => return Err(timed_out(format!("could not connect to rank {peer} at {addr}"))),
+            Ok(Err(e)) => format!("could not connect to rank {peer} at {addr}: {e}"),
+            Ok(Ok(mut stream)) => {
+                stream
+                    .set_nodelay(true)
+                    .map_err(|e| CommError::io(format!("setting TCP_NODELAY towards rank {peer}"), e))?;
+                let mine = me.hello();
+                match timeout_at(deadline, handshake::dial(&mut stream, &mine, me.secret)).await {
+                    Err(_) => {
+                        return Err(timed_out(format!(
+                            "rank {peer} at {addr} accepted but did not complete the handshake"
+                        )));
+                    }
+                    Ok(Ok(theirs)) => {
+                        let refused = |reason: String| CommError::Handshake { peer, addr, reason };
+                        if let Some(reason) = mine.mismatch(&theirs) {
+                            return Err(refused(format!("peer is on {reason}")));
+                        }
+                        if theirs.rank != peer {
+                            return Err(refused(format!("the listener there is rank {}", theirs.rank)));
+                        }
+                        return Ok(stream);
+                    }
+                    Ok(Err(not_a_peer)) => {
+                        tracing::debug!(rank = me.rank, peer, %addr, why = %not_a_peer, "handshake failed; dialing again");
+                        format!("the listener of rank {peer} at {addr}: {not_a_peer}")
+                    }
+                }
+            }
+        };
+        if Instant::now() + backoff >= deadline {
+            return Err(timed_out(why));
         }
-    };
-    stream
-        .set_nodelay(true)
-        .map_err(|e| CommError::io(format!("setting TCP_NODELAY towards rank {peer}"), e))?;
-    let refused = |reason: String| CommError::Handshake { peer, addr, reason };
-    let theirs = match timeout_at(deadline, exchange_hello(&mut stream, &me)).await {
-        Err(_) => return Err(timed_out(format!("rank {peer} at {addr} accepted but sent no handshake"))),
-        Ok(Err(e)) => return Err(refused(format!("connection failed during the handshake: {e}"))),
-        Ok(Ok(None)) => return Err(refused("it is not a flotilla worker (bad magic)".into())),
-        Ok(Ok(Some(theirs))) => theirs,
-    };
-    if let Some(reason) = me.mismatch(&theirs) {
-        return Err(refused(format!("peer is on {reason}")));
+        sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
     }
-    if theirs.rank != peer {
-        return Err(refused(format!("the listener there is rank {}", theirs.rank)));
-    }
-    Ok(stream)
 }
 
-/// An accepted connection's hello, or why it was dropped.
+/// An accepted connection's handshake, or why it was dropped.
 enum Incoming {
     Peer(Hello, TcpStream, SocketAddr),
-    /// Not a flotilla peer; keep accepting.
+    /// Not a peer of this rendezvous; keep accepting.
     Stranger(SocketAddr, String),
 }
 
-async fn greet_incoming(mut stream: TcpStream, addr: SocketAddr, me: Hello, deadline: Instant) -> Incoming {
-    let limit = deadline.min(Instant::now() + HELLO_TIMEOUT);
-    match timeout_at(limit, exchange_hello(&mut stream, &me)).await {
-        Ok(Ok(Some(hello))) => Incoming::Peer(hello, stream, addr),
-        Ok(Ok(None)) => Incoming::Stranger(addr, "bad magic".into()),
-        Ok(Err(e)) => Incoming::Stranger(addr, format!("no hello: {e}")),
-        Err(_) => Incoming::Stranger(addr, "no hello in time".into()),
+/// Runs the acceptor's handshake on one connection, for at most [`HANDSHAKE_TIMEOUT`]
+/// (and not past the rendezvous's deadline), or until `evicted` fires.
+async fn greet_incoming(
+    mut stream: TcpStream,
+    addr: SocketAddr,
+    mine: Hello,
+    secret: &DataPlaneSecret,
+    deadline: Instant,
+    evicted: CancellationToken,
+) -> Incoming {
+    let limit = deadline.min(Instant::now() + HANDSHAKE_TIMEOUT);
+    tokio::select! {
+        biased;
+        () = evicted.cancelled() => {
+            Incoming::Stranger(addr, format!("evicted: {MAX_PENDING_HANDSHAKES} handshakes were in progress"))
+        }
+        shaken = timeout_at(limit, handshake::accept(&mut stream, &mine, secret)) => match shaken {
+            Ok(Ok(theirs)) => Incoming::Peer(theirs, stream, addr),
+            Ok(Err(not_a_peer)) => Incoming::Stranger(addr, not_a_peer.to_string()),
+            Err(_) => Incoming::Stranger(addr, NotAPeer::Io("no complete handshake in time".into()).to_string()),
+        },
     }
 }
 
-/// The higher rank's side: accept one connection from each lower rank. Returns them in
-/// rank order.
+/// The strangers one rendezvous dropped: the first few logged one by one, all counted.
+#[derive(Default)]
+struct Strangers {
+    count: u64,
+    last: Option<(SocketAddr, String)>,
+}
+
+impl Strangers {
+    fn drop_one(&mut self, rank: usize, addr: SocketAddr, why: String) {
+        self.count += 1;
+        if self.count <= STRANGERS_LOGGED {
+            tracing::warn!(rank, %addr, why, "dropped a data-plane connection that is not a peer of this rendezvous");
+        } else {
+            tracing::debug!(rank, %addr, why, "dropped a data-plane connection that is not a peer of this rendezvous");
+        }
+        self.last = Some((addr, why));
+    }
+
+    /// For a timeout's message: what was dropped, so that a misconfigured peer (another
+    /// version, another rendezvous) shows up in the error.
+    fn describe(&self) -> String {
+        match &self.last {
+            None => String::new(),
+            Some((addr, why)) => format!(
+                "; dropped {} connection(s) that did not prove they belong to this rendezvous (last: {addr}, {why})",
+                self.count
+            ),
+        }
+    }
+}
+
+/// The higher rank's side: accept one authenticated connection from each lower rank.
+/// Returns them in rank order.
 async fn accept_lower(
     listener: &TcpListener,
-    me: Hello,
+    me: &Me<'_>,
     deadline: Instant,
     total: Duration,
 ) -> Result<Vec<TcpStream>, CommError> {
     let mut accepted: Vec<Option<TcpStream>> = (0..me.rank).map(|_| None).collect();
     let mut missing = me.rank;
     let mut greeting = FuturesUnordered::new();
+    // The eviction tokens of the handshakes in progress, oldest first, by id.
+    let mut pending: VecDeque<(u64, CancellationToken)> = VecDeque::new();
+    let mut next_id = 0u64;
+    let mut strangers = Strangers::default();
     while missing > 0 {
         tokio::select! {
             conn = listener.accept() => match conn {
-                Ok((stream, addr)) => greeting.push(greet_incoming(stream, addr, me, deadline)),
+                Ok((stream, addr)) => {
+                    if pending.len() >= MAX_PENDING_HANDSHAKES
+                        && let Some((_, oldest)) = pending.pop_front()
+                    {
+                        oldest.cancel();
+                    }
+                    let (id, evicted) = (next_id, CancellationToken::new());
+                    next_id += 1;
+                    pending.push_back((id, evicted.clone()));
+                    let greeted = greet_incoming(stream, addr, me.hello(), me.secret, deadline, evicted);
+                    greeting.push(async move { (id, greeted.await) });
+                }
                 // Accept errors (e.g. out of descriptors) are usually transient: keep going
                 // until the deadline says otherwise.
                 Err(e) => {
@@ -326,30 +389,32 @@ async fn accept_lower(
                     sleep(FIRST_BACKOFF).await;
                 }
             },
-            Some(incoming) = greeting.next(), if !greeting.is_empty() => match incoming {
-                Incoming::Stranger(addr, why) => {
-                    tracing::warn!(rank = me.rank, %addr, why, "dropped a connection that is not a flotilla peer");
-                }
-                Incoming::Peer(theirs, stream, addr) => {
-                    let refused = |reason: String| CommError::Handshake { peer: theirs.rank, addr, reason };
-                    if let Some(reason) = me.mismatch(&theirs) {
-                        return Err(refused(format!("peer is on {reason}")));
+            Some((id, incoming)) = greeting.next(), if !greeting.is_empty() => {
+                pending.retain(|(p, _)| *p != id);
+                match incoming {
+                    Incoming::Stranger(addr, why) => strangers.drop_one(me.rank, addr, why),
+                    Incoming::Peer(theirs, stream, addr) => {
+                        let refused = |reason: String| CommError::Handshake { peer: theirs.rank, addr, reason };
+                        let mine = me.hello();
+                        if let Some(reason) = mine.mismatch(&theirs) {
+                            return Err(refused(format!("peer is on {reason}")));
+                        }
+                        if theirs.rank >= me.rank {
+                            return Err(refused(format!(
+                                "rank {} dialed rank {}, but only lower ranks dial higher ones",
+                                theirs.rank, me.rank
+                            )));
+                        }
+                        let slot = &mut accepted[theirs.rank];
+                        if slot.is_some() {
+                            return Err(refused(format!("duplicate rank: rank {} is already connected", theirs.rank)));
+                        }
+                        stream.set_nodelay(true).map_err(|e| {
+                            CommError::io(format!("setting TCP_NODELAY towards rank {}", theirs.rank), e)
+                        })?;
+                        *slot = Some(stream);
+                        missing -= 1;
                     }
-                    if theirs.rank >= me.rank {
-                        return Err(refused(format!(
-                            "rank {} dialed rank {}, but only lower ranks dial higher ones",
-                            theirs.rank, me.rank
-                        )));
-                    }
-                    let slot = &mut accepted[theirs.rank];
-                    if slot.is_some() {
-                        return Err(refused(format!("duplicate rank: rank {} is already connected", theirs.rank)));
-                    }
-                    stream.set_nodelay(true).map_err(|e| {
-                        CommError::io(format!("setting TCP_NODELAY towards rank {}", theirs.rank), e)
-                    })?;
-                    *slot = Some(stream);
-                    missing -= 1;
                 }
             },
             () = sleep_until(deadline) => {
@@ -362,10 +427,17 @@ async fn accept_lower(
                 return Err(CommError::RendezvousTimeout {
                     rank: me.rank,
                     timeout: total,
-                    missing: format!("no connection from ranks [{}]", absent.join(", ")),
+                    missing: format!("no connection from ranks [{}]{}", absent.join(", "), strangers.describe()),
                 });
             }
         }
+    }
+    if strangers.count > STRANGERS_LOGGED {
+        tracing::warn!(
+            rank = me.rank,
+            dropped = strangers.count,
+            "the rendezvous dropped data-plane strangers"
+        );
     }
     Ok(accepted.into_iter().flatten().collect())
 }
@@ -374,7 +446,7 @@ async fn accept_lower(
 struct Shared {
     rank: usize,
     world_size: usize,
-    max_frame_bytes: u64,
+    limits: DataPlaneLimits,
     /// Indexed by peer; this rank's own entry holds messages it sent itself.
     mailboxes: Vec<Mutex<Mailbox>>,
     abort: Arc<AbortState>,
@@ -453,6 +525,8 @@ fn lock(m: &Mutex<Mailbox>) -> MutexGuard<'_, Mailbox> {
 #[derive(Default)]
 struct Mailbox {
     slots: HashMap<u64, Slot>,
+    /// Payload bytes of the messages in `slots` (arrived, not yet taken).
+    buffered: u64,
     /// Set once the link is gone: no receiver waits after this, messages already arrived
     /// are still handed out.
     closed: Option<CommError>,
@@ -471,20 +545,30 @@ enum Take {
 }
 
 impl Mailbox {
-    fn deliver(&mut self, tag: u64, bytes: Bytes) {
+    /// Hands `bytes` to the first live receiver waiting on `tag`, or buffers it; refuses
+    /// to buffer past `limit` bytes (`Err` with what is buffered already, `bytes` dropped).
+    fn deliver(&mut self, tag: u64, bytes: Bytes, limit: Option<u64>) -> Result<(), u64> {
         let slot = self.slots.entry(tag).or_default();
         let mut bytes = bytes;
         while let Some(waiter) = slot.waiting.pop_front() {
             match waiter.send(bytes) {
                 Ok(()) => {
                     self.drop_if_empty(tag);
-                    return;
+                    return Ok(());
                 }
                 // That receive was cancelled: try the next one.
                 Err(back) => bytes = back,
             }
         }
+        let len = bytes.len() as u64;
+        if limit.is_some_and(|max| self.buffered.saturating_add(len) > max) {
+            let buffered = self.buffered;
+            self.drop_if_empty(tag);
+            return Err(buffered);
+        }
         slot.arrived.push_back(bytes);
+        self.buffered += len;
+        Ok(())
     }
 
     /// Returns a message a cancelled receive had already been handed: it was first in line,
@@ -492,9 +576,11 @@ impl Mailbox {
     fn put_back(&mut self, tag: u64, bytes: Bytes) {
         let slot = self.slots.entry(tag).or_default();
         if slot.waiting.iter().any(|w| !w.is_closed()) {
-            self.deliver(tag, bytes);
+            // Without a limit: these bytes were counted when they arrived.
+            let _ = self.deliver(tag, bytes, None);
         } else {
             slot.waiting.clear();
+            self.buffered += bytes.len() as u64;
             slot.arrived.push_front(bytes);
         }
     }
@@ -503,6 +589,7 @@ impl Mailbox {
         if let Some(slot) = self.slots.get_mut(&tag)
             && let Some(bytes) = slot.arrived.pop_front()
         {
+            self.buffered -= bytes.len() as u64;
             self.drop_if_empty(tag);
             return Take::Ready(bytes);
         }
@@ -638,7 +725,7 @@ impl TcpCommunicator {
         let shared = Arc::new(Shared {
             rank,
             world_size,
-            max_frame_bytes: options.max_frame_bytes,
+            limits: options.limits,
             mailboxes: (0..world_size).map(|_| Mutex::new(Mailbox::default())).collect(),
             abort,
             failure: CancellationToken::new(),
@@ -761,7 +848,8 @@ impl TcpCommunicator {
         self.check_peer(peer)?;
         self.check_abort()?;
         if peer == self.shared.rank {
-            lock(&self.shared.mailboxes[peer]).deliver(tag, bytes);
+            // This rank's own messages: no limit but its own program's.
+            let _ = lock(&self.shared.mailboxes[peer]).deliver(tag, bytes, None);
             return Ok(());
         }
         if let Some(err) = &lock(&self.shared.mailboxes[peer]).closed {
@@ -770,8 +858,9 @@ impl TcpCommunicator {
         // Refused here rather than by the peer's reader, which would fail the whole link
         // (ranks are expected to share one limit).
         let len = bytes.len() as u64;
-        if len > self.shared.max_frame_bytes {
-            return Err(CommError::MessageTooLarge { peer, tag, len, max: self.shared.max_frame_bytes });
+        let max = self.shared.limits.max_frame_bytes;
+        if len > max {
+            return Err(CommError::MessageTooLarge { peer, tag, len, max });
         }
         let queue = self.outboxes.get(peer).and_then(Option::as_ref);
         match queue.map(|q| q.send((tag, bytes))) {
@@ -1182,25 +1271,15 @@ async fn read_frames<R: AsyncRead + Unpin>(peer: usize, r: &mut R, shared: &Shar
         }
         let tag = u64::from_le_bytes(std::array::from_fn(|i| header[i]));
         let len = u64::from_le_bytes(std::array::from_fn(|i| header[8 + i]));
-        let max = shared.max_frame_bytes;
+        let max = shared.limits.max_frame_bytes;
         let size = match usize::try_from(len) {
             Ok(size) if len <= max => size,
             _ => return Err(CommError::FrameTooLarge { peer, tag, len, max }),
         };
-        let mut payload = BytesMut::with_capacity(size);
-        while payload.len() < size {
-            let want = size - payload.len();
-            match r.read_buf(&mut (&mut payload).limit(want)).await {
-                Ok(0) => {
-                    return Err(failed(format!(
-                        "connection closed inside a frame (tag {tag:#x}, {} of {len} bytes)",
-                        payload.len()
-                    )));
-                }
-                Ok(_) => {}
-                Err(e) => return Err(failed(format!("read failed inside a frame (tag {tag:#x}): {e}"))),
-            }
-        }
+        let payload = read_payload(r, size).await.map_err(|(got, e)| match e {
+            Some(e) => failed(format!("read failed inside a frame (tag {tag:#x}): {e}")),
+            None => failed(format!("connection closed inside a frame (tag {tag:#x}, {got} of {len} bytes)")),
+        })?;
         if tag & CONTROL_TAG_BITS == CONTROL_TAG_BITS {
             return match tag {
                 GOODBYE_TAG => Ok(()),
@@ -1208,8 +1287,38 @@ async fn read_frames<R: AsyncRead + Unpin>(peer: usize, r: &mut R, shared: &Shar
                 _ => Err(failed(format!("unknown control frame {tag:#x}"))),
             };
         }
-        lock(&shared.mailboxes[peer]).deliver(tag, payload.freeze());
+        let max = shared.limits.max_buffered_bytes;
+        if let Err(buffered) = lock(&shared.mailboxes[peer]).deliver(tag, payload, Some(max)) {
+            return Err(CommError::BufferOverflow { peer, tag, len, buffered, max });
+        }
     }
+}
+
+/// Reads a `size`-byte payload, growing the buffer by doubling from [`READ_CHUNK`] as the
+/// bytes arrive (never to more than twice what arrived, plus a chunk), so that an announced
+/// length costs nothing until it is sent. On failure: the bytes read, and the I/O error
+/// (`None`: end of stream).
+async fn read_payload<R: AsyncRead + Unpin>(
+    r: &mut R,
+    size: usize,
+) -> Result<Bytes, (usize, Option<std::io::Error>)> {
+    // A `Vec` grown with `reserve_exact` ends at exactly `size` bytes of capacity, and
+    // becomes `Bytes` without a copy.
+    let mut payload: Vec<u8> = Vec::with_capacity(size.min(READ_CHUNK));
+    while payload.len() < size {
+        if payload.capacity() == payload.len() {
+            let target = size.min(payload.len().saturating_mul(2).max(READ_CHUNK));
+            payload.reserve_exact(target - payload.len());
+        }
+        let room = payload.capacity() - payload.len();
+        let want = (size - payload.len()).min(room);
+        match r.read_buf(&mut (&mut payload).limit(want)).await {
+            Ok(0) => return Err((payload.len(), None)),
+            Ok(_) => {}
+            Err(e) => return Err((payload.len(), Some(e))),
+        }
+    }
+    Ok(Bytes::from(payload))
 }
 
 /// A whole group on this host: binds `world_size` listeners on 127.0.0.1 (free ports),

@@ -7,7 +7,7 @@ use std::path::Path;
 use flotilla_coordinator::placement::{Parallel, Placement};
 use flotilla_model::ModelConfig;
 use flotilla_model::train::TrainConfig;
-use flotilla_worker::comm::{TcpCommunicator, TcpOptions, loopback_group};
+use flotilla_worker::comm::{DataPlaneSecret, TcpCommunicator, TcpOptions, loopback_group};
 use flotilla_worker::pipeline::{PipelinePlan, PipelineTrainer};
 
 /// A run of the tiny model on synthetic data with one thread: `steps` steps of
@@ -81,7 +81,9 @@ pub fn run_ranks<R: Send>(
     let placement = Placement::new(layout, &model, config.seq_len as u32).expect("the layout places");
     let world = placement.world_size() as usize;
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let comms = runtime.block_on(loopback_group(world, TcpOptions::new(7))).expect("loopback data plane");
+    let comms = runtime
+        .block_on(loopback_group(world, TcpOptions::new(7, DataPlaneSecret::random())))
+        .expect("loopback data plane");
     let (model, placement, adjust, body) = (&model, &placement, &adjust, &body);
     std::thread::scope(|scope| {
         let runs: Vec<_> = comms

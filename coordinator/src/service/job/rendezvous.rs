@@ -27,7 +27,7 @@ use super::steps::StepTracker;
 use super::{CommandKind, JobActor, Rank};
 use crate::placement::{Placement, WorkerKey, world_order};
 use crate::service::error::ServiceError;
-use crate::service::ids::random_u64;
+use crate::service::ids::{data_plane_secret, random_u64};
 use crate::service::messages::Member;
 use crate::service::timeline::{JobTimelines, RankInfo};
 use crate::store::StateStore;
@@ -63,9 +63,14 @@ impl<S: StateStore + Clone + 'static> JobActor<S> {
             // Nothing was sent to the workers: they are free again once the job ends.
             Err(reason) => return self.transition(JobState::Failed, reason).await,
         };
+        // Fresh for every rendezvous (every epoch): a rank of an earlier one cannot join.
+        let Some(secret) = data_plane_secret() else {
+            let reason = "the operating system supplied no randomness for the data-plane secret";
+            return self.transition(JobState::Failed, reason.into()).await;
+        };
         self.begin_attempt(resume.as_ref(), placement.as_deref());
         self.announce_rendezvous(resume.as_ref(), recovering, placement.is_some()).await?;
-        self.send_assignments(peers, placement.as_deref(), resume);
+        self.send_assignments(peers, placement.as_deref(), resume, secret);
         Ok(())
     }
 
@@ -177,9 +182,16 @@ impl<S: StateStore + Clone + 'static> JobActor<S> {
     }
 
     /// Sends every rank its assignment: the peers by world rank, a fresh data-plane
-    /// session, a pipeline job's place in the layout, the checkpoint root and the
-    /// checkpoint to resume from.
-    fn send_assignments(&mut self, peers: Peers, placement: Option<&Placement>, resume: Option<ResumeFrom>) {
+    /// session and the rendezvous's `secret`, a pipeline job's place in the layout, the
+    /// checkpoint root and the checkpoint to resume from. The secret goes only into these
+    /// commands: never into the job's record, its events or a log.
+    fn send_assignments(
+        &mut self,
+        peers: Peers,
+        placement: Option<&Placement>,
+        resume: Option<ResumeFrom>,
+        secret: Vec<u8>,
+    ) {
         let n = self.crew.len();
         let peers: Vec<Peer> = peers
             .into_iter()
@@ -213,6 +225,7 @@ impl<S: StateStore + Clone + 'static> JobActor<S> {
                 checkpoint_root: checkpoint_root.clone(),
                 resume: resume.clone(),
                 epoch: self.epoch,
+                data_plane_secret: secret.clone(),
             };
             self.command(
                 rank,
