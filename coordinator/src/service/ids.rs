@@ -13,8 +13,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use super::records;
 
 /// 64 bits nobody can predict without the process's random hashing keys. Not a
-/// cryptographic secret: session ids bind a stream to a registration, and the control
-/// plane has no authentication to protect yet.
+/// cryptographic secret: it names a data-plane rendezvous (one job incarnation), which
+/// peers prove they belong to with the [`data_plane_secret`], not with this id.
 pub(crate) fn random_u64() -> u64 {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
@@ -24,9 +24,17 @@ pub(crate) fn random_u64() -> u64 {
     hasher.finish()
 }
 
-/// A worker's session id: 128 unpredictable bits, in hex.
+/// A worker's session id: 128 bits from the operating system's CSPRNG, in hex. It binds a
+/// worker's stream to its registration, so it must not be guessable; if the system cannot
+/// supply randomness, the hashed [`random_u64`] stands in (registration still needs the
+/// worker token).
 pub(crate) fn session_id() -> String {
-    format!("{:016x}{:016x}", random_u64(), random_u64())
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 16];
+    if ring::rand::SystemRandom::new().fill(&mut bytes).is_err() {
+        return format!("{:016x}{:016x}", random_u64(), random_u64());
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Bytes in a data-plane secret.
