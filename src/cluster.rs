@@ -7,7 +7,6 @@
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use flotilla_coordinator::store::StoreConfig;
 use flotilla_coordinator::schedule::executed_chrome_trace;
 use flotilla_coordinator::service::auth::{
     AuthChannel, BearerToken, ClientAuth, ClientTls, RateLimit, RateLimits, Role, ServerTls, first_token,
@@ -15,6 +14,7 @@ use flotilla_coordinator::service::auth::{
 use flotilla_coordinator::service::{
     CoordinatorConfig, DEFAULT_MAX_JOB_WORKERS, JobRetention, MAX_JOB_WORKERS, bind_and_serve,
 };
+use flotilla_coordinator::store::StoreConfig;
 use flotilla_model::ModelConfig;
 use flotilla_model::train::{ParallelConfig, TrainConfig};
 use flotilla_proto::v1::job_event::Event;

@@ -124,7 +124,11 @@ impl Cluster {
                 return;
             }
             if tokio::time::Instant::now() > deadline {
-                panic!("etcd member {} did not answer within 60 s; its log:\n{}", member.name, member.log_tail());
+                panic!(
+                    "etcd member {} did not answer within 60 s; its log:\n{}",
+                    member.name,
+                    member.log_tail()
+                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -149,14 +153,19 @@ impl Cluster {
             if let Some(leader) = self.find_leader().await {
                 return leader;
             }
-            assert!(tokio::time::Instant::now() < deadline, "no member reported itself the leader within 30 s");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no member reported itself the leader within 30 s"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
     async fn find_leader(&self) -> Option<usize> {
         for member in self.members.iter().filter(|m| m.child.is_some()) {
-            let Ok(mut client) = etcd_client::Client::connect([format!("http://{}", member.client)], None).await else {
+            let Ok(mut client) =
+                etcd_client::Client::connect([format!("http://{}", member.client)], None).await
+            else {
                 continue;
             };
             let Ok(status) = client.status().await else { continue };
@@ -174,8 +183,10 @@ async fn the_etcd_store_passes_the_conformance_suite() {
     let Some(cluster) = Cluster::start(1).await else { return };
     let limits = store_conformance::Limits { max_txn_bytes: ETCD_MAX_TXN_BYTES, ttl: Duration::from_secs(2) };
     let cluster = &cluster;
-    store_conformance::run_all(limits, |case| async move { cluster.store(&format!("/conformance/{case}/")).await })
-        .await;
+    store_conformance::run_all(limits, |case| async move {
+        cluster.store(&format!("/conformance/{case}/")).await
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -220,7 +231,10 @@ async fn an_unreachable_etcd_is_unavailable_naming_the_endpoint() {
 #[tokio::test]
 async fn unreadable_tls_files_are_errors_naming_them() {
     let mut config = EtcdConfig::new(["127.0.0.1:2379"]);
-    config.tls = Some(flotilla_coordinator::store::EtcdTls { ca: Path::new("/nonexistent/ca.pem").into(), identity: None });
+    config.tls = Some(flotilla_coordinator::store::EtcdTls {
+        ca: Path::new("/nonexistent/ca.pem").into(),
+        identity: None,
+    });
     match EtcdStore::connect(config).await {
         Err(StoreError::Config { field, reason }) => {
             assert_eq!(field, "ca");
@@ -329,7 +343,8 @@ async fn a_coordinator_on_etcd_keeps_its_jobs_across_a_restart() {
         .await
         .submit_job(SubmitJobRequest {
             name: "on-etcd".into(),
-            config_toml: "seed = 0\nsteps = 2\nbatch_size = 4\nseq_len = 8\n\n[model]\npreset = \"tiny\"\n".into(),
+            config_toml: "seed = 0\nsteps = 2\nbatch_size = 4\nseq_len = 8\n\n[model]\npreset = \"tiny\"\n"
+                .into(),
             workers: 1,
             output_dir: out.path().join("job").display().to_string(),
             resume_from: String::new(),

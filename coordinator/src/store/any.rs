@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use futures::Stream;
 
-#[cfg(feature = "etcd")]
-use super::{EtcdStore, EtcdWatch};
 #[cfg(not(feature = "etcd"))]
 use super::StoreError;
+#[cfg(feature = "etcd")]
+use super::{EtcdStore, EtcdWatch};
 use super::{
     FileStore, LeaseId, Result, Revision, StateStore, StoreConfig, Txn, TxnResponse, WatchEvent, WatchStream,
 };

@@ -138,7 +138,10 @@ impl StoreConfig {
                 ));
             };
             if host.is_empty() || host.contains('/') || host.contains('@') {
-                return Err(bad(&format!("endpoint {endpoint:?}"), "the host is empty or not a host name".into()));
+                return Err(bad(
+                    &format!("endpoint {endpoint:?}"),
+                    "the host is empty or not a host name".into(),
+                ));
             }
             if port.parse::<u16>().map_or(true, |p| p == 0) {
                 return Err(bad(&format!("endpoint {endpoint:?}"), format!("port {port:?} is not 1-65535")));
@@ -213,15 +216,18 @@ mod tests {
 
     #[test]
     fn etcd_urls_with_options() {
-        let StoreConfig::Etcd(c) =
-            StoreConfig::parse("etcd://a:2379,b:2380/?prefix=/c1/&ca=ca.pem&cert=c.pem&key=k.pem&user=u&password-file=p")
-                .unwrap()
-        else {
+        let StoreConfig::Etcd(c) = StoreConfig::parse(
+            "etcd://a:2379,b:2380/?prefix=/c1/&ca=ca.pem&cert=c.pem&key=k.pem&user=u&password-file=p",
+        )
+        .unwrap() else {
             panic!("not etcd")
         };
         assert_eq!(c.endpoints, ["a:2379", "b:2380"]);
         assert_eq!(c.prefix, "/c1/");
-        assert_eq!(c.tls, Some(EtcdTls { ca: "ca.pem".into(), identity: Some(("c.pem".into(), "k.pem".into())) }));
+        assert_eq!(
+            c.tls,
+            Some(EtcdTls { ca: "ca.pem".into(), identity: Some(("c.pem".into(), "k.pem".into())) })
+        );
         assert_eq!(c.user, Some(("u".into(), "p".into())));
         let StoreConfig::Etcd(c) = StoreConfig::parse("etcd://127.0.0.1:2379").unwrap() else { panic!() };
         assert_eq!((c.prefix.as_str(), c.tls, c.user), (DEFAULT_ETCD_PREFIX, None, None));

@@ -145,21 +145,22 @@ impl EtcdStore {
             let mut tls_options =
                 ec::TlsOptions::new().ca_certificate(ec::Certificate::from_pem(read("ca", &tls.ca)?));
             if let Some((cert, key)) = &tls.identity {
-                tls_options = tls_options.identity(ec::Identity::from_pem(read("cert", cert)?, read("key", key)?));
+                tls_options =
+                    tls_options.identity(ec::Identity::from_pem(read("cert", cert)?, read("key", key)?));
             }
             options = options.with_tls(tls_options);
         }
         if let Some((user, password_file)) = &config.user {
-            let password = String::from_utf8(read("password-file", password_file)?).map_err(|_| {
-                StoreError::Config {
+            let password =
+                String::from_utf8(read("password-file", password_file)?).map_err(|_| StoreError::Config {
                     field: "password-file".into(),
                     reason: format!("{} is not UTF-8", password_file.display()),
-                }
-            })?;
+                })?;
             options = options.with_user(user.clone(), password.trim_end_matches(['\r', '\n']).to_string());
         }
         let urls: Vec<String> = config.endpoints.iter().map(|e| format!("{scheme}://{e}")).collect();
-        let client = ec::Client::connect(&urls, Some(options)).await.map_err(|e| map_error(&endpoints_text, e))?;
+        let client =
+            ec::Client::connect(&urls, Some(options)).await.map_err(|e| map_error(&endpoints_text, e))?;
         let store = EtcdStore {
             inner: Arc::new(Inner {
                 client,
@@ -198,7 +199,11 @@ impl EtcdStore {
     /// Opens a watch from revision 1 and reads etcd's compaction notice off it.
     async fn compaction_from_watch(&self) -> Result<Revision> {
         let options = ec::WatchOptions::new().with_start_revision(1);
-        let mut stream = self.watch_client().watch(self.full("\0probe"), Some(options)).await.map_err(|e| self.error(e))?;
+        let mut stream = self
+            .watch_client()
+            .watch(self.full("\0probe"), Some(options))
+            .await
+            .map_err(|e| self.error(e))?;
         let deadline = Instant::now() + self.inner.timeout;
         loop {
             let message = tokio::time::timeout_at(deadline, stream.message()).await.map_err(|_| {
@@ -244,12 +249,12 @@ impl EtcdStore {
 
     /// A key from etcd, with the prefix taken off.
     fn key_value(&self, kv: &ec::KeyValue) -> Result<KeyValue> {
-        let key = kv
-            .key()
-            .strip_prefix(self.inner.prefix.as_bytes())
-            .ok_or_else(|| self.remote(format!("etcd returned a key outside the prefix {:?}", self.inner.prefix)))?;
-        let key = String::from_utf8(key.to_vec())
-            .map_err(|_| self.remote(format!("key {:?} under the prefix is not UTF-8", String::from_utf8_lossy(key))))?;
+        let key = kv.key().strip_prefix(self.inner.prefix.as_bytes()).ok_or_else(|| {
+            self.remote(format!("etcd returned a key outside the prefix {:?}", self.inner.prefix))
+        })?;
+        let key = String::from_utf8(key.to_vec()).map_err(|_| {
+            self.remote(format!("key {:?} under the prefix is not UTF-8", String::from_utf8_lossy(key)))
+        })?;
         Ok(KeyValue {
             key,
             value: kv.value().to_vec(),
@@ -264,7 +269,9 @@ impl EtcdStore {
         ops.iter()
             .map(|op| match op {
                 Op::Get { key } => ec::TxnOp::get(self.full(key), None),
-                Op::Range { prefix } => ec::TxnOp::get(self.full(prefix), Some(ec::GetOptions::new().with_prefix())),
+                Op::Range { prefix } => {
+                    ec::TxnOp::get(self.full(prefix), Some(ec::GetOptions::new().with_prefix()))
+                }
                 Op::Put { key, value, lease } => {
                     let mut options = ec::PutOptions::new().with_prev_key();
                     if let Some(lease) = lease {
@@ -319,8 +326,10 @@ impl EtcdStore {
                     _ => 0,
                 }
         });
-        ops.chain(compares)
-            .fold(branch_bytes(&txn.success).saturating_add(branch_bytes(&txn.failure)), usize::saturating_add)
+        ops.chain(compares).fold(
+            branch_bytes(&txn.success).saturating_add(branch_bytes(&txn.failure)),
+            usize::saturating_add,
+        )
     }
 
     /// Runs `call` until it succeeds, fails for a reason other than unavailability, or the
@@ -377,7 +386,10 @@ fn map_error(endpoints: &str, error: ec::Error) -> StoreError {
             tonic::Code::Unknown if s.message().contains("transport") || s.message().contains("connect") => {
                 unavailable(s.message().to_string())
             }
-            _ => StoreError::Remote { endpoint: endpoints.to_string(), reason: format!("{}: {}", s.code(), s.message()) },
+            _ => StoreError::Remote {
+                endpoint: endpoints.to_string(),
+                reason: format!("{}: {}", s.code(), s.message()),
+            },
         },
         ec::Error::WatchError(_) | ec::Error::LeaseKeepAliveError(_) => unavailable(error.to_string()),
         _ => StoreError::Remote { endpoint: endpoints.to_string(), reason: error_chain(&error) },
@@ -491,14 +503,15 @@ impl StateStore for EtcdStore {
             let key = largest_put(txn.success.iter().chain(&txn.failure));
             return Err(StoreError::TooLarge { key, bytes, limit: ETCD_MAX_TXN_BYTES });
         }
-        let writes = txn.success.iter().chain(&txn.failure).any(|op| {
-            matches!(op, Op::Put { .. } | Op::Delete { .. } | Op::DeletePrefix { .. })
-        });
+        let writes = txn
+            .success
+            .iter()
+            .chain(&txn.failure)
+            .any(|op| matches!(op, Op::Put { .. } | Op::Delete { .. } | Op::DeletePrefix { .. }));
         let request = &self.etcd_txn(&txn);
         let txn = &txn;
-        let call = || async move {
-            self.kv().txn(request.clone()).await.map_err(|e| self.txn_error(txn, bytes, e))
-        };
+        let call =
+            || async move { self.kv().txn(request.clone()).await.map_err(|e| self.txn_error(txn, bytes, e)) };
         // A read-only transaction is safe to repeat; a write that failed may have been
         // committed, so its caller decides.
         let response = if writes { call().await? } else { self.retrying(call).await? };
@@ -509,7 +522,8 @@ impl StateStore for EtcdStore {
         validate_ttl(ttl)?;
         // etcd counts whole seconds: round up, so a lease never ends before its TTL.
         let seconds = to_i64(ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0)).max(1);
-        let response = self.inner.client.lease_client().grant(seconds, None).await.map_err(|e| self.error(e))?;
+        let response =
+            self.inner.client.lease_client().grant(seconds, None).await.map_err(|e| self.error(e))?;
         if !response.error().is_empty() {
             return Err(self.remote(format!("granting a lease: {}", response.error())));
         }
@@ -523,7 +537,9 @@ impl StateStore for EtcdStore {
             // The crate sends the first keep-alive itself and fails when the lease is gone;
             // a second one tells the TTL.
             let (mut keeper, mut stream) = client.keep_alive(id).await.map_err(|e| match &e {
-                ec::Error::LeaseKeepAliveError(m) if m.contains("not found") => StoreError::LeaseNotFound { lease },
+                ec::Error::LeaseKeepAliveError(m) if m.contains("not found") => {
+                    StoreError::LeaseNotFound { lease }
+                }
                 _ => self.error(e),
             })?;
             keeper.keep_alive().await.map_err(|e| self.error(e))?;
@@ -609,9 +625,10 @@ impl StateStore for EtcdStore {
         let options = ec::CompactionOptions::new().with_physical();
         match self.kv().compact(to_i64(revision - 1), Some(options)).await {
             Ok(_) => Ok(()),
-            Err(e) if message_has(&e, "compacted") => {
-                Err(StoreError::Compacted { requested: revision, compacted: self.compacted_revision().await? })
-            }
+            Err(e) if message_has(&e, "compacted") => Err(StoreError::Compacted {
+                requested: revision,
+                compacted: self.compacted_revision().await?,
+            }),
             Err(e) if message_has(&e, "future revision") => {
                 Err(StoreError::FutureRevision { requested: revision, current })
             }

@@ -371,7 +371,6 @@ fn with_prefix<'a>(
         .take_while(move |(k, _)| k.starts_with(prefix))
 }
 
-
 impl State {
     /// Rebuilds the state from the snapshot and the log; lease deadlines start at `now`.
     fn recover(recovered: &format::Recovered, now: Instant) -> Result<State> {

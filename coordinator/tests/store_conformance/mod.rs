@@ -129,22 +129,28 @@ pub async fn txn_compare_and_swap<S: StateStore>(store: S) {
     assert!(!second.succeeded);
     assert_eq!(second.revision, first.revision, "a failed compare writes nothing");
     match &second.responses[..] {
-        [OpResponse::Get(Some(kv))] => assert_eq!((kv.value.as_slice(), kv.mod_revision), (b"c0".as_slice(), first.revision)),
+        [OpResponse::Get(Some(kv))] => {
+            assert_eq!((kv.value.as_slice(), kv.mod_revision), (b"c0".as_slice(), first.revision))
+        }
         other => panic!("unexpected responses {other:?}"),
     }
 
     // Swap on the mod revision one has read; a stale one fails.
     let rev = store.put("spec", b"v1".to_vec(), None).await.unwrap();
     let swap = |expected: Revision, value: &str| {
-        Txn::new()
-            .when([Compare::mod_revision("spec", CompareOp::Equal, expected)])
-            .and_then([Op::put("spec", value.as_bytes().to_vec(), None)])
+        Txn::new().when([Compare::mod_revision("spec", CompareOp::Equal, expected)]).and_then([Op::put(
+            "spec",
+            value.as_bytes().to_vec(),
+            None,
+        )])
     };
     let swapped = store.txn(swap(rev, "v2")).await.unwrap();
     assert!(swapped.succeeded);
     assert!(swapped.revision > rev);
     match &swapped.responses[..] {
-        [OpResponse::Put { prev: Some(prev) }] => assert_eq!((prev.value.as_slice(), prev.mod_revision), (b"v1".as_slice(), rev)),
+        [OpResponse::Put { prev: Some(prev) }] => {
+            assert_eq!((prev.value.as_slice(), prev.mod_revision), (b"v1".as_slice(), rev))
+        }
         other => panic!("unexpected responses {other:?}"),
     }
     let stale = store.txn(swap(rev, "v3")).await.unwrap();
@@ -209,8 +215,12 @@ pub async fn invalid_transactions_are_refused_without_a_revision<S: StateStore>(
     let t = Txn::new().when([Compare::exists("")]);
     assert!(matches!(store.txn(t).await, Err(StoreError::EmptyKey { context: "compare" })));
     assert!(matches!(store.grant_lease(Duration::ZERO).await, Err(StoreError::InvalidTtl { .. })));
-    assert!(matches!(store.keep_alive(unknown).await, Err(StoreError::LeaseNotFound { lease }) if lease == unknown));
-    assert!(matches!(store.revoke(unknown).await, Err(StoreError::LeaseNotFound { lease }) if lease == unknown));
+    assert!(
+        matches!(store.keep_alive(unknown).await, Err(StoreError::LeaseNotFound { lease }) if lease == unknown)
+    );
+    assert!(
+        matches!(store.revoke(unknown).await, Err(StoreError::LeaseNotFound { lease }) if lease == unknown)
+    );
 
     assert_eq!(store.current_revision().await.unwrap(), rev);
     assert_eq!(store.get("b").await.unwrap(), None, "a refused transaction changes nothing");
@@ -263,7 +273,10 @@ pub async fn watch_replays_the_missing_events_then_follows_live<S: StateStore + 
     written.extend(writer.await.unwrap());
     assert_eq!(revisions(&seen), written[2..], "every write from the start revision, once, in order");
     for (e, i) in seen.iter().zip(3u8..) {
-        assert_eq!((e.kind, e.kv.key.clone(), e.kv.value.clone()), (EventKind::Put, format!("k/{i}"), vec![i]));
+        assert_eq!(
+            (e.kind, e.kv.key.clone(), e.kv.value.clone()),
+            (EventKind::Put, format!("k/{i}"), vec![i])
+        );
         assert_eq!((e.kv.mod_revision, e.kv.version), (e.revision, 1));
     }
 
@@ -294,7 +307,9 @@ pub async fn a_transaction_is_one_revision_for_watchers<S: StateStore>(store: S)
     assert_eq!(seen.iter().map(|e| e.kv.key.as_str()).collect::<Vec<_>>(), ["a", "b"]);
 }
 
-pub async fn a_watch_resumed_after_a_disconnect_has_no_gap_and_no_duplicate<S: StateStore + Clone + 'static>(
+pub async fn a_watch_resumed_after_a_disconnect_has_no_gap_and_no_duplicate<
+    S: StateStore + Clone + 'static,
+>(
     store: S,
 ) {
     let from = store.current_revision().await.unwrap() + 1;
@@ -341,7 +356,9 @@ pub async fn a_watch_resumed_after_a_disconnect_has_no_gap_and_no_duplicate<S: S
     assert_eq!(revisions(&seen), expected, "every revision of every write, twice (two keys each), once");
 }
 
-pub async fn watches_registered_amid_writes_see_every_revision_once<S: StateStore + Clone + 'static>(store: S) {
+pub async fn watches_registered_amid_writes_see_every_revision_once<S: StateStore + Clone + 'static>(
+    store: S,
+) {
     let from = store.current_revision().await.unwrap() + 1;
     const N: usize = 80;
     let mut writers = Vec::new();
@@ -383,7 +400,9 @@ pub async fn compaction_errors<S: StateStore>(store: S) {
     store.compact(revs[3]).await.unwrap();
 
     match store.watch("k", revs[2]).await {
-        Err(StoreError::Compacted { requested, compacted }) => assert_eq!((requested, compacted), (revs[2], revs[3])),
+        Err(StoreError::Compacted { requested, compacted }) => {
+            assert_eq!((requested, compacted), (revs[2], revs[3]))
+        }
         Err(e) => panic!("expected Compacted, got {e:?}"),
         Ok(_) => panic!("expected Compacted, got a watch"),
     }
@@ -392,11 +411,15 @@ pub async fn compaction_errors<S: StateStore>(store: S) {
     assert_eq!(revisions(&events(&mut watch, 3).await), revs[3..]);
 
     match store.compact(revs[3]).await {
-        Err(StoreError::Compacted { requested, compacted }) => assert_eq!((requested, compacted), (revs[3], revs[3])),
+        Err(StoreError::Compacted { requested, compacted }) => {
+            assert_eq!((requested, compacted), (revs[3], revs[3]))
+        }
         other => panic!("expected Compacted, got {other:?}"),
     }
     match store.compact(revs[5] + 1).await {
-        Err(StoreError::FutureRevision { requested, current }) => assert_eq!((requested, current), (revs[5] + 1, revs[5])),
+        Err(StoreError::FutureRevision { requested, current }) => {
+            assert_eq!((requested, current), (revs[5] + 1, revs[5]))
+        }
         other => panic!("expected FutureRevision, got {other:?}"),
     }
     // Reads are unaffected by compaction.
@@ -426,7 +449,9 @@ pub async fn leases_expire_and_their_keys_vanish_in_one_revision<S: StateStore>(
 
     assert_eq!(store.get("workers/w0").await.unwrap(), None);
     assert_eq!(store.get("workers/w2").await.unwrap().unwrap().value, b"kept");
-    assert!(matches!(store.keep_alive(lease).await, Err(StoreError::LeaseNotFound { lease: l }) if l == lease));
+    assert!(
+        matches!(store.keep_alive(lease).await, Err(StoreError::LeaseNotFound { lease: l }) if l == lease)
+    );
     assert!(matches!(
         store.put("workers/w3", b"x".to_vec(), Some(lease)).await,
         Err(StoreError::LeaseNotFound { lease: l }) if l == lease
@@ -454,7 +479,8 @@ pub async fn revoke_deletes_the_lease_keys<S: StateStore>(store: S) {
     let lease = store.grant_lease(Duration::from_secs(60)).await.unwrap();
     let empty = store.grant_lease(Duration::from_secs(60)).await.unwrap();
     assert_ne!(lease, empty);
-    let t = Txn::new().and_then([Op::put("a", b"1".to_vec(), Some(lease)), Op::put("b", b"1".to_vec(), Some(lease))]);
+    let t = Txn::new()
+        .and_then([Op::put("a", b"1".to_vec(), Some(lease)), Op::put("b", b"1".to_vec(), Some(lease))]);
     let written = store.txn(t).await.unwrap().revision;
     let mut watch = store.watch("", written + 1).await.unwrap();
 
@@ -509,7 +535,9 @@ pub async fn exactly_one_campaigner_wins<S: StateStore + Clone + 'static>(store:
     let mut tasks = Vec::new();
     for i in 0..8 {
         let store = store.clone();
-        tasks.push(tokio::spawn(async move { campaign(&store, &format!("c{i}"), Duration::from_secs(60)).await }));
+        tasks.push(tokio::spawn(
+            async move { campaign(&store, &format!("c{i}"), Duration::from_secs(60)).await },
+        ));
     }
     let mut winners = 0;
     for t in tasks {
