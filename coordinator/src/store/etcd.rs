@@ -108,7 +108,7 @@ fn to_u64(value: i64) -> u64 {
 }
 
 fn lease_of(id: i64) -> Option<LeaseId> {
-    (id != 0).then(|| LeaseId(id as u64))
+    (id != 0).then_some(LeaseId(id as u64))
 }
 
 fn header_revision(header: Option<&ec::ResponseHeader>) -> Revision {
