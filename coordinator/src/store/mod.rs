@@ -65,13 +65,14 @@ use std::time::Duration;
 use futures::Stream;
 use serde::{Deserialize, Serialize};
 
-/// A global store revision. Revision 0 is the empty store before its first write; every
-/// write transaction that changes something gets the next one.
+/// A global store revision: every write transaction that changes something gets one above
+/// all earlier ones. The file store's empty store is revision 0 and its writes count 1, 2,
+/// 3, …; an etcd store's are etcd's cluster-wide revisions (see `EtcdStore`).
 pub type Revision = u64;
 
-/// The largest total size, in bytes, of the keys and values written by one transaction
-/// branch. Requests above it fail with [`StoreError::TooLarge`] (etcd's default limit is
-/// 1.5 MiB per request; the file store allows more, since checkpoint manifests can be large).
+/// The file store's largest total size, in bytes, of the keys and values written by one
+/// transaction branch. Requests above it fail with [`StoreError::TooLarge`]. etcd's default
+/// limit is 1.5 MiB per request, so the etcd store's is smaller (`ETCD_MAX_TXN_BYTES`).
 pub const MAX_TXN_BYTES: usize = 32 << 20;
 
 /// The longest lease TTL, etcd's (`MaxLeaseTTL`, 9·10⁹ s); longer grants fail with
