@@ -321,13 +321,14 @@ async fn a_three_member_cluster_loses_its_leader_and_writes_and_the_watch_go_on(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_coordinator_on_etcd_keeps_its_jobs_across_a_restart() {
+async fn a_coordinator_on_three_etcd_members_loses_one_and_keeps_its_jobs_across_a_restart() {
     use flotilla_coordinator::service::{CoordinatorConfig, bind_and_serve};
     use flotilla_coordinator::store::StoreConfig;
     use flotilla_proto::v1::job_service_client::JobServiceClient;
-    use flotilla_proto::v1::{GetJobRequest, SubmitJobRequest};
+    use flotilla_proto::v1::{GetJobRequest, Job, SubmitJobRequest};
+    use tonic::transport::Channel;
 
-    let Some(cluster) = Cluster::start(1).await else { return };
+    let Some(mut cluster) = Cluster::start(3).await else { return };
     let out = tempfile::tempdir().unwrap();
     let url = format!("etcd://{}?prefix=/coordinator/&timeout-ms=2000", cluster.endpoints().join(","));
     let config = || CoordinatorConfig {
@@ -337,33 +338,56 @@ async fn a_coordinator_on_etcd_keeps_its_jobs_across_a_restart() {
     let client = |addr: std::net::SocketAddr| async move {
         JobServiceClient::connect(format!("http://{addr}")).await.expect("connect to the coordinator")
     };
+    // Submits, retrying while the store is UNAVAILABLE (a member just died), bounded.
+    let submit = |mut client: JobServiceClient<Channel>, name: &'static str| {
+        let output_dir = out.path().join(name).display().to_string();
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                let request = SubmitJobRequest {
+                    name: name.into(),
+                    config_toml: "seed = 0\nsteps = 2\nbatch_size = 4\nseq_len = 8\n\n[model]\npreset = \"tiny\"\n"
+                        .into(),
+                    workers: 1,
+                    output_dir: output_dir.clone(),
+                    resume_from: String::new(),
+                };
+                match client.submit_job(request).await {
+                    Ok(job) => return job.into_inner(),
+                    Err(status)
+                        if status.code() == tonic::Code::Unavailable && tokio::time::Instant::now() < deadline =>
+                    {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    Err(status) => panic!("submitting {name}: {status}"),
+                }
+            }
+        }
+    };
 
     let coordinator = bind_and_serve(config()).await.expect("the coordinator starts on etcd");
-    let job = client(coordinator.local_addr())
-        .await
-        .submit_job(SubmitJobRequest {
-            name: "on-etcd".into(),
-            config_toml: "seed = 0\nsteps = 2\nbatch_size = 4\nseq_len = 8\n\n[model]\npreset = \"tiny\"\n"
-                .into(),
-            workers: 1,
-            output_dir: out.path().join("job").display().to_string(),
-            resume_from: String::new(),
-        })
-        .await
-        .expect("the job is accepted")
-        .into_inner();
+    let first: Job = submit(client(coordinator.local_addr()).await, "before").await;
+    // The etcd leader dies under the running coordinator; it goes on writing through the
+    // surviving majority.
+    let leader = cluster.leader().await;
+    cluster.members[leader].kill();
+    let second: Job = submit(client(coordinator.local_addr()).await, "after").await;
     coordinator.shutdown().await.unwrap();
     let keys = cluster.store("/coordinator/").await.range("").await.unwrap();
-    assert!(keys.iter().any(|kv| kv.key.contains(&job.job_id)), "the job's record is in etcd: {keys:?}");
+    for job in [&first, &second] {
+        assert!(keys.iter().any(|kv| kv.key.contains(&job.job_id)), "{} is in etcd: {keys:?}", job.job_id);
+    }
 
-    // A new coordinator on the same prefix finds the job.
+    // A new coordinator on the same prefix, on the two members left, finds both jobs.
     let coordinator = bind_and_serve(config()).await.expect("the coordinator restarts on etcd");
-    let found = client(coordinator.local_addr())
-        .await
-        .get_job(GetJobRequest { job_id: job.job_id.clone() })
-        .await
-        .expect("the job survived the restart")
-        .into_inner();
-    assert_eq!(found.name, "on-etcd");
+    let mut jobs = client(coordinator.local_addr()).await;
+    for (job, name) in [(&first, "before"), (&second, "after")] {
+        let found = jobs
+            .get_job(GetJobRequest { job_id: job.job_id.clone() })
+            .await
+            .expect("the job survived the restart")
+            .into_inner();
+        assert_eq!(found.name, name);
+    }
     coordinator.shutdown().await.unwrap();
 }
