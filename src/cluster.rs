@@ -14,6 +14,7 @@ use flotilla_coordinator::service::auth::{
 use flotilla_coordinator::service::{
     CoordinatorConfig, DEFAULT_MAX_JOB_WORKERS, JobRetention, MAX_JOB_WORKERS, bind_and_serve,
 };
+use flotilla_coordinator::store::StoreConfig;
 use flotilla_model::ModelConfig;
 use flotilla_model::train::{ParallelConfig, TrainConfig};
 use flotilla_proto::v1::job_event::Event;
@@ -74,9 +75,14 @@ pub struct CoordinatorArgs {
     /// and --token-file (or --insecure).
     #[arg(long, default_value = "127.0.0.1:7070")]
     listen: SocketAddr,
-    /// Where jobs and their events are kept across restarts.
-    #[arg(long, default_value = "flotilla-state")]
+    /// Where jobs and their events are kept across restarts: the file store's directory.
+    #[arg(long, default_value = "flotilla-state", conflicts_with = "store")]
     state_dir: PathBuf,
+    /// The state store instead of --state-dir: a directory (or file://DIR), or an etcd
+    /// cluster, etcd://HOST:PORT[,HOST:PORT…][?prefix=/flotilla/&ca=PEM&cert=PEM&key=PEM
+    /// &user=NAME&password-file=FILE&timeout-ms=5000] (needs a build with `--features etcd`).
+    #[arg(long, value_name = "URL")]
+    store: Option<StoreConfig>,
     /// Serve TLS with this certificate chain (PEM).
     #[arg(long, value_name = "PEM", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -402,7 +408,7 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
         });
         let config = CoordinatorConfig {
             listen: args.listen,
-            state_dir: args.state_dir,
+            store: args.store.unwrap_or(StoreConfig::File(args.state_dir)),
             tls,
             token_file: args.token_file,
             insecure: args.insecure,

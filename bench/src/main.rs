@@ -76,10 +76,9 @@ fn coordinator(args: CoordinatorArgs) -> Result<()> {
     runtime.block_on(async {
         let config = CoordinatorConfig {
             listen: args.listen,
-            state_dir: args.state_dir,
             heartbeat_interval: Duration::from_millis(args.heartbeat_interval_ms),
             heartbeat_timeout: Duration::from_millis(args.heartbeat_timeout_ms),
-            ..CoordinatorConfig::default()
+            ..CoordinatorConfig::new(args.state_dir)
         };
         let handle = bind_and_serve(config).await?;
         eprintln!("flotilla coordinator listening on {} (Ctrl-C stops it)", handle.local_addr());

@@ -1,5 +1,8 @@
-//! The state store: etcd semantics (revisions, compare-and-swap, leases, watches,
-//! compaction) and the file store's crash safety (reopen, torn tails, corruption).
+//! The file store: the conformance suite (store_conformance/, the trait's contract), and
+//! what only the file store promises: gap-free revisions from 1, crash safety (reopen,
+//! torn tails, corruption, interrupted compaction), exact TTLs under paused time.
+
+mod store_conformance;
 
 use std::collections::BTreeMap;
 use std::fs::{self, OpenOptions};
@@ -42,235 +45,19 @@ fn revisions(events: &[WatchEvent]) -> Vec<Revision> {
     events.iter().map(|e| e.revision).collect()
 }
 
-#[tokio::test]
-async fn put_get_range_delete_track_revisions() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = FileStore::open(dir.path()).await.unwrap();
-    assert_eq!(store.current_revision().await.unwrap(), 0);
-
-    assert_eq!(store.put("jobs/b", b"1".to_vec(), None).await.unwrap(), 1);
-    assert_eq!(store.put("jobs/a", b"2".to_vec(), None).await.unwrap(), 2);
-    assert_eq!(store.put("workers/w0", b"up".to_vec(), None).await.unwrap(), 3);
-    assert_eq!(store.put("jobs/b", b"3".to_vec(), None).await.unwrap(), 4);
-
-    let b = store.get("jobs/b").await.unwrap().unwrap();
-    assert_eq!(
-        b,
-        KeyValue {
-            key: "jobs/b".into(),
-            value: b"3".to_vec(),
-            create_revision: 1,
-            mod_revision: 4,
-            version: 2,
-            lease: None
-        }
-    );
-    assert_eq!(store.get("jobs/c").await.unwrap(), None);
-
-    let jobs = store.range("jobs/").await.unwrap();
-    assert_eq!(jobs.iter().map(|kv| kv.key.as_str()).collect::<Vec<_>>(), ["jobs/a", "jobs/b"]);
-    assert_eq!(store.range("").await.unwrap().len(), 3);
-    assert!(store.range("nothing/").await.unwrap().is_empty());
-
-    assert_eq!(store.delete("jobs/a").await.unwrap(), Some(5));
-    assert_eq!(store.delete("jobs/a").await.unwrap(), None, "deleting an absent key writes nothing");
-    assert_eq!(store.current_revision().await.unwrap(), 5);
-
-    // A re-created key starts a new life: new create revision, version 1.
-    assert_eq!(store.put("jobs/a", b"again".to_vec(), None).await.unwrap(), 6);
-    let a = store.get("jobs/a").await.unwrap().unwrap();
-    assert_eq!((a.create_revision, a.mod_revision, a.version), (6, 6, 1));
-    store.close().await.unwrap();
-}
-
-#[tokio::test]
-async fn txn_compare_and_swap() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = FileStore::open(dir.path()).await.unwrap();
-
-    // Create-if-absent succeeds once.
-    let create = || {
-        Txn::new()
-            .when([Compare::absent("leader")])
-            .and_then([Op::put("leader", b"c0".to_vec(), None)])
-            .or_else([Op::get("leader")])
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_file_store_passes_the_conformance_suite() {
+    let parent = tempfile::tempdir().unwrap();
+    let root = parent.path().to_path_buf();
+    let limits = store_conformance::Limits {
+        max_txn_bytes: flotilla_coordinator::store::MAX_TXN_BYTES,
+        ttl: Duration::from_secs(1),
     };
-    let first = store.txn(create()).await.unwrap();
-    assert!(first.succeeded);
-    assert_eq!(first.revision, 1);
-    assert_eq!(first.responses, [OpResponse::Put { prev: None }]);
-    let second = store.txn(create()).await.unwrap();
-    assert!(!second.succeeded);
-    assert_eq!(second.revision, 1, "a failed compare writes nothing");
-    match &second.responses[..] {
-        [OpResponse::Get(Some(kv))] => assert_eq!(kv.value, b"c0"),
-        other => panic!("unexpected responses {other:?}"),
-    }
-
-    // Swap on the mod revision one has read; a stale one fails.
-    let rev = store.put("spec", b"v1".to_vec(), None).await.unwrap();
-    let swap = |expected: Revision, value: &str| {
-        Txn::new().when([Compare::mod_revision("spec", CompareOp::Equal, expected)]).and_then([Op::put(
-            "spec",
-            value.as_bytes().to_vec(),
-            None,
-        )])
-    };
-    let swapped = store.txn(swap(rev, "v2")).await.unwrap();
-    assert!(swapped.succeeded);
-    assert_eq!(swapped.revision, rev + 1);
-    let stale = store.txn(swap(rev, "v3")).await.unwrap();
-    assert!(!stale.succeeded);
-    assert_eq!(store.get("spec").await.unwrap().unwrap().value, b"v2");
-    assert_eq!(store.current_revision().await.unwrap(), rev + 1);
-
-    // Value and version compares; a value compare on an absent key is false (etcd).
-    let t = Txn::new().when([
-        Compare::value("spec", CompareOp::Equal, b"v2".to_vec()),
-        Compare::version("spec", CompareOp::Equal, 2),
-    ]);
-    assert!(store.txn(t).await.unwrap().succeeded);
-    let t = Txn::new().when([Compare::value("missing", CompareOp::NotEqual, b"x".to_vec())]);
-    assert!(!store.txn(t).await.unwrap().succeeded);
-    let t =
-        Txn::new().when([Compare::create_revision("spec", CompareOp::Less, 100), Compare::exists("leader")]);
-    assert!(store.txn(t).await.unwrap().succeeded);
-
-    // All writes of a transaction share one revision; later ops see earlier ones.
-    let t = Txn::new().and_then([
-        Op::put("m/1", b"a".to_vec(), None),
-        Op::put("m/2", b"b".to_vec(), None),
-        Op::delete("spec"),
-        Op::range("m/"),
-    ]);
-    let r = store.txn(t).await.unwrap();
-    assert_eq!(r.revision, rev + 2);
-    match &r.responses[..] {
-        [_, _, OpResponse::Delete { deleted: 1 }, OpResponse::Range(kvs)] => {
-            assert_eq!(kvs.len(), 2);
-            assert!(kvs.iter().all(|kv| kv.mod_revision == rev + 2));
-        }
-        other => panic!("unexpected responses {other:?}"),
-    }
-    let r = store.txn(Txn::new().and_then([Op::delete_prefix("m/")])).await.unwrap();
-    assert_eq!(r.responses, [OpResponse::Delete { deleted: 2 }]);
-    assert_eq!(r.revision, rev + 3);
-    store.close().await.unwrap();
-}
-
-#[tokio::test]
-async fn invalid_transactions_are_refused_without_a_revision() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = FileStore::open(dir.path()).await.unwrap();
-    store.put("a", b"1".to_vec(), None).await.unwrap();
-
-    let twice = Txn::new().and_then([Op::put("k", b"1".to_vec(), None), Op::put("k", b"2".to_vec(), None)]);
-    assert!(matches!(store.txn(twice).await, Err(StoreError::DuplicateKey { key }) if key == "k"));
-    let under_delete = Txn::new().or_else([Op::delete_prefix("d/"), Op::put("d/x", b"1".to_vec(), None)]);
-    assert!(matches!(store.txn(under_delete).await, Err(StoreError::DuplicateKey { key }) if key == "d/x"));
-    let unknown_lease = Txn::new().and_then([
-        Op::put("b", b"1".to_vec(), None),
-        Op::put("c", b"1".to_vec(), Some(flotilla_coordinator::store::LeaseId(99))),
-    ]);
-    assert!(matches!(store.txn(unknown_lease).await, Err(StoreError::LeaseNotFound { .. })));
-    assert!(matches!(store.put("", b"1".to_vec(), None).await, Err(StoreError::EmptyKey { .. })));
-    let big = vec![0u8; flotilla_coordinator::store::MAX_TXN_BYTES + 1];
-    assert!(
-        matches!(store.put("big", big, None).await, Err(StoreError::TooLarge { key, .. }) if key == "big")
-    );
-    assert!(matches!(store.grant_lease(Duration::ZERO).await, Err(StoreError::InvalidTtl { .. })));
-
-    assert_eq!(store.current_revision().await.unwrap(), 1);
-    assert_eq!(store.get("b").await.unwrap(), None, "a refused transaction changes nothing");
-    store.close().await.unwrap();
-}
-
-#[tokio::test]
-async fn watch_replays_the_missing_events_then_follows_live() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = FileStore::open(dir.path()).await.unwrap();
-    for i in 1..=5 {
-        store.put(&format!("k/{i}"), vec![i], None).await.unwrap();
-    }
-    let mut watch = store.watch("k/", 3).await.unwrap();
-
-    // Writers keep going while the watcher catches up.
-    let writer = {
-        let store = store.clone();
-        tokio::spawn(async move {
-            for i in 6..=30u8 {
-                store.put(&format!("k/{i}"), vec![i], None).await.unwrap();
-                if i % 5 == 0 {
-                    tokio::task::yield_now().await;
-                }
-            }
-        })
-    };
-    let seen = events::<FileStore>(&mut watch, 28).await;
-    writer.await.unwrap();
-    assert_eq!(revisions(&seen), (3..=30).collect::<Vec<_>>(), "no gap, no duplicate");
-    for e in &seen {
-        assert_eq!(e.kind, EventKind::Put);
-        assert_eq!(e.kv.key, format!("k/{}", e.revision));
-        assert_eq!(e.kv.mod_revision, e.revision);
-    }
-
-    // Deletes are tombstones; other prefixes are filtered out.
-    store.put("other", b"x".to_vec(), None).await.unwrap();
-    store.delete("k/1").await.unwrap();
-    let e = next_event::<FileStore>(&mut watch).await;
-    assert_eq!((e.revision, e.kind, e.kv.key.as_str(), e.kv.version), (32, EventKind::Delete, "k/1", 0));
-
-    // Resuming from the last seen revision + 1 repeats nothing.
-    drop(watch);
-    store.put("k/late", b"x".to_vec(), None).await.unwrap();
-    let mut resumed = store.watch("k/", 33).await.unwrap();
-    assert_eq!(next_event::<FileStore>(&mut resumed).await.revision, 33);
-
-    // A future start revision waits for it.
-    let mut future = store.watch("", 35).await.unwrap();
-    store.put("skipped", b"x".to_vec(), None).await.unwrap();
-    store.put("seen", b"x".to_vec(), None).await.unwrap();
-    let e = next_event::<FileStore>(&mut future).await;
-    assert_eq!((e.revision, e.kv.key.as_str()), (35, "seen"));
-    store.close().await.unwrap();
-}
-
-#[tokio::test]
-async fn a_transaction_is_one_revision_for_watchers() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = FileStore::open(dir.path()).await.unwrap();
-    let mut watch = store.watch("", 1).await.unwrap();
-    let t = Txn::new().and_then([Op::put("a", b"1".to_vec(), None), Op::put("b", b"2".to_vec(), None)]);
-    store.txn(t).await.unwrap();
-    let seen = events::<FileStore>(&mut watch, 2).await;
-    assert_eq!(revisions(&seen), [1, 1]);
-    assert_eq!(seen.iter().map(|e| e.kv.key.as_str()).collect::<Vec<_>>(), ["a", "b"]);
-    store.close().await.unwrap();
-}
-
-#[tokio::test]
-async fn watch_from_a_compacted_revision_fails() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = FileStore::open(dir.path()).await.unwrap();
-    for i in 1..=6u8 {
-        store.put("k", vec![i], None).await.unwrap();
-    }
-    store.compact(4).await.unwrap();
-    assert_eq!(store.compacted_revision().await.unwrap(), 4);
-
-    match store.watch("k", 3).await {
-        Err(StoreError::Compacted { requested: 3, compacted: 4 }) => {}
-        other => panic!("expected Compacted, got {other:?}"),
-    }
-    let mut watch = store.watch("k", 4).await.unwrap();
-    assert_eq!(revisions(&events::<FileStore>(&mut watch, 3).await), [4, 5, 6]);
-
-    assert!(matches!(store.compact(4).await, Err(StoreError::Compacted { requested: 4, compacted: 4 })));
-    assert!(matches!(store.compact(7).await, Err(StoreError::FutureRevision { requested: 7, current: 6 })));
-    // Reads are unaffected by compaction.
-    assert_eq!(store.get("k").await.unwrap().unwrap().value, [6]);
-    store.close().await.unwrap();
+    store_conformance::run_all(limits, |case| {
+        let dir = root.join(case);
+        async move { FileStore::open(dir).await.unwrap() }
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -522,30 +309,6 @@ async fn lease_expiry_deletes_its_keys_in_one_revision_seen_by_watchers() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn revoke_deletes_the_lease_keys() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = FileStore::open(dir.path()).await.unwrap();
-    let lease = store.grant_lease(Duration::from_secs(30)).await.unwrap();
-    let empty = store.grant_lease(Duration::from_secs(30)).await.unwrap();
-    assert_ne!(lease, empty);
-    let t = Txn::new()
-        .and_then([Op::put("a", b"1".to_vec(), Some(lease)), Op::put("b", b"1".to_vec(), Some(lease))]);
-    store.txn(t).await.unwrap();
-    let mut watch = store.watch("", 2).await.unwrap();
-
-    assert_eq!(store.revoke(lease).await.unwrap(), Some(2));
-    let seen = events::<FileStore>(&mut watch, 2).await;
-    assert_eq!(revisions(&seen), [2, 2]);
-    assert!(seen.iter().all(|e| e.kind == EventKind::Delete));
-    assert!(store.range("").await.unwrap().is_empty());
-    assert!(matches!(store.revoke(lease).await, Err(StoreError::LeaseNotFound { .. })));
-    // A lease with no keys ends without a revision.
-    assert_eq!(store.revoke(empty).await.unwrap(), None);
-    assert_eq!(store.current_revision().await.unwrap(), 2);
-    store.close().await.unwrap();
-}
-
-#[tokio::test(start_paused = true)]
 async fn keep_alive_extends_a_lease() {
     let dir = tempfile::tempdir().unwrap();
     let store = FileStore::open(dir.path()).await.unwrap();
@@ -690,40 +453,6 @@ async fn an_io_failure_stops_the_store() {
     assert!(matches!(store.put("b", b"1".to_vec(), None).await, Err(StoreError::Failed { .. })));
     assert_eq!(next_event::<FileStore>(&mut watch).await.revision, 1);
     assert!(matches!(watch.next().await, Some(Err(StoreError::Closed))));
-    store.close().await.unwrap();
-}
-
-/// A generic caller: the trait is enough to write a leader election.
-async fn campaign<S: StateStore>(store: &S, me: &str, ttl: Duration) -> Result<bool, StoreError> {
-    let lease = store.grant_lease(ttl).await?;
-    let t = Txn::new().when([Compare::absent("leader")]).and_then([Op::put(
-        "leader",
-        me.as_bytes().to_vec(),
-        Some(lease),
-    )]);
-    let won = store.txn(t).await?.succeeded;
-    if !won {
-        store.revoke(lease).await?;
-    }
-    Ok(won)
-}
-
-#[tokio::test]
-async fn the_trait_serves_generic_callers_from_spawned_tasks() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = FileStore::open(dir.path()).await.unwrap();
-    let mut tasks = Vec::new();
-    for i in 0..8 {
-        let store = store.clone();
-        tasks.push(tokio::spawn(
-            async move { campaign(&store, &format!("c{i}"), Duration::from_secs(60)).await },
-        ));
-    }
-    let mut winners = 0;
-    for t in tasks {
-        winners += usize::from(t.await.unwrap().unwrap());
-    }
-    assert_eq!(winners, 1, "exactly one candidate wins");
     store.close().await.unwrap();
 }
 

@@ -49,7 +49,7 @@ const LINK_BUFFER: usize = 1 << 20;
 
 /// A real coordinator and the connector its workers and clients reach it through.
 struct Cluster {
-    coordinator: CoordinatorHandle,
+    coordinator: CoordinatorHandle<FileStore>,
     connector: Connector,
     jobs: JobServiceClient<Channel>,
     dir: tempfile::TempDir,

@@ -18,6 +18,7 @@ use super::error::ServiceError;
 use super::retention::JobRetention;
 use crate::placement::{Parallel, Placement, PlacementError};
 use crate::schedule::ScheduleError;
+use crate::store::StoreConfig;
 use flotilla_layout::{ParallelError, RawParallel};
 
 /// How a coordinator runs.
@@ -25,8 +26,9 @@ use flotilla_layout::{ParallelError, RawParallel};
 pub struct CoordinatorConfig {
     /// Where [`bind_and_serve`](super::bind_and_serve) listens; loopback by default.
     pub listen: SocketAddr,
-    /// The file store's directory: jobs and their events live here across restarts.
-    pub state_dir: PathBuf,
+    /// The state store [`serve`](super::serve) opens: jobs and their events live there
+    /// across restarts (a file store's directory, or an etcd cluster).
+    pub store: StoreConfig,
     /// How often workers heartbeat (told to them at registration).
     pub heartbeat_interval: Duration,
     /// A worker not heard from for this long is lost; also the time a registered worker
@@ -68,9 +70,14 @@ pub struct CoordinatorConfig {
 }
 
 impl CoordinatorConfig {
-    /// The defaults with the given state directory.
+    /// The defaults with a file store in the given state directory.
     pub fn new(state_dir: impl Into<PathBuf>) -> Self {
-        CoordinatorConfig { state_dir: state_dir.into(), ..CoordinatorConfig::default() }
+        CoordinatorConfig { store: StoreConfig::File(state_dir.into()), ..CoordinatorConfig::default() }
+    }
+
+    /// The defaults with the given store.
+    pub fn with_store(store: StoreConfig) -> Self {
+        CoordinatorConfig { store, ..CoordinatorConfig::default() }
     }
 
     /// Checks the settings; the error names the field.
@@ -135,7 +142,7 @@ impl Default for CoordinatorConfig {
     fn default() -> Self {
         CoordinatorConfig {
             listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
-            state_dir: PathBuf::from("flotilla-state"),
+            store: StoreConfig::File(PathBuf::from("flotilla-state")),
             heartbeat_interval: Duration::from_secs(1),
             heartbeat_timeout: Duration::from_secs(5),
             tls: None,

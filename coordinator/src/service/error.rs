@@ -108,7 +108,7 @@ impl ServiceError {
             ServiceError::Timeout(_) => Code::DeadlineExceeded,
             ServiceError::CorruptRecord { .. } => Code::DataLoss,
             ServiceError::ShuttingDown => Code::Unavailable,
-            ServiceError::Store(StoreError::Closed) => Code::Unavailable,
+            ServiceError::Store(StoreError::Closed | StoreError::Unavailable { .. }) => Code::Unavailable,
             ServiceError::Config { .. }
             | ServiceError::RemoteListenRefused { .. }
             | ServiceError::Auth(_)

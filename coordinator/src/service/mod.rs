@@ -141,7 +141,7 @@ use tonic::service::Routes;
 use tonic::transport::Server;
 use tonic::transport::server::{Connected, TcpIncoming};
 
-use crate::store::{FileStore, Revision, StateStore, StoreError};
+use crate::store::{AnyStore, Revision, StateStore, StoreError};
 
 use self::auth::{AuthError, AuthLayer, RateLimiter, TokenStore};
 use self::grpc::{CoordinatorApi, JobApi};
@@ -202,8 +202,8 @@ pub async fn bind_and_serve(config: CoordinatorConfig) -> Result<CoordinatorHand
     serve(config, listener).await
 }
 
-/// Serves on a bound listener, with the file store in `config.state_dir`, which the
-/// returned handle closes on shutdown. Refuses a listener on a non-loopback address
+/// Serves on a bound listener, with the store `config.store` names (a file store or etcd),
+/// which the returned handle closes on shutdown. Refuses a listener on a non-loopback address
 /// without TLS and a token file unless `config.insecure` is set (`config.listen` is not
 /// used).
 pub async fn serve(
@@ -214,7 +214,7 @@ pub async fn serve(
     let local_addr =
         listener.local_addr().map_err(|source| ServiceError::Bind { addr: config.listen, source })?;
     check_listen(local_addr, &config)?;
-    let store = FileStore::open(&config.state_dir).await?;
+    let store = AnyStore::open(&config.store).await?;
     // Heartbeats and commands are small messages: do not let Nagle hold them back.
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let closer = {
@@ -367,7 +367,7 @@ where
     ));
     tracing::info!(
         %local_addr,
-        state_dir = %config.state_dir.display(),
+        store = %config.store,
         tls = config.tls.is_some(),
         mutual_tls = config.tls.as_ref().is_some_and(|tls| tls.client_ca.is_some()),
         tokens = config.token_file.is_some(),
@@ -392,7 +392,7 @@ where
 
 /// A running coordinator. Dropping it stops the coordinator without waiting;
 /// [`CoordinatorHandle::shutdown`] stops it and waits for every task to end.
-pub struct CoordinatorHandle<S: StateStore + Clone + 'static = FileStore> {
+pub struct CoordinatorHandle<S: StateStore + Clone + 'static = AnyStore> {
     local_addr: SocketAddr,
     store: S,
     cancel: CancellationToken,

@@ -71,7 +71,7 @@ use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use self::format::{Commit, Entry, Event, FLUSH_BYTES, LogWriter, Snapshot};
 use super::{
     EventKind, KeyValue, LeaseId, MAX_LEASE_TTL, MAX_TXN_BYTES, Op, OpResponse, Result, Revision, StateStore,
-    StoreError, Txn, TxnResponse, WatchEvent,
+    StoreError, Txn, TxnResponse, WatchEvent, validate_ttl, validate_txn,
 };
 
 /// Tuning of a [`FileStore`].
@@ -371,43 +371,6 @@ fn with_prefix<'a>(
         .take_while(move |(k, _)| k.starts_with(prefix))
 }
 
-/// Refuses what etcd refuses before running anything: empty keys, a key written twice in a
-/// branch (two puts, or a put under a delete), and branches above [`MAX_TXN_BYTES`].
-fn validate_branch(ops: &[Op]) -> Result<()> {
-    let mut puts = BTreeSet::new();
-    let mut deleted_keys = BTreeSet::new();
-    let mut deleted_prefixes = Vec::new();
-    let mut bytes = 0usize;
-    for op in ops {
-        match op {
-            Op::Get { key } if key.is_empty() => return Err(StoreError::EmptyKey { context: "get" }),
-            Op::Delete { key } if key.is_empty() => return Err(StoreError::EmptyKey { context: "delete" }),
-            Op::Put { key, .. } if key.is_empty() => return Err(StoreError::EmptyKey { context: "put" }),
-            Op::Put { key, value, .. } => {
-                if !puts.insert(key.as_str()) {
-                    return Err(StoreError::DuplicateKey { key: key.clone() });
-                }
-                bytes = bytes.saturating_add(key.len()).saturating_add(value.len());
-            }
-            Op::Delete { key } => {
-                deleted_keys.insert(key.as_str());
-            }
-            Op::DeletePrefix { prefix } => deleted_prefixes.push(prefix.as_str()),
-            Op::Get { .. } | Op::Range { .. } => {}
-        }
-    }
-    if let Some(key) =
-        puts.iter().find(|k| deleted_keys.contains(*k) || deleted_prefixes.iter().any(|p| k.starts_with(p)))
-    {
-        return Err(StoreError::DuplicateKey { key: key.to_string() });
-    }
-    if bytes > MAX_TXN_BYTES {
-        let key = puts.first().map_or_else(String::new, |k| k.to_string());
-        return Err(StoreError::TooLarge { key, bytes, limit: MAX_TXN_BYTES });
-    }
-    Ok(())
-}
-
 impl State {
     /// Rebuilds the state from the snapshot and the log; lease deadlines start at `now`.
     fn recover(recovered: &format::Recovered, now: Instant) -> Result<State> {
@@ -568,11 +531,7 @@ impl State {
 
     /// Runs a transaction: everything that can fail is checked before anything changes.
     fn txn(&mut self, txn: Txn) -> Result<(TxnResponse, Option<Arc<Commit>>)> {
-        validate_branch(&txn.success)?;
-        validate_branch(&txn.failure)?;
-        if txn.compares.iter().any(|c| c.key.is_empty()) {
-            return Err(StoreError::EmptyKey { context: "compare" });
-        }
+        validate_txn(&txn, MAX_TXN_BYTES)?;
         let succeeded = txn.compares.iter().all(|c| c.holds(self.kvs.get(&c.key).map(|kv| &**kv)));
         let ops = if succeeded { txn.success } else { txn.failure };
         for op in &ops {
@@ -825,12 +784,7 @@ impl Actor {
     }
 
     fn grant(&mut self, ttl: Duration) -> Result<LeaseId> {
-        if ttl < Duration::from_millis(1) {
-            return Err(StoreError::InvalidTtl { ttl, reason: "must be at least 1 ms" });
-        }
-        if ttl > MAX_LEASE_TTL {
-            return Err(StoreError::InvalidTtl { ttl, reason: "longer than the maximum of 9e9 s" });
-        }
+        validate_ttl(ttl)?;
         let lease = LeaseId(self.state.next_lease);
         let ttl_ms = ttl_ms(ttl);
         // The logged TTL (whole milliseconds) is the one in force, before and after a restart.

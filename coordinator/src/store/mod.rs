@@ -1,17 +1,20 @@
 //! The coordinator's durable state store: a revisioned key-value store with etcd v3's
 //! semantics (revisions, compare-and-swap transactions, leases, resumable watches,
 //! compaction), behind the [`StateStore`] trait, with [`FileStore`], an embedded
-//! crash-safe file-backed implementation, as the default. An etcd implementation (for
-//! multi-node deployments and coordinator high availability) fits the same trait, so
-//! callers do not change when it lands.
+//! crash-safe file-backed implementation, as the default, and `EtcdStore` (cargo feature
+//! `etcd`) on a real etcd cluster. [`StoreConfig`] is the one setting that picks and opens
+//! one of them ([`AnyStore`]).
 //!
 //! # Model
 //!
 //! - The store maps `String` keys to byte values. Every write transaction that changes at
-//!   least one key gets the next global revision (1, 2, 3, …); all keys it changes carry
+//!   least one key gets a new global revision, above every earlier one; all keys it changes carry
 //!   that revision as their `mod_revision`, and a watcher sees all its events with that
 //!   revision. A transaction that changes nothing (only reads, or deletes of absent keys)
-//!   does not consume a revision, as in etcd.
+//!   does not consume a revision, as in etcd. The file store's revisions are 1, 2, 3, …
+//!   without gaps; etcd's are its cluster-wide revisions, which start above 1 and which
+//!   other clients of the same etcd (another cluster under another prefix) also advance, so
+//!   callers may rely on order, never on gap-freedom.
 //! - A key's `create_revision` is the revision that created it (since it last did not
 //!   exist), `version` counts its puts since then (1 after creation), and `lease` is the
 //!   lease it is attached to. An absent key compares as version 0, create and mod revision
@@ -36,14 +39,24 @@
 //! - A write returns only after it is durable: a successful `put`, `delete`, `txn`,
 //!   `grant_lease` or `revoke` survives a crash of the process (or, for etcd, is committed
 //!   by a quorum).
-//! - Revisions are strictly increasing and gap-free across writes, and survive restarts.
+//! - Revisions are strictly increasing across writes, and survive restarts.
 //! - A watch stream never skips an event and never repeats one; when it cannot keep that
 //!   promise (its watcher fell too far behind, the revision it resumes from was compacted,
 //!   the store closed), it ends with an explicit error naming the revision to resume from.
 
+mod any;
+mod config;
+#[cfg(feature = "etcd")]
+mod etcd;
 mod file;
 
+pub use any::{AnyStore, AnyWatch};
+pub use config::{DEFAULT_ETCD_PREFIX, EtcdConfig, EtcdTls, StoreConfig, StoreConfigError};
+#[cfg(feature = "etcd")]
+pub use etcd::{ETCD_MAX_TXN_BYTES, EtcdStore, EtcdWatch};
 pub use file::{FileStore, FileStoreOptions, WatchStream};
+
+use std::collections::BTreeSet;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -52,13 +65,14 @@ use std::time::Duration;
 use futures::Stream;
 use serde::{Deserialize, Serialize};
 
-/// A global store revision. Revision 0 is the empty store before its first write; every
-/// write transaction that changes something gets the next one.
+/// A global store revision: every write transaction that changes something gets one above
+/// all earlier ones. The file store's empty store is revision 0 and its writes count 1, 2,
+/// 3, …; an etcd store's are etcd's cluster-wide revisions (see `EtcdStore`).
 pub type Revision = u64;
 
-/// The largest total size, in bytes, of the keys and values written by one transaction
-/// branch. Requests above it fail with [`StoreError::TooLarge`] (etcd's default limit is
-/// 1.5 MiB per request; the file store allows more, since checkpoint manifests can be large).
+/// The file store's largest total size, in bytes, of the keys and values written by one
+/// transaction branch. Requests above it fail with [`StoreError::TooLarge`]. etcd's default
+/// limit is 1.5 MiB per request, so the etcd store's is smaller (`ETCD_MAX_TXN_BYTES`).
 pub const MAX_TXN_BYTES: usize = 32 << 20;
 
 /// The longest lease TTL, etcd's (`MaxLeaseTTL`, 9·10⁹ s); longer grants fail with
@@ -294,7 +308,7 @@ pub struct TxnResponse {
     pub responses: Vec<OpResponse>,
 }
 
-/// Errors of a [`StateStore`]. Each names the key, lease, revision or file at fault.
+/// Errors of a [`StateStore`]. Each names the key, lease, revision, file or endpoint at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("I/O error on {}: {source}", path.display())]
@@ -328,13 +342,109 @@ pub enum StoreError {
     WatchLagged { prefix: String, resume_from: Revision },
     #[error("the store failed after an I/O error and accepts no more requests: {reason}")]
     Failed { reason: String },
+    /// The store could not be reached (no etcd member answered in time, the connection
+    /// broke): retryable. A write that fails this way may or may not have happened.
+    #[error("the state store at {endpoint} is unavailable (retryable): {reason}")]
+    Unavailable { endpoint: String, reason: String },
+    /// The store was reached and refused or failed the request for a reason of its own
+    /// (authentication, permissions, a server-side error): not retryable as is.
+    #[error("the state store at {endpoint} failed the request: {reason}")]
+    Remote { endpoint: String, reason: String },
+    /// The store setting cannot be used (a TLS file unreadable, a bad endpoint).
+    #[error("store setting {field}: {reason}")]
+    Config { field: String, reason: String },
     #[error("the store is closed")]
     Closed,
     #[error("the store answered {op} with a response of another kind (a bug in the store)")]
     UnexpectedResponse { op: &'static str },
 }
 
+impl StoreError {
+    /// Whether retrying the same request later may succeed (the store was unreachable).
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StoreError::Unavailable { .. })
+    }
+}
+
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Refuses lease TTLs under 1 ms or above [`MAX_LEASE_TTL`], for every implementation.
+pub(crate) fn validate_ttl(ttl: Duration) -> Result<()> {
+    if ttl < Duration::from_millis(1) {
+        return Err(StoreError::InvalidTtl { ttl, reason: "must be at least 1 ms" });
+    }
+    if ttl > MAX_LEASE_TTL {
+        return Err(StoreError::InvalidTtl { ttl, reason: "longer than the maximum of 9e9 s" });
+    }
+    Ok(())
+}
+
+/// The bytes (keys and values) a branch's puts write.
+pub(crate) fn branch_bytes(ops: &[Op]) -> usize {
+    ops.iter()
+        .map(|op| match op {
+            Op::Put { key, value, .. } => key.len().saturating_add(value.len()),
+            _ => 0,
+        })
+        .fold(0, usize::saturating_add)
+}
+
+/// The key of the largest put among `ops`: the one a size error names.
+pub(crate) fn largest_put<'a>(ops: impl IntoIterator<Item = &'a Op>) -> String {
+    ops.into_iter()
+        .filter_map(|op| match op {
+            Op::Put { key, value, .. } => Some((key.len() + value.len(), key)),
+            _ => None,
+        })
+        .max_by_key(|(bytes, _)| *bytes)
+        .map_or_else(String::new, |(_, key)| key.clone())
+}
+
+/// Refuses what etcd refuses before running anything, for every implementation: empty
+/// keys (in operations and compares), a key written twice in a branch (two puts, or a put
+/// under a delete), and a branch whose puts write more than `limit` bytes (the error names
+/// the largest put's key).
+pub(crate) fn validate_txn(txn: &Txn, limit: usize) -> Result<()> {
+    validate_branch(&txn.success, limit)?;
+    validate_branch(&txn.failure, limit)?;
+    if txn.compares.iter().any(|c| c.key.is_empty()) {
+        return Err(StoreError::EmptyKey { context: "compare" });
+    }
+    Ok(())
+}
+
+fn validate_branch(ops: &[Op], limit: usize) -> Result<()> {
+    let mut puts = BTreeSet::new();
+    let mut deleted_keys = BTreeSet::new();
+    let mut deleted_prefixes = Vec::new();
+    for op in ops {
+        match op {
+            Op::Get { key } if key.is_empty() => return Err(StoreError::EmptyKey { context: "get" }),
+            Op::Delete { key } if key.is_empty() => return Err(StoreError::EmptyKey { context: "delete" }),
+            Op::Put { key, .. } if key.is_empty() => return Err(StoreError::EmptyKey { context: "put" }),
+            Op::Put { key, .. } => {
+                if !puts.insert(key.as_str()) {
+                    return Err(StoreError::DuplicateKey { key: key.clone() });
+                }
+            }
+            Op::Delete { key } => {
+                deleted_keys.insert(key.as_str());
+            }
+            Op::DeletePrefix { prefix } => deleted_prefixes.push(prefix.as_str()),
+            Op::Get { .. } | Op::Range { .. } => {}
+        }
+    }
+    if let Some(key) =
+        puts.iter().find(|k| deleted_keys.contains(*k) || deleted_prefixes.iter().any(|p| k.starts_with(p)))
+    {
+        return Err(StoreError::DuplicateKey { key: key.to_string() });
+    }
+    let bytes = branch_bytes(ops);
+    if bytes > limit {
+        return Err(StoreError::TooLarge { key: largest_put(ops), bytes, limit });
+    }
+    Ok(())
+}
 
 /// A revisioned key-value store with etcd v3's semantics; see the module docs.
 ///
