@@ -346,8 +346,9 @@ async fn a_coordinator_on_three_etcd_members_loses_one_and_keeps_its_jobs_across
             loop {
                 let request = SubmitJobRequest {
                     name: name.into(),
-                    config_toml: "seed = 0\nsteps = 2\nbatch_size = 4\nseq_len = 8\n\n[model]\npreset = \"tiny\"\n"
-                        .into(),
+                    config_toml:
+                        "seed = 0\nsteps = 2\nbatch_size = 4\nseq_len = 8\n\n[model]\npreset = \"tiny\"\n"
+                            .into(),
                     workers: 1,
                     output_dir: output_dir.clone(),
                     resume_from: String::new(),
@@ -355,7 +356,8 @@ async fn a_coordinator_on_three_etcd_members_loses_one_and_keeps_its_jobs_across
                 match client.submit_job(request).await {
                     Ok(job) => return job.into_inner(),
                     Err(status)
-                        if status.code() == tonic::Code::Unavailable && tokio::time::Instant::now() < deadline =>
+                        if status.code() == tonic::Code::Unavailable
+                            && tokio::time::Instant::now() < deadline =>
                     {
                         tokio::time::sleep(Duration::from_millis(200)).await;
                     }
