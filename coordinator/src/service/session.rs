@@ -131,6 +131,13 @@ impl SessionActor {
             | Body::Finished(_)
             | Body::CheckpointShard(_)) => {
                 let Some(owner) = &self.owner else {
+                    if matches!(body, Body::Ack(_)) {
+                        // The answer to a command outside any job: `Shutdown` at the end
+                        // of a run, or an `Abort` of a job that no longer runs there. An
+                        // ack changes nothing, so there is nothing to refuse.
+                        tracing::debug!(worker = %self.worker_id, conn = self.conn, "an ack outside any job");
+                        return Ok(());
+                    }
                     // A worker with no job has nothing to report: late (its job ended), or
                     // lying. Refused, and nothing changes.
                     tracing::warn!(worker = %self.worker_id, conn = self.conn, "refused a job message: the worker holds no rank of any job");
