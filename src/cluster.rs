@@ -587,7 +587,7 @@ pub fn jobs(args: JobsArgs) -> Result<()> {
                     "{:<24} {:<16} {:<10} step {}/{} workers {}{}",
                     job.job_id,
                     job.name,
-                    state_name(job.state()),
+                    job.state().name(),
                     job.steps_done,
                     job.total_steps,
                     job.workers,
@@ -689,7 +689,7 @@ pub fn cancel(args: CancelArgs) -> Result<()> {
             .await
             .map_err(status)?
             .into_inner();
-        println!("{} {}", job.job_id, state_name(job.state()));
+        println!("{} {}", job.job_id, job.state().name());
         Ok(())
     })
 }
@@ -700,24 +700,11 @@ fn status(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{} ({:?})", s.message(), s.code())
 }
 
-fn state_name(state: JobState) -> &'static str {
-    match state {
-        JobState::Unspecified => "unspecified",
-        JobState::Pending => "pending",
-        JobState::Rendezvous => "rendezvous",
-        JobState::Running => "running",
-        JobState::Recovering => "recovering",
-        JobState::Succeeded => "succeeded",
-        JobState::Failed => "failed",
-        JobState::Cancelled => "cancelled",
-    }
-}
-
 fn job_json(job: &Job) -> serde_json::Value {
     serde_json::json!({
         "job_id": job.job_id,
         "name": job.name,
-        "state": state_name(job.state()),
+        "state": job.state().name(),
         "reason": job.reason,
         "workers": job.workers,
         "steps_done": job.steps_done,
@@ -737,8 +724,8 @@ fn event_json(event: &JobEvent) -> serde_json::Value {
     let body = match &event.event {
         Some(Event::StateChanged(s)) => serde_json::json!({
             "type": "state_changed",
-            "from": state_name(s.from()),
-            "to": state_name(s.to()),
+            "from": s.from().name(),
+            "to": s.to().name(),
             "reason": s.reason,
         }),
         Some(Event::Step(s)) => serde_json::json!({
@@ -787,7 +774,7 @@ fn describe(event: &JobEvent) -> String {
     let what = match &event.event {
         Some(Event::StateChanged(s)) => {
             let reason = if s.reason.is_empty() { String::new() } else { format!(": {}", s.reason) };
-            format!("{} → {}{reason}", state_name(s.from()), state_name(s.to()))
+            format!("{} → {}{reason}", s.from().name(), s.to().name())
         }
         Some(Event::Step(s)) => {
             format!(
@@ -1246,7 +1233,7 @@ async fn follow(
         }
         state => {
             let cause = gave_up.map(|why| format!("{why}; ")).unwrap_or_default();
-            bail!("{cause}job {} ended {}: {}", end.job_id, state_name(state), end.reason)
+            bail!("{cause}job {} ended {}: {}", end.job_id, state.name(), end.reason)
         }
     }
 }

@@ -34,6 +34,21 @@ impl v1::JobState {
     pub fn is_terminal(self) -> bool {
         matches!(self, v1::JobState::Succeeded | v1::JobState::Failed | v1::JobState::Cancelled)
     }
+
+    /// The state's short lower-case name (`succeeded`), as the CLI prints it and `/metrics`
+    /// labels it.
+    pub fn name(self) -> &'static str {
+        match self {
+            v1::JobState::Unspecified => "unspecified",
+            v1::JobState::Pending => "pending",
+            v1::JobState::Rendezvous => "rendezvous",
+            v1::JobState::Running => "running",
+            v1::JobState::Recovering => "recovering",
+            v1::JobState::Succeeded => "succeeded",
+            v1::JobState::Failed => "failed",
+            v1::JobState::Cancelled => "cancelled",
+        }
+    }
 }
 
 /// By hand, so that the data-plane secret never reaches a log: every field but

@@ -134,20 +134,6 @@ const RECOVERY_CAUSES: [RecoveryCause; 5] = [
     RecoveryCause::CheckpointUnloadable,
 ];
 
-/// A job state as a label value.
-pub(crate) fn state_label(state: JobState) -> &'static str {
-    match state {
-        JobState::Unspecified => "unspecified",
-        JobState::Pending => "pending",
-        JobState::Rendezvous => "rendezvous",
-        JobState::Running => "running",
-        JobState::Recovering => "recovering",
-        JobState::Succeeded => "succeeded",
-        JobState::Failed => "failed",
-        JobState::Cancelled => "cancelled",
-    }
-}
-
 /// A recovery's cause as a label value.
 pub(crate) fn cause_label(cause: RecoveryCause) -> &'static str {
     match cause {
@@ -332,7 +318,7 @@ impl Metrics {
         // Every known label value from the start, so that a query (or `rate`) of one is
         // never empty.
         for state in JOB_STATES {
-            jobs.get_or_create(&StateLabels { state: state_label(state) }).set(0);
+            jobs.get_or_create(&StateLabels { state: state.name() }).set(0);
         }
         for cause in RECOVERY_CAUSES {
             recoveries.get_or_create(&CauseLabels { cause: cause_label(cause) }).inc_by(0);
@@ -463,7 +449,7 @@ impl Metrics {
     fn set_job_states(&self, counts: &HashMap<JobState, i64>) {
         for state in JOB_STATES {
             let n = counts.get(&state).copied().unwrap_or(0);
-            self.jobs.get_or_create(&StateLabels { state: state_label(state) }).set(n);
+            self.jobs.get_or_create(&StateLabels { state: state.name() }).set(n);
         }
     }
 
@@ -562,7 +548,7 @@ mod tests {
         assert_eq!(method_label("/metrics"), "metrics");
         assert_eq!(method_label("/grpc.health.v1.Health/Check"), "other");
         assert_eq!(method_label("/flotilla.v1.JobService/Evil\"}"), "other");
-        assert_eq!(state_label(JobState::Succeeded), "succeeded");
+        assert_eq!(JobState::Succeeded.name(), "succeeded");
         assert_eq!(cause_label(RecoveryCause::StepTimeout), "step_timeout");
     }
 
